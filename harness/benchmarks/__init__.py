@@ -1,0 +1,1 @@
+"""Benchmarks for `harness bench`; each module registers its own with `@register_benchmark`."""

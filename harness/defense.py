@@ -1,0 +1,119 @@
+"""The defense interface: the only place a training method acts.
+
+A defense is one small class in `methods/<name>.py`, registered with `@register_defense("name")`,
+holding a frozen `Config` dataclass of its hyperparameters (defaults from its authors). The runner
+calls these methods and never asks which defense it holds:
+
+    setup(model)                            own parameters / per-example state (ADES, MMA, IAAT)
+    start_epoch(epoch)                      schedules inside the defense (FAT's tau, IAAT warm-up)
+    train_step(model, optimizer, batch)     its own forward/backward and optimiser step(s)
+    perturb(model, batch)                   the adversarial examples it trains on (for tests, bench)
+    end_epoch(epoch) -> dict                per-epoch diagnostics stored in the run record
+    state_dict() / load_state_dict(state)   everything `--resume` needs
+    replays                                 optimiser steps per minibatch (Free-AT's m; else 1)
+    record() -> dict                        resolved choices for the run record (attack BN mode, ...)
+
+See docs/defenses.md for PGD-AT as a worked example.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from harness.config import to_jsonable
+from harness.data import Batch, DatasetInfo
+from harness.registry import Registry
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    """What a defense may know about the run it is part of."""
+
+    eps: Fraction  # the run's nominal L-inf budget
+    dataset: DatasetInfo
+    train_size: int  # examples in the training subset; Batch.index ranges over it
+    epochs: int  # equivalent epochs of the schedule
+    device: torch.device
+
+    @property
+    def eps_float(self) -> float:
+        return float(self.eps)
+
+
+class Perturbation(NamedTuple):
+    x_adv: torch.Tensor  # (B, C, H, W) in [0, 1]
+    eps: torch.Tensor  # (B,) the budget each example was attacked within
+
+
+StepStats = dict[str, torch.Tensor]  # batch means, detached; 'loss' always present
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A defense without hyperparameters."""
+
+
+class Defense(abc.ABC):
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    replays: int = 1
+
+    def __init__(self, config: Any, context: DefenseContext):
+        self.config = config
+        self.context = context
+
+    def setup(self, model: nn.Module) -> None:
+        """Create own parameters or per-example state; called once before training or resume."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each pass over the data."""
+
+    @abc.abstractmethod
+    def perturb(self, model: nn.Module, batch: Batch) -> Perturbation:
+        """The adversarial examples this defense trains on for `batch` (no parameter update)."""
+
+    @abc.abstractmethod
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> StepStats:
+        """One minibatch: attack, loss, backward, optimizer step(s). Returns detached batch means."""
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state but the checkpoint has {sorted(state)}")
+
+    def record(self) -> dict[str, Any]:
+        """The resolved configuration stored in the run record."""
+        return {"name": self.name, "config": to_jsonable(self.config), "replays": self.replays}
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+
+
+def register_defense(name: str):
+    def decorate(cls: type[Defense]) -> type[Defense]:
+        cls.name = name
+        DEFENSES.add(name, cls)
+        return cls
+
+    return decorate
+
+
+def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == y).float().mean().detach()

@@ -1,0 +1,45 @@
+"""Minimal end-of-run evaluation: clean and PGD-k accuracy with per-sample flags.
+
+The full suite (CW-inf, AutoAttack, eps sweeps, reliability checks) lives in `harness eval`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.attacks import model_mode, pgd
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    clean: torch.Tensor  # (N,) bool: correct on the clean input
+    robust: torch.Tensor  # (N,) bool: correct on every restart's adversarial example (and clean)
+
+    def summary(self, prefix: str = "") -> dict[str, float | int]:
+        n = len(self.clean)
+        return {f"{prefix}clean": self.clean.float().mean().item() * 100,
+                f"{prefix}pgd": self.robust.float().mean().item() * 100, f"{prefix}n": n}
+
+
+def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+                  steps: int, restarts: int = 1, batch_size: int = 256, progress=None) -> Accuracy:
+    """Per-sample clean and PGD-`steps` correctness, model in eval mode, in batches."""
+    clean, robust = [], []
+    with model_mode(model, "eval"):
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            with torch.no_grad():
+                ok = model(xb).argmax(1) == yb
+            rob = ok.clone()
+            for _ in range(restarts):
+                x_adv = pgd(model, xb, yb, eps, steps=steps, step_size=step_size, mode="eval")
+                with torch.no_grad():
+                    rob &= model(x_adv).argmax(1) == yb
+            clean.append(ok.cpu())
+            robust.append(rob.cpu())
+            if progress is not None:
+                progress.update(len(yb))
+    return Accuracy(torch.cat(clean), torch.cat(robust))

@@ -1,0 +1,102 @@
+"""Run records: one JSON file per run, validated on read; pandas gives the table of all runs.
+
+A record is plain data (RobustBench's lesson): the report is a pure function of records on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.storage import write_json
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "record.json"
+STATUSES = ("running", "complete")
+
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "schema": int,
+    "run_id": str,
+    "status": str,
+    "spec": dict,
+    "defense": dict,
+    "environment": dict,
+    "epochs": list,
+    "final": dict,
+    "checkpoints": dict,
+    "created": str,
+}
+
+
+class CorruptRecordError(HarnessError):
+    """A record file that cannot be parsed or lacks required fields."""
+
+
+def validate(record: Any, source: str = "record") -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise CorruptRecordError(f"{source}: not a JSON object")
+    for key, kind in REQUIRED.items():
+        if key not in record:
+            raise CorruptRecordError(f"{source}: missing field {key!r}")
+        if not isinstance(record[key], kind):
+            raise CorruptRecordError(f"{source}: field {key!r} should be {getattr(kind, '__name__', kind)}")
+    if record["schema"] != SCHEMA_VERSION:
+        raise CorruptRecordError(f"{source}: schema {record['schema']} (this harness reads {SCHEMA_VERSION})")
+    if record["status"] not in STATUSES:
+        raise CorruptRecordError(f"{source}: status {record['status']!r} is not one of {STATUSES}")
+    for i, epoch in enumerate(record["epochs"]):
+        if not isinstance(epoch, dict) or "train_seconds" not in epoch:
+            raise CorruptRecordError(f"{source}: epoch entry {i} lacks train_seconds")
+    return record
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CorruptRecordError(f"{path}: {exc}") from None
+    return validate(data, str(path))
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    write_json(path, validate(record, str(path)))
+
+
+def iter_records(results_dir: Path, status: str | None = "complete") -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every valid record below `results_dir`; a corrupt one is named in a warning and skipped."""
+    for path in sorted(Path(results_dir).glob(f"*/{RECORD_NAME}")):
+        try:
+            record = read_record(path)
+        except CorruptRecordError as exc:
+            warnings.warn(f"skipping corrupt record {exc}", stacklevel=2)
+            continue
+        if status is None or record["status"] == status:
+            yield path, record
+
+
+def runs_table(results_dir: Path, status: str | None = "complete") -> pd.DataFrame:
+    """One row per run: identity, protocol, final metrics and mean epoch time."""
+    rows = []
+    for path, rec in iter_records(results_dir, status):
+        spec = rec["spec"]
+        row = {
+            "run_id": rec["run_id"], "status": rec["status"], "defense": spec["defense"],
+            "dataset": spec["dataset"], "model": spec["model"], "preset": spec["preset"],
+            "seed": spec["seed"], "eps": spec["eps"], "epochs": len(rec["epochs"]),
+            "mean_epoch_seconds": (sum(e["train_seconds"] for e in rec["epochs"]) / len(rec["epochs"])
+                                   if rec["epochs"] else None),
+            "device": rec["environment"].get("device", {}).get("name"),
+            "commit": (rec["environment"].get("git", {}).get("commit") or "")[:10],
+            "path": str(path.parent),
+        }
+        for checkpoint, metrics in rec["final"].items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    row[f"{checkpoint}_{metric}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)

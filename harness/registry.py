@@ -1,0 +1,58 @@
+"""Typed name -> object registries with duplicate-name errors and "did you mean" suggestions.
+
+One `Registry` per kind of thing (defenses, data sets, models, presets, attacks, benchmarks).
+Objects register themselves with a decorator where they are defined, so adding a defense means
+adding one file and never touching a dispatcher.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, Iterator, TypeVar
+
+from harness.errors import DuplicateNameError, UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: `@REGISTRY.register("name")` on a class or factory."""
+
+        def decorate(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+
+        return decorate
+
+    def add(self, name: str, obj: T) -> None:
+        if name in self._entries:
+            raise DuplicateNameError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = obj
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self._unknown_message(name)) from None
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries))})"
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(sorted(self._entries.items()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,300 @@
+"""Train one defense under one RunSpec: deterministic, timed, checkpointed every epoch, resumable.
+
+Layout of a run directory (`<results>/<run_id>/`):
+    record.json   the run record (status 'running' until the final evaluation is stored)
+    last.pt       model, optimiser, defense state, RNG states, per-epoch log (for --resume)
+    best.pt       model weights with the best PGD accuracy on the validation split
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import PRESETS, EvalSpec, RunSpec, apply_overrides, parse_eps
+from harness.data import DATASETS, DatasetInfo, Split, TensorLoader, load_split, split_train_val
+from harness.defense import DEFENSES, Defense, DefenseContext
+from harness.environment import environment, synchronize
+from harness.errors import HarnessError
+from harness.evaluate import clean_and_pgd
+from harness.models import MODELS, build_model
+from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
+from harness.storage import load_torch, save_torch
+
+import methods  # noqa: F401  (registers every defense)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    results_dir: Path
+    data_dir: Path | None
+    device: torch.device
+    resume: bool = False
+    force: bool = False
+    download: bool = True
+    progress: bool = True
+
+
+def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, *, epochs: int | None = None,
+              eps: str | None = None, model: str | None = None, dropout: float = 0.0,
+              overrides: tuple[str, ...] = ()) -> RunSpec:
+    """Resolve names, preset and overrides into a complete RunSpec (unknown names fail here)."""
+    defense_cls = DEFENSES.get(defense)
+    info = DATASETS.get(dataset)
+    p = PRESETS.get(preset)
+    model_name = model or p.model_for(dataset, info.default_model)
+    MODELS.get(model_name)
+    schedule = p.schedule
+    if epochs is not None:
+        if epochs < 1:
+            raise HarnessError(f"--epochs must be at least 1, got {epochs}")
+        schedule = type(schedule)(**{**schedule.__dict__, "epochs": epochs})
+    if not 0 <= dropout < 1:
+        raise HarnessError(f"--dropout must be in [0, 1), got {dropout}")
+    config = apply_overrides(defense_cls.Config(), overrides)
+    check = getattr(config, "validate", None)
+    if check is not None:
+        check()
+    return RunSpec(defense=defense, defense_config=config, dataset=dataset, model=model_name,
+                   dropout=dropout, preset=preset, eps=parse_eps(eps) if eps is not None else info.eps,
+                   eval_step=info.eval_step, schedule=schedule,
+                   data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
+                   eval=p.eval, seed=seed)
+
+
+@dataclass
+class PreparedData:
+    train: TensorLoader
+    val: Split  # float images on the device
+    test: Split
+    test_indices: list[int]
+
+
+def prepare_data(spec: RunSpec, info: DatasetInfo, options: RunOptions) -> PreparedData:
+    train_split = load_split(info, options.data_dir, train=True, download=options.download)
+    test_split = load_split(info, options.data_dir, train=False, download=options.download)
+    train_idx, val_idx = split_train_val(len(train_split.labels), spec.data.val_size, spec.data.val_seed,
+                                         spec.data.train_subset)
+    loader = TensorLoader(train_split, train_idx, spec.schedule.batch_size, options.device, shuffle=True,
+                          augment=spec.data.augment, seed=spec.seed)
+    n_test = len(test_split.labels) if spec.eval.test_examples is None else min(
+        spec.eval.test_examples, len(test_split.labels))
+
+    def to_device(split: Split, idx: torch.Tensor) -> Split:
+        return Split(split.images[idx].float().div(255).to(options.device), split.labels[idx].to(options.device))
+
+    return PreparedData(loader, to_device(train_split, val_idx),
+                        to_device(test_split, torch.arange(n_test)), list(range(n_test)))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Meter:
+    """Batch-size-weighted means of step statistics, kept on the device until read."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, stats: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
+        self.count += n
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+
+
+class Run:
+    def __init__(self, spec: RunSpec, options: RunOptions):
+        self.spec = spec
+        self.options = options
+        self.dir = Path(options.results_dir) / spec.run_id
+        self.record_path = self.dir / RECORD_NAME
+        self.info = DATASETS.get(spec.dataset)
+        self.device = options.device
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def execute(self) -> dict[str, Any]:
+        existing = self._existing_record()
+        if existing is not None and existing["status"] == "complete" and not self.options.force:
+            self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
+            return existing
+        resuming = existing is not None and not self.options.force
+        if resuming and not self.options.resume:
+            done = len(existing["epochs"])
+            raise HarnessError(f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
+                               f"pass --resume to continue it or --force to start over")
+        if self.options.force and self.dir.exists():
+            shutil.rmtree(self.dir)
+        _check_writable(Path(self.options.results_dir))
+        return self._train_and_evaluate(resume=resuming)
+
+    def _existing_record(self) -> dict[str, Any] | None:
+        return read_record(self.record_path) if self.record_path.exists() else None
+
+    def _say(self, text: str) -> None:
+        if self.options.progress:
+            tqdm.write(text)
+
+    # ---------------------------------------------------------------- training
+
+    def _train_and_evaluate(self, resume: bool) -> dict[str, Any]:
+        spec = self.spec
+        data = prepare_data(spec, self.info, self.options)
+        torch.manual_seed(spec.seed)
+        random.seed(spec.seed)
+        model = build_model(spec.model, self.info, spec.dropout).to(self.device)
+        context = DefenseContext(eps=spec.eps, dataset=self.info, train_size=data.train.num_examples,
+                                 epochs=spec.schedule.epochs, device=self.device)
+        defense: Defense = DEFENSES.get(spec.defense)(spec.defense_config, context)
+        defense.setup(model)
+        sched = spec.schedule
+        optimizer = torch.optim.SGD(model.parameters(), lr=sched.lr, momentum=sched.momentum,
+                                    weight_decay=sched.weight_decay)
+        passes = math.ceil(sched.epochs / defense.replays)
+        record = self._new_record(defense, data, passes)
+        start, best_val = 0, -1.0
+        if resume:
+            ckpt = load_torch(self.dir / "last.pt", self.device)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            defense.load_state_dict(ckpt["defense"])
+            _set_rng_state(ckpt["rng"])
+            start, best_val = ckpt["passes_done"], ckpt["best_val_pgd"]
+            record["epochs"] = ckpt["epochs"]
+            self._say(f"resume {spec.run_id} after pass {start}/{passes}")
+
+        for p in range(start, passes):
+            entry = self._train_pass(model, optimizer, defense, data, p, passes)
+            record["epochs"].append(entry)
+            if entry["val"]["pgd"] > best_val:
+                best_val = entry["val"]["pgd"]
+                save_torch(self.dir / "best.pt", {"model": model.state_dict(), "pass": p + 1,
+                                                  "val_pgd": best_val})
+            save_torch(self.dir / "last.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "defense": defense.state_dict(), "rng": _rng_state(), "passes_done": p + 1,
+                "best_val_pgd": best_val, "epochs": record["epochs"]})
+            write_record(self.record_path, record)
+
+        record["final"] = self._final_evaluation(model, data, passes)
+        record["status"] = "complete"
+        record["finished"] = _now()
+        write_record(self.record_path, record)
+        return record
+
+    def _train_pass(self, model, optimizer, defense: Defense, data: PreparedData, p: int, passes: int
+                    ) -> dict[str, Any]:
+        spec, loader = self.spec, data.train
+        defense.start_epoch(p)
+        meter = Meter()
+        bar = tqdm(total=len(loader), desc=f"{spec.defense} {p + 1}/{passes}", unit="batch",
+                   disable=not self.options.progress, leave=False, dynamic_ncols=True)
+        model.train()
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        for i, batch in enumerate(loader.epoch(p)):
+            equivalent = (p + i / len(loader)) * defense.replays
+            for group in optimizer.param_groups:
+                group["lr"] = spec.schedule.lr_at(equivalent)
+            meter.add(defense.train_step(model, optimizer, batch), len(batch.y))
+            bar.update(1)
+            if i % 10 == 0 or i == len(loader) - 1:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
+        synchronize(self.device)
+        train_seconds = time.perf_counter() - t0
+        bar.close()
+        diagnostics = defense.end_epoch(p)
+        t1 = time.perf_counter()
+        val = clean_and_pgd(model, data.val.images, data.val.labels, eps=float(spec.eps),
+                            step_size=float(spec.eval_step), steps=spec.eval.val_pgd_steps,
+                            batch_size=spec.eval.batch_size).summary()
+        synchronize(self.device)
+        entry = {"pass": p + 1, "equivalent_epoch": (p + 1) * defense.replays,
+                 "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
+                 "val_seconds": time.perf_counter() - t1, "train": meter.means(), "val": val,
+                 "defense": diagnostics}
+        self._say(f"{spec.defense} pass {p + 1}/{passes}: {train_seconds:.1f}s  "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in meter.means().items())
+                  + f"  val clean {val['clean']:.1f}  val pgd{spec.eval.val_pgd_steps} {val['pgd']:.1f}")
+        return entry
+
+    def _final_evaluation(self, model, data: PreparedData, passes: int) -> dict[str, Any]:
+        """Clean and PGD-k on the test subset for the last and the best-on-validation weights."""
+        spec = self.spec
+        last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best = load_torch(self.dir / "best.pt", self.device)
+        final: dict[str, Any] = {}
+        for label, state, chosen_pass in (("last", last_state, passes), ("best", best["model"], best["pass"])):
+            model.load_state_dict(state)
+            torch.manual_seed(spec.seed + 1)  # the same attack randomness for every checkpoint
+            bar = tqdm(total=len(data.test.labels), desc=f"eval {label}", unit="img",
+                       disable=not self.options.progress, leave=False)
+            t0 = time.perf_counter()
+            acc = clean_and_pgd(model, data.test.images, data.test.labels, eps=float(spec.eps),
+                                step_size=float(spec.eval_step), steps=spec.eval.pgd_steps,
+                                restarts=spec.eval.pgd_restarts, batch_size=spec.eval.batch_size, progress=bar)
+            bar.close()
+            final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0}
+            self._say(f"{spec.defense} [{label}] test clean {final[label]['clean']:.2f}  "
+                      f"PGD-{spec.eval.pgd_steps} {final[label]['pgd']:.2f}  (n={final[label]['n']})")
+        model.load_state_dict(last_state)
+        return final
+
+    def _new_record(self, defense: Defense, data: PreparedData, passes: int) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION, "run_id": self.spec.run_id, "status": "running",
+            "spec": self.spec.to_dict(), "defense": defense.record(),
+            "environment": environment(self.device), "created": _now(),
+            "protocol": {"passes": passes, "equivalent_epochs": passes * defense.replays,
+                         "train_examples": data.train.num_examples, "val_examples": len(data.val.labels),
+                         "test_indices": f"0..{len(data.test_indices) - 1}",
+                         "eval_attack": {"name": "pgd", "steps": self.spec.eval.pgd_steps,
+                                         "step_size": f"{self.spec.eval_step}",
+                                         "restarts": self.spec.eval.pgd_restarts, "bn": "eval",
+                                         "random_start": True}},
+            "epochs": [], "final": {}, "checkpoints": {"last": str(self.dir / "last.pt"),
+                                                       "best": str(self.dir / "best.pt")},
+        }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise HarnessError(f"results directory {path} is not writable ({exc.strerror}); "
+                           f"pass a writable --results") from None
+
+
+def run(spec: RunSpec, options: RunOptions) -> dict[str, Any]:
+    return Run(spec, options).execute()

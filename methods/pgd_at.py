@@ -1,0 +1,50 @@
+"""PGD-AT: adversarial training on PGD examples.
+
+Paper: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018,
+eq. (2.1): min_theta E[max_{||delta||_inf <= eps} CE(f(x + delta), y)].
+Reference code (PyTorch): Rice et al. 2020, locuslab/robust_overfitting, train_cifar.py.
+Defaults (CIFAR-10): PGD-10, eps 8/255, step 2/255 (= eps/4, so other data sets scale with eps),
+uniform random start, one restart, BatchNorm in train mode during the attack (the reference;
+Bag-of-Tricks uses eval mode: `--set attack_bn=eval`).
+Shapes: x (B, C, H, W) in [0, 1], y (B,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn.functional as F
+
+from harness.attacks import pgd
+from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+
+
+@dataclass(frozen=True)
+class PGDATConfig:
+    steps: int = 10
+    step_size_rel: float = 0.25  # step = step_size_rel * eps (2/255 at 8/255)
+    random_start: bool = True
+    attack_bn: Literal["train", "eval"] = "train"
+
+
+@register_defense("pgd-at")
+class PGDAT(Defense):
+    """PGD-AT (Madry et al. 2018): cross-entropy on PGD-10 examples at the run's eps."""
+
+    Config = PGDATConfig
+
+    def perturb(self, model, batch):
+        eps = self.context.eps_float
+        x_adv = pgd(model, batch.x, batch.y, eps, steps=self.config.steps,
+                    step_size=self.config.step_size_rel * eps, random_start=self.config.random_start,
+                    mode=self.config.attack_bn)
+        return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
+
+    def train_step(self, model, optimizer, batch):
+        x_adv = self.perturb(model, batch).x_adv
+        model.train()
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, batch.y)
+        sgd_step(optimizer, loss)
+        return {"loss": loss.detach(), "adv_acc": accuracy(logits, batch.y)}
