@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny data sets written in the real on-disk formats, and a briefly trained model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import methods  # noqa: F401  (registers every defense)
+from harness.data import DATASETS, Batch, load_split, write_synthetic_cifar
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data directory holding the synthetic set as CIFAR-10 pickle batches."""
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_cifar(root / "synthetic-batches-py", n_train=600, n_test=200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_info():
+    return DATASETS.get("synthetic")
+
+
+@pytest.fixture(scope="session")
+def _trained_small_cnn(data_dir, synthetic_info):
+    """small-cnn after 60 clean SGD steps on synthetic data: most examples classified correctly,
+    so defenses that treat correct and misclassified examples differently see both kinds."""
+    from harness.models import build_model
+
+    torch.manual_seed(0)
+    split = load_split(synthetic_info, data_dir, train=True)
+    model = build_model("small-cnn", synthetic_info)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = split.images.float() / 255, split.labels
+    for step in range(60):
+        idx = torch.randint(0, len(y), (64,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture
+def trained_model(_trained_small_cnn):
+    return copy.deepcopy(_trained_small_cnn)
+
+
+@pytest.fixture(scope="session")
+def train_batch(data_dir, synthetic_info) -> Batch:
+    split = load_split(synthetic_info, data_dir, train=True)
+    x = split.images[:32].float() / 255
+    return Batch(x.contiguous(memory_format=torch.channels_last), split.labels[:32], torch.arange(32))
