@@ -119,6 +119,7 @@ class Preset:
     data: DataSpec
     eval: EvalSpec
     model: str | None = None  # None: the data set's default model
+    schedule_from_defense: bool = False  # use each defense's `reference_schedule` (its authors')
     dataset_models: tuple[tuple[str, str], ...] = field(default=())  # per-data-set overrides
 
     def model_for(self, dataset: str, default: str) -> str:
@@ -139,6 +140,14 @@ register_preset(Preset(
     schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
     data=DataSpec(train_subset=None, val_size=1000),
     eval=EvalSpec(test_examples=None),
+))
+register_preset(Preset(
+    name="reference",
+    description="each defense with its authors' own schedule (its `reference_schedule`), else the paper's",
+    schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
+    data=DataSpec(train_subset=None, val_size=1000),
+    eval=EvalSpec(test_examples=None),
+    schedule_from_defense=True,
 ))
 register_preset(Preset(
     name="quick",

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from harness.config import to_jsonable
+from harness.config import Schedule, to_jsonable
 from harness.data import Batch, DatasetInfo
 from harness.registry import Registry
 
@@ -63,6 +63,7 @@ class Defense(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     replays: int = 1
+    reference_schedule: ClassVar[Schedule | None] = None  # the authors' schedule (`--preset reference`)
 
     def __init__(self, config: Any, context: DefenseContext):
         self.config = config

@@ -54,6 +54,8 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
     model_name = model or p.model_for(dataset, info.default_model)
     MODELS.get(model_name)
     schedule = p.schedule
+    if p.schedule_from_defense and defense_cls.reference_schedule is not None:
+        schedule = defense_cls.reference_schedule
     if epochs is not None:
         if epochs < 1:
             raise HarnessError(f"--epochs must be at least 1, got {epochs}")

@@ -5,7 +5,9 @@ eq. (2.1): min_theta E[max_{||delta||_inf <= eps} CE(f(x + delta), y)].
 Reference code (PyTorch): Rice et al. 2020, locuslab/robust_overfitting, train_cifar.py.
 Defaults (CIFAR-10): PGD-10, eps 8/255, step 2/255 (= eps/4, so other data sets scale with eps),
 uniform random start, one restart, BatchNorm in train mode during the attack (the reference;
-Bag-of-Tricks uses eval mode: `--set attack_bn=eval`).
+Bag-of-Tricks uses eval mode: `--set attack_bn=eval`). The reference schedule (`--preset reference`)
+is Rice et al.'s 200 epochs with decays at 100 and 150; the paper under test uses its own 100-epoch
+schedule for every method (`--preset paper`).
 Shapes: x (B, C, H, W) in [0, 1], y (B,).
 """
 
@@ -17,6 +19,7 @@ from typing import Literal
 import torch.nn.functional as F
 
 from harness.attacks import pgd
+from harness.config import Schedule
 from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
 
 
@@ -33,6 +36,9 @@ class PGDAT(Defense):
     """PGD-AT (Madry et al. 2018): cross-entropy on PGD-10 examples at the run's eps."""
 
     Config = PGDATConfig
+    # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
+    reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75),
+                                  weight_decay=5e-4)
 
     def perturb(self, model, batch):
         eps = self.context.eps_float

@@ -1,0 +1,70 @@
+"""The command line: help, listing, and a one-line error with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("run", "list", "bench"):
+        assert command in result.output
+
+
+def test_list_shows_every_registry():
+    result = invoke("list")
+    assert result.exit_code == 0
+    for heading in ("defenses", "datasets", "models", "presets", "attacks", "benchmarks"):
+        assert heading in result.output
+    assert "pgd-at" in result.output and "fashion-mnist" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "-m", "pgd-att"], "did you mean 'pgd-at'"),
+    (["run", "-m", "pgd-at", "--dataset", "mnist"], "unknown data set 'mnist'"),
+    (["run", "-m", "pgd-at", "--preset", "slow"], "unknown preset"),
+    (["run", "-m", "pgd-at", "--model", "vgg"], "unknown model"),
+    (["run", "-m", "pgd-at", "--eps", "-0.1"], "outside [0, 1]"),
+    (["run", "-m", "pgd-at", "--eps", "2"], "outside [0, 1]"),
+    (["run"], "nothing to run"),
+    (["run", "--all", "--set", "beta=1"], "--set"),
+    (["run", "-m", "pgd-at", "--resume", "--force"], "contradict"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+
+def test_missing_data_dir(tmp_path):
+    result = invoke("run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "-q",
+                    "--data-dir", str(tmp_path / "absent"), "--results", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_unwritable_results_dir(tmp_path, data_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = invoke("run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "-q",
+                    "--data-dir", str(data_dir), "--results", str(blocker / "results"))
+    assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_run_then_interrupted_rerun_needs_resume(tmp_path, data_dir):
+    args = ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "-q",
+            "--data-dir", str(data_dir), "--results", str(tmp_path / "r")]
+    first = invoke(*args)
+    assert first.exit_code == 0 and "PGD-5" in first.output
+    record = next((tmp_path / "r").glob("*/record.json"))
+    record.write_text(record.read_text().replace('"status": "complete"', '"status": "running"'))
+    again = invoke(*args)
+    assert again.exit_code == 2 and "--resume" in again.output

@@ -1,0 +1,135 @@
+"""Runner: records, skip-if-complete, interrupted runs, resume to the same result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.records import read_record, runs_table
+from harness.runner import Run, RunOptions, make_spec, run
+
+
+def options(tmp_path, data_dir, **kw):
+    return RunOptions(results_dir=tmp_path / "results", data_dir=data_dir, device=torch.device("cpu"),
+                      progress=False, **kw)
+
+
+def strip_times(record):
+    """Everything a rerun must reproduce: metrics, not wall-clock times or timestamps."""
+    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in record["epochs"]]
+    final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
+    return epochs, final
+
+
+def test_record_has_provenance_and_metrics(tmp_path, data_dir):
+    spec = make_spec("pgd-at", "synthetic", "smoke", seed=1)
+    record = run(spec, options(tmp_path, data_dir))
+    on_disk = read_record(tmp_path / "results" / spec.run_id / "record.json")
+    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["status"] == "complete"
+    assert on_disk["spec"]["eps"] == "8/255" and on_disk["spec"]["seed"] == 1
+    assert on_disk["defense"]["config"]["attack_bn"] == "train"
+    env = on_disk["environment"]
+    assert env["versions"]["torch"] and env["device"]["type"] == "cpu" and "commit" in env["git"]
+    assert len(on_disk["epochs"]) == 1 and on_disk["epochs"][0]["train_seconds"] > 0
+    for label in ("last", "best"):
+        metrics = on_disk["final"][label]
+        assert 0 <= metrics["pgd"] <= metrics["clean"] <= 100 and metrics["n"] == 64
+    table = runs_table(tmp_path / "results")
+    assert list(table["defense"]) == ["pgd-at"] and "last_pgd" in table
+
+
+def test_completed_run_is_skipped_unless_forced(tmp_path, data_dir, monkeypatch):
+    spec = make_spec("pgd-at", "synthetic", "smoke")
+    first = run(spec, options(tmp_path, data_dir))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a completed run was retrained")
+
+    monkeypatch.setattr(Run, "_train_and_evaluate", fail)
+    assert run(spec, options(tmp_path, data_dir)) == first
+    with pytest.raises(AssertionError, match="retrained"):
+        run(spec, options(tmp_path, data_dir, force=True))
+
+
+def test_interrupted_run_resumes_to_the_same_record(tmp_path, data_dir, monkeypatch):
+    spec = make_spec("pgd-at", "synthetic", "smoke", epochs=3)
+    reference = run(spec, options(tmp_path / "a", data_dir))
+
+    original = Run._train_pass
+
+    def crash_in_third_pass(self, model, optimizer, defense, data, p, passes):
+        if p == 2:
+            raise KeyboardInterrupt
+        return original(self, model, optimizer, defense, data, p, passes)
+
+    monkeypatch.setattr(Run, "_train_pass", crash_in_third_pass)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, options(tmp_path / "b", data_dir))
+    partial = read_record(tmp_path / "b" / "results" / spec.run_id / "record.json")
+    assert partial["status"] == "running" and len(partial["epochs"]) == 2
+    monkeypatch.setattr(Run, "_train_pass", original)
+
+    with pytest.raises(HarnessError, match="--resume"):
+        run(spec, options(tmp_path / "b", data_dir))
+    resumed = run(spec, options(tmp_path / "b", data_dir, resume=True))
+    assert strip_times(resumed) == strip_times(reference)
+
+
+def test_no_partial_files_after_a_crash(tmp_path, data_dir, monkeypatch):
+    spec = make_spec("pgd-at", "synthetic", "smoke")
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(RuntimeError):
+        run(spec, options(tmp_path, data_dir))
+    run_dir = tmp_path / "results" / spec.run_id
+    leftovers = [p.name for p in run_dir.iterdir()] if run_dir.exists() else []
+    assert not [n for n in leftovers if n.endswith(".tmp") or n.endswith(".pt")]
+
+
+def test_lr_schedule_follows_equivalent_epochs():
+    spec = make_spec("pgd-at", "synthetic", "paper")
+    s = spec.schedule
+    assert s.lr_at(0) == 0.1 and s.lr_at(74.9) == 0.1
+    assert s.lr_at(75) == pytest.approx(0.01) and s.lr_at(90) == pytest.approx(0.001)
+    short = make_spec("pgd-at", "synthetic", "paper", epochs=10).schedule
+    assert short.lr_at(7.4) == 0.1 and short.lr_at(7.5) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"defense": "pgd-att"}, "did you mean 'pgd-at'"),
+    ({"dataset": "cifar-10"}, "did you mean 'cifar10'"),
+    ({"preset": "fast"}, "unknown preset"),
+    ({"model": "resnet50"}, "unknown model"),
+    ({"eps": "-1/255"}, "outside"),
+    ({"eps": "1.5"}, "outside"),
+    ({"eps": "eight"}, "not a number"),
+    ({"epochs": 0}, "at least 1"),
+    ({"overrides": ("steps=ten",)}, "cannot set steps"),
+    ({"overrides": ("nope=1",)}, "no field 'nope'"),
+    ({"overrides": ("attack_bn=half",)}, "choose one of"),
+])
+def test_make_spec_rejects_bad_input(kwargs, message):
+    args = {"defense": "pgd-at", "dataset": "synthetic", "preset": "smoke"} | kwargs
+    with pytest.raises(HarnessError, match=message):
+        make_spec(args.pop("defense"), args.pop("dataset"), args.pop("preset"), **args)
+
+
+def test_overrides_are_typed_and_change_the_run_id():
+    base = make_spec("pgd-at", "synthetic", "smoke")
+    changed = make_spec("pgd-at", "synthetic", "smoke", overrides=("steps=3", "attack_bn=eval"))
+    assert changed.defense_config.steps == 3 and changed.defense_config.attack_bn == "eval"
+    assert changed.run_id != base.run_id
+    assert make_spec("pgd-at", "synthetic", "smoke").run_id == base.run_id
+
+
+def test_reference_preset_uses_the_defense_schedule():
+    spec = make_spec("pgd-at", "synthetic", "reference")
+    assert spec.schedule.epochs == 200 and spec.schedule.lr_at(100) == pytest.approx(0.01)
+    assert make_spec("pgd-at", "synthetic", "paper").schedule.epochs == 100
