@@ -68,3 +68,13 @@ def test_run_then_interrupted_rerun_needs_resume(tmp_path, data_dir):
     record.write_text(record.read_text().replace('"status": "complete"', '"status": "running"'))
     again = invoke(*args)
     assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_runs_table_after_a_run(tmp_path, data_dir):
+    assert invoke("runs", "--results", str(tmp_path / "none")).exit_code == 2
+    invoke("run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "-q",
+           "--data-dir", str(data_dir), "--results", str(tmp_path / "r"))
+    result = invoke("runs", "--results", str(tmp_path / "r"), "--csv")
+    assert result.exit_code == 0
+    header, row = result.output.strip().splitlines()
+    assert header.startswith("defense,dataset") and row.startswith("pgd-at,synthetic")

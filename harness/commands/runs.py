@@ -1,0 +1,31 @@
+"""`harness runs`: the table of all run records (pandas), for a quick look or a CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from harness.cli import main
+
+
+@main.command("runs")
+@click.option("--results", "results_dir", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True, help="Directory of run records.")
+@click.option("--all", "include_running", is_flag=True, help="Include interrupted (running) runs.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a text table.")
+def runs_command(results_dir: Path, include_running: bool, as_csv: bool) -> None:
+    """One row per run: defense, data set, model, seed, final clean/PGD accuracy, epoch time."""
+    from harness.errors import HarnessError
+    from harness.records import runs_table
+
+    if not results_dir.is_dir():
+        raise HarnessError(f"results directory {results_dir} does not exist; run `harness run` first or pass --results")
+    table = runs_table(results_dir, status=None if include_running else "complete")
+    if table.empty:
+        raise HarnessError(f"no {'' if include_running else 'completed '}runs in {results_dir}")
+    columns = [c for c in ("defense", "dataset", "model", "preset", "seed", "eps", "epochs", "last_clean",
+                           "last_pgd", "best_clean", "best_pgd", "mean_epoch_seconds", "status", "run_id")
+               if c in table]
+    table = table[columns].sort_values(["dataset", "defense", "seed"])
+    click.echo(table.to_csv(index=False) if as_csv else table.to_string(index=False, float_format="%.2f"))
