@@ -36,6 +36,14 @@ class Report:
     protocols: list[str]
 
     @property
+    def verdict_groups(self) -> list[tuple[str, list[verdicts.Verdict]]]:
+        """Verdicts grouped by claim, in the order of PAPER.md's list."""
+        groups: dict[str, list[verdicts.Verdict]] = {}
+        for verdict in self.verdicts:
+            groups.setdefault(verdict.claim, []).append(verdict)
+        return list(groups.items())
+
+    @property
     def all_tables(self) -> list[Table]:
         extra = [self.evaluations] if self.evaluations else []
         return self.table1 + self.table2 + self.table3 + [self.paper_floor, self.robustbench] + extra

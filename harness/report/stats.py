@@ -51,7 +51,7 @@ def welch_difference(a: Sequence[float], b: Sequence[float]) -> Estimate:
         return Estimate(diff, Interval(diff, diff, f"over seeds ({len(a_)} vs {len(b_)}), zero spread"))
     dof = (va + vb) ** 2 / ((va ** 2 / (len(a_) - 1)) + (vb ** 2 / (len(b_) - 1)))
     half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, dof)) * se
-    return Estimate(diff, Interval(diff - half, diff + half, f"Welch t over seeds ({len(a_)} vs {len(b_)})"))
+    return Estimate(diff, Interval(diff - half, diff + half, f"Welch t over seeds, {len(a_)} vs {len(b_)}"))
 
 
 def paired_bootstrap(flags_a: np.ndarray, flags_b: np.ndarray) -> Estimate:
@@ -65,7 +65,7 @@ def paired_bootstrap(flags_a: np.ndarray, flags_b: np.ndarray) -> Estimate:
     deltas = (a[draws].mean(1) - b[draws].mean(1)) * 100
     low, high = np.percentile(deltas, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return Estimate(diff, Interval(float(low), float(high),
-                                   f"paired bootstrap over {len(a)} test examples ({BOOTSTRAP_RESAMPLES} resamples)"))
+                                   f"paired bootstrap, {len(a)} test examples"))
 
 
 def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> Estimate:
@@ -79,7 +79,7 @@ def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float]) ->
     d_draw = den[rng.integers(0, len(den), size=(BOOTSTRAP_RESAMPLES, len(den)))].mean(1)
     low, high = np.percentile(n_draw / d_draw, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return Estimate(ratio, Interval(float(low), float(high),
-                                    f"bootstrap over epoch times ({len(num)} vs {len(den)} epochs)"))
+                                    f"bootstrap over epoch times, {len(num)} vs {len(den)} epochs"))
 
 
 def bootstrap_accuracy(flags: np.ndarray) -> Interval:
@@ -88,11 +88,11 @@ def bootstrap_accuracy(flags: np.ndarray) -> Interval:
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     draws = a[rng.integers(0, len(a), size=(BOOTSTRAP_RESAMPLES, len(a)))].mean(1) * 100
     low, high = np.percentile(draws, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
-    return Interval(float(low), float(high), f"bootstrap over {len(a)} test examples ({BOOTSTRAP_RESAMPLES} resamples)")
+    return Interval(float(low), float(high), f"bootstrap, {len(a)} test examples")
 
 
 def binomial_interval(accuracy: float, n: int) -> Interval:
     """Normal-approximation interval of an accuracy (percent) measured on n examples."""
     p = accuracy / 100
     half = float(scipy_stats.norm.ppf(0.5 + LEVEL / 2)) * math.sqrt(max(p * (1 - p), 0.0) / n) * 100
-    return Interval(accuracy - half, accuracy + half, f"binomial (normal approximation) over {n} test examples")
+    return Interval(accuracy - half, accuracy + half, f"binomial, {n} test examples")

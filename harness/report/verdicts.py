@@ -102,7 +102,7 @@ def difference(results: Results, a: list[Run], b: list[Run], checkpoint: str, me
     flags = _paired_flags(results, a[0], b[0], checkpoint, metric, eps)
     if flags is not None:
         estimate = paired_bootstrap(*flags)
-        source = {"pgd": " (PGD-20 flags from the evaluation records)"}.get(metric, "")
+        source = {"pgd": ", PGD-20 flags of the evaluation records"}.get(metric, "")
         return Estimate(estimate.value, Interval(estimate.interval.low, estimate.interval.high,
                                                  estimate.interval.method + source))
     if not va or not vb:
