@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -309,7 +310,7 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
     export_rows, display_rows = [], []
     for variant, runs in variants.items():
         seconds = epoch_seconds(runs)
-        ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline else None
+        ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
         paper_s = reference.paper_seconds(variant)
         cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
         floors = {}
@@ -326,7 +327,9 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
             "forward_equivalents": cost.forward_equivalents if cost else None, "forward_flops": flops,
             "floor_seconds_fp32": floors.get("fp32"), "floor_seconds_tensor": floors.get("tensor")})
         ratio_text = "—"
-        if ratio:
+        if variant == "pgd-at":
+            ratio_text = "×1.00 (reference)"
+        elif ratio:
             ratio_text = f"×{ratio.value:.2f}" + (f" [{ratio.interval.low:.2f}, {ratio.interval.high:.2f}]"
                                                   if ratio.interval else "")
         display_rows.append({
@@ -444,7 +447,8 @@ def evaluations_table(results: Results) -> Table | None:
         return None
     export_rows, display_rows = [], []
     for e in results.evaluations:
-        results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in e.data["results"][:12])
+        ordered = sorted(e.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
+        results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
         if len(e.data["results"]) > 12:
             results_text += f"; … ({len(e.data['results'])} results)"
         export_rows.append({"path": str(e.path.parent), "source": e.source, "name": e.name, "label": e.label,
@@ -462,3 +466,10 @@ def evaluations_table(results: Results) -> Table | None:
                  display_rows, ["A check that fails marks every number from that evaluation "
                                 "“potentially unreliable”; hover a badge for the check's detail."])
 
+
+
+def _eps_value(text: str) -> float:
+    try:
+        return float(Fraction(eps_key(text)))
+    except (ValueError, ZeroDivisionError):
+        return float("inf")

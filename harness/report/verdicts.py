@@ -66,23 +66,25 @@ def scale_text(protocol: Protocol, runs: list[Run], checkpoint: str) -> str:
 
 # ----------------------------------------------------------------------------------------- differences
 
-def _paired_flags(results: Results, a: Run, b: Run, checkpoint: str, metric: str, eps: str
-                  ) -> tuple[np.ndarray, np.ndarray] | None:
+def _paired_flags(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
+                  ) -> tuple[np.ndarray, np.ndarray, Run, Run] | None:
+    """Per-example flags of one run of each side on their common test examples (first pair that has them)."""
     attack = {"clean": "clean", "pgd": "pgd-20", "autoattack": "autoattack"}[metric]
-    for ea in results.evaluations_of(a.run_id):
-        for eb in results.evaluations_of(b.run_id):
-            if ea.label != checkpoint or eb.label != checkpoint:
-                continue
-            fa, fb = ea.flag(attack, eps), eb.flag(attack, eps)
-            if fa is None or fb is None:
-                continue
-            ia, ib = ea.indices, eb.indices
-            if ia is None or ib is None or len(ia) != len(fa) or len(ib) != len(fb):
-                continue
-            common = sorted(set(ia) & set(ib))
-            if common:
-                pos_a, pos_b = {v: i for i, v in enumerate(ia)}, {v: i for i, v in enumerate(ib)}
-                return fa[[pos_a[c] for c in common]], fb[[pos_b[c] for c in common]]
+    for run_a in a:
+        for run_b in b:
+            for ea in results.evaluations_of(run_a.run_id):
+                for eb in results.evaluations_of(run_b.run_id):
+                    if ea.label != checkpoint or eb.label != checkpoint:
+                        continue
+                    fa, fb = ea.flag(attack, eps), eb.flag(attack, eps)
+                    ia, ib = ea.indices, eb.indices
+                    if fa is None or fb is None or ia is None or ib is None or len(ia) != len(fa) \
+                            or len(ib) != len(fb):
+                        continue
+                    common = sorted(set(ia) & set(ib))
+                    if common:
+                        pos_a, pos_b = {v: i for i, v in enumerate(ia)}, {v: i for i, v in enumerate(ib)}
+                        return fa[[pos_a[c] for c in common]], fb[[pos_b[c] for c in common]], run_a, run_b
     return None
 
 
@@ -99,10 +101,13 @@ def difference(results: Results, a: list[Run], b: list[Run], checkpoint: str, me
     va, vb = metric_values(results, a, checkpoint, metric, eps), metric_values(results, b, checkpoint, metric, eps)
     if len(va) >= 2 and len(vb) >= 2:
         return welch_difference(va, vb)
-    flags = _paired_flags(results, a[0], b[0], checkpoint, metric, eps)
+    flags = _paired_flags(results, a, b, checkpoint, metric, eps)
     if flags is not None:
-        estimate = paired_bootstrap(*flags)
+        flags_a, flags_b, run_a, run_b = flags
+        estimate = paired_bootstrap(flags_a, flags_b)
         source = {"pgd": ", PGD-20 flags of the evaluation records"}.get(metric, "")
+        if len(a) > 1 or len(b) > 1:
+            source += f", seed {run_a.seed} vs seed {run_b.seed} only"
         return Estimate(estimate.value, Interval(estimate.interval.low, estimate.interval.high,
                                                  estimate.interval.method + source))
     if not va or not vb:
