@@ -50,11 +50,12 @@ def test_only_corrupt_records_is_an_error_naming_them(tmp_path):
         load_results(tmp_path)
 
 
-def test_corrupt_records_are_named_skipped_and_shown(results_dir, report, tmp_path):
+def test_corrupt_records_are_named_skipped_and_shown(report, tmp_path):
     problems = report.results.problems
     assert len(problems) == 1 and "broken_run/record.json" in problems[0]
     assert len(report.results.runs) == len(fx.RUNS)
-    result = CliRunner().invoke(main, ["report", "--results", str(results_dir), "--out", str(tmp_path / "r")])
+    fx.build_results(tmp_path / "small", runs=fx.RUNS[:1])
+    result = CliRunner().invoke(main, ["report", "--results", str(tmp_path / "small"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert "broken_run/record.json" in result.output
     assert "broken_run/record.json" in (tmp_path / "r" / "report.html").read_text()
@@ -69,6 +70,36 @@ def test_corrupt_evaluation_is_skipped(tmp_path):
     results = load_results(tmp_path)
     assert any("missing field 'results'" in p for p in results.problems)
     assert all(e.source != "harness" for e in results.evaluations)
+
+
+def test_running_evaluation_is_listed_not_read(tmp_path):
+    fx.build_results(tmp_path, runs=fx.RUNS[:1], corrupt=False)
+    evaluation = next(tmp_path.glob("*/eval/*/evaluation.json"))
+    data = json.loads(evaluation.read_text())
+    data.update(status="running", clean_accuracy=None)
+    evaluation.write_text(json.dumps(data))
+    results = load_results(tmp_path)
+    assert results.problems == [] and results.incomplete_evaluations == [str(evaluation)]
+    assert all(e.source != "harness" for e in results.evaluations)
+
+
+def test_null_diagnostics_and_custom_autoattack(tmp_path):
+    """A cue the ADES run did not compute is null (contract A); a custom AutoAttack is labelled as such."""
+    fx.build_results(tmp_path, runs=(fx.FakeRun("ades", 0, 80, 45, 40),), corrupt=False)
+    path = next(tmp_path.glob("*/record.json"))
+    record = json.loads(path.read_text())
+    for epoch in record["epochs"]:
+        epoch["defense"]["spearman"]["mc_variance"] = None
+    path.write_text(json.dumps(record))
+    evaluation = next(tmp_path.glob("*/eval/*/evaluation.json"))
+    data = json.loads(evaluation.read_text())
+    for item in data["results"]:
+        item["attack"] = item["attack"].replace("autoattack-standard", "autoattack-custom")
+    evaluation.write_text(json.dumps(data))
+    result = build(load_results(tmp_path))
+    assert any(f.key.startswith("ades_") for f in result.figures)
+    row = result.table1[0].display[0]
+    assert "autoattack-custom" in row["AutoAttack"]
 
 
 def test_eps_key_equates_spellings():

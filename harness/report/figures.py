@@ -38,7 +38,7 @@ class Figure:
 def _encode(fig: MplFigure) -> str:
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=DPI)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -51,7 +51,7 @@ def _color(variant: str):
 def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str,
               index: int) -> Figure | None:
     """PGD-20 accuracy against eps for every method (the paper's section 5.4), from `harness eval`."""
-    fig = MplFigure(figsize=(6.4, 4.0))
+    fig = MplFigure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
     drawn = 0
     for variant, runs in variants.items():
@@ -96,7 +96,7 @@ def _epoch_series(runs: list[Run], section: str, key: str) -> tuple[list[float],
 def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: int) -> Figure | None:
     panels = (("train", "loss", "training loss", 1), ("train", "adv_acc", "training adversarial accuracy (%)", 100),
               ("val", "clean", "validation clean accuracy (%)", 1), ("val", "pgd", "validation PGD accuracy (%)", 1))
-    fig = MplFigure(figsize=(10, 6.4))
+    fig = MplFigure(figsize=(10, 6.4), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     drawn = 0
     for ax, (section, key, title, scale) in zip(axes, panels):
@@ -112,9 +112,13 @@ def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: i
     if not drawn:
         return None
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     return Figure(f"training_{index}", f"Training curves — {protocol.dataset}, {protocol.model}",
                   f"{protocol.label()}; mean over seeds per epoch.", _encode(fig))
+
+
+def _number(value) -> float:
+    """A diagnostic value, or NaN (a gap in the line) when the record holds none or null."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: int) -> Figure | None:
@@ -124,12 +128,12 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
     entries = [(x, d) for x, d in entries if isinstance(d.get("eps_mean"), (int, float))]
     if not entries:
         return None
-    fig = MplFigure(figsize=(11, 3.8))
+    fig = MplFigure(figsize=(11, 3.8), layout="constrained")
     ax_band, ax_hist, ax_cue = fig.subplots(1, 3)
     xs = [x for x, _ in entries]
 
     def series(key):
-        return np.asarray([float(d.get(key, np.nan)) for _, d in entries]) * 255
+        return np.asarray([_number(d.get(key)) for _, d in entries]) * 255
 
     ax_band.fill_between(xs, series("eps_p05"), series("eps_p95"), alpha=0.25, label="5–95th percentile")
     ax_band.plot(xs, series("eps_p50"), marker="o", markersize=3, label="median")
@@ -147,7 +151,7 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
     ax_hist.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
     ax_hist.set_xlabel("eps (× 1/255)")
     for cue in CUES:
-        ys = [float((d.get("spearman") or {}).get(cue, np.nan)) for _, d in entries]
+        ys = [_number((d.get("spearman") or {}).get(cue)) for _, d in entries]
         ax_cue.plot(xs, ys, marker="o", markersize=3, label=cue)
     ax_cue.axhline(0, color="grey", linewidth=0.8)
     ax_cue.set_ylim(-1.05, 1.05)
@@ -156,7 +160,6 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
     ax_cue.legend(fontsize=7)
     for ax in (ax_band, ax_hist, ax_cue):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     warnings = sorted({str(d["collapse_warning"]) for _, d in entries if d.get("collapse_warning")})
     caption = f"{variant_label(variant)}, run {run.run_id} (seed {run.seed}). "
     if warnings:

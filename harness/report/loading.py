@@ -215,6 +215,7 @@ class Results:
     incomplete: list[Run]
     evaluations: list[Evaluation]
     problems: list[str]
+    incomplete_evaluations: list[str] = field(default_factory=list)  # status 'running': not reported
 
     def evaluations_of(self, run_id: str) -> list[Evaluation]:
         return [e for e in self.evaluations if e.source == "harness" and e.run_id == run_id]
@@ -236,6 +237,8 @@ def _check_fields(data: Any, required: dict[str, Any], source: str) -> None:
 
 
 def validate_evaluation(data: Any, source: str) -> dict[str, Any]:
+    if isinstance(data, dict) and data.get("status", "complete") != "complete":
+        return data  # still being written (`harness eval` saves after every cell): listed, not read
     _check_fields(data, _EVAL_REQUIRED, source)
     if data["schema"] != EVALUATION_SCHEMA or data["kind"] != "evaluation":
         raise CorruptRecordError(f"{source}: not a schema-{EVALUATION_SCHEMA} evaluation record")
@@ -292,6 +295,7 @@ def load_results(results_dir: Path) -> Results:
             continue
         (runs if record["status"] == "complete" else incomplete).append(Run(path, record))
     evaluations: list[Evaluation] = []
+    incomplete_evaluations: list[str] = []
     paths = sorted(root.glob(f"*/eval/*/{EVALUATION_NAME}")) + sorted(root.glob(f"external/*/eval/*/{EVALUATION_NAME}"))
     for path in paths:
         try:
@@ -302,6 +306,9 @@ def load_results(results_dir: Path) -> Results:
         except CorruptRecordError as exc:
             problems.append(f"skipped corrupt evaluation record {exc}")
             continue
+        if data.get("status", "complete") != "complete":
+            incomplete_evaluations.append(str(path))
+            continue
         evaluation = Evaluation(path, data)
         _load_flags(evaluation)
         evaluations.append(evaluation)
@@ -310,4 +317,4 @@ def load_results(results_dir: Path) -> Results:
         extra = f"; {len(incomplete)} run(s) still running" if incomplete else ""
         raise HarnessError(f"no complete run or evaluation records in {root}{detail}{extra}; "
                            f"run `harness run --results {root} ...` first")
-    return Results(root, runs, incomplete, evaluations, problems)
+    return Results(root, runs, incomplete, evaluations, problems, incomplete_evaluations)

@@ -81,12 +81,20 @@ def final_values(runs: list[Run], checkpoint: str, metric: str) -> list[float]:
             if isinstance(r.record["final"].get(checkpoint, {}).get(metric), (int, float))]
 
 
+AUTOATTACK_PREFERENCE = ("autoattack-standard", "autoattack-plus", "autoattack-rand", "autoattack")
+
+
 def best_evaluation(results: Results, run: Run, checkpoint: str, attack: str, eps: str
                     ) -> tuple[Evaluation, dict[str, Any]] | None:
-    """The evaluation of this run's checkpoint with `attack` at `eps` on the most test examples."""
-    hits = [(e, e.result(attack, eps)) for e in results.evaluations_of(run.run_id) if e.label == checkpoint]
-    hits = [(e, r) for e, r in hits if r is not None]
-    return max(hits, key=lambda h: h[1]["n"]) if hits else None
+    """The evaluation of this run's checkpoint with `attack` at `eps` on the most test examples;
+    for AutoAttack the standard version first, then plus, rand, and any other (e.g. a custom list)."""
+    evaluations = [e for e in results.evaluations_of(run.run_id) if e.label == checkpoint]
+    for name in (AUTOATTACK_PREFERENCE if attack == "autoattack" else (attack,)):
+        hits = [(e, e.result(name, eps)) for e in evaluations]
+        hits = [(e, r) for e, r in hits if r is not None]
+        if hits:
+            return max(hits, key=lambda h: h[1]["n"])
+    return None
 
 
 @dataclass
@@ -95,6 +103,12 @@ class AutoAttackValues:
     n: set[int]
     evaluations: list[Evaluation]
     missing: int  # runs without an AutoAttack evaluation
+    attacks: set[str] = field(default_factory=set)  # AutoAttack versions used
+
+    @property
+    def mixed(self) -> bool:
+        """Different subsets or versions across seeds: not averaged."""
+        return len(self.n) > 1 or len(self.attacks) > 1
 
 
 def autoattack_values(results: Results, runs: list[Run], checkpoint: str, eps: str) -> AutoAttackValues:
@@ -106,6 +120,7 @@ def autoattack_values(results: Results, runs: list[Run], checkpoint: str, eps: s
             continue
         out.values.append(float(hit[1]["robust_accuracy"]))
         out.n.add(int(hit[1]["n"]))
+        out.attacks.add(str(hit[1]["attack"]))
         out.evaluations.append(hit[0])
     return out
 
@@ -146,11 +161,20 @@ def diff_cell(measured: list[float], claim: float | None) -> Cell:
 
 # ----------------------------------------------------------------------------------------- Table 1
 
-def _published(dataset: str, defense: str) -> str:
+def _published(results: Results, dataset: str, defense: str) -> str:
+    """RobustBench's numbers for the official checkpoints of this baseline, and ours where evaluated."""
     table = reference.robustbench()
     hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense.split("#")[0])]
-    return "; ".join(f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']})"
-                     for _, r in hits.iterrows())
+    parts = []
+    for _, r in hits.iterrows():
+        text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']})"
+        ours = external_match(results, dataset, r["name"])
+        if ours is not None:
+            aa = next((ours.result(a, r["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, r["eps"])), None)
+            text += (f"; ours {float(ours.data['clean_accuracy']):.2f} / "
+                     + (f"{float(aa['robust_accuracy']):.2f} (n={aa['n']})" if aa else "no AutoAttack"))
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def table1(results: Results, groups: Groups) -> list[Table]:
@@ -169,7 +193,7 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     continue
                 n_test = sorted({int(r.record["final"][checkpoint]["n"]) for r in runs})
                 aa = autoattack_values(results, runs, checkpoint, protocol.eps)
-                aa_mixed = len(aa.n) > 1
+                aa_mixed = aa.mixed
                 aa_vals = [] if aa_mixed else aa.values
                 row_export = {
                     "method": variant_label(variant), "defense": variant, "checkpoint": checkpoint,
@@ -179,12 +203,17 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     "autoattack_mean": mean_std(aa_vals)[0] if aa_vals else None,
                     "autoattack_std": mean_std(aa_vals)[1] if aa_vals else None,
                     "autoattack_seeds": len(aa_vals), "autoattack_n": ",".join(map(str, sorted(aa.n))),
+                    "autoattack_version": ",".join(sorted(aa.attacks)),
                 }
                 aa_text = fmt_mean_std(aa_vals)
                 if aa_mixed:
-                    aa_text = "mixed subsets: " + ", ".join(map(str, sorted(aa.n)))
-                elif aa_vals and aa.missing:
-                    aa_text += f" ({len(aa_vals)} of {len(runs)} seeds)"
+                    aa_text = ("not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / "
+                               + ", ".join(sorted(aa.attacks)))
+                else:
+                    if aa.missing and aa_vals:
+                        aa_text += f" ({len(aa_vals)} of {len(runs)} seeds)"
+                    if aa.attacks and aa.attacks != {"autoattack-standard"}:
+                        aa_text += f" [{', '.join(sorted(aa.attacks))}]"
                 row = {
                     "Method": Cell(variant_label(variant), "method"),
                     "Checkpoint": CHECKPOINT_LABELS[checkpoint], "Seeds": str(len(runs)),
@@ -208,7 +237,7 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                                       paper_autoattack=claim and claim["autoattack"])
                 row["Reliability"] = reliability_cell(aa.evaluations or [
                     e for r in runs for e in results.evaluations_of(r.run_id) if e.label == checkpoint])
-                published = _published(protocol.dataset, variant) if with_paper else ""
+                published = _published(results, protocol.dataset, variant) if with_paper else ""
                 if with_paper:
                     row["RobustBench official (clean / AA)"] = Cell(published or "—", "claim" if published else "muted")
                     row_export["robustbench"] = published
@@ -410,7 +439,8 @@ def robustbench_table(results: Results) -> Table:
     export_rows, display_rows = [], []
     for _, row in table.iterrows():
         ours = external_match(results, row["dataset"], row["name"])
-        aa = ours.result("autoattack", row["eps"]) if ours else None
+        aa = next((ours.result(a, row["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, row["eps"])),
+                  None) if ours else None
         clean_ours = float(ours.data["clean_accuracy"]) if ours else None
         aa_ours = float(aa["robust_accuracy"]) if aa else None
         method = reference.method_label(row["harness_method"]) if row["harness_method"] else "—"

@@ -19,7 +19,7 @@ from harness.report import compute, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import (Estimate, Interval, binomial_interval, bootstrap_accuracy, bootstrap_ratio,
                                   paired_bootstrap, welch_difference)
-from harness.report.tables import Groups, autoattack_values, epoch_seconds, final_values, variant_label
+from harness.report.tables import AUTOATTACK_PREFERENCE, Groups, autoattack_values, epoch_seconds, final_values, variant_label
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 COST_CLAIM = 1.12
@@ -91,7 +91,7 @@ def _paired_flags(results: Results, a: list[Run], b: list[Run], checkpoint: str,
 def metric_values(results: Results, runs: list[Run], checkpoint: str, metric: str, eps: str) -> list[float]:
     if metric == "autoattack":
         values = autoattack_values(results, runs, checkpoint, eps)
-        return values.values if len(values.n) <= 1 else []
+        return [] if values.mixed else values.values
     return final_values(runs, checkpoint, metric)
 
 
@@ -234,11 +234,12 @@ def _official_vs_paper(results: Results, rb_name: str, paper_method: str, claim:
     paper_aa = float(reference.paper_table1().query("dataset == 'cifar10' and method == @paper_method")
                      .iloc[0]["autoattack"])
     ours: Evaluation | None = external_match(results, "cifar10", rb_name)
-    result = ours.result("autoattack", rb["eps"]) if ours else None
+    result = next((ours.result(a, rb["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, rb["eps"])),
+                  None) if ours else None
     sign = 1 if official_higher else -1
     if result is not None:
         value = float(result["robust_accuracy"])
-        flags = ours.flag("autoattack", rb["eps"])
+        flags = ours.flag(str(result["attack"]), rb["eps"])
         interval = bootstrap_accuracy(flags) if flags is not None else binomial_interval(value, int(result["n"]))
         source = f"our AutoAttack of the official checkpoint ({result['n']} test examples)"
         n = int(result["n"])
