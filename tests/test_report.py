@@ -275,3 +275,5 @@ def test_exports_and_escaping(tmp_path):
         tex = tmp_path / "out" / "tables" / f"{table.key}.tex"
         assert csv.is_file() and tex.read_text().lstrip().startswith("\\begin{table}")
         assert len(pd.read_csv(csv)) == max(len(table.export), 1)
+    caption = (tmp_path / "out" / "tables" / f"{result.table1[0].key}.tex").read_text().splitlines()[1]
+    assert caption.startswith("\\caption{") and "(\\%)" in caption  # a bare % would start a LaTeX comment

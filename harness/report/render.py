@@ -80,13 +80,21 @@ def render_html(report: Report) -> str:
         generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
 def export_table(table: Table, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, tex_path = folder / f"{table.key}.csv", folder / f"{table.key}.tex"
     frame = table.export if not table.export.empty else pd.DataFrame({"note": ["no rows"]})
     atomic_write(csv_path, lambda f: f.write(frame.to_csv(index=False).encode()))
     latex = frame.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True,
-                           caption=table.title, label=f"tab:{table.key}")
+                           caption=latex_escape(table.title), label=f"tab:{table.key}")
     atomic_write(tex_path, lambda f: f.write(latex.encode()))
     return [csv_path, tex_path]
 
