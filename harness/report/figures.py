@@ -35,6 +35,13 @@ class Figure:
         return f"data:image/png;base64,{self.png_base64}"
 
 
+def eps_scale(protocol: Protocol) -> tuple[float, str]:
+    """Plot eps in units of 1/255 where the protocol's eps is a multiple of 1/255 (CIFAR), else as is."""
+    if Fraction(protocol.eps).denominator in (1, 3, 5, 15, 17, 51, 85, 255):
+        return 255.0, "eps (× 1/255)"
+    return 1.0, "eps"
+
+
 def _encode(fig: MplFigure) -> str:
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
@@ -53,6 +60,7 @@ def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run
     """PGD-20 accuracy against eps for every method (the paper's section 5.4), from `harness eval`."""
     fig = MplFigure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
+    scale, unit = eps_scale(protocol)
     drawn = 0
     for variant, runs in variants.items():
         per_eps: dict[str, list[float]] = {}
@@ -66,14 +74,14 @@ def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run
         if len(per_eps) < 2:
             continue
         budgets = sorted(per_eps, key=lambda e: Fraction(e))
-        x = [float(Fraction(e)) * 255 for e in budgets]
+        x = [float(Fraction(e)) * scale for e in budgets]
         mean = [np.mean(per_eps[e]) for e in budgets]
         ax.plot(x, mean, marker="o", label=variant_label(variant), color=_color(variant))
         drawn += 1
     if not drawn:
         return None
-    ax.axvline(float(Fraction(protocol.eps)) * 255, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("eps (× 1/255)")
+    ax.axvline(float(Fraction(protocol.eps)) * scale, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel(unit)
     ax.set_ylabel("PGD-20 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -131,25 +139,26 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
     fig = MplFigure(figsize=(11, 3.8), layout="constrained")
     ax_band, ax_hist, ax_cue = fig.subplots(1, 3)
     xs = [x for x, _ in entries]
+    scale, unit = eps_scale(protocol)
 
     def series(key):
-        return np.asarray([_number(d.get(key)) for _, d in entries]) * 255
+        return np.asarray([_number(d.get(key)) for _, d in entries]) * scale
 
     ax_band.fill_between(xs, series("eps_p05"), series("eps_p95"), alpha=0.25, label="5–95th percentile")
     ax_band.plot(xs, series("eps_p50"), marker="o", markersize=3, label="median")
     ax_band.plot(xs, series("eps_mean"), linestyle="--", label="mean")
-    ax_band.axhline(float(Fraction(protocol.eps)) * 255, color="grey", linestyle=":", linewidth=1)
+    ax_band.axhline(float(Fraction(protocol.eps)) * scale, color="grey", linestyle=":", linewidth=1)
     ax_band.set_title("per-example eps over training", fontsize=10)
     ax_band.set_xlabel("equivalent epoch")
-    ax_band.set_ylabel("eps (× 1/255)")
+    ax_band.set_ylabel(unit)
     ax_band.legend(fontsize=7)
     last = entries[-1][1].get("eps_hist") or {}
     edges, counts = last.get("edges"), last.get("counts")
     if edges and counts and len(edges) == len(counts) + 1:
-        edges_ = np.asarray(edges, float) * 255
+        edges_ = np.asarray(edges, float) * scale
         ax_hist.stairs(np.asarray(counts, float), edges_, fill=True, alpha=0.6)
     ax_hist.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
-    ax_hist.set_xlabel("eps (× 1/255)")
+    ax_hist.set_xlabel(unit)
     for cue in CUES:
         ys = [_number((d.get("spearman") or {}).get(cue)) for _, d in entries]
         ax_cue.plot(xs, ys, marker="o", markersize=3, label=cue)

@@ -92,7 +92,7 @@ def export_table(table: Table, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, tex_path = folder / f"{table.key}.csv", folder / f"{table.key}.tex"
     frame = table.export if not table.export.empty else pd.DataFrame({"note": ["no rows"]})
-    atomic_write(csv_path, lambda f: f.write(frame.to_csv(index=False).encode()))
+    atomic_write(csv_path, lambda f: f.write(frame.to_csv(index=False, float_format="%.4f").encode()))
     latex = frame.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True,
                            caption=latex_escape(table.title), label=f"tab:{table.key}")
     atomic_write(tex_path, lambda f: f.write(latex.encode()))
