@@ -1,0 +1,115 @@
+"""The compute floor of one training epoch: the least time any implementation could take.
+
+floor = forward FLOPs of the model on one input (measured with torch's FlopCounterMode on a meta
+        device, so nothing is computed) x forward-equivalents per example per step x examples per
+        epoch / the device's peak FLOP/s.
+
+Forward-equivalents count a forward pass as 1, a backward pass to the input only as 1 and a full
+backward (input and weights) as 2, so a clean SGD step is 3 and an attack step with input gradients
+only is 2 (METHODS.md "Compute"). Each method's count below is a stated assumption, chosen as a
+lower bound where the method's cost varies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.data import DATASETS
+from harness.errors import UnknownNameError
+from harness.models import MODELS, build_model
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    match: str  # substring of torch's device name
+    fp32_tflops: float
+    tensor_tflops: float  # dense fp16/bf16 tensor-core peak (no sparsity)
+    source: str
+
+
+# Vendor datasheets, dense throughput; the fp16/bf16 figure is the most favourable to a claim.
+DEVICE_PEAKS: tuple[DevicePeak, ...] = (
+    DevicePeak("V100", 15.7, 125.0, "NVIDIA V100 SXM2 datasheet"),
+    DevicePeak("A100", 19.5, 312.0, "NVIDIA A100 datasheet"),
+    DevicePeak("H100", 67.0, 989.0, "NVIDIA H100 SXM datasheet"),
+    DevicePeak("H200", 67.0, 989.0, "NVIDIA H200 datasheet"),
+    DevicePeak("T4", 8.1, 65.0, "NVIDIA T4 datasheet"),
+)
+
+
+def device_peak(device_name: str | None) -> DevicePeak | None:
+    """The peak of a known device (by name), or None: CPUs and unlisted GPUs are not guessed."""
+    if not device_name:
+        return None
+    for peak in DEVICE_PEAKS:
+        if peak.match.lower() in device_name.lower():
+            return peak
+    return None
+
+
+@dataclass(frozen=True)
+class StepCost:
+    forward_equivalents: float
+    assumption: str
+
+
+def _attack_steps(config: dict[str, Any], default: int = 10) -> int:
+    for key in ("steps", "attack_steps", "pgd_steps", "num_steps"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def step_cost(defense: str, config: dict[str, Any] | None = None) -> StepCost | None:
+    """Forward-equivalents per training example per (equivalent) epoch, with the assumption made."""
+    config = config or {}
+    k = _attack_steps(config)
+    base = defense.split("#")[0]
+    if base == "pgd-at":
+        return StepCost(2 * k + 3, f"PGD-{k}: {k} x (forward + input backward) + one training forward/backward")
+    if base in ("static-des", "ades", "ades-joint"):
+        return StepCost(2 * k + 3, f"as PGD-{k} AT: cues shared with PGD's first step, head-only MC dropout and "
+                                   f"the scheduler MLP taken as free (a lower bound)")
+    if base == "trades":
+        return StepCost(2 * k + 7, f"{k} KL attack steps (forward + input backward), one clean forward for the "
+                                   f"attack's target, training forward/backward on clean and adversarial inputs")
+    if base == "mart":
+        return StepCost(2 * k + 6, f"PGD-{k} + training forward/backward on clean and adversarial inputs")
+    if base == "free-at":
+        return StepCost(3, "one forward + full backward per replay; one equivalent epoch = one replay per batch")
+    if base == "mma":
+        return StepCost(2 * k + 10 + 1 + 6, f"AN-PGD-{k} + 10 bisection forwards + clean forward + training on "
+                                            f"adversarial and clean inputs (rough)")
+    if base == "fat":
+        return StepCost(5, "early-stopped PGD: at least one attack step + training step (a lower bound; "
+                           "at most 23 with PGD-10)")
+    if base == "iaat":
+        return StepCost(3 * 2 * k + 3, f"about 3 PGD-{k} attacks per batch (METHODS.md) + training step")
+    return None
+
+
+@lru_cache(maxsize=None)
+def forward_flops(model: str, dataset: str) -> int | None:
+    """FLOPs (multiply-add = 2) of one forward pass of `model` on one `dataset` input, or None if unknown."""
+    try:
+        MODELS.get(model)
+        info = DATASETS.get(dataset)
+    except UnknownNameError:
+        return None
+    with torch.device("meta"):
+        net = build_model(model, info).eval()
+        x = torch.zeros(1, info.channels, info.image_size, info.image_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x)
+    return int(counter.get_total_flops())
+
+
+def floor_seconds(flops: float, forward_equivalents: float, examples: int, peak_tflops: float) -> float:
+    return flops * forward_equivalents * examples / (peak_tflops * 1e12)

@@ -1,0 +1,320 @@
+"""Read a results directory: run records (harness.records) and evaluation records (`harness eval`).
+
+Nothing here trains or attacks. A file that cannot be read is named in `Results.problems` and
+skipped; the report shows that list, so a corrupt record never disappears silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import zipfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.records import RECORD_NAME, CorruptRecordError, read_record
+
+EVALUATION_NAME = "evaluation.json"
+EVALUATION_SCHEMA = 1
+_EVAL_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "schema": int, "kind": str, "checkpoint": dict, "dataset": str, "model": str, "n": int,
+    "clean_accuracy": (int, float), "results": list, "checks": list,
+}
+_RESULT_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "attack": str, "eps": str, "robust_accuracy": (int, float), "n": int,
+}
+
+
+def eps_key(text: Any) -> str:
+    """'8/255', '0.0313725...', 0.031 -> a canonical exact string, so equal budgets compare equal."""
+    try:
+        value = Fraction(str(text).strip())
+    except (ValueError, ZeroDivisionError):
+        return str(text)
+    limited = value.limit_denominator(100000)
+    if abs(float(limited) - float(value)) < 1e-12:
+        value = limited
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def parse_indices(spec: Any) -> tuple[int, ...] | None:
+    """'0..N-1' or a list of ints -> a tuple of test indices (None when unreadable)."""
+    if isinstance(spec, list) and all(isinstance(i, int) for i in spec):
+        return tuple(spec)
+    if isinstance(spec, str):
+        match = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", spec)
+        if match:
+            return tuple(range(int(match.group(1)), int(match.group(2)) + 1))
+    return None
+
+
+def describe_indices(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec.strip()
+    indices = parse_indices(spec)
+    if not indices:
+        return "unknown"
+    if indices == tuple(range(indices[0], indices[0] + len(indices))):
+        return f"{indices[0]}..{indices[-1]}"
+    return f"{len(indices)} listed indices"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that must be equal before two runs' numbers may be averaged or compared."""
+
+    dataset: str
+    model: str
+    eps: str
+    preset: str
+    epochs: int  # equivalent epochs
+    train_examples: int | None
+    test_indices: str
+    eval_attack: str
+
+    def label(self) -> str:
+        return (f"{self.dataset}, {self.model}, eps {self.eps}, preset {self.preset}, {self.epochs} epoch(s), "
+                f"{self.train_examples if self.train_examples is not None else '?'} training examples, "
+                f"test {self.test_indices}, {self.eval_attack}")
+
+    def slug(self) -> str:
+        text = f"{self.dataset}-{self.model}-eps{self.eps}-{self.preset}-e{self.epochs}-n{self.test_indices}"
+        return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+@dataclass
+class Run:
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.record["spec"]
+
+    @property
+    def defense(self) -> str:
+        return self.spec["defense"]
+
+    @property
+    def seed(self) -> int:
+        return self.spec.get("seed", 0)
+
+    @property
+    def replays(self) -> int:
+        return int(self.record["defense"].get("replays", 1) or 1)
+
+    @property
+    def device(self) -> str:
+        return self.record["environment"].get("device", {}).get("name") or "unknown device"
+
+    @property
+    def model_label(self) -> str:
+        dropout = self.spec.get("dropout") or 0.0
+        return self.spec["model"] + (f" (dropout {dropout:g})" if dropout else "")
+
+    @property
+    def protocol(self) -> Protocol:
+        spec, proto = self.spec, self.record.get("protocol", {})
+        attack = proto.get("eval_attack") or {}
+        steps = attack.get("steps", spec.get("eval", {}).get("pgd_steps"))
+        restarts = attack.get("restarts", spec.get("eval", {}).get("pgd_restarts", 1))
+        step_size = attack.get("step_size", spec.get("eval_step"))
+        test = proto.get("test_indices")
+        if test is None:
+            n = self.record["final"].get("last", {}).get("n")
+            test = f"0..{n - 1}" if isinstance(n, int) else "unknown"
+        return Protocol(
+            dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]),
+            preset=spec.get("preset", "?"),
+            epochs=int(proto.get("equivalent_epochs", spec.get("schedule", {}).get("epochs", len(self.record["epochs"])))),
+            train_examples=proto.get("train_examples"), test_indices=describe_indices(test),
+            eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)")
+
+    @property
+    def pgd_steps(self) -> int | None:
+        attack = self.record.get("protocol", {}).get("eval_attack") or {}
+        return attack.get("steps", self.spec.get("eval", {}).get("pgd_steps"))
+
+    def config_digest(self) -> str:
+        text = json.dumps(self.record["defense"].get("config", {}), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+@dataclass
+class Evaluation:
+    path: Path
+    data: dict[str, Any]
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
+    flags_note: str | None = None  # why per-example flags are unavailable
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        return self.data["checkpoint"]
+
+    @property
+    def source(self) -> str:
+        return str(self.checkpoint.get("source", "?"))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.checkpoint.get("run_id")
+
+    @property
+    def label(self) -> str:
+        return str(self.checkpoint.get("label", "?"))
+
+    @property
+    def name(self) -> str:
+        return str(self.checkpoint.get("name") or self.run_id or self.path.parent.parent.parent.name)
+
+    @property
+    def indices(self) -> tuple[int, ...] | None:
+        return parse_indices(self.data.get("test_indices"))
+
+    @property
+    def checks(self) -> list[dict[str, Any]]:
+        return [c for c in self.data["checks"] if isinstance(c, dict)]
+
+    @property
+    def failed_checks(self) -> list[dict[str, Any]]:
+        return [c for c in self.checks if not c.get("passed", False)]
+
+    def result(self, attack_prefix: str, eps: str) -> dict[str, Any] | None:
+        """The first result whose attack starts with `attack_prefix` at budget `eps`."""
+        for item in self.data["results"]:
+            if item["attack"].startswith(attack_prefix) and eps_key(item["eps"]) == eps_key(eps):
+                return item
+        return None
+
+    def flag(self, attack: str, eps: str | None = None) -> np.ndarray | None:
+        """Per-example correctness for 'clean' or the first '<attack...>@<eps>' key (bool, over test indices)."""
+        if attack == "clean":
+            return self.flags.get("clean")
+        for key, value in sorted(self.flags.items()):
+            name, _, budget = key.partition("@")
+            if name.startswith(attack) and eps_key(budget) == eps_key(eps):
+                return value
+        return None
+
+
+@dataclass
+class Results:
+    root: Path
+    runs: list[Run]
+    incomplete: list[Run]
+    evaluations: list[Evaluation]
+    problems: list[str]
+    incomplete_evaluations: list[str] = field(default_factory=list)  # status 'running': not reported
+
+    def evaluations_of(self, run_id: str) -> list[Evaluation]:
+        return [e for e in self.evaluations if e.source == "harness" and e.run_id == run_id]
+
+    @property
+    def external(self) -> list[Evaluation]:
+        return [e for e in self.evaluations if e.source != "harness"]
+
+
+def _check_fields(data: Any, required: dict[str, Any], source: str) -> None:
+    if not isinstance(data, dict):
+        raise CorruptRecordError(f"{source}: not a JSON object")
+    for key, kind in required.items():
+        if key not in data:
+            raise CorruptRecordError(f"{source}: missing field {key!r}")
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise CorruptRecordError(f"{source}: field {key!r} has the wrong type")
+
+
+def validate_evaluation(data: Any, source: str) -> dict[str, Any]:
+    if isinstance(data, dict) and data.get("status", "complete") != "complete":
+        return data  # still being written (`harness eval` saves after every cell): listed, not read
+    _check_fields(data, _EVAL_REQUIRED, source)
+    if data["schema"] != EVALUATION_SCHEMA or data["kind"] != "evaluation":
+        raise CorruptRecordError(f"{source}: not a schema-{EVALUATION_SCHEMA} evaluation record")
+    for i, item in enumerate(data["results"]):
+        _check_fields(item, _RESULT_REQUIRED, f"{source}: results[{i}]")
+        if not math.isfinite(item["robust_accuracy"]):
+            raise CorruptRecordError(f"{source}: results[{i}] robust_accuracy is not finite")
+    return data
+
+
+def _validate_run(record: dict[str, Any], source: str) -> None:
+    """Fields the report needs beyond what harness.records checks."""
+    spec = record["spec"]
+    for key in ("defense", "dataset", "model", "eps"):
+        if key not in spec:
+            raise CorruptRecordError(f"{source}: spec lacks {key!r}")
+    if record["status"] == "complete":
+        last = record["final"].get("last")
+        if not isinstance(last, dict) or not all(isinstance(last.get(k), (int, float)) for k in ("clean", "pgd", "n")):
+            raise CorruptRecordError(f"{source}: final.last lacks clean/pgd/n")
+
+
+def _load_flags(evaluation: Evaluation) -> None:
+    name = evaluation.data.get("flags")
+    if not name:
+        evaluation.flags_note = "the evaluation record names no flags file"
+        return
+    path = evaluation.path.parent / str(name)
+    if not path.is_file():
+        evaluation.flags_note = f"flags file {path} is missing"
+        return
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            evaluation.flags = {key: np.asarray(archive[key], dtype=bool) for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        evaluation.flags_note = f"flags file {path} is unreadable ({exc})"
+
+
+def load_results(results_dir: Path) -> Results:
+    """Every run and evaluation record below `results_dir`; HarnessError when there is nothing to report."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise HarnessError(f"results directory {root} does not exist; run `harness run ... --results {root}` "
+                           f"first or pass --results DIR")
+    problems: list[str] = []
+    runs: list[Run] = []
+    incomplete: list[Run] = []
+    for path in sorted(root.glob(f"*/{RECORD_NAME}")):
+        try:
+            record = read_record(path)
+            _validate_run(record, str(path))
+        except CorruptRecordError as exc:
+            problems.append(f"skipped corrupt run record {exc}")
+            continue
+        (runs if record["status"] == "complete" else incomplete).append(Run(path, record))
+    evaluations: list[Evaluation] = []
+    incomplete_evaluations: list[str] = []
+    paths = sorted(root.glob(f"*/eval/*/{EVALUATION_NAME}")) + sorted(root.glob(f"external/*/eval/*/{EVALUATION_NAME}"))
+    for path in paths:
+        try:
+            data = validate_evaluation(json.loads(path.read_text()), str(path))
+        except (OSError, json.JSONDecodeError) as exc:
+            problems.append(f"skipped corrupt evaluation record {path}: {exc}")
+            continue
+        except CorruptRecordError as exc:
+            problems.append(f"skipped corrupt evaluation record {exc}")
+            continue
+        if data.get("status", "complete") != "complete":
+            incomplete_evaluations.append(str(path))
+            continue
+        evaluation = Evaluation(path, data)
+        _load_flags(evaluation)
+        evaluations.append(evaluation)
+    if not runs and not evaluations:
+        detail = f" ({len(problems)} unreadable: " + "; ".join(problems) + ")" if problems else ""
+        extra = f"; {len(incomplete)} run(s) still running" if incomplete else ""
+        raise HarnessError(f"no complete run or evaluation records in {root}{detail}{extra}; "
+                           f"run `harness run --results {root} ...` first")
+    return Results(root, runs, incomplete, evaluations, problems, incomplete_evaluations)

@@ -1,0 +1,111 @@
+"""Assemble tables, figures and verdicts into one self-contained HTML file (jinja2, autoescaped)
+plus every table as CSV and LaTeX."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from harness.report import reference, tables, verdicts
+from harness.report.figures import Figure, all_figures
+from harness.report.loading import Results
+from harness.report.tables import Table
+from harness.storage import atomic_write
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_NAME = "report.html"
+
+
+@dataclass
+class Report:
+    results: Results
+    checkpoint: str
+    table1: list[Table]
+    table2: list[Table]
+    table3: list[Table]
+    paper_floor: Table
+    robustbench: Table
+    evaluations: Table | None
+    figures: list[Figure]
+    missing: list[str]
+    verdicts: list[verdicts.Verdict]
+    protocols: list[str]
+
+    @property
+    def verdict_groups(self) -> list[tuple[str, list[verdicts.Verdict]]]:
+        """Verdicts grouped by claim, in the order of PAPER.md's list."""
+        groups: dict[str, list[verdicts.Verdict]] = {}
+        for verdict in self.verdicts:
+            groups.setdefault(verdict.claim, []).append(verdict)
+        return list(groups.items())
+
+    @property
+    def all_tables(self) -> list[Table]:
+        extra = [self.evaluations] if self.evaluations else []
+        return self.table1 + self.table2 + self.table3 + [self.paper_floor, self.robustbench] + extra
+
+
+def build(results: Results, checkpoint: str = "last") -> Report:
+    groups = tables.group_runs(results.runs)
+    figures, missing = all_figures(results, groups, checkpoint)
+    present = {v.split("#")[0] for variants in groups.values() for v in variants}
+    expected = list(reference.PAPER_BASELINES) + list(reference.ADES_VARIANTS)
+    absent = [reference.method_label(m) for m in expected if m not in present]
+    if absent:
+        missing.insert(0, "methods with no complete run: " + ", ".join(absent))
+    if not results.evaluations:
+        missing.insert(0, "no `harness eval` records: AutoAttack columns, the eps curve, reliability badges and "
+                          "bootstrap intervals for single-seed runs are unavailable")
+    return Report(
+        results=results, checkpoint=checkpoint,
+        table1=tables.table1(results, groups), table2=tables.table2(groups, checkpoint),
+        table3=tables.table3(groups), paper_floor=tables.paper_floor_table(),
+        robustbench=tables.robustbench_table(results), evaluations=tables.evaluations_table(results),
+        figures=figures, missing=missing, verdicts=verdicts.all_verdicts(results, groups, checkpoint),
+        protocols=[p.label() for p in groups])
+
+
+def render_html(report: Report) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    counts = {name: sum(v.verdict == name for v in report.verdicts)
+              for name in (verdicts.SUPPORTED, verdicts.CONTRADICTED, verdicts.INCONCLUSIVE)}
+    return env.get_template(TEMPLATE_NAME).render(
+        report=report, results=report.results, counts=counts,
+        generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def export_table(table: Table, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, tex_path = folder / f"{table.key}.csv", folder / f"{table.key}.tex"
+    frame = table.export if not table.export.empty else pd.DataFrame({"note": ["no rows"]})
+    atomic_write(csv_path, lambda f: f.write(frame.to_csv(index=False, float_format="%.4f").encode()))
+    latex = frame.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True,
+                           caption=latex_escape(table.title), label=f"tab:{table.key}")
+    atomic_write(tex_path, lambda f: f.write(latex.encode()))
+    return [csv_path, tex_path]
+
+
+def write(report: Report, out_dir: Path) -> Path:
+    """report.html and tables/*.csv, *.tex under `out_dir`; returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for table in report.all_tables:
+        export_table(table, out_dir / "tables")
+    html_path = out_dir / "report.html"
+    html = render_html(report)
+    atomic_write(html_path, lambda f: f.write(html.encode("utf-8")))
+    return html_path

@@ -1,0 +1,506 @@
+"""Tables 1-3 and the RobustBench comparison, one table per protocol, never averaged across protocols.
+
+Each table keeps two forms: `export` (numbers, for CSV and LaTeX) and `display` (formatted cells, for HTML).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from fractions import Fraction
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from harness.report import compute, reference
+from harness.report.loading import Evaluation, Protocol, Results, Run, eps_key
+from harness.report.stats import bootstrap_ratio, mean_std
+
+CHECKPOINTS = ("last", "best")
+CHECKPOINT_LABELS = {"last": "last", "best": "best on validation"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    cls: str = ""  # css class: good, bad, muted, claim
+    title: str = ""  # hover text
+
+
+@dataclass
+class Table:
+    key: str  # file stem of the CSV / LaTeX export
+    title: str
+    caption: str
+    export: pd.DataFrame
+    display: list[dict[str, Any]]  # column -> str or Cell
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.display[0]) if self.display else []
+
+    def cells(self) -> list[list[Cell]]:
+        return [[value if isinstance(value, Cell) else Cell("" if value is None else str(value))
+                 for value in row.values()] for row in self.display]
+
+
+# ----------------------------------------------------------------------------------------- grouping
+
+Groups = dict[Protocol, dict[str, list[Run]]]
+
+
+def group_runs(runs: Iterable[Run]) -> Groups:
+    """protocol -> method variant -> runs (seeds). Two configs of one defense become two variants."""
+    by_protocol: dict[Protocol, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        by_protocol[run.protocol][run.defense].append(run)
+    groups: Groups = {}
+    for protocol in sorted(by_protocol, key=lambda p: p.label()):
+        variants: dict[str, list[Run]] = {}
+        for defense, members in by_protocol[protocol].items():
+            digests = sorted({r.config_digest() for r in members})
+            for digest in digests:
+                chosen = sorted((r for r in members if r.config_digest() == digest), key=lambda r: r.seed)
+                variants[defense if len(digests) == 1 else f"{defense}#{digest}"] = chosen
+        groups[protocol] = dict(sorted(variants.items(), key=lambda kv: reference.method_sort_key(kv[0])))
+    return groups
+
+
+def variant_label(variant: str) -> str:
+    base, _, digest = variant.partition("#")
+    return reference.method_label(base) + (f" (config {digest})" if digest else "")
+
+
+# ----------------------------------------------------------------------------------------- values
+
+def final_values(runs: list[Run], checkpoint: str, metric: str) -> list[float]:
+    return [float(r.record["final"][checkpoint][metric]) for r in runs
+            if isinstance(r.record["final"].get(checkpoint, {}).get(metric), (int, float))]
+
+
+AUTOATTACK_PREFERENCE = ("autoattack-standard", "autoattack-plus", "autoattack-rand", "autoattack")
+
+
+def best_evaluation(results: Results, run: Run, checkpoint: str, attack: str, eps: str
+                    ) -> tuple[Evaluation, dict[str, Any]] | None:
+    """The evaluation of this run's checkpoint with `attack` at `eps` on the most test examples;
+    for AutoAttack the standard version first, then plus, rand, and any other (e.g. a custom list)."""
+    evaluations = [e for e in results.evaluations_of(run.run_id) if e.label == checkpoint]
+    for name in (AUTOATTACK_PREFERENCE if attack == "autoattack" else (attack,)):
+        hits = [(e, e.result(name, eps)) for e in evaluations]
+        hits = [(e, r) for e, r in hits if r is not None]
+        if hits:
+            return max(hits, key=lambda h: h[1]["n"])
+    return None
+
+
+@dataclass
+class AutoAttackValues:
+    values: list[float]
+    n: set[int]
+    evaluations: list[Evaluation]
+    missing: int  # runs without an AutoAttack evaluation
+    attacks: set[str] = field(default_factory=set)  # AutoAttack versions used
+
+    @property
+    def mixed(self) -> bool:
+        """Different subsets or versions across seeds: not averaged."""
+        return len(self.n) > 1 or len(self.attacks) > 1
+
+
+def autoattack_values(results: Results, runs: list[Run], checkpoint: str, eps: str) -> AutoAttackValues:
+    out = AutoAttackValues([], set(), [], 0)
+    for run in runs:
+        hit = best_evaluation(results, run, checkpoint, "autoattack", eps)
+        if hit is None:
+            out.missing += 1
+            continue
+        out.values.append(float(hit[1]["robust_accuracy"]))
+        out.n.add(int(hit[1]["n"]))
+        out.attacks.add(str(hit[1]["attack"]))
+        out.evaluations.append(hit[0])
+    return out
+
+
+def reliability_cell(evaluations: list[Evaluation]) -> Cell:
+    if not evaluations:
+        return Cell("not evaluated", "muted", "no `harness eval` record for this checkpoint")
+    failed = [c for e in evaluations for c in e.failed_checks]
+    if failed:
+        names = ", ".join(sorted({str(c.get("name")) for c in failed}))
+        details = "; ".join(f"{c.get('name')}: {c.get('detail', '')}" for c in failed)
+        return Cell(f"⚠ potentially unreliable ({names})", "bad", details)
+    count = sum(len(e.checks) for e in evaluations)
+    if count == 0:
+        return Cell("no checks recorded", "muted")
+    return Cell(f"✓ {count} checks passed", "good")
+
+
+def fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def diff_cell(measured: list[float], claim: float | None) -> Cell:
+    if not measured or claim is None:
+        return Cell("—", "muted")
+    delta = float(np.mean(measured)) - claim
+    return Cell(fmt(delta, signed=True), "good" if delta >= 0 else "bad")
+
+
+# ----------------------------------------------------------------------------------------- Table 1
+
+def _published(results: Results, dataset: str, defense: str) -> str:
+    """RobustBench's numbers for the official checkpoints of this baseline, and ours where evaluated."""
+    table = reference.robustbench()
+    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense.split("#")[0])]
+    parts = []
+    for _, r in hits.iterrows():
+        text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']})"
+        ours = external_match(results, dataset, r["name"])
+        if ours is not None:
+            aa = next((ours.result(a, r["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, r["eps"])), None)
+            text += (f"; ours {float(ours.data['clean_accuracy']):.2f} / "
+                     + (f"{float(aa['robust_accuracy']):.2f} (n={aa['n']})" if aa else "no AutoAttack"))
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def table1(results: Results, groups: Groups) -> list[Table]:
+    tables = []
+    for index, (protocol, variants) in enumerate(groups.items(), 1):
+        with_paper = not reference.paper_table1().query("dataset == @protocol.dataset").empty
+        steps = next(iter(variants.values()))[0].pgd_steps
+        pgd_name = f"PGD-{steps}"
+        export_rows, display_rows = [], []
+        for variant, runs in variants.items():
+            claim = reference.paper_claim(protocol.dataset, variant) if with_paper else None
+            for checkpoint in CHECKPOINTS:
+                clean = final_values(runs, checkpoint, "clean")
+                pgd = final_values(runs, checkpoint, "pgd")
+                if not clean:
+                    continue
+                n_test = sorted({int(r.record["final"][checkpoint]["n"]) for r in runs})
+                aa = autoattack_values(results, runs, checkpoint, protocol.eps)
+                aa_mixed = aa.mixed
+                aa_vals = [] if aa_mixed else aa.values
+                row_export = {
+                    "method": variant_label(variant), "defense": variant, "checkpoint": checkpoint,
+                    "seeds": len(runs), "test_examples": ",".join(map(str, n_test)),
+                    "clean_mean": mean_std(clean)[0], "clean_std": mean_std(clean)[1],
+                    "pgd_mean": mean_std(pgd)[0] if pgd else None, "pgd_std": mean_std(pgd)[1] if pgd else None,
+                    "autoattack_mean": mean_std(aa_vals)[0] if aa_vals else None,
+                    "autoattack_std": mean_std(aa_vals)[1] if aa_vals else None,
+                    "autoattack_seeds": len(aa_vals), "autoattack_n": ",".join(map(str, sorted(aa.n))),
+                    "autoattack_version": ",".join(sorted(aa.attacks)),
+                }
+                aa_text = fmt_mean_std(aa_vals)
+                if aa_mixed:
+                    aa_text = ("not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / "
+                               + ", ".join(sorted(aa.attacks)))
+                else:
+                    if aa.missing and aa_vals:
+                        aa_text += f" ({len(aa_vals)} of {len(runs)} seeds)"
+                    if aa.attacks and aa.attacks != {"autoattack-standard"}:
+                        aa_text += f" [{', '.join(sorted(aa.attacks))}]"
+                row = {
+                    "Method": Cell(variant_label(variant), "method"),
+                    "Checkpoint": CHECKPOINT_LABELS[checkpoint], "Seeds": str(len(runs)),
+                    "Test n": ", ".join(map(str, n_test)),
+                    "Clean": fmt_mean_std(clean),
+                }
+                if with_paper:
+                    row["Paper clean"] = Cell(fmt(claim and claim["clean"], 1), "claim")
+                    row["Δ clean"] = diff_cell(clean, claim and claim["clean"])
+                row[pgd_name] = fmt_mean_std(pgd)
+                if with_paper:
+                    row["Paper PGD-20"] = Cell(fmt(claim and claim["pgd"], 1), "claim")
+                    row["Δ PGD"] = diff_cell(pgd, claim and claim["pgd"]) if steps == 20 else Cell(
+                        "n/a", "muted", f"{pgd_name} is not PGD-20")
+                row["AutoAttack"] = aa_text
+                row["AA n"] = ", ".join(map(str, sorted(aa.n))) or "—"
+                if with_paper:
+                    row["Paper AA"] = Cell(fmt(claim and claim["autoattack"], 1), "claim")
+                    row["Δ AA"] = diff_cell(aa_vals, claim and claim["autoattack"])
+                    row_export.update(paper_clean=claim and claim["clean"], paper_pgd20=claim and claim["pgd"],
+                                      paper_autoattack=claim and claim["autoattack"])
+                row["Reliability"] = reliability_cell(aa.evaluations or [
+                    e for r in runs for e in results.evaluations_of(r.run_id) if e.label == checkpoint])
+                published = _published(results, protocol.dataset, variant) if with_paper else ""
+                if with_paper:
+                    row["RobustBench official (clean / AA)"] = Cell(published or "—", "claim" if published else "muted")
+                    row_export["robustbench"] = published
+                export_rows.append(row_export)
+                display_rows.append(row)
+        notes = [f"Protocol: {protocol.label()}.",
+                 f"Clean and {pgd_name} from the run records (test examples {protocol.test_indices}); AutoAttack "
+                 f"from `harness eval` records at eps {protocol.eps}, with its own test-example count (AA n)."]
+        if not with_paper:
+            notes.append(f"The paper reports CIFAR-10/100 only; its numbers are not compared with {protocol.dataset}.")
+        elif steps != 20:
+            notes.append(f"The runs were evaluated with {pgd_name}, not the paper's PGD-20: that difference is "
+                         f"not computed.")
+        tables.append(Table(f"table1_{protocol.slug()}", f"Table 1.{index}: accuracy (%) — {protocol.dataset}, "
+                            f"{protocol.model}, eps {protocol.eps}", protocol.label(),
+                            pd.DataFrame(export_rows), display_rows, notes))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------- Table 2
+
+def table2(groups: Groups, checkpoint: str) -> list[Table]:
+    paper = reference.paper_table2().set_index("scheduler")
+    tables = []
+    for protocol, variants in groups.items():
+        present = [v for v in variants if v.split("#")[0] in reference.TABLE2_ROWS]
+        if not present:
+            continue
+        compare = protocol.dataset == "cifar10"
+        export_rows, display_rows = [], []
+        for variant in present:
+            runs = variants[variant]
+            clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
+            claim = paper.loc[reference.TABLE2_ROWS[variant.split("#")[0]]]
+            export_rows.append({"method": variant_label(variant), "seeds": len(runs),
+                                "clean_mean": mean_std(clean)[0], "clean_std": mean_std(clean)[1],
+                                "pgd_mean": mean_std(pgd)[0], "pgd_std": mean_std(pgd)[1],
+                                "paper_clean": float(claim["clean"]), "paper_pgd20": float(claim["pgd20"])})
+            display_rows.append({
+                "Method": Cell(variant_label(variant), "method"), "Paper's row": claim.name, "Seeds": str(len(runs)),
+                "Clean": fmt_mean_std(clean), "Paper clean (CIFAR-10)": Cell(fmt(float(claim["clean"]), 1), "claim"),
+                "Δ clean": diff_cell(clean, float(claim["clean"])) if compare else Cell("n/a", "muted"),
+                f"PGD-{runs[0].pgd_steps}": fmt_mean_std(pgd),
+                "Paper PGD-20 (CIFAR-10)": Cell(fmt(float(claim["pgd20"]), 1), "claim"),
+                "Δ PGD": diff_cell(pgd, float(claim["pgd20"])) if compare and runs[0].pgd_steps == 20
+                else Cell("n/a", "muted"),
+            })
+        static = next((v for v in present if v.split("#")[0] == "static-des"), None)
+        for variant in present:
+            if static is None or variant == static:
+                continue
+            gain = {m: np.mean(final_values(variants[variant], checkpoint, m))
+                    - np.mean(final_values(variants[static], checkpoint, m)) for m in ("clean", "pgd")}
+            display_rows.append({
+                "Method": Cell(f"{variant_label(variant)} − Static-DES", "method"), "Paper's row": "MLP − static",
+                "Seeds": "", "Clean": fmt(gain["clean"], signed=True),
+                "Paper clean (CIFAR-10)": Cell("+0.5", "claim"), "Δ clean": "",
+                f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
+                "Paper PGD-20 (CIFAR-10)": Cell("+2.5", "claim"), "Δ PGD": "",
+            })
+            export_rows.append({"method": f"{variant_label(variant)} - Static-DES", "clean_mean": gain["clean"],
+                                "pgd_mean": gain["pgd"], "paper_clean": 0.5, "paper_pgd20": 2.5})
+        notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.",
+                 "ADES is the non-degenerate scheduler, ADES-joint the literal joint minimisation (PAPER.md); "
+                 "both are set beside the paper's learnable-MLP row."]
+        if static is None:
+            notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
+        tables.append(Table(f"table2_{protocol.slug()}", f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
+                            protocol.label(), pd.DataFrame(export_rows), display_rows, notes))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------- Table 3
+
+def epoch_seconds(runs: list[Run]) -> list[float]:
+    """Training seconds per equivalent epoch, one value per pass of every seed (Free-AT: pass / m)."""
+    return [float(e["train_seconds"]) / r.replays for r in runs for e in r.record["epochs"]]
+
+
+def table3(groups: Groups) -> list[Table]:
+    tables = []
+    for protocol, variants in groups.items():
+        by_device: dict[str, dict[str, list[Run]]] = defaultdict(dict)
+        for variant, runs in variants.items():
+            for device in sorted({r.device for r in runs}):
+                by_device[device][variant] = [r for r in runs if r.device == device]
+        for device, members in by_device.items():
+            tables.append(_table3_one(protocol, device, members))
+    return tables
+
+
+def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]]) -> Table:
+    peak = compute.device_peak(device)
+    first = next(iter(variants.values()))[0]
+    flops = compute.forward_flops(first.spec["model"], protocol.dataset)
+    examples = protocol.train_examples
+    variants = {v: runs for v, runs in variants.items() if epoch_seconds(runs)}  # a record without epochs: no time
+    baseline = variants.get("pgd-at")
+    paper_pgd = reference.paper_seconds("pgd-at")
+    export_rows, display_rows = [], []
+    for variant, runs in variants.items():
+        seconds = epoch_seconds(runs)
+        ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
+        paper_s = reference.paper_seconds(variant)
+        cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
+        floors = {}
+        if peak and flops and cost and examples:
+            floors = {kind: compute.floor_seconds(flops, cost.forward_equivalents, examples, tflops)
+                      for kind, tflops in (("fp32", peak.fp32_tflops), ("tensor", peak.tensor_tflops))}
+        mean, std = mean_std(seconds)
+        export_rows.append({
+            "method": variant_label(variant), "seconds_per_epoch": mean, "seconds_std": std,
+            "epochs_timed": len(seconds), "ratio_to_pgd_at": ratio.value if ratio else None,
+            "ratio_low": ratio.interval.low if ratio and ratio.interval else None,
+            "ratio_high": ratio.interval.high if ratio and ratio.interval else None,
+            "paper_seconds": paper_s, "paper_ratio": paper_s / paper_pgd if paper_s else None, "device": device,
+            "forward_equivalents": cost.forward_equivalents if cost else None, "forward_flops": flops,
+            "floor_seconds_fp32": floors.get("fp32"), "floor_seconds_tensor": floors.get("tensor")})
+        ratio_text = "—"
+        if variant == "pgd-at":
+            ratio_text = "×1.00 (reference)"
+        elif ratio:
+            ratio_text = f"×{ratio.value:.2f}" + (f" [{ratio.interval.low:.2f}, {ratio.interval.high:.2f}]"
+                                                  if ratio.interval else "")
+        display_rows.append({
+            "Method": Cell(variant_label(variant), "method"),
+            "s / epoch": f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
+            "Epochs timed": str(len(seconds)), "× PGD-AT [95%]": Cell(ratio_text, title=ratio.interval.method
+                                                                      if ratio and ratio.interval else ""),
+            "Paper s / epoch (V100)": Cell(fmt(paper_s, 0), "claim"),
+            "Paper ×": Cell(f"×{paper_s / paper_pgd:.2f}" if paper_s else "—", "claim"),
+            "Fwd-equiv / example": Cell(fmt(cost.forward_equivalents, 0) if cost else "?",
+                                        title=cost.assumption if cost else "no cost model for this method"),
+            "Floor s (fp32 peak)": fmt(floors.get("fp32")) if floors else "—",
+            "Floor s (fp16 tensor peak)": fmt(floors.get("tensor")) if floors else "—",
+        })
+    notes = [f"Protocol: {protocol.label()}. Device: {device}.",
+             "Seconds are training time per equivalent epoch (Free-AT: per pass / m) from the same runs' records, "
+             "averaged over every epoch of every seed; validation is excluded."]
+    notes.append(f"Forward FLOPs of {first.spec['model']} on one {protocol.dataset} input: "
+                 + (f"{flops / 1e9:.4g} GFLOP (FlopCounterMode)." if flops else "unknown (model not registered)."))
+    if peak is None:
+        notes.append(f"Peak FLOP/s of “{device}” is unknown to the harness (known: "
+                     + ", ".join(p.match for p in compute.DEVICE_PEAKS) + "), so no floor is computed for it.")
+    else:
+        notes.append(f"{peak.match} peak: {peak.fp32_tflops} TFLOP/s fp32, {peak.tensor_tflops} TFLOP/s dense "
+                     f"fp16/bf16 tensor ({peak.source}).")
+    if baseline is None:
+        notes.append("No PGD-AT run on this device under this protocol: ratios are missing.")
+    notes.extend(sorted({f"{variant_label(v)}: {c.assumption}." for v, runs in variants.items()
+                         if (c := compute.step_cost(v, runs[0].record["defense"].get("config")))}))
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    return Table(f"table3_{protocol.slug()}_{slug}", f"Table 3: cost per epoch — {protocol.dataset}, "
+                 f"{protocol.model}, {device}", protocol.label(), pd.DataFrame(export_rows), display_rows, notes)
+
+
+PAPER_SETTING = {"model": "wrn-34-10", "dataset": "cifar10", "examples": 50000, "device": "Tesla V100"}
+
+
+def paper_floor_table() -> Table:
+    """The paper's Table 3 against what a V100 can compute for WRN-34-10 on CIFAR-10."""
+    flops = compute.forward_flops(PAPER_SETTING["model"], PAPER_SETTING["dataset"])
+    peak = compute.device_peak(PAPER_SETTING["device"])
+    table = reference.paper_table3()
+    name_of = {v: k for k, v in reference.PAPER_ROW.items() if k != "ades-joint"}
+    export_rows, display_rows = [], []
+    for _, row in table.iterrows():
+        defense = name_of.get(row["method"], row["method"])
+        cost = compute.step_cost(defense)
+        fp32 = compute.floor_seconds(flops, cost.forward_equivalents, PAPER_SETTING["examples"], peak.fp32_tflops)
+        tensor = compute.floor_seconds(flops, cost.forward_equivalents, PAPER_SETTING["examples"], peak.tensor_tflops)
+        possible = float(row["seconds_per_epoch"]) >= tensor
+        export_rows.append({"method": row["method"], "paper_seconds": float(row["seconds_per_epoch"]),
+                            "forward_equivalents": cost.forward_equivalents, "floor_seconds_fp32": fp32,
+                            "floor_seconds_tensor": tensor, "possible": possible})
+        display_rows.append({
+            "Method": Cell(row["method"], "method"), "Paper s / epoch": Cell(f"{row['seconds_per_epoch']:.0f}", "claim"),
+            "Fwd-equiv / example": Cell(f"{cost.forward_equivalents:.0f}", title=cost.assumption),
+            "Floor s (fp32, 15.7 TFLOP/s)": f"{fp32:.0f}", "Floor s (fp16 tensor, 125 TFLOP/s)": f"{tensor:.0f}",
+            "Physically possible?": Cell("yes" if possible else "no: below the floor", "good" if possible else "bad"),
+        })
+    notes = [f"WRN-34-10 forward on one 32×32 input: {flops / 1e9:.2f} GFLOP (measured with FlopCounterMode); "
+             f"{PAPER_SETTING['examples']:,} training examples per epoch; V100 peaks from {peak.source}.",
+             "The floor assumes every FLOP runs at the device's peak with no data loading, memory traffic or "
+             "kernel overhead: real epochs take longer."]
+    return Table("table3_paper_floor", "Table 3b: the paper's timings against the V100 compute floor",
+                 "CIFAR-10, WRN-34-10, V100", pd.DataFrame(export_rows), display_rows, notes)
+
+
+# ----------------------------------------------------------------------------------------- RobustBench
+
+def external_match(results: Results, dataset: str, name: str) -> Evaluation | None:
+    hits = [e for e in results.external if e.data.get("dataset") == dataset
+            and (e.name == name or e.name.endswith(f"-{name}") or e.name.endswith(f"/{name}"))]
+    return max(hits, key=lambda e: e.data["n"]) if hits else None
+
+
+def robustbench_table(results: Results) -> Table:
+    table = reference.robustbench()
+    export_rows, display_rows = [], []
+    for _, row in table.iterrows():
+        ours = external_match(results, row["dataset"], row["name"])
+        aa = next((ours.result(a, row["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, row["eps"])),
+                  None) if ours else None
+        clean_ours = float(ours.data["clean_accuracy"]) if ours else None
+        aa_ours = float(aa["robust_accuracy"]) if aa else None
+        method = reference.method_label(row["harness_method"]) if row["harness_method"] else "—"
+        export_rows.append({"dataset": row["dataset"], "name": row["name"], "architecture": row["architecture"],
+                            "eps": row["eps"], "harness_method": row["harness_method"],
+                            "published_clean": float(row["clean"]), "published_autoattack": float(row["autoattack"]),
+                            "ours_clean": clean_ours, "ours_autoattack": aa_ours,
+                            "ours_n": aa["n"] if aa else (ours.data["n"] if ours else None)})
+        ours_aa_text = "—"
+        if ours and aa:
+            ours_aa_text = f"{aa_ours:.2f} (n={aa['n']})"
+        elif ours:
+            ours_aa_text = f"no AutoAttack at eps {row['eps']}"
+        display_rows.append({
+            "Data set": row["dataset"], "RobustBench model": Cell(row["name"], "method", row["note"]),
+            "Method": method, "Architecture": row["architecture"], "eps": row["eps"],
+            "Published clean": Cell(f"{float(row['clean']):.2f}", "claim"),
+            "Published AA": Cell(f"{float(row['autoattack']):.2f}", "claim"),
+            "Our clean": fmt(clean_ours), "Our AA": ours_aa_text,
+            "Δ AA (ours − published)": diff_cell([aa_ours], float(row["autoattack"])) if aa_ours is not None
+            else Cell("—", "muted"),
+            "Reliability": reliability_cell([ours]) if ours else Cell("not evaluated", "muted",
+                                                                      "run `harness eval robustbench:...`"),
+        })
+    notes = ["Published numbers: RobustBench model_info (Linf leaderboard), copied into harness/data/robustbench.csv.",
+             "“Our” columns come from `harness eval` records under results/external/ (same attack code as our runs).",
+             "Zhang2019Theoretically was evaluated at eps 0.031 (≈7.9/255), the others at 8/255."]
+    return Table("robustbench", "Official checkpoints: RobustBench's published numbers and ours",
+                 "RobustBench Linf", pd.DataFrame(export_rows), display_rows, notes)
+
+
+def evaluations_table(results: Results) -> Table | None:
+    if not results.evaluations:
+        return None
+    export_rows, display_rows = [], []
+    for e in results.evaluations:
+        ordered = sorted(e.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
+        results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
+        if len(e.data["results"]) > 12:
+            results_text += f"; … ({len(e.data['results'])} results)"
+        export_rows.append({"path": str(e.path.parent), "source": e.source, "name": e.name, "label": e.label,
+                            "dataset": e.data["dataset"], "model": e.data["model"], "n": e.data["n"],
+                            "clean": e.data["clean_accuracy"], "checks": len(e.checks),
+                            "failed_checks": len(e.failed_checks), "flags": e.flags_note or "present"})
+        display_rows.append({
+            "Checkpoint": Cell(f"{e.name} [{e.label}]", "method", str(e.path.parent)), "Source": e.source,
+            "Data set / model": f"{e.data['dataset']} / {e.data['model']}", "n": str(e.data["n"]),
+            "Clean": f"{float(e.data['clean_accuracy']):.2f}", "Results": results_text,
+            "Reliability": reliability_cell([e]),
+            "Per-example flags": Cell("present", "good") if not e.flags_note else Cell("missing", "muted", e.flags_note),
+        })
+    return Table("evaluations", "Evaluation records and reliability checks", "", pd.DataFrame(export_rows),
+                 display_rows, ["A check that fails marks every number from that evaluation "
+                                "“potentially unreliable”; hover a badge for the check's detail."])
+
+
+
+def _eps_value(text: str) -> float:
+    try:
+        return float(Fraction(eps_key(text)))
+    except (ValueError, ZeroDivisionError):
+        return float("inf")
