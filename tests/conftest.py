@@ -47,9 +47,10 @@ def _trained_small_cnn(data_dir, synthetic_info):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            if F.softmax(model(x[:256]), 1).gather(1, y[:256, None]).mean() >= 0.7:
-                break
+        if step % 5 == 4:
+            with torch.no_grad():
+                if F.softmax(model(x[:128]), 1).gather(1, y[:128, None]).mean() >= 0.7:
+                    break
     return model
 
 
