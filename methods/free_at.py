@@ -21,7 +21,7 @@ in train mode by construction (`attack_bn` is recorded, and only "train" is mean
 `perturb` (used by tests and benchmarks, never by training) returns the persistent delta's first
 rows plus one more FGSM step from it, computed in train mode without any weight update and without
 changing the stored delta: the examples the next replay would train on, one step further.
-Reference schedule (differs from the paper under test's): free_train.py trains WRN-32-10 for
+Reference schedule (differs from the paper under test's): free_train.py trains Madry's WRN-32-10 (= wrn-34-10 here) for
 80,000 SGD steps of batch 128 (about 205 equivalent epochs, 26 passes at m = 8), lr 0.1, x0.1 at
 steps 40k and 60k, wd 2e-4, momentum 0.9. See `FreeAT.reference_schedule`.
 Shapes: x (B, C, H, W) in [0, 1], y (B,).
@@ -60,7 +60,7 @@ class FreeAT(Defense):
     Config = FreeATConfig
     reference_schedule: ClassVar[dict[str, Any]] = {
         "source": "ashafahi/free_adv_train config.py / free_train.py (CIFAR-10)",
-        "model": "wrn-32-10", "steps": 80000, "epochs": 205, "batch_size": 128, "momentum": 0.9,
+        "model": "wrn-34-10", "steps": 80000, "epochs": 205, "batch_size": 128, "momentum": 0.9,
         "weight_decay": 2e-4, "lr": 0.1, "lr_milestones": (0.5, 0.75), "lr_decay": 0.1,
     }
 

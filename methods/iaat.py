@@ -1,7 +1,7 @@
 """IAAT: instance adaptive adversarial training, a per-example eps grown while the example stays robust.
 
 Paper: Balaji, Goldstein, Hoffman, "Instance adaptive adversarial training: Improved accuracy
-tradeoffs in neural nets", arXiv:1910.08051, 2019 (Algorithm 1).
+tradeoffs in neural nets", arXiv:1910.08051, 2019 (the adaptive-eps training algorithm).
 Reference code: yogeshbalaji/Instance_Adaptive_Adversarial_Training, trainers/trainer_adaptive.py
 (TrainerAdaptive.epsilon_select, train), attacks/pgd_adaptive.py, configs/train_adaptive.json.
 
@@ -22,7 +22,7 @@ Choices made here: step sizes relative to the run's eps (2/255 = eps / 4, gamma 
 0.2375 * eps); warm-up as a fraction of the run's epochs, 10/110 (the reference warms up 10 of its
 110 epochs), resolved to max(1, round(fraction * epochs)) epochs and recorded; our PGD projects
 its random start into [0, 1] before the first step (the reference clamps only after each step).
-Reference schedule (differs from the paper under test's): WRN-32-10, 110 epochs, batch 256,
+Reference schedule (differs from the paper under test's): models.WRN(depth=32, width=10), 110 epochs, batch 256,
 lr 0.1 x0.2 at epochs 70, 90 and 100, wd 5e-4, momentum 0.9. See `IAAT.reference_schedule`.
 Shapes: x (B, C, H, W) in [0, 1], y (B,), index (B,).
 """
@@ -68,7 +68,7 @@ class IAAT(Defense):
     reference_schedule: ClassVar[dict[str, Any]] = {
         "source": "yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json, "
                   "trainers/trainer_adaptive.py",
-        "model": "wrn-32-10", "epochs": 110, "batch_size": 256, "momentum": 0.9, "weight_decay": 5e-4,
+        "model": "WRN(depth=32, width=10) as named in the reference", "epochs": 110, "batch_size": 256, "momentum": 0.9, "weight_decay": 5e-4,
         "lr": 0.1, "lr_milestones": (70 / 110, 90 / 110, 100 / 110), "lr_decay": 0.2,
     }
 
