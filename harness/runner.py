@@ -218,10 +218,13 @@ class Run:
         model.train()
         synchronize(self.device)
         t0 = time.perf_counter()
+        # Progress through the run mapped onto the nominal schedule: when ceil(epochs / replays)
+        # passes overshoot `epochs` (Free-AT), the lr milestones keep their place in the run.
+        scale = spec.schedule.epochs / (passes * defense.replays)
         for i, batch in enumerate(loader.epoch(p)):
             equivalent = (p + i / len(loader)) * defense.replays
             for group in optimizer.param_groups:
-                group["lr"] = spec.schedule.lr_at(equivalent)
+                group["lr"] = spec.schedule.lr_at(equivalent * scale)
             meter.add(defense.train_step(model, optimizer, batch), len(batch.y))
             bar.update(1)
             if i % 10 == 0 or i == len(loader) - 1:
