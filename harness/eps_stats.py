@@ -15,9 +15,10 @@ import torch
 def eps_summary(eps: torch.Tensor, lo: float, hi: float, bins: int = 20) -> dict[str, Any]:
     """Mean, population std, 5/50/95th percentiles and a histogram with `bins` equal bins on [lo, hi]."""
     eps = eps.detach().double().cpu()
+    inside = eps.clamp(lo, hi)  # float32 budgets may overshoot a bound by a rounding error
     q = torch.quantile(eps, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
     top = hi if hi > lo else lo + 1e-12  # histc needs a non-empty range
-    counts = torch.histc(eps, bins=bins, min=lo, max=top)
+    counts = torch.histc(inside, bins=bins, min=lo, max=top)
     edges = torch.linspace(lo, top, bins + 1, dtype=torch.float64)
     return {"eps_mean": eps.mean().item(), "eps_std": eps.std(correction=0).item(),
             "eps_p05": q[0].item(), "eps_p50": q[1].item(), "eps_p95": q[2].item(),
