@@ -223,7 +223,7 @@ class CueScheduledDefense(Defense):
         model.train()
         logits = model(x_train)
         loss = F.cross_entropy(logits, batch.y)
-        total = loss + self.scheduler_loss(scheduled.eps) if track else loss
+        total = (loss + self.scheduler_loss(scheduled.eps)) if track else loss
         self.optimise(optimizer, total, track)
         self.steps_done += 1
         eps = scheduled.eps.detach()
@@ -252,7 +252,9 @@ class CueScheduledDefense(Defense):
             return self.schedule(self.model, x, y).eps.detach().cpu().tolist()
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Contract A: eps statistics over every training example of the pass, cue correlations, probe."""
+        """Contract A: eps statistics over every training example of the pass, Spearman correlation of
+        eps with each raw cue over the whole pass (None for a cue not in use or constant), the map on
+        the probe batch, and a collapse warning."""
         if not self._epoch_eps:
             return {}
         cfg = self.config

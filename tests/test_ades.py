@@ -297,3 +297,13 @@ def test_cli_reports_bad_input_with_exit_status_2(tmp_path):
                                        "mc_samples=0", "--results", str(tmp_path)])
     assert result.exit_code == 2 and "mc_samples" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_penalty_control_only_acts_on_the_budget_scheduler(synthetic_info):
+    target = float(synthetic_info.eps)
+    off = torch.full((8,), 1.2 * target)
+    penalised = make("ades", synthetic_info, budget_control="penalty", budget_penalty=10.0)
+    assert float(penalised.scheduler_loss(off)) == pytest.approx(-10.0 * 0.2 ** 2, rel=1e-4)
+    assert float(penalised.scheduler_loss(torch.full((8,), target))) == pytest.approx(0.0, abs=1e-9)
+    assert make("ades", synthetic_info).scheduler_loss(off) == 0.0
+    assert make("ades-joint", synthetic_info, budget_control="penalty").scheduler_loss(off) == 0.0
