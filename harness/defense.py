@@ -4,6 +4,7 @@ A defense is one small class in `methods/<name>.py`, registered with `@register_
 holding a frozen `Config` dataclass of its hyperparameters (defaults from its authors). The runner
 calls these methods and never asks which defense it holds:
 
+    check_spec(spec)  [classmethod]         reject bad hyperparameter/run combinations before training
     setup(model)                            own parameters / per-example state (ADES, MMA, IAAT)
     start_epoch(epoch)                      schedules inside the defense (FAT's tau, IAAT warm-up)
     train_step(model, optimizer, batch)     its own forward/backward and optimiser step(s)
@@ -68,6 +69,11 @@ class Defense(abc.ABC):
     def __init__(self, config: Any, context: DefenseContext):
         self.config = config
         self.context = context
+
+    @classmethod
+    def check_spec(cls, spec: Any) -> None:
+        """Reject hyperparameters that are wrong only together with the run (its eps, the model's
+        dropout): raise `HarnessError`. `make_spec` calls this before any training; default: accept."""
 
     def setup(self, model: nn.Module) -> None:
         """Create own parameters or per-example state; called once before training or resume."""

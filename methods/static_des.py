@@ -1,0 +1,46 @@
+"""Static-DES: the paper's ablation of ADES with a fixed weighted sum of the cues instead of the MLP.
+
+Paper: "Adaptive Dynamic Epsilon Scheduling" (seed/ades-paper.txt), section 3.3 ("instead of fixed
+weighted sum") and Table 2 ("Static Weighted Fusion"): score_i = sum_k w_k s_ik over the batch-min-max
+normalised cues s_i, eps_i = eps_min + (eps_max - eps_min) * score_i, PGD-10 inside each sample's
+ball, CE on the adversarial batch.
+Reference code: none published; the cue, eps-map and attack pipeline is ADES's (`methods/ades.py`,
+`harness/cues.py`), so the two differ only in the map.
+Defaults (the paper gives no weights): equal weights 1/3 (the neutral choice); weights are divided
+by their sum, so any non-negative weights keep the score in [0, 1]. The batch-mean eps is not held
+at a target: it is wherever the normalised cues put it (recorded every epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.defense import register_defense
+from harness.errors import HarnessError
+from methods.ades import CueEpsConfig, CueScheduledDefense
+
+
+@dataclass(frozen=True)
+class StaticDESConfig(CueEpsConfig):
+    weights: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 3)  # one per cue, in the order of `cues`
+
+    def validate(self) -> None:
+        super().validate()
+        if len(self.weights) != len(self.cues):
+            raise HarnessError(f"{len(self.weights)} weights for {len(self.cues)} cues ({','.join(self.cues)}); "
+                               f"give one weight per cue, e.g. --set weights=1,0,0")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise HarnessError(f"weights {self.weights} must be non-negative with a positive sum")
+
+
+@register_defense("static-des")
+class StaticDES(CueScheduledDefense):
+    """Static-DES (the paper's ablation): per-sample eps from fixed weights over the normalised cues."""
+
+    Config = StaticDESConfig
+
+    def score(self, s, track):
+        w = torch.tensor(self.config.weights, dtype=s.dtype, device=s.device)
+        return (s @ (w / w.sum())).clamp(0, 1)
