@@ -1,7 +1,7 @@
 """MART: misclassification-aware adversarial training.
 
 Paper: Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified Examples",
-ICLR 2020, the MART loss (section 3.3):
+ICLR 2020, the MART objective (section 3):
     L = BCE(p(x'), y) + beta * (1/B) sum_i KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i)),
     BCE(p(x'), y) = -log p_y(x') - log(1 - max_{k != y} p_k(x')),
 where x' is a cross-entropy PGD example. The KL term is weighted per example by how badly the clean
