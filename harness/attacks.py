@@ -20,6 +20,8 @@ from harness.registry import Registry
 
 BNMode = Literal["train", "eval"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
+# (logits at the current iterate, y) -> (B,) bool: which examples take this step (FAT's early stop)
+StepFilter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,8 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
         steps: int, step_size: float | torch.Tensor, random_start: bool = True,
         loss_fn: LossFn = cross_entropy, mode: BNMode = "eval",
-        delta_init: torch.Tensor | None = None, first_grad: torch.Tensor | None = None) -> torch.Tensor:
+        delta_init: torch.Tensor | None = None, first_grad: torch.Tensor | None = None,
+        keep_stepping: StepFilter | None = None, step_noise: float = 0.0) -> torch.Tensor:
     """L-inf PGD (Madry et al. 2018, eq. 2.1): `steps` signed-gradient ascent steps on `loss_fn`.
 
     Args:
@@ -93,8 +96,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
         delta_init: start here instead of a random or zero start (projected first).
         first_grad: the gradient at the starting point when the caller already has it (ADES
             shares its cue computation with PGD's first step); saves one forward/backward.
+        keep_stepping: called before every step with the (detached) logits at the current iterate,
+            the same forward pass the gradient comes from; examples it marks False keep their
+            perturbation for this step. Stateful filters implement early stopping (FAT); the
+            loop ends as soon as no example moves.
+        step_noise: std of Gaussian noise added to every step before projection (FAT's omega).
     Returns: x_adv with ||x_adv - x||_inf <= eps (per sample) and x_adv in [0, 1], detached.
     """
+    if first_grad is not None and keep_stepping is not None:
+        raise ValueError("keep_stepping needs the logits of every step, so it cannot reuse first_grad")
     eps_t = per_sample(eps, x)
     step_t = per_sample(step_size, x)
     x = x.detach()
@@ -106,13 +116,23 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
         delta = torch.zeros_like(x)
     with model_mode(model, mode), frozen_parameters(model):
         for step in range(steps):
+            moving = None
             if step == 0 and first_grad is not None:
                 grad = first_grad
             else:
                 delta.requires_grad_(True)
-                loss = loss_fn(model(x + delta), y).sum()
-                (grad,) = torch.autograd.grad(loss, delta)
-            delta = project(x, delta.detach() + step_t * grad.sign(), eps_t)
+                logits = model(x + delta)
+                if keep_stepping is not None:
+                    moving = keep_stepping(logits.detach(), y)
+                    if not moving.any():
+                        break
+                (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), delta)
+            move = step_t * grad.sign()
+            if step_noise:
+                move = move + step_noise * torch.randn_like(x)
+            if moving is not None:
+                move = move * per_sample(moving, x)
+            delta = project(x, delta.detach() + move, eps_t)
     return (x + delta).detach()
 
 

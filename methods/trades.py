@@ -1,0 +1,112 @@
+"""TRADES: clean cross-entropy plus beta times the KL divergence between clean and adversarial outputs.
+
+Paper: Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy", ICML 2019,
+eq. (5): min_f E[ CE(f(x), y) + beta * max_{x' in B(x, eps)} KL(f(x) || f(x')) ], f = softmax outputs.
+Reference code: yaodongyu/TRADES, trades.py (`trades_loss`) and train_trades_cifar10.py.
+
+Facts from the reference, kept here:
+- Attack: BatchNorm in eval mode; start at x + 0.001 * N(0, 1); 10 signed steps of 0.007 at eps 0.031
+  (step_size_rel = 0.007 / 0.031, so other data sets scale with eps) ascending the KL summed over the
+  batch; project onto the eps ball and clamp to [0, 1] after every step. The Gaussian start is
+  projected before the first step here (the reference clamps only after it; a 0.001-std start
+  differs by at most 0.001 per pixel at the box edges).
+- Loss (train mode): CE(f(x), y) + beta * sum_i KL_i / B, i.e. KL reduction 'batchmean': summed over
+  classes, averaged over examples (PyTorch's 'mean' would silently divide beta by the number of
+  classes). f(x) is not detached in the KL term, so its gradient also flows through the clean output.
+- beta = 6 (the train script's default since the paper's CIFAR-10 results; beta = 1 is the paper's
+  other setting).
+- Choice: the clean logits the attack compares against are computed once per batch (eval mode,
+  no gradient), not re-computed at every attack step as in the reference (identical values, as the
+  model does not change during the attack); the training loss uses one train-mode clean forward
+  for both the CE and the KL term (the reference runs it twice, which only updates BatchNorm's
+  running statistics once more with the same batch).
+
+Schedules: the `paper` preset trains TRADES with the paper under test's 100-epoch schedule (wd 5e-4).
+The authors' own schedule is `TRADES.reference_schedule`: 76 epochs, SGD momentum 0.9, lr 0.1
+x0.1 from epoch 75 (1-indexed), weight decay 2e-4, batch 128, WRN-34-10.
+Shapes: x (B, C, H, W) in [0, 1], y (B,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from harness.attacks import model_mode, pgd
+from harness.config import Schedule
+from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class TRADESConfig:
+    beta: float = 6.0
+    steps: int = 10
+    step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
+    init_noise: float = 0.001  # std of the Gaussian start in pixel units; > 0 (KL's gradient vanishes at x)
+    attack_bn: Literal["train", "eval"] = "eval"
+
+    def validate(self) -> None:
+        if self.beta < 0:
+            raise HarnessError(f"TRADES beta must be >= 0, got {self.beta}")
+        if self.steps < 1 or self.step_size_rel <= 0:
+            raise HarnessError("TRADES needs steps >= 1 and step_size_rel > 0")
+        if self.init_noise <= 0:
+            raise HarnessError("TRADES needs init_noise > 0: the KL's gradient is zero at x' = x, "
+                               "so an attack started there never moves")
+
+
+def kl_per_example(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(softmax(clean) || softmax(adv)), summed over classes."""
+    clean_log_p = F.log_softmax(clean_logits, dim=1)
+    return (clean_log_p.exp() * (clean_log_p - F.log_softmax(adv_logits, dim=1))).sum(1)
+
+
+class TRADESLoss(NamedTuple):
+    total: torch.Tensor
+    natural: torch.Tensor  # CE(f(x), y), batch mean
+    robust: torch.Tensor  # KL 'batchmean'
+
+
+def trades_loss(clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor, beta: float) -> TRADESLoss:
+    """CE(f(x), y) + beta * mean_i KL_i(f(x) || f(x')) (eq. 5; per example, not per element)."""
+    natural = F.cross_entropy(clean_logits, y)
+    robust = kl_per_example(clean_logits, adv_logits).mean()
+    return TRADESLoss(natural + beta * robust, natural, robust)
+
+
+@register_defense("trades")
+class TRADES(Defense):
+    """TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL to a KL-maximising PGD example."""
+
+    Config = TRADESConfig
+    reference_schedule: ClassVar[Schedule] = Schedule(
+        epochs=76, batch_size=128, lr=0.1, lr_milestones=(74 / 76,), lr_decay=0.1, momentum=0.9,
+        weight_decay=2e-4)
+
+    def perturb(self, model, batch):
+        cfg, eps = self.config, self.context.eps_float
+        with model_mode(model, cfg.attack_bn), torch.no_grad():
+            clean_logits = model(batch.x)  # once per batch: the attack's fixed target distribution
+
+        def kl_to_clean(adv_logits, _y):
+            return kl_per_example(clean_logits, adv_logits)
+
+        x_adv = pgd(model, batch.x, batch.y, eps, steps=cfg.steps, step_size=cfg.step_size_rel * eps,
+                    loss_fn=kl_to_clean, mode=cfg.attack_bn,
+                    delta_init=cfg.init_noise * torch.randn_like(batch.x))
+        return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
+
+    def train_step(self, model, optimizer, batch):
+        x_adv = self.perturb(model, batch).x_adv
+        model.train()
+        clean_logits = model(batch.x)
+        adv_logits = model(x_adv)
+        loss = trades_loss(clean_logits, adv_logits, batch.y, self.config.beta)
+        sgd_step(optimizer, loss.total)
+        return {"loss": loss.total.detach(), "natural_loss": loss.natural.detach(),
+                "kl": loss.robust.detach(), "clean_acc": accuracy(clean_logits, batch.y),
+                "adv_acc": accuracy(adv_logits, batch.y)}
