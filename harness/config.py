@@ -58,9 +58,12 @@ class Schedule:
     lr_decay: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lr_values: tuple[float, ...] = ()  # explicit lr after each milestone (MMA), instead of lr_decay
 
     def lr_at(self, equivalent_epoch: float) -> float:
         drops = sum(equivalent_epoch >= m * self.epochs for m in self.lr_milestones)
+        if self.lr_values:
+            return (self.lr, *self.lr_values)[drops]
         return self.lr * self.lr_decay ** drops
 
 

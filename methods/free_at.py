@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.attacks import pgd
+from harness.config import Schedule, to_jsonable
 from harness.defense import Defense, Perturbation, accuracy, register_defense
 from harness.errors import HarnessError
 
@@ -58,11 +59,10 @@ class FreeAT(Defense):
     """Free-AT (Shafahi et al. 2019): m replays per minibatch, one backward for weights and input."""
 
     Config = FreeATConfig
-    reference_schedule: ClassVar[dict[str, Any]] = {
-        "source": "ashafahi/free_adv_train config.py / free_train.py (CIFAR-10)",
-        "model": "wrn-34-10", "steps": 80000, "epochs": 205, "batch_size": 128, "momentum": 0.9,
-        "weight_decay": 2e-4, "lr": 0.1, "lr_milestones": (0.5, 0.75), "lr_decay": 0.1,
-    }
+    # ashafahi/free_adv_train config.py / free_train.py (CIFAR-10, WRN-34-10): 80k SGD steps
+    # (~205 equivalent epochs of batch 128), lr 0.1 x0.1 at 40k and 60k steps, wd 2e-4.
+    reference_schedule: ClassVar[Schedule] = Schedule(epochs=205, batch_size=128, lr=0.1,
+                                                      lr_milestones=(0.5, 0.75), weight_decay=2e-4)
 
     def __init__(self, config: FreeATConfig, context):
         super().__init__(config, context)
@@ -117,4 +117,4 @@ class FreeAT(Defense):
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "attack_bn": self.config.attack_bn, "fgsm_step": self.step,
-                "reference_schedule": self.reference_schedule}
+                "reference_schedule": to_jsonable(self.reference_schedule)}

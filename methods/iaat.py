@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.attacks import model_mode, pgd
+from harness.config import Schedule, to_jsonable
 from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError
 
@@ -65,12 +66,12 @@ class IAAT(Defense):
     """IAAT (Balaji et al. 2019): per-example eps raised while robust, lowered when not, PGD-10 CE."""
 
     Config = IAATConfig
-    reference_schedule: ClassVar[dict[str, Any]] = {
-        "source": "yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json, "
-                  "trainers/trainer_adaptive.py",
-        "model": "WRN(depth=32, width=10) as named in the reference", "epochs": 110, "batch_size": 256, "momentum": 0.9, "weight_decay": 5e-4,
-        "lr": 0.1, "lr_milestones": (70 / 110, 90 / 110, 100 / 110), "lr_decay": 0.2,
-    }
+    # yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json and
+    # trainers/trainer_adaptive.py: WRN (depth 32, width 10 as named there), 110 epochs, batch 256,
+    # lr 0.1 x0.2 at epochs 70, 90 and 100, wd 5e-4.
+    reference_schedule: ClassVar[Schedule] = Schedule(epochs=110, batch_size=256, lr=0.1,
+                                                      lr_milestones=(70 / 110, 90 / 110, 100 / 110),
+                                                      lr_decay=0.2, weight_decay=5e-4)
 
     def __init__(self, config: IAATConfig, context):
         super().__init__(config, context)
@@ -162,4 +163,4 @@ class IAAT(Defense):
     def record(self) -> dict[str, Any]:
         return {**super().record(), "attack_bn": self.config.attack_bn, "warmup_epochs": self.warmup_epochs,
                 "gamma": self.gamma, "warmup_eps": self.config.eps_rel * self.context.eps_float,
-                "reference_schedule": self.reference_schedule}
+                "reference_schedule": to_jsonable(self.reference_schedule)}

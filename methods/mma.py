@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.attacks import model_mode, pgd, per_sample
+from harness.config import Schedule, to_jsonable
 from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError
 
@@ -106,13 +107,12 @@ class MMA(Defense):
     """MMA (Ding et al. 2020): per-example margins from AN-PGD + bisection, CE at the margin below d_max."""
 
     Config = MMAConfig
-    reference_schedule: ClassVar[dict[str, Any]] = {
-        "source": "BorealisAI/mma_training config.py (LinfCIFAR10), train.py",
-        "model": "wrn-28-4", "train_examples": 45000, "val_examples": 5000,
-        "steps": 50000, "epochs": 142.2, "batch_size": 128, "momentum": 0.9, "weight_decay": 2e-4,
-        "lr_values": (0.3, 0.09, 0.03, 0.009), "lr_milestones": (0.4, 0.6, 0.8),  # fractions of steps
-        "best_checkpoint": "highest average validation eps (ANPGDForTest)",
-    }
+    # BorealisAI/mma_training config.py (LinfCIFAR10), train.py: WRN-28-4 on a 45k/5k split,
+    # 50k SGD steps of batch 128 (~142 epochs), lr 0.3 -> 0.09 -> 0.03 -> 0.009 at 40/60/80% of
+    # training, wd 2e-4; the reference keeps the checkpoint with the highest mean validation eps.
+    reference_schedule: ClassVar[Schedule] = Schedule(epochs=142, batch_size=128, lr=0.3,
+                                                      lr_milestones=(0.4, 0.6, 0.8),
+                                                      lr_values=(0.09, 0.03, 0.009), weight_decay=2e-4)
 
     def __init__(self, config: MMAConfig, context):
         super().__init__(config, context)
@@ -209,4 +209,4 @@ class MMA(Defense):
     def record(self) -> dict[str, Any]:
         return {**super().record(), "attack_bn": self.config.attack_bn, "search_bn": self.config.search_bn,
                 "d_max": self.d_max, "search_max": self.search_max, "min_eps": self.min_eps,
-                "reference_schedule": self.reference_schedule}
+                "reference_schedule": to_jsonable(self.reference_schedule)}
