@@ -95,6 +95,34 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
             shares its cue computation with PGD's first step); saves one forward/backward.
     Returns: x_adv with ||x_adv - x||_inf <= eps (per sample) and x_adv in [0, 1], detached.
     """
+    x_adv, _ = _ascend(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
+                       loss_fn=loss_fn, mode=mode, delta_init=delta_init, first_grad=first_grad,
+                       stop_when_fooled=False)
+    return x_adv
+
+
+def pgd_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+                     steps: int, step_size: float | torch.Tensor, random_start: bool = True,
+                     loss_fn: LossFn = cross_entropy, delta_init: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same PGD for evaluation: a point leaves the batch at the first iterate that fools the model.
+
+    Counting a point as broken when any iterate (the start, every step, the last) is misclassified
+    is the standard and stronger count, and it makes dropping broken points exact: later steps run
+    on the points still standing only. Eval mode (per-sample independence) is required.
+    Returns: (x_adv, fooled): x_adv is the fooling iterate where one exists, else the last;
+    fooled (B,) bool says which points some iterate fooled.
+    """
+    return _ascend(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
+                   loss_fn=loss_fn, mode="eval", delta_init=delta_init, first_grad=None,
+                   stop_when_fooled=True)
+
+
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+            steps: int, step_size: float | torch.Tensor, random_start: bool, loss_fn: LossFn,
+            mode: BNMode, delta_init: torch.Tensor | None, first_grad: torch.Tensor | None,
+            stop_when_fooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one PGD loop; with `stop_when_fooled` it also checks every iterate and shrinks the batch."""
     eps_t = per_sample(eps, x)
     step_t = per_sample(step_size, x)
     x = x.detach()
@@ -104,16 +132,43 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
         delta = uniform_start(x, eps_t)
     else:
         delta = torch.zeros_like(x)
+    live = torch.arange(len(x), device=x.device) if stop_when_fooled else None
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device) if stop_when_fooled else None
+    final_delta = delta.clone() if stop_when_fooled else None
+    xs, ys = x, y  # the points still attacked (all of them unless stop_when_fooled)
     with model_mode(model, mode), frozen_parameters(model):
-        for step in range(steps):
+        for step in range(steps + int(stop_when_fooled)):
+            last_check = step == steps  # stop_when_fooled only: a forward to check the last iterate
             if step == 0 and first_grad is not None:
                 grad = first_grad
             else:
-                delta.requires_grad_(True)
-                loss = loss_fn(model(x + delta), y).sum()
-                (grad,) = torch.autograd.grad(loss, delta)
-            delta = project(x, delta.detach() + step_t * grad.sign(), eps_t)
-    return (x + delta).detach()
+                delta.requires_grad_(not last_check)
+                with torch.set_grad_enabled(not last_check):
+                    logits = model(xs + delta)
+                loss_delta = delta
+                if stop_when_fooled:
+                    hit = logits.detach().argmax(1) != ys
+                    if bool(hit.any()):
+                        fooled[live[hit]] = True
+                        final_delta[live[hit]] = delta.detach()[hit]
+                        keep = ~hit
+                        live, xs, ys, logits = live[keep], xs[keep], ys[keep], logits[keep]
+                        eps_t, step_t = eps_t[keep], step_t[keep]
+                        delta = delta.detach()[keep]
+                        if len(live) == 0:
+                            break
+                    else:
+                        keep = None
+                    if last_check:
+                        break
+                (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), loss_delta)
+                if stop_when_fooled and keep is not None:
+                    grad = grad[keep]
+            delta = project(xs, delta.detach() + step_t * grad.sign(), eps_t)
+    if not stop_when_fooled:
+        return (x + delta).detach(), None
+    final_delta[live] = delta.detach()
+    return (x + final_delta).detach(), fooled
 
 
 # --------------------------------------------------------------------------- registry
@@ -138,6 +193,6 @@ def register_attack(name: str, description: str):
     return decorate
 
 
-@register_attack("pgd-20", "PGD-20 on cross-entropy, uniform random start, eval mode (step: the data set's)")
-def pgd20(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, step_size) -> torch.Tensor:
-    return pgd(model, x, y, eps, steps=20, step_size=step_size, mode="eval")
+# The evaluation attacks (PGD-k, CW-inf, AutoAttack, Square) register themselves here; importing them
+# at the end keeps `ATTACKS` complete for every importer of this module.
+from harness.evaluation import attacks as _evaluation_attacks  # noqa: E402,F401
