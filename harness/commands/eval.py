@@ -63,7 +63,8 @@ def digest(config: dict) -> str:
               help="PGD/CW restarts; each runs only on the points still robust.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every attack's randomness.")
 @click.option("--batch-size", type=int, default=500, show_default=True,
-              help="Points per attack batch (AutoAttack's batches too, which its results depend on).")
+              help="Points per attack batch; PGD/CW halve it on a GPU out-of-memory error, so a large value "
+                   "means 'the largest that fits'. AutoAttack's results depend on its batches: recorded.")
 @click.option("--model", "model_name", default=None,
               help="Architecture of a plain state-dict TARGET (see `harness list models`).")
 @click.option("--dataset", default=None, help="Data set of a plain state-dict TARGET (default fashion-mnist).")

@@ -155,14 +155,34 @@ class PGDAttack(EvalAttack):
                 # Drawn for every point, so a point's start does not depend on which others still stand
                 # (and a single restart starts exactly where torchattacks' PGD with this seed does).
                 noise = torch.rand_like(x) * 2 - 1
-                for chunk in robust.nonzero().squeeze(1).split(self.batch_size):
+
+                def attack(chunk: torch.Tensor) -> None:
                     e = eps_t[chunk]
                     adv, fooled = pgd_until_fooled(
                         model, x[chunk], y[chunk], e, steps=self.steps, step_size=steps_t[chunk],
                         loss_fn=self.loss_fn(), delta_init=noise[chunk] * e.view(-1, 1, 1, 1))
                     x_adv[chunk] = adv
                     robust[chunk[fooled]] = False
+
+                in_batches_that_fit(robust.nonzero().squeeze(1), self.batch_size, attack)
         return AttackOutcome(x_adv, robust)
+
+
+def in_batches_that_fit(indices: torch.Tensor, batch_size: int, run: Callable[[torch.Tensor], None]) -> None:
+    """run(chunk) over `indices` in batches of `batch_size`, halving it whenever the GPU runs out of
+    memory (per-point results do not depend on the batch in eval mode, so this changes only speed)."""
+    start, size = 0, batch_size
+    while start < len(indices):
+        chunk = indices[start:start + size]
+        try:
+            run(chunk)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
 
 
 # --------------------------------------------------------------------------- AutoAttack

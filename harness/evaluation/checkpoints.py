@@ -23,7 +23,7 @@ from torch import nn
 
 from harness.data import DATASETS
 from harness.errors import HarnessError
-from harness.models import MODELS, build_model
+from harness.models import build_model
 from harness.records import RECORD_NAME, read_record
 from harness.storage import load_torch
 
