@@ -136,33 +136,26 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | tor
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device) if stop_when_fooled else None
     final_delta = delta.clone() if stop_when_fooled else None
     xs, ys = x, y  # the points still attacked (all of them unless stop_when_fooled)
-    with model_mode(model, mode), frozen_parameters(model):
-        for step in range(steps + int(stop_when_fooled)):
-            last_check = step == steps  # stop_when_fooled only: a forward to check the last iterate
+    with model_mode(model, mode), frozen_parameters(model), torch.enable_grad():
+        for step in range(steps + int(stop_when_fooled)):  # stop_when_fooled: one more forward, no step
             if step == 0 and first_grad is not None:
                 grad = first_grad
             else:
-                delta.requires_grad_(not last_check)
-                with torch.set_grad_enabled(not last_check):
-                    logits = model(xs + delta)
-                loss_delta = delta
+                attacked = delta.requires_grad_(True)
+                logits = model(xs + attacked)
+                keep = None
                 if stop_when_fooled:
                     hit = logits.detach().argmax(1) != ys
-                    if bool(hit.any()):
+                    if bool(hit.any()):  # record the fooling iterates; continue with the others
                         fooled[live[hit]] = True
-                        final_delta[live[hit]] = delta.detach()[hit]
-                        keep = ~hit
-                        live, xs, ys, logits = live[keep], xs[keep], ys[keep], logits[keep]
-                        eps_t, step_t = eps_t[keep], step_t[keep]
-                        delta = delta.detach()[keep]
-                        if len(live) == 0:
-                            break
-                    else:
-                        keep = None
-                    if last_check:
+                        final_delta[live[hit]] = attacked.detach()[hit]
+                        keep = (~hit).nonzero().squeeze(1)
+                        live, xs, ys, logits, eps_t, step_t = (t[keep] for t in (live, xs, ys, logits, eps_t, step_t))
+                        delta = attacked.detach()[keep]
+                    if step == steps or len(live) == 0:
                         break
-                (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), loss_delta)
-                if stop_when_fooled and keep is not None:
+                (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), attacked)
+                if keep is not None:
                     grad = grad[keep]
             delta = project(xs, delta.detach() + step_t * grad.sign(), eps_t)
     if not stop_when_fooled:
