@@ -126,8 +126,8 @@ def ours_autoattack(model, x, y, eps, attacks, batch_size, state_dir=None):
 
 
 def test_autoattack_flags_equal_a_direct_call(tiny, test_set):
-    x, y = test_set[0][:80], test_set[1][:80]
-    eps = 0.06
+    x, y = test_set[0][:60], test_set[1][:60]
+    eps = 0.07
     direct = direct_autoattack_flags(tiny, x, y, eps, ["apgd-ce", "apgd-t"], batch_size=32)
     ours = ours_autoattack(tiny, x, y, eps, ["apgd-ce", "apgd-t"], batch_size=32)
     assert 0 < accuracy(direct) < 100  # the comparison means something
@@ -140,12 +140,12 @@ def test_autoattack_resumes_from_its_own_state_file(tiny, test_set, tmp_path):
 
     from harness.evaluation.attacks import read_autoattack_state
 
-    x, y = test_set[0][:80], test_set[1][:80]
-    eps, attacks = 0.06, ["apgd-ce", "apgd-t"]
+    x, y = test_set[0][:60], test_set[1][:60]
+    eps, attacks = 0.07, ["apgd-ce", "apgd-t"]
     full = direct_autoattack_flags(tiny, x, y, eps, attacks, batch_size=32)
     after_ce = direct_autoattack_flags(tiny, x, y, eps, ["apgd-ce"], batch_size=32)
     attack = AutoAttackEval("autoattack-custom", "custom", 0, 32, tuple(attacks), tmp_path)
-    state_path = attack.state_path(Fraction(6, 100))
+    state_path = attack.state_path(Fraction(7, 100))
     state = EvaluationState(set(attacks), path=state_path)
     state.robust_flags = after_ce.clone()
     state.clean_accuracy = 1.0

@@ -14,6 +14,7 @@ import difflib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,11 @@ def import_robustbench():
 
     for name, module in (("autoattack", pyautoattack), ("autoattack.state", pyautoattack.state)):
         sys.modules.setdefault(name, module)
-    import robustbench.utils
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    with warnings.catch_warnings():  # deprecation notices of timm, torch.jit and pkg_resources, not ours
+        warnings.simplefilter("ignore")
+        import robustbench.utils
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
     return robustbench.utils, model_dicts, BenchmarkDataset, ThreatModel
 
