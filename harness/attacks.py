@@ -105,6 +105,35 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
     """
     if first_grad is not None and keep_stepping is not None:
         raise ValueError("keep_stepping needs the logits of every step, so it cannot reuse first_grad")
+    x_adv, _ = _ascend(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
+                       loss_fn=loss_fn, mode=mode, delta_init=delta_init, first_grad=first_grad,
+                       keep_stepping=keep_stepping, step_noise=step_noise, stop_when_fooled=False)
+    return x_adv
+
+
+def pgd_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+                     steps: int, step_size: float | torch.Tensor, random_start: bool = True,
+                     loss_fn: LossFn = cross_entropy, delta_init: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same PGD for evaluation: a point leaves the batch at the first iterate that fools the model.
+
+    Counting a point as broken when any iterate (the start, every step, the last) is misclassified
+    is the standard and stronger count, and it makes dropping broken points exact: later steps run
+    on the points still standing only. Eval mode (per-sample independence) is required.
+    Returns: (x_adv, fooled): x_adv is the fooling iterate where one exists, else the last;
+    fooled (B,) bool says which points some iterate fooled.
+    """
+    return _ascend(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
+                   loss_fn=loss_fn, mode="eval", delta_init=delta_init, first_grad=None,
+                   keep_stepping=None, step_noise=0.0, stop_when_fooled=True)
+
+
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+            steps: int, step_size: float | torch.Tensor, random_start: bool, loss_fn: LossFn,
+            mode: BNMode, delta_init: torch.Tensor | None, first_grad: torch.Tensor | None,
+            keep_stepping: StepFilter | None, step_noise: float,
+            stop_when_fooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one PGD loop; with `stop_when_fooled` it also checks every iterate and shrinks the batch."""
     eps_t = per_sample(eps, x)
     step_t = per_sample(step_size, x)
     x = x.detach()
@@ -114,26 +143,46 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
         delta = uniform_start(x, eps_t)
     else:
         delta = torch.zeros_like(x)
-    with model_mode(model, mode), frozen_parameters(model):
-        for step in range(steps):
+    live = torch.arange(len(x), device=x.device) if stop_when_fooled else None
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device) if stop_when_fooled else None
+    final_delta = delta.clone() if stop_when_fooled else None
+    xs, ys = x, y  # the points still attacked (all of them unless stop_when_fooled)
+    with model_mode(model, mode), frozen_parameters(model), torch.enable_grad():
+        for step in range(steps + int(stop_when_fooled)):  # stop_when_fooled: one more forward, no step
             moving = None
             if step == 0 and first_grad is not None:
                 grad = first_grad
             else:
-                delta.requires_grad_(True)
-                logits = model(x + delta)
+                attacked = delta.requires_grad_(True)
+                logits = model(xs + attacked)
+                keep = None
+                if stop_when_fooled:
+                    hit = logits.detach().argmax(1) != ys
+                    if bool(hit.any()):  # record the fooling iterates; continue with the others
+                        fooled[live[hit]] = True
+                        final_delta[live[hit]] = attacked.detach()[hit]
+                        keep = (~hit).nonzero().squeeze(1)
+                        live, xs, ys, logits, eps_t, step_t = (t[keep] for t in (live, xs, ys, logits, eps_t, step_t))
+                        delta = attacked.detach()[keep]
+                    if step == steps or len(live) == 0:
+                        break
                 if keep_stepping is not None:
-                    moving = keep_stepping(logits.detach(), y)
+                    moving = keep_stepping(logits.detach(), ys)
                     if not moving.any():
                         break
-                (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), delta)
+                (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), attacked)
+                if keep is not None:
+                    grad = grad[keep]
             move = step_t * grad.sign()
             if step_noise:
-                move = move + step_noise * torch.randn_like(x)
+                move = move + step_noise * torch.randn_like(xs)
             if moving is not None:
-                move = move * per_sample(moving, x)
-            delta = project(x, delta.detach() + move, eps_t)
-    return (x + delta).detach()
+                move = move * per_sample(moving, xs)
+            delta = project(xs, delta.detach() + move, eps_t)
+    if not stop_when_fooled:
+        return (x + delta).detach(), None
+    final_delta[live] = delta.detach()
+    return (x + final_delta).detach(), fooled
 
 
 # --------------------------------------------------------------------------- registry
@@ -158,6 +207,6 @@ def register_attack(name: str, description: str):
     return decorate
 
 
-@register_attack("pgd-20", "PGD-20 on cross-entropy, uniform random start, eval mode (step: the data set's)")
-def pgd20(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, step_size) -> torch.Tensor:
-    return pgd(model, x, y, eps, steps=20, step_size=step_size, mode="eval")
+# The evaluation attacks (PGD-k, CW-inf, AutoAttack, Square) register themselves here; importing them
+# at the end keeps `ATTACKS` complete for every importer of this module.
+from harness.evaluation import attacks as _evaluation_attacks  # noqa: E402,F401

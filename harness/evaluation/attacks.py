@@ -1,0 +1,371 @@
+"""Evaluation attacks with one call: `robust(model, x, y, eps, candidates) -> AttackOutcome`.
+
+x in [0, 1]; eps a scalar (a Fraction in sweeps) or, for the PGD family, a per-sample tensor;
+`candidates` are the points still to attack (the clean-correct ones: a misclassified clean point
+counts as broken, since x itself lies in the ball). The caller (`sweep`) puts the model in eval mode
+and freezes its parameters, and restores both afterwards; the attacks here take gradients with
+respect to the input only.
+
+- PGD-k on cross-entropy (METHODS.md "Evaluation conventions"): uniform random start, restarts
+  only on the points still standing, a point broken when ANY iterate fools it (`pgd_until_fooled`).
+  Step 2/255 at eps 8/255 is written `eps/4` so sweeps and Fashion-MNIST (0.1 -> 1/40) scale; an
+  absolute step such as the TRADES scripts' 0.003 can be given instead and is recorded as given.
+- CW-inf: the same PGD on the CW margin loss -clamp(z_y - max_{j!=y} z_j + kappa, min=0),
+  kappa 50, 30 steps (the FAT/CAT/Madry convention; not torchattacks' L2 `CW`).
+- AutoAttack (Croce & Hein 2020) through the `pyautoattack` package: versions standard / plus /
+  rand, a custom attack list, Square alone; AutoAttack's own state file makes long runs resumable.
+"""
+
+from __future__ import annotations
+
+import abc
+import ast
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.attacks import ATTACKS, AttackInfo, LossFn, cross_entropy, frozen_parameters, model_mode, \
+    per_sample, pgd_until_fooled
+from harness.config import fraction_str, parse_eps
+from harness.errors import HarnessError
+from harness.registry import Registry
+
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+AutoAttackVersion = Literal["standard", "plus", "rand", "custom"]
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """The knobs `harness eval` exposes; each attack reads those it needs and records them."""
+
+    pgd_restarts: int = 1
+    pgd_step: str = "eps/4"  # relative 'eps/K', or absolute like '2/255' or '0.003' (TRADES scripts)
+    seed: int = 0
+    batch_size: int = 500
+    autoattack_attacks: tuple[str, ...] = ("apgd-ce", "apgd-t")  # the list of `autoattack-custom`
+    state_dir: Path | None = None  # where AutoAttack keeps its resumable state files
+
+    def __post_init__(self):
+        if self.pgd_restarts < 1:
+            raise HarnessError(f"--pgd-restarts must be at least 1, got {self.pgd_restarts}")
+        if self.batch_size < 1:
+            raise HarnessError(f"--batch-size must be at least 1, got {self.batch_size}")
+        step_size(self.pgd_step, torch.ones(1))  # validate now, not after the first cell
+        unknown = [a for a in self.autoattack_attacks if a not in AUTOATTACK_ATTACKS]
+        if unknown or not self.autoattack_attacks:
+            raise HarnessError(f"--autoattack-attacks: unknown {', '.join(unknown) or '(empty list)'}; "
+                               f"choose from {', '.join(AUTOATTACK_ATTACKS)}")
+
+
+def step_size(spec: str, eps: torch.Tensor) -> torch.Tensor:
+    """'eps/4' -> eps / 4 (per sample); '2/255' or '0.003' -> that absolute step."""
+    match = re.fullmatch(r"\s*eps\s*/\s*([0-9.]+)\s*", spec)
+    if match:
+        divisor = float(match.group(1))
+        if divisor <= 0:
+            raise HarnessError(f"--pgd-step {spec!r}: the divisor must be positive")
+        return eps / divisor
+    try:
+        value = parse_eps(spec)
+    except HarnessError:
+        raise HarnessError(f"--pgd-step {spec!r}: give eps/K (e.g. eps/4) or an absolute step "
+                           f"such as 2/255 or 0.003") from None
+    if value == 0:
+        raise HarnessError("--pgd-step must be positive")
+    return torch.full_like(eps, float(value))
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    x_adv: torch.Tensor  # (N, C, H, W): a fooling point where the attack found one
+    robust: torch.Tensor  # (N,) bool: a candidate that no attempt fooled
+    warnings: tuple[str, ...] = ()  # what the attack itself reported (AutoAttack's checks)
+
+
+class EvalAttack(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction | float | torch.Tensor,
+               candidates: torch.Tensor) -> AttackOutcome:
+        """Attack the candidates (model already in eval mode, parameters frozen)."""
+
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """Every setting that changes the result, for the evaluation record."""
+
+
+def eps_tensor(eps: Fraction | float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N,) float budget from a scalar, Fraction or per-sample tensor."""
+    value = eps if isinstance(eps, torch.Tensor) else torch.tensor(float(eps))
+    return per_sample(value.to(x.device, x.dtype), x).flatten()
+
+
+# --------------------------------------------------------------------------- PGD family
+
+def cw_margin_loss(kappa: float) -> LossFn:
+    """CW margin loss to maximise: -clamp(z_y - max_{j != y} z_j + kappa, min=0) per sample."""
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+        return -(true - others.max(1).values + kappa).clamp(min=0)
+
+    return loss
+
+
+@dataclass(frozen=True)
+class PGDAttack(EvalAttack):
+    name: str
+    steps: int
+    loss: Literal["ce", "cw"]
+    restarts: int
+    step: str
+    seed: int
+    batch_size: int
+    kappa: float = 50.0
+
+    def config(self) -> dict:
+        out = {"kind": "pgd", "loss": self.loss, "steps": self.steps, "step_size": self.step,
+               "restarts": self.restarts, "random_start": "uniform", "bn": "eval", "seed": self.seed,
+               "broken_when": "any iterate misclassified", "batch_size": self.batch_size}
+        if self.loss == "cw":
+            out["kappa"] = self.kappa
+        return out
+
+    def loss_fn(self) -> LossFn:
+        return cross_entropy if self.loss == "ce" else cw_margin_loss(self.kappa)
+
+    def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
+        eps_t = eps_tensor(eps, x)
+        steps_t = step_size(self.step, eps_t)
+        robust = candidates.clone()
+        x_adv = x.clone()
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            for _ in range(self.restarts):
+                # Drawn for every point, so a point's start does not depend on which others still stand
+                # (and a single restart starts exactly where torchattacks' PGD with this seed does).
+                noise = torch.rand_like(x) * 2 - 1
+
+                def attack(chunk: torch.Tensor) -> None:
+                    e = eps_t[chunk]
+                    adv, fooled = pgd_until_fooled(
+                        model, x[chunk], y[chunk], e, steps=self.steps, step_size=steps_t[chunk],
+                        loss_fn=self.loss_fn(), delta_init=noise[chunk] * e.view(-1, 1, 1, 1))
+                    x_adv[chunk] = adv
+                    robust[chunk[fooled]] = False
+
+                in_batches_that_fit(robust.nonzero().squeeze(1), self.batch_size, attack)
+        return AttackOutcome(x_adv, robust)
+
+
+def in_batches_that_fit(indices: torch.Tensor, batch_size: int, run: Callable[[torch.Tensor], None]) -> None:
+    """run(chunk) over `indices` in batches of `batch_size`, halving it whenever the GPU runs out of
+    memory (per-point results do not depend on the batch in eval mode, so this changes only speed)."""
+    start, size = 0, batch_size
+    while start < len(indices):
+        chunk = indices[start:start + size]
+        try:
+            run(chunk)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+
+
+# --------------------------------------------------------------------------- AutoAttack
+
+@contextmanager
+def collect_autoattack_warnings() -> Iterator[list[str]]:
+    """AutoAttack reports its own checks (randomness, probabilities, Square beating the rest) as log
+    warnings; collect them for the evaluation record instead of letting them interleave with output."""
+    logger = logging.getLogger("auto-attack")
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                messages.append(record.getMessage())
+
+    handler = Collect()
+    saved = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = saved
+
+
+@dataclass(frozen=True)
+class AutoAttackEval(EvalAttack):
+    name: str
+    version: AutoAttackVersion
+    seed: int
+    batch_size: int
+    attacks: tuple[str, ...] | None = None  # only for version 'custom'
+    state_dir: Path | None = field(default=None, compare=False)
+
+    def config(self) -> dict:
+        return {"kind": "autoattack", "package": "pyautoattack", "version": self.version, "norm": "Linf",
+                "attacks": list(self.attacks) if self.attacks else None, "seed": self.seed,
+                "batch_size": self.batch_size}
+
+    def build(self, model: nn.Module, eps: float, device: torch.device):
+        from pyautoattack import AutoAttack
+
+        return AutoAttack(model, attacks=list(self.attacks) if self.version == "custom" else None,
+                          device=device, eps=eps, norm="Linf", seed=self.seed, version=self.version)
+
+    def state_path(self, eps: Fraction | float) -> Path | None:
+        if self.state_dir is None:
+            return None
+        tag = fraction_str(Fraction(eps)).replace("/", "-") if isinstance(eps, Fraction) else f"{eps:g}"
+        return Path(self.state_dir) / f"{self.name}@{tag}.state.json"
+
+    def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
+        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+            raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
+        if float(eps) == 0:  # the ball is the point itself: evaluating there is the whole attack
+            with torch.no_grad():
+                correct = model(x).argmax(1) == y
+            return AttackOutcome(x.clone(), candidates & correct)
+        with collect_autoattack_warnings() as messages:
+            x_adv, robust = run_autoattack(self.build(model, float(eps), x.device), x, y,
+                                           batch_size=self.batch_size, state_path=self.state_path(eps))
+        return AttackOutcome(x_adv, candidates & robust, tuple(dict.fromkeys(messages)))
+
+
+def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                   state_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run_standard_evaluation` with its state file; (x_adv, robust flags) in AutoAttack's batches.
+
+    pyautoattack 0.2.0 cannot continue from its own state file (`y_adv` is unset on that path, and the
+    attack set it reads back is a string), so an interrupted run is continued here from the same file: the attacks it has not finished run on the
+    points it still lists as robust, in the same order and batches as an uninterrupted run.
+    """
+    if state_path is not None and state_path.exists():
+        state = read_autoattack_state(state_path)
+        if state.attacks_to_run != set(adversary.attacks_to_run):
+            raise HarnessError(f"{state_path} belongs to another AutoAttack configuration; delete it "
+                               f"or rerun with --force")
+        if state.robust_flags is not None:
+            return _continue_autoattack(adversary, state, x, y, batch_size)
+        state_path.unlink()
+    x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
+    return x_adv, (y_adv == y)
+
+
+def read_autoattack_state(path: Path):
+    """AutoAttack's `EvaluationState` from disk, repaired: pyautoattack 0.2.0 writes the attack set as
+    its str() and the finished attacks as a list, and reads both back as they are."""
+    from pyautoattack.state import EvaluationState
+
+    state = EvaluationState.from_disk(path)
+    planned = state._attacks_to_run
+    if isinstance(planned, str):
+        planned = ast.literal_eval(planned) if planned != "set()" else set()
+    state._attacks_to_run = set(planned)
+    state._run_attacks = set(state._run_attacks)
+    return state
+
+
+def _continue_autoattack(adversary, state, x, y, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+    robust = state.robust_flags.to(x.device).clone()
+    remaining = [a for a in adversary.attacks_to_run if a not in state.run_attacks]
+    x_adv = x.clone()  # adversarial examples found before the interruption are not in the state file
+    if remaining and bool(robust.any()):
+        idx = robust.nonzero().squeeze(1)
+        adversary.attacks_to_run = remaining
+        sub_adv, sub_y = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
+        x_adv[idx] = sub_adv
+        robust[idx] = sub_y == y[idx]
+    state.robust_flags = robust.cpu()
+    for attack in remaining:
+        state.add_run_attack(attack)
+    state.to_disk(force=True)
+    return x_adv, robust
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class EvalAttackInfo:
+    name: str
+    description: str
+    build: Callable[[AttackOptions], EvalAttack]
+
+
+EVAL_ATTACKS: Registry[EvalAttackInfo] = Registry("attack")
+
+
+def register_eval_attack(name: str, description: str):
+    """Register in the evaluation suite and in the shared `ATTACKS` (as an x_adv-returning function)."""
+
+    def decorate(build: Callable[[AttackOptions], EvalAttack]):
+        EVAL_ATTACKS.add(name, EvalAttackInfo(name, description, build))
+        ATTACKS.add(name, AttackInfo(name, description, _as_x_adv_attack(build)))
+        return build
+
+    return decorate
+
+
+def _as_x_adv_attack(build: Callable[[AttackOptions], EvalAttack]) -> Callable[..., torch.Tensor]:
+    def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, step_size=None) -> torch.Tensor:
+        options = AttackOptions() if step_size is None else AttackOptions(pgd_step=str(float(step_size)))
+        with model_mode(model, "eval"), frozen_parameters(model):
+            with torch.no_grad():
+                clean = model(x).argmax(1) == y
+            return build(options).robust(model, x, y, eps, clean).x_adv
+
+    return run
+
+
+@register_eval_attack("pgd-20", "PGD-20 on cross-entropy, uniform start, step eps/4 (2/255 at 8/255), "
+                                "restarts on survivors; broken if any iterate fools")
+def _pgd20(o: AttackOptions) -> EvalAttack:
+    return PGDAttack("pgd-20", steps=20, loss="ce", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed,
+                     batch_size=o.batch_size)
+
+
+@register_eval_attack("cw-inf", "PGD-30 on the CW margin loss, kappa 50 (FAT/CAT/Madry convention)")
+def _cw_inf(o: AttackOptions) -> EvalAttack:
+    return PGDAttack("cw-inf", steps=30, loss="cw", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed,
+                     batch_size=o.batch_size)
+
+
+def _autoattack(version: AutoAttackVersion) -> Callable[[AttackOptions], EvalAttack]:
+    def build(o: AttackOptions) -> EvalAttack:
+        return AutoAttackEval(f"autoattack-{version}", version, o.seed, o.batch_size,
+                              tuple(o.autoattack_attacks) if version == "custom" else None, o.state_dir)
+
+    return build
+
+
+register_eval_attack("autoattack-standard", "AutoAttack standard: APGD-CE, APGD-T (9), FAB-T (9), Square "
+                                            "(5000 queries), via pyautoattack")(_autoattack("standard"))
+register_eval_attack("autoattack-plus", "AutoAttack plus: APGD-CE/DLR (5 restarts), FAB, Square, APGD-T, "
+                                        "FAB-T")(_autoattack("plus"))
+register_eval_attack("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with 20-sample EOT, for "
+                                        "randomised models")(_autoattack("rand"))
+register_eval_attack("autoattack-custom", "AutoAttack with the attacks of --autoattack-attacks "
+                                          "(quick runs)")(_autoattack("custom"))
+
+
+@register_eval_attack("square", "Square attack alone (black box, 5000 queries): beating the white-box "
+                                "attacks flags gradient masking")
+def _square(o: AttackOptions) -> EvalAttack:
+    return AutoAttackEval("square", "custom", o.seed, o.batch_size, ("square",), o.state_dir)

@@ -1,0 +1,162 @@
+"""Cross-checks of the evaluation attacks against torchattacks and the AutoAttack package itself."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from harness.attacks import ATTACKS, frozen_parameters, model_mode, pgd
+from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
+from evaluation_helpers import template_data, train_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return train_tiny(steps=150)
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return template_data(300, seed=2)
+
+
+def accuracy(flags: torch.Tensor) -> float:
+    return flags.float().mean().item() * 100
+
+
+def torchattacks_pgd_accuracy(model, x, y, eps: float, steps: int, seed: int) -> float:
+    import torchattacks
+
+    torch.manual_seed(seed)
+    x_adv = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True)(x, y)
+    with torch.no_grad():
+        return accuracy(model(x_adv).argmax(1) == y)
+
+
+def our_pgd(model, x, y, eps, steps=20, seed=0, restarts=1):
+    with model_mode(model, "eval"), frozen_parameters(model):
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        attack = PGDAttack("pgd", steps=steps, loss="ce", restarts=restarts, step="eps/4", seed=seed, batch_size=128)
+        return attack.robust(model, x, y, eps, clean)
+
+
+def intermediate_eps(model, x, y) -> float:
+    """An eps at which torchattacks' PGD-20 leaves between 20% and 80% accuracy (a test that can fail)."""
+    for eps in (0.04, 0.05, 0.06, 0.07, 0.08):
+        if 20 <= torchattacks_pgd_accuracy(model, x, y, eps, 20, seed=0) <= 80:
+            return eps
+    pytest.fail("no eps with intermediate robustness; the tiny model changed")
+
+
+def test_pgd_matches_torchattacks_within_one_point(tiny, test_set):
+    x, y = test_set
+    eps = intermediate_eps(tiny, x, y)
+    theirs = torchattacks_pgd_accuracy(tiny, x, y, eps, 20, seed=0)
+    ours = accuracy(our_pgd(tiny, x, y, eps, seed=0).robust)
+    assert abs(ours - theirs) <= 1.0, (ours, theirs)
+
+
+def test_any_iterate_counting_is_at_least_as_strong_as_the_last_iterate(tiny, test_set):
+    x, y = test_set
+    eps = intermediate_eps(tiny, x, y)
+    outcome = our_pgd(tiny, x, y, eps, seed=0)
+    torch.manual_seed(0)
+    start = (torch.rand_like(x) * 2 - 1) * eps
+    last_iterate = pgd(tiny, x, y, eps, steps=20, step_size=eps / 4, delta_init=start)
+    with torch.no_grad():
+        plain = accuracy(tiny(last_iterate).argmax(1) == y)
+    assert accuracy(outcome.robust) <= plain
+    # the returned points are valid adversarial examples: in the ball, in [0, 1], and they fool the model
+    assert (outcome.x_adv - x).abs().max() <= eps + 1e-6 and outcome.x_adv.min() >= 0 and outcome.x_adv.max() <= 1
+    broken = ~outcome.robust & (tiny(x).argmax(1) == y)
+    with torch.no_grad():
+        assert (tiny(outcome.x_adv[broken]).argmax(1) != y[broken]).all()
+
+
+def test_restarts_never_raise_accuracy(tiny, test_set):
+    x, y = test_set
+    eps = intermediate_eps(tiny, x, y)
+    one = our_pgd(tiny, x, y, eps, steps=5, restarts=1).robust
+    three = our_pgd(tiny, x, y, eps, steps=5, restarts=3).robust
+    assert not (three & ~one).any() and accuracy(three) <= accuracy(one)
+
+
+def test_per_sample_eps_zero_leaves_points_untouched(tiny, test_set):
+    x, y = test_set
+    eps = torch.where(torch.arange(len(y)) % 2 == 0, 0.0, 0.08)
+    outcome = our_pgd(tiny, x, y, eps)
+    assert torch.equal(outcome.x_adv[::2], x[::2])
+    assert (outcome.x_adv[1::2] - x[1::2]).abs().max() <= 0.08 + 1e-6
+
+
+def test_registry_attacks_restore_mode_and_parameters(tiny, test_set):
+    x, y = test_set
+    tiny.train()
+    x_adv = ATTACKS.get("cw-inf").run(tiny, x[:64], y[:64], 0.05)
+    assert tiny.training and all(p.requires_grad for p in tiny.parameters())
+    assert (x_adv - x[:64]).abs().max() <= 0.05 + 1e-6
+    tiny.eval()
+
+
+def test_cw_margin_loss_is_the_clamped_margin():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
+    y = torch.tensor([0, 0])
+    loss = cw_margin_loss(50)(logits, y)
+    assert torch.allclose(loss, torch.tensor([-(3 - 2 + 50.0), -(0 - 5 + 50.0)]))
+    assert torch.equal(cw_margin_loss(0)(logits, y), torch.tensor([-1.0, 0.0]))
+
+
+def direct_autoattack_flags(model, x, y, eps, attacks, batch_size, state_path=None):
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(model, attacks=list(attacks), device="cpu", eps=eps, seed=0, version="custom")
+    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
+    return y_adv == y
+
+
+def ours_autoattack(model, x, y, eps, attacks, batch_size, state_dir=None):
+    with model_mode(model, "eval"), frozen_parameters(model):
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        attack = AutoAttackEval("autoattack-custom", "custom", 0, batch_size, tuple(attacks), state_dir)
+        return attack.robust(model, x, y, Fraction(round(eps * 100), 100), clean).robust
+
+
+def test_autoattack_flags_equal_a_direct_call(tiny, test_set):
+    x, y = test_set[0][:60], test_set[1][:60]
+    eps = 0.07
+    direct = direct_autoattack_flags(tiny, x, y, eps, ["apgd-ce", "apgd-t"], batch_size=32)
+    ours = ours_autoattack(tiny, x, y, eps, ["apgd-ce", "apgd-t"], batch_size=32)
+    assert 0 < accuracy(direct) < 100  # the comparison means something
+    assert torch.equal(ours, direct)
+
+
+def test_autoattack_resumes_from_its_own_state_file(tiny, test_set, tmp_path):
+    """Interrupted after APGD-CE: continuing gives exactly the uninterrupted run's flags."""
+    from pyautoattack.state import EvaluationState
+
+    from harness.evaluation.attacks import read_autoattack_state
+
+    x, y = test_set[0][:60], test_set[1][:60]
+    eps, attacks = 0.07, ["apgd-ce", "apgd-t"]
+    full = direct_autoattack_flags(tiny, x, y, eps, attacks, batch_size=32)
+    after_ce = direct_autoattack_flags(tiny, x, y, eps, ["apgd-ce"], batch_size=32)
+    attack = AutoAttackEval("autoattack-custom", "custom", 0, 32, tuple(attacks), tmp_path)
+    state_path = attack.state_path(Fraction(7, 100))
+    state = EvaluationState(set(attacks), path=state_path)
+    state.robust_flags = after_ce.clone()
+    state.clean_accuracy = 1.0
+    state.add_run_attack("apgd-ce")
+    state.to_disk(force=True)
+    resumed = ours_autoattack(tiny, x, y, eps, attacks, batch_size=32, state_dir=tmp_path)
+    assert torch.equal(resumed, full)
+    assert read_autoattack_state(state_path).run_attacks == set(attacks)
+    # a state file of another attack list is refused, not silently mixed in
+    with pytest.raises(Exception, match="another AutoAttack configuration"):
+        from pyautoattack import AutoAttack
+
+        run_autoattack(AutoAttack(tiny, attacks=["apgd-ce"], device="cpu", eps=eps, seed=0, version="custom"),
+                       x, y, batch_size=32, state_path=state_path)

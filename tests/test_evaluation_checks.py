@@ -1,0 +1,141 @@
+"""Reliability checks trigger on constructed bad models and bad results, and pass on a good sweep."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from harness.evaluation.attacks import AttackOptions, EVAL_ATTACKS
+from harness.evaluation.checks import model_checks, result_checks
+from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, load_flags, percent, read_evaluation
+from harness.evaluation.sweep import sweep
+from evaluation_helpers import template_data, train_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return train_tiny(steps=150)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return template_data(120, seed=3)
+
+
+class Probabilities(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).softmax(1)
+
+
+class Randomized(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):  # noise on the input whatever the mode: a randomised defense
+        return self.inner(x + 0.05 * torch.randn_like(x))
+
+
+class Quantized(nn.Module):
+    """Rounds the input to 8 levels: the rounding has zero gradient everywhere (shattered gradients)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 7) / 7)
+
+
+def failed(checks) -> set[str]:
+    return {c.name for c in checks if not c.passed}
+
+
+def test_good_model_passes_model_checks(tiny, data):
+    assert failed(model_checks(tiny, *data)) == set()
+
+
+@pytest.mark.parametrize("wrapper, expected", [(Probabilities, "outputs-are-logits"),
+                                               (Randomized, "deterministic-outputs"),
+                                               (Quantized, "nonzero-input-gradients")])
+def test_bad_models_are_flagged(tiny, data, wrapper, expected):
+    assert expected in failed(model_checks(wrapper(tiny), *data))
+
+
+def test_inputs_outside_unit_range_are_flagged(tiny, data):
+    x, y = data
+    assert "inputs-in-[0,1]" in failed(model_checks(tiny, (x - 0.5) / 0.25, y))
+
+
+def cells(clean: int, table: dict[str, list[int]], eps: list[Fraction]) -> dict[str, np.ndarray]:
+    flags = {"clean": np.arange(100) < clean}
+    for attack, accs in table.items():
+        for e, acc in zip(eps, accs):
+            flags[cell_key(attack, e)] = np.arange(100) < acc
+    for i, e in enumerate(eps):
+        flags[cell_key(WORST_CASE, e)] = np.arange(100) < min(accs[i] for accs in table.values())
+    return flags
+
+
+EPS = [Fraction(0), Fraction(4, 255), Fraction(8, 255)]
+
+
+def test_result_checks_pass_on_consistent_results():
+    flags = cells(80, {"pgd-20": [80, 60, 40], "autoattack-standard": [80, 58, 37]}, EPS)
+    checks, skipped = result_checks(flags, ["pgd-20", "autoattack-standard"], EPS, {})
+    assert failed(checks) == set()
+    assert {s["name"] for s in skipped} == {"square-vs-white-box"}
+
+
+@pytest.mark.parametrize("table, expected", [
+    ({"pgd-20": [79, 60, 40], "autoattack-standard": [80, 58, 37]}, "eps0-equals-clean"),
+    ({"pgd-20": [80, 40, 45], "autoattack-standard": [80, 38, 37]}, "monotone-in-eps"),
+    ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 65, 37]}, "autoattack-le-pgd20"),
+    ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 30, 20]}, "pgd20-autoattack-gap"),
+])
+def test_result_checks_trigger(table, expected):
+    flags = cells(80, table, EPS)
+    checks, _ = result_checks(flags, list(table), EPS, {})
+    assert expected in failed(checks)
+
+
+def test_square_beating_white_box_is_flagged():
+    flags = cells(80, {"pgd-20": [80, 60, 40], "square": [80, 50, 40]}, EPS)
+    checks, _ = result_checks(flags, ["pgd-20", "square"], EPS, {})
+    assert "square-vs-white-box" in failed(checks)
+
+
+def test_autoattack_warnings_become_a_failed_check():
+    flags = cells(80, {"pgd-20": [80, 60, 40], "autoattack-standard": [80, 58, 37]}, EPS)
+    checks, _ = result_checks(flags, ["pgd-20", "autoattack-standard"], EPS,
+                              {"autoattack-standard@8/255": ["Square Attack has decreased the robust accuracy"]})
+    assert "autoattack-warnings" in failed(checks)
+
+
+def test_sweep_is_monotone_eps0_is_clean_and_flags_give_the_table(tiny, data, tmp_path):
+    x, y = data
+    eps_list = [Fraction(0), Fraction(2, 100), Fraction(5, 100), Fraction(8, 100)]
+    options = AttackOptions(batch_size=64)
+    attacks = [EVAL_ATTACKS.get(n).build(options) for n in ("pgd-20", "cw-inf")]
+    store = EvaluationStore.create(tmp_path, {"checkpoint": {}, "dataset": "t", "model": "m", "n": len(y),
+                                              "test_indices": "0..119", "config": {}, "environment": {}})
+    result = sweep(tiny, x, y, attacks, eps_list, store, batch_size=64)
+    assert failed(result.checks) == set()
+    record = read_evaluation(tmp_path / "evaluation.json")
+    flags = load_flags(tmp_path)
+    assert record["status"] == "complete"
+    for row in record["results"]:  # every number is recomputed from the saved flags
+        assert row["robust_accuracy"] == pytest.approx(percent(flags[f"{row['attack']}@{row['eps']}"]))
+    worst = [percent(flags[cell_key(WORST_CASE, e)]) for e in eps_list]
+    assert worst == sorted(worst, reverse=True) and worst[0] == record["clean_accuracy"]
+    assert worst[-1] < worst[0]  # the attacks do something at the largest eps
+    for e in eps_list:
+        assert not np.any(flags[cell_key(WORST_CASE, e)] & ~flags[cell_key("pgd-20", e)])

@@ -1,0 +1,144 @@
+"""`harness eval` end to end on a smoke-preset run, resuming, and bad input (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.data import DATASETS
+from harness.evaluation.flags import load_flags
+from harness.models import build_model
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
+                                    "--data-dir", str(data_dir), "--results", str(results), "-q"])
+    assert out.exit_code == 0, out.output
+    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
+    return run
+
+
+def eval_args(data_dir, *extra):
+    return ["eval", *extra, "--n", "48", "-a", "pgd-20", "-a", "cw-inf", "--eps", "0,4/255,8/255",
+            "--data-dir", str(data_dir), "-q"]
+
+
+def test_eval_writes_the_contract_record_and_flags(run_dir, data_dir):
+    out = CliRunner().invoke(main, eval_args(data_dir, str(run_dir), "--checkpoint", "best"))
+    assert out.exit_code == 0, out.output
+    (path,) = run_dir.glob("eval/best-*/evaluation.json")
+    record = json.loads(path.read_text())
+    assert record["kind"] == "evaluation" and record["schema"] == 1 and record["n"] == 48
+    assert record["checkpoint"]["source"] == "harness" and record["checkpoint"]["label"] == "best"
+    assert record["checkpoint"]["defense"] == "pgd-at" and record["test_indices"] == "0..47"
+    assert record["config"]["eps"] == ["0", "4/255", "8/255"]
+    assert {(r["attack"], r["eps"]) for r in record["results"]} == {
+        (a, e) for a in ("pgd-20", "cw-inf", "worst-case") for e in ("0", "4/255", "8/255")}
+    flags = load_flags(path.parent)
+    assert set(flags) == {"clean"} | {f"{a}@{e}" for a in ("pgd-20", "cw-inf", "worst-case")
+                                      for e in ("0", "4/255", "8/255")}
+    assert all(v.shape == (48,) and v.dtype == bool for v in flags.values())
+    assert record["clean_accuracy"] == pytest.approx(flags["clean"].mean() * 100)
+    assert all(c["passed"] for c in record["checks"]), record["checks"]
+    assert "worst-case" in out.output and "checks:" in out.output
+
+
+def test_interrupted_eval_resumes_and_keeps_completed_cells(run_dir, data_dir):
+    runner = CliRunner()
+    args = eval_args(data_dir, str(run_dir), "--seed", "7")
+    assert runner.invoke(main, args).exit_code == 0
+    (path,) = [p for p in run_dir.glob("eval/last-*/evaluation.json")
+               if json.loads(p.read_text())["config"]["seed"] == 7]
+    record = json.loads(path.read_text())
+    # simulate an interruption before the last cell: drop it and mark the record running
+    record["results"] = [r for r in record["results"] if (r["attack"], r["eps"]) != ("cw-inf", "8/255")
+                         and r["attack"] != "worst-case"]
+    record["status"] = "running"
+    kept = {(r["attack"], r["eps"]): r["seconds"] for r in record["results"]}
+    path.write_text(json.dumps(record))
+    flags = load_flags(path.parent)
+    del flags["cw-inf@8/255"]
+    np.savez_compressed(path.parent / "flags.npz", **flags)
+
+    out = runner.invoke(main, args)
+    assert out.exit_code == 2 and "--resume" in out.output
+    out = runner.invoke(main, args + ["--resume"])
+    assert out.exit_code == 0, out.output
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete"
+    redone = {(r["attack"], r["eps"]): r["seconds"] for r in record["results"]}
+    assert all(redone[k] == v for k, v in kept.items())  # completed cells were not recomputed
+    assert ("cw-inf", "8/255") in redone
+    assert "already evaluated" in runner.invoke(main, args).output
+
+
+def one_line_error(args) -> str:
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 2, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.output
+    return lines[0]
+
+
+def test_unknown_attack(run_dir, data_dir):
+    assert "did you mean 'cw-inf'" in one_line_error(["eval", str(run_dir), "-a", "cw-infinity"])
+
+
+@pytest.mark.parametrize("eps", ["0,2", "-0.1", "8/255,abc"])
+def test_eps_outside_unit_interval_or_malformed(run_dir, eps):
+    assert "eps" in one_line_error(["eval", str(run_dir), "--eps", eps])
+
+
+def test_state_dict_that_does_not_match_the_architecture(tmp_path, data_dir):
+    path = tmp_path / "weights.pt"
+    torch.save(build_model("small-cnn", DATASETS.get("synthetic")).state_dict(), path)
+    line = one_line_error(["eval", str(path), "--model", "small-cnn", "--dataset", "fashion-mnist",
+                           "--data-dir", str(data_dir)])
+    assert "does not match architecture small-cnn" in line and "features.0.weight" in line
+    state = build_model("small-cnn", DATASETS.get("synthetic")).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["classifier.bias"]
+    torch.save(state, path)
+    line = one_line_error(["eval", str(path), "--model", "small-cnn", "--dataset", "synthetic"])
+    assert "missing classifier.bias" in line and "unexpected extra.weight" in line
+
+
+def test_state_dict_without_architecture(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({}, path)
+    assert "--model" in one_line_error(["eval", str(path)])
+
+
+def test_unknown_robustbench_name_suggests_close_ones():
+    line = one_line_error(["eval", "robustbench:cifar10/Linf/Zhang2019Theoretcally"])
+    assert "Zhang2019Theoretically" in line
+    assert "choose from" in one_line_error(["eval", "robustbench:cifar11/Linf/Zhang2019Theoretically"])
+
+
+def test_missing_robustbench_file_says_where_to_put_it(tmp_path):
+    line = one_line_error(["eval", "robustbench:cifar10/Linf/Wong2020Fast", "--robustbench-dir", str(tmp_path)])
+    assert str(tmp_path / "cifar10" / "Linf" / "Wong2020Fast.pt") in line
+
+
+def test_robustbench_model_loads_through_robustbench_offline(tmp_path):
+    """A checkpoint placed where the error says is loaded by robustbench's own loader (no network)."""
+    from harness.evaluation.checkpoints import import_robustbench, load_checkpoint
+
+    _, model_dicts, BenchmarkDataset, ThreatModel = import_robustbench()
+    architecture = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]["Wong2020Fast"]["model"]()
+    target = tmp_path / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    target.parent.mkdir(parents=True)
+    torch.save(architecture.state_dict(), target)
+    loaded = load_checkpoint("robustbench:cifar10/Linf/Wong2020Fast", results_dir=tmp_path / "results",
+                             robustbench_dir=tmp_path)
+    assert loaded.dataset == "cifar10" and loaded.checkpoint["label"] == "published"
+    assert loaded.eval_root == tmp_path / "results" / "external" / "robustbench-cifar10-Linf-Wong2020Fast" / "eval"
+    with torch.no_grad():
+        assert loaded.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
