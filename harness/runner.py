@@ -178,8 +178,9 @@ class Run:
         sched = spec.schedule
         optimizer = torch.optim.SGD(model.parameters(), lr=sched.lr, momentum=sched.momentum,
                                     weight_decay=sched.weight_decay)
-        passes = math.ceil(sched.epochs / defense.replays)
-        record = self._new_record(defense, data, passes)
+        budget = MinibatchBudget(sched.epochs, len(data.train), defense.replays)
+        passes = budget.passes
+        record = self._new_record(defense, data, budget)
         start, best_val = 0, -1.0
         if resume:
             ckpt = load_torch(self.dir / "last.pt", self.device)
@@ -192,7 +193,7 @@ class Run:
             self._say(f"resume {spec.run_id} after pass {start}/{passes}")
 
         for p in range(start, passes):
-            entry = self._train_pass(model, optimizer, defense, data, p, passes)
+            entry = self._train_pass(model, optimizer, defense, data, p, budget)
             record["epochs"].append(entry)
             if entry["val"]["pgd"] > best_val:
                 best_val = entry["val"]["pgd"]
@@ -210,26 +211,23 @@ class Run:
         write_record(self.record_path, record)
         return record
 
-    def _train_pass(self, model, optimizer, defense: Defense, data: PreparedData, p: int, passes: int
-                    ) -> dict[str, Any]:
+    def _train_pass(self, model, optimizer, defense: Defense, data: PreparedData, p: int,
+                    budget: "MinibatchBudget") -> dict[str, Any]:
         spec, loader = self.spec, data.train
+        n_batches = budget.minibatches_in_pass(p)
         defense.start_epoch(p)
         meter = Meter()
-        bar = tqdm(total=len(loader), desc=f"{spec.defense} {p + 1}/{passes}", unit="batch",
+        bar = tqdm(total=n_batches, desc=f"{spec.defense} {p + 1}/{budget.passes}", unit="batch",
                    disable=not self.options.progress, leave=False, dynamic_ncols=True)
         model.train()
         synchronize(self.device)
         t0 = time.perf_counter()
-        # Progress through the run mapped onto the nominal schedule: when ceil(epochs / replays)
-        # passes overshoot `epochs` (Free-AT), the lr milestones keep their place in the run.
-        scale = spec.schedule.epochs / (passes * defense.replays)
-        for i, batch in enumerate(loader.epoch(p)):
-            equivalent = (p + i / len(loader)) * defense.replays
+        for i, batch in zip(range(n_batches), loader.epoch(p)):
             for group in optimizer.param_groups:
-                group["lr"] = spec.schedule.lr_at(equivalent * scale)
+                group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
             meter.add(defense.train_step(model, optimizer, batch), len(batch.y))
             bar.update(1)
-            if i % 10 == 0 or i == len(loader) - 1:
+            if i % 10 == 0 or i == n_batches - 1:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
         synchronize(self.device)
         train_seconds = time.perf_counter() - t0
@@ -240,11 +238,11 @@ class Run:
                             step_size=float(spec.eval_step), steps=spec.eval.val_pgd_steps,
                             batch_size=spec.eval.batch_size).summary()
         synchronize(self.device)
-        entry = {"pass": p + 1, "equivalent_epoch": (p + 1) * defense.replays,
+        entry = {"pass": p + 1, "minibatches": n_batches, "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
                  "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
                  "val_seconds": time.perf_counter() - t1, "train": meter.means(), "val": val,
                  "defense": diagnostics}
-        self._say(f"{spec.defense} pass {p + 1}/{passes}: {train_seconds:.1f}s  "
+        self._say(f"{spec.defense} pass {p + 1}/{budget.passes}: {train_seconds:.1f}s  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in meter.means().items())
                   + f"  val clean {val['clean']:.1f}  val pgd{spec.eval.val_pgd_steps} {val['pgd']:.1f}")
         return entry
@@ -271,12 +269,13 @@ class Run:
         model.load_state_dict(last_state)
         return final
 
-    def _new_record(self, defense: Defense, data: PreparedData, passes: int) -> dict[str, Any]:
+    def _new_record(self, defense: Defense, data: PreparedData, budget: "MinibatchBudget") -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION, "run_id": self.spec.run_id, "status": "running",
             "spec": self.spec.to_dict(), "defense": defense.record(),
             "environment": environment(self.device), "created": _now(),
-            "protocol": {"passes": passes, "equivalent_epochs": passes * defense.replays,
+            "protocol": {"passes": budget.passes, "minibatches": budget.total,
+                         "sgd_steps": budget.total * budget.replays, "equivalent_epochs": budget.epochs,
                          "train_examples": data.train.num_examples, "val_examples": len(data.val.labels),
                          "test_indices": f"0..{len(data.test_indices) - 1}",
                          "eval_attack": {"name": "pgd", "steps": self.spec.eval.pgd_steps,
@@ -286,6 +285,35 @@ class Run:
             "epochs": [], "final": {}, "checkpoints": {"last": str(self.dir / "last.pt"),
                                                        "best": str(self.dir / "best.pt")},
         }
+
+
+@dataclass(frozen=True)
+class MinibatchBudget:
+    """How many minibatches a run trains on, so every defense takes the schedule's SGD steps.
+
+    A defense that replays each minibatch `replays` times (Free-AT's m) sees `epochs / replays`
+    passes over the data; the last pass stops early when that is not a whole number, so the SGD
+    step count, and with it the lr schedule in equivalent epochs, matches PGD-AT's exactly.
+    """
+
+    epochs: int
+    batches_per_pass: int
+    replays: int
+
+    @property
+    def total(self) -> int:
+        return math.ceil(self.epochs * self.batches_per_pass / self.replays)
+
+    @property
+    def passes(self) -> int:
+        return math.ceil(self.total / self.batches_per_pass)
+
+    def minibatches_in_pass(self, p: int) -> int:
+        return min(self.batches_per_pass, self.total - p * self.batches_per_pass)
+
+    def equivalent_epoch(self, p: int, i: int) -> float:
+        """Equivalent epochs (SGD steps / batches per pass) done before minibatch i of pass p."""
+        return (p * self.batches_per_pass + i) * self.replays / self.batches_per_pass
 
 
 def _now() -> str:

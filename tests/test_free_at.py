@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,16 +78,20 @@ def test_perturbation_persists_across_minibatches_and_a_smaller_last_batch(train
     assert torch.equal(restored.delta, defense.delta)
 
 
-def test_runner_counts_passes_equivalent_epochs_and_keeps_the_lr_schedule(tmp_path, data_dir):
-    """epochs 3 with m = 2: ceil(3/2) = 2 passes = 4 equivalent epochs; a milestone at half the
-    run falls at the start of the second pass (not at the end of the first)."""
+def test_runner_matches_sgd_steps_and_keeps_the_lr_schedule(tmp_path, data_dir):
+    """Smoke: 4 minibatches per pass. epochs 3 with m = 2 is 3 * 4 / 2 = 6 minibatches (12 SGD
+    steps, as PGD-AT's 3 epochs): one full pass and 2 minibatches of a second. The milestone at
+    half the run (1.5 equivalent epochs) falls at the 4th minibatch of the first pass."""
     spec = make_spec("free-at", "synthetic", "smoke", epochs=3, overrides=("replays=2",))
     spec = dataclasses.replace(spec, schedule=dataclasses.replace(spec.schedule, lr_milestones=(0.5,)))
     options = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"),
                          download=False, progress=False)
     record = run(spec, options)
-    assert record["protocol"]["passes"] == 2 and record["protocol"]["equivalent_epochs"] == 4
-    assert [e["equivalent_epoch"] for e in record["epochs"]] == [2, 4]
-    lr = spec.schedule.lr
-    assert [e["lr"] for e in record["epochs"]] == [lr, lr * spec.schedule.lr_decay]
+    protocol = record["protocol"]
+    assert (protocol["passes"], protocol["minibatches"], protocol["sgd_steps"]) == (2, 6, 12)
+    assert protocol["equivalent_epochs"] == 3
+    assert [e["minibatches"] for e in record["epochs"]] == [4, 2]
+    assert [e["equivalent_epoch"] for e in record["epochs"]] == [2, 3]
+    decayed = spec.schedule.lr * spec.schedule.lr_decay
+    assert [e["lr"] for e in record["epochs"]] == [pytest.approx(decayed)] * 2
     assert record["defense"]["replays"] == 2 and record["defense"]["attack_bn"] == "train"

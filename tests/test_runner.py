@@ -133,3 +133,15 @@ def test_reference_preset_uses_the_defense_schedule():
     spec = make_spec("pgd-at", "synthetic", "reference")
     assert spec.schedule.epochs == 200 and spec.schedule.lr_at(100) == pytest.approx(0.01)
     assert make_spec("pgd-at", "synthetic", "paper").schedule.epochs == 100
+
+
+@pytest.mark.parametrize("epochs, batches, replays, passes, last", [
+    (3, 40, 1, 3, 40), (3, 40, 8, 1, 15), (200, 391, 8, 25, 391), (3, 4, 2, 2, 2)])
+def test_minibatch_budget_matches_sgd_steps(epochs, batches, replays, passes, last):
+    from harness.runner import MinibatchBudget
+
+    budget = MinibatchBudget(epochs, batches, replays)
+    assert budget.passes == passes and budget.minibatches_in_pass(passes - 1) == last
+    steps = sum(budget.minibatches_in_pass(p) for p in range(passes)) * replays
+    assert steps >= epochs * batches and steps - epochs * batches < replays
+    assert budget.equivalent_epoch(passes - 1, last) == pytest.approx(steps / batches)
