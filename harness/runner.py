@@ -254,6 +254,9 @@ class Run:
         best = load_torch(self.dir / "best.pt", self.device)
         final: dict[str, Any] = {}
         for label, state, chosen_pass in (("last", last_state, passes), ("best", best["model"], best["pass"])):
+            if label == "best" and chosen_pass == passes:  # the same weights: the same numbers
+                final["best"] = {**final["last"], "same_as": "last"}
+                continue
             model.load_state_dict(state)
             torch.manual_seed(spec.seed + 1)  # the same attack randomness for every checkpoint
             bar = tqdm(total=len(data.test.labels), desc=f"eval {label}", unit="img",

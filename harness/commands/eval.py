@@ -42,7 +42,7 @@ def digest(config: dict) -> str:
 
 
 @main.command("eval")
-@click.argument("target")
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
 @click.option("--checkpoint", "label", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="Which checkpoint of a harness run (last epoch, or best PGD accuracy on validation).")
 @click.option("--attack", "-a", "attacks", multiple=True, metavar="NAME",
@@ -80,13 +80,13 @@ def digest(config: dict) -> str:
 @click.option("--force", is_flag=True, help="Discard an earlier evaluation with this config and redo it.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final table and checks.")
-def eval_command(target, label, attacks, eps_text, n, autoattack_version, autoattack_attacks, pgd_step,
+def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoattack_attacks, pgd_step,
                  pgd_restarts, seed, batch_size, model_name, dataset, results_dir, data_dir, robustbench_dir,
                  device, resume, force, no_download, quiet):
-    """Evaluate a checkpoint: clean accuracy, every attack at every eps, robust flags and checks.
+    """Evaluate checkpoints: clean accuracy, every attack at every eps, robust flags and checks.
 
     \b
-    TARGET is one of
+    Each TARGET (several may be given, e.g. results/*/) is one of
       <results>/<run id>               a harness run directory (--checkpoint last|best)
       <run id>                         looked up in --results
       path/to/weights.pt               a plain state dict, with --model and --dataset
@@ -118,34 +118,35 @@ def eval_command(target, label, attacks, eps_text, n, autoattack_version, autoat
                             autoattack_attacks=tuple(a for a in autoattack_attacks.split(",") if a))
     dev = resolve_device(device)
 
-    loaded = load_checkpoint(target, label=label, results_dir=results_dir, model_name=model_name,
-                             dataset=dataset, robustbench_dir=robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
-    info = DATASETS.get(loaded.dataset)
-    eps_list = eps_override if eps_override is not None else sorted(info.eps_sweep)
-    test = load_split(info, data_dir, train=False, download=not no_download)
-    if n is not None and n > len(test.labels):
-        raise HarnessError(f"--n {n} exceeds the {len(test.labels)} test examples of {info.name}")
-    count = n or len(test.labels)
-    x = test.images[:count].float().div(255).to(dev)
-    y = test.labels[:count].to(dev)
-    model = loaded.model.to(dev)
+    for target in targets:
+        loaded = load_checkpoint(target, label=label, results_dir=results_dir, model_name=model_name,
+                                 dataset=dataset, robustbench_dir=robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
+        info = DATASETS.get(loaded.dataset)
+        eps_list = eps_override if eps_override is not None else sorted(info.eps_sweep)
+        test = load_split(info, data_dir, train=False, download=not no_download)
+        if n is not None and n > len(test.labels):
+            raise HarnessError(f"--n {n} exceeds the {len(test.labels)} test examples of {info.name}")
+        count = n or len(test.labels)
+        x = test.images[:count].float().div(255).to(dev)
+        y = test.labels[:count].to(dev)
+        model = loaded.model.to(dev)
 
-    thresholds = Thresholds()
-    config = {"attacks": {name: EVAL_ATTACKS.get(name).build(options).config() for name in names},
-              "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": seed,
-              "batch_size": batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
-              "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"}
-    directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': loaded.checkpoint})}"
-    store = _open_store(directory, resume, force, {
-        "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
-        "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
-    say = (lambda _: None) if quiet else click.echo
-    if not store.complete:
-        attack_objs = [EVAL_ATTACKS.get(name).build(replace(options, state_dir=directory)) for name in names]
-        sweep(model, x, y, attack_objs, eps_list, store, batch_size=batch_size, thresholds=thresholds, say=say)
-    else:
-        click.echo(f"already evaluated (use --force to redo): {directory}")
-    _print_summary(store, names, eps_list)
+        thresholds = Thresholds()
+        config = {"attacks": {name: EVAL_ATTACKS.get(name).build(options).config() for name in names},
+                  "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": seed,
+                  "batch_size": batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
+                  "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"}
+        directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': loaded.checkpoint})}"
+        store = _open_store(directory, resume, force, {
+            "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
+            "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
+        say = (lambda _: None) if quiet else click.echo
+        if not store.complete:
+            attack_objs = [EVAL_ATTACKS.get(name).build(replace(options, state_dir=directory)) for name in names]
+            sweep(model, x, y, attack_objs, eps_list, store, batch_size=batch_size, thresholds=thresholds, say=say)
+        else:
+            click.echo(f"already evaluated (use --force to redo): {directory}")
+        _print_summary(store, names, eps_list)
 
 
 def _open_store(directory: Path, resume: bool, force: bool, header: dict):

@@ -31,7 +31,9 @@ from harness.storage import load_torch
 ROBUSTBENCH_PREFIX = "robustbench:"
 DEFAULT_ROBUSTBENCH_DIR = Path(os.environ.get("HARNESS_ROBUSTBENCH_DIR",
                                               Path.home() / ".cache" / "harness" / "robustbench"))
-REFERENCE_DIR = Path(os.environ.get("HARNESS_REFERENCE", "/work/shared/reference")) / "robustbench" / "model_info"
+# Optional: a copy of RobustBench's model_info JSONs (adds names and paper titles to messages).
+REFERENCE_DIR = (Path(os.environ["HARNESS_REFERENCE"]) / "robustbench" / "model_info"
+                 if os.environ.get("HARNESS_REFERENCE") else None)
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # robustbench -> harness data set
 
 
@@ -171,8 +173,8 @@ def robustbench_names(dataset: str, threat: str) -> list[str]:
         names |= set(model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)])
     except (ValueError, KeyError):
         pass  # an unknown data set or threat model is reported by the caller with the valid choices
-    ref = REFERENCE_DIR / dataset / threat
-    if ref.is_dir():
+    ref = REFERENCE_DIR / dataset / threat if REFERENCE_DIR is not None else None
+    if ref is not None and ref.is_dir():
         names |= {p.stem for p in ref.glob("*.json")}
     return sorted(names)
 
@@ -231,6 +233,8 @@ def load_robustbench(text: str, results_dir: Path, model_dir: Path) -> LoadedChe
 
 def _paper_name(spec: RobustBenchName) -> str | None:
     """The paper's name from the reference model_info JSON, when there is one."""
+    if REFERENCE_DIR is None:
+        return None
     path = REFERENCE_DIR / spec.dataset / spec.threat / f"{spec.name}.json"
     if not path.exists():
         return None
