@@ -25,6 +25,7 @@ from fractions import Fraction
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.config import Schedule, to_jsonable
@@ -104,6 +105,37 @@ class Defense(abc.ABC):
         return {"name": self.name, "config": to_jsonable(self.config), "replays": self.replays}
 
 
+class PerExampleEps(Defense):
+    """A defense that remembers each training example's eps across epochs (MMA, IAAT).
+
+    The state is a (train_size,) tensor indexed by `Batch.index`, created in `setup` and saved in
+    checkpoints so `--resume` continues with the same margins.
+    """
+
+    eps_state: torch.Tensor
+
+    def setup(self, model: nn.Module) -> None:
+        self.eps_state = torch.zeros(self.context.train_size, device=self.context.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eps": self.eps_state.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        eps = state["eps"]
+        if eps.shape != (self.context.train_size,):
+            raise ValueError(f"{self.name}: checkpoint eps has shape {tuple(eps.shape)}, "
+                             f"expected ({self.context.train_size},)")
+        self.eps_state = eps.to(self.context.device).clone()
+
+    def eps_statistics(self, upper: float) -> dict[str, Any]:
+        """Contract-A statistics of the remembered eps over [0, upper], and the share at zero."""
+        from harness.eps_stats import eps_summary
+
+        eps = self.eps_state.float()
+        return {**eps_summary(eps, 0.0, upper), "eps_max": eps.max().item(),
+                "frac_zero": (eps == 0).float().mean().item()}
+
+
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
@@ -124,3 +156,13 @@ def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).float().mean().detach()
+
+
+def adversarial_ce_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_adv: torch.Tensor,
+                        y: torch.Tensor) -> StepStats:
+    """The outer minimisation of PGD-AT and its relatives: CE on the adversarial batch, train mode."""
+    model.train()
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    sgd_step(optimizer, loss)
+    return {"loss": loss.detach(), "adv_acc": accuracy(logits, y)}

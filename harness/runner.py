@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from harness.config import PRESETS, EvalSpec, RunSpec, apply_overrides, parse_eps
+from harness.config import PRESETS, RunSpec, apply_overrides, parse_eps
 from harness.data import DATASETS, DatasetInfo, Split, TensorLoader, load_split, split_train_val
 from harness.defense import DEFENSES, Defense, DefenseContext
 from harness.environment import environment, synchronize

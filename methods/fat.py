@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from harness.attacks import pgd
 from harness.config import Schedule
-from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError
 
 
@@ -126,11 +125,7 @@ class FAT(Defense):
 
     def train_step(self, model, optimizer, batch):
         x_adv = self.perturb(model, batch).x_adv
-        model.train()
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, batch.y)
-        sgd_step(optimizer, loss)
-        return {"loss": loss.detach(), "adv_acc": accuracy(logits, batch.y)}
+        return adversarial_ce_step(model, optimizer, x_adv, batch.y)
 
     def end_epoch(self, epoch):
         return {"tau": self.tau, "mean_steps": float(self._steps_sum) / max(self._examples, 1)}

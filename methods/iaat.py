@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from harness.attacks import model_mode, pgd
 from harness.config import Schedule, to_jsonable
-from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.defense import PerExampleEps, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError
 
 
@@ -62,7 +61,7 @@ class IAATConfig:
 
 
 @register_defense("iaat")
-class IAAT(Defense):
+class IAAT(PerExampleEps):
     """IAAT (Balaji et al. 2019): per-example eps raised while robust, lowered when not, PGD-10 CE."""
 
     Config = IAATConfig
@@ -75,7 +74,6 @@ class IAAT(Defense):
 
     def __init__(self, config: IAATConfig, context):
         super().__init__(config, context)
-        self.eps_state: torch.Tensor | None = None
         self.epoch = 0
 
     # ---------------------------------------------------------------- resolved values
@@ -92,8 +90,6 @@ class IAAT(Defense):
     def in_warmup(self) -> bool:
         return self.epoch < self.warmup_epochs
 
-    def setup(self, model) -> None:
-        self.eps_state = torch.zeros(self.context.train_size, device=self.context.device)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,29 +132,12 @@ class IAAT(Defense):
         eps = self.select_eps(model, batch)
         self.eps_state[batch.index] = eps
         x_adv = self._attack(model, batch.x, batch.y, eps)
-        model.train()
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, batch.y)
-        sgd_step(optimizer, loss)
-        return {"loss": loss.detach(), "adv_acc": accuracy(logits, batch.y), "eps_mean": eps.mean(),
-                "eps_zero": (eps == 0).float().mean()}
+        stats = adversarial_ce_step(model, optimizer, x_adv, batch.y)
+        return {**stats, "eps_mean": eps.mean(), "eps_zero": (eps == 0).float().mean()}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
-        eps = self.eps_state.float()
-        q = torch.quantile(eps, torch.tensor([0.05, 0.5, 0.95], device=eps.device)).tolist()
-        return {"eps_mean": eps.mean().item(), "eps_std": eps.std().item(), "eps_p05": q[0],
-                "eps_p50": q[1], "eps_p95": q[2], "eps_max": eps.max().item(),
-                "frac_zero": (eps == 0).float().mean().item(), "warmup": epoch < self.warmup_epochs}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"eps": self.eps_state.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        eps = state["eps"]
-        if eps.shape != (self.context.train_size,):
-            raise ValueError(f"iaat: checkpoint eps has shape {tuple(eps.shape)}, "
-                             f"expected ({self.context.train_size},)")
-        self.eps_state = eps.to(self.context.device).clone()
+        upper = max(self.eps_state.max().item(), self.config.eps_rel * self.context.eps_float)
+        return {**self.eps_statistics(upper=upper), "warmup": epoch < self.warmup_epochs}
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "attack_bn": self.config.attack_bn, "warmup_epochs": self.warmup_epochs,

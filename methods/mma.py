@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from harness.attacks import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
-from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.defense import PerExampleEps, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError
 
 
@@ -103,7 +103,7 @@ class MMAConfig:
 
 
 @register_defense("mma")
-class MMA(Defense):
+class MMA(PerExampleEps):
     """MMA (Ding et al. 2020): per-example margins from AN-PGD + bisection, CE at the margin below d_max."""
 
     Config = MMAConfig
@@ -113,10 +113,6 @@ class MMA(Defense):
     reference_schedule: ClassVar[Schedule] = Schedule(epochs=142, batch_size=128, lr=0.3,
                                                       lr_milestones=(0.4, 0.6, 0.8),
                                                       lr_values=(0.09, 0.03, 0.009), weight_decay=2e-4)
-
-    def __init__(self, config: MMAConfig, context):
-        super().__init__(config, context)
-        self.eps_state: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- resolved budgets
 
@@ -132,8 +128,6 @@ class MMA(Defense):
     def min_eps(self) -> float:
         return self.config.min_eps_rel * self.context.eps_float
 
-    def setup(self, model) -> None:
-        self.eps_state = torch.zeros(self.context.train_size, device=self.context.device)
 
     # ---------------------------------------------------------------- AN-PGD
 
@@ -190,21 +184,9 @@ class MMA(Defense):
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Statistics of the remembered eps over the training set (0 = misclassified at last visit)."""
-        eps = self.eps_state.float()
-        q = torch.quantile(eps, torch.tensor([0.05, 0.5, 0.95], device=eps.device)).tolist()
-        return {"eps_mean": eps.mean().item(), "eps_std": eps.std().item(), "eps_p05": q[0],
-                "eps_p50": q[1], "eps_p95": q[2], "frac_zero": (eps == 0).float().mean().item(),
+        eps = self.eps_state
+        return {**self.eps_statistics(upper=self.search_max),
                 "frac_at_hinge": (eps >= self.d_max).float().mean().item(), "d_max": self.d_max}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"eps": self.eps_state.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        eps = state["eps"]
-        if eps.shape != (self.context.train_size,):
-            raise ValueError(f"mma: checkpoint eps has shape {tuple(eps.shape)}, "
-                             f"expected ({self.context.train_size},)")
-        self.eps_state = eps.to(self.context.device).clone()
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "attack_bn": self.config.attack_bn, "search_bn": self.config.search_bn,

@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
 
 from harness.attacks import pgd
 from harness.config import Schedule
-from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,4 @@ class PGDAT(Defense):
 
     def train_step(self, model, optimizer, batch):
         x_adv = self.perturb(model, batch).x_adv
-        model.train()
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, batch.y)
-        sgd_step(optimizer, loss)
-        return {"loss": loss.detach(), "adv_acc": accuracy(logits, batch.y)}
+        return adversarial_ce_step(model, optimizer, x_adv, batch.y)

@@ -87,7 +87,6 @@ def test_state_round_trips(name, trained_model, train_batch, synthetic_info):
 @pytest.mark.parametrize("name", ALL)
 def test_documented_and_recorded(name, synthetic_info):
     cls = DEFENSES.get(name)
-    doc = (cls.__doc__ or "") + (__import__(cls.__module__).__doc__ or "" if False else "")
     module_doc = __import__(cls.__module__, fromlist=["_"]).__doc__ or ""
     assert cls.__doc__ and module_doc, f"{name}: class and module docstrings cite the paper and reference"
     assert "Reference" in module_doc or "reference" in module_doc
