@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.attacks import model_mode, pgd
+from harness.attacks import model_mode, pgd_until_fooled
 
 
 @dataclass(frozen=True)
 class Accuracy:
     clean: torch.Tensor  # (N,) bool: correct on the clean input
-    robust: torch.Tensor  # (N,) bool: correct on every restart's adversarial example (and clean)
+    robust: torch.Tensor  # (N,) bool: clean-correct and no iterate of any restart fools it
 
     def summary(self, prefix: str = "") -> dict[str, float | int]:
         n = len(self.clean)
@@ -26,7 +26,11 @@ class Accuracy:
 
 def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
                   steps: int, restarts: int = 1, batch_size: int = 256, progress=None) -> Accuracy:
-    """Per-sample clean and PGD-`steps` correctness, model in eval mode, in batches."""
+    """Per-sample clean and PGD-`steps` correctness, model in eval mode, in batches.
+
+    The same counting as `harness eval`: a point is broken when any iterate fools it, so the run
+    record's PGD accuracy and the evaluation suite's agree by construction.
+    """
     clean, robust = [], []
     with model_mode(model, "eval"):
         for start in range(0, len(y), batch_size):
@@ -34,10 +38,12 @@ def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
             with torch.no_grad():
                 ok = model(xb).argmax(1) == yb
             rob = ok.clone()
-            for _ in range(restarts):
-                x_adv = pgd(model, xb, yb, eps, steps=steps, step_size=step_size, mode="eval")
-                with torch.no_grad():
-                    rob &= model(x_adv).argmax(1) == yb
+            for _ in range(restarts):  # each restart attacks only the points still standing
+                alive = rob.nonzero().squeeze(1)
+                if len(alive) == 0:
+                    break
+                _, fooled = pgd_until_fooled(model, xb[alive], yb[alive], eps, steps=steps, step_size=step_size)
+                rob[alive[fooled]] = False
             clean.append(ok.cpu())
             robust.append(rob.cpu())
             if progress is not None:
