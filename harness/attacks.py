@@ -199,14 +199,6 @@ class AttackInfo:
 ATTACKS: Registry[AttackInfo] = Registry("attack")
 
 
-def register_attack(name: str, description: str):
-    def decorate(fn):
-        ATTACKS.add(name, AttackInfo(name, description, fn))
-        return fn
-
-    return decorate
-
-
 # The evaluation attacks (PGD-k, CW-inf, AutoAttack, Square) register themselves here; importing them
 # at the end keeps `ATTACKS` complete for every importer of this module.
 from harness.evaluation import attacks as _evaluation_attacks  # noqa: E402,F401

@@ -276,7 +276,6 @@ class TensorLoader:
                  shuffle: bool, augment: bool, seed: int = 0):
         self.images = split.images[indices].to(device)
         self.labels = split.labels[indices].to(device)
-        self.source_indices = indices  # positions in the on-disk split, recorded for provenance
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
