@@ -85,9 +85,21 @@ class CueEpsConfig:
     hist_bins: int = 20
     collapse_fraction: float = 0.9  # warn when more than this share of eps ...
     collapse_tolerance: float = 0.01  # ... lies within this fraction of (eps_max - eps_min) of a bound
+    eps_target_rel: float = 1.0  # where the batch-mean eps is held: this x the run's eps
+
+    @property
+    def holds_mean(self) -> bool:
+        """Whether the batch-mean eps is held at `target` (by renormalisation or otherwise)."""
+        return self.renormalises
+
+    @property
+    def renormalises(self) -> bool:
+        """Whether scores are renormalised to the target mean (`hold_mean`) before the eps map."""
+        return False
 
     def validate(self) -> None:
         check_cue_names(self.cues)
+        _require(self.eps_target_rel > 0, f"eps_target_rel must be positive, got {self.eps_target_rel}")
         _require(self.mc_samples >= 1, f"mc_samples (T) must be at least 1, got {self.mc_samples}")
         _require(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
         _require(self.step_size_rel > 0, f"step_size_rel must be positive, got {self.step_size_rel}")
@@ -114,6 +126,15 @@ class CueEpsConfig:
                                       f"outside [0, 1]; lower {name}_rel or set {name} explicitly")
         _require(lo <= hi, f"eps_min {fraction_str(lo)} > eps_max {fraction_str(hi)}; swap them")
         return lo, hi
+
+    def target(self, eps: Fraction) -> Fraction:
+        """The held batch-mean eps; when held, it must lie strictly inside (eps_min, eps_max)."""
+        lo, hi = self.bounds(eps)
+        value = _fraction(self.eps_target_rel) * eps
+        _require(not self.holds_mean or lo < value < hi,
+                 f"target mean eps {fraction_str(value)} must lie strictly between eps_min "
+                 f"{fraction_str(lo)} and eps_max {fraction_str(hi)}; widen the bounds or change eps_target_rel")
+        return value
 
 
 def _require(ok: bool, message: str) -> None:
@@ -149,6 +170,7 @@ class CueScheduledDefense(Defense):
         super().__init__(config, context)
         lo, hi = config.bounds(context.eps)
         self.eps_min, self.eps_max = float(lo), float(hi)
+        self.eps_target = float(config.target(context.eps))
         self.model: nn.Module | None = None
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps_done = 0
@@ -157,7 +179,7 @@ class CueScheduledDefense(Defense):
     @classmethod
     def check_spec(cls, spec: Any) -> None:
         config = spec.defense_config
-        config.bounds(spec.eps)
+        config.target(spec.eps)  # checks the bounds too
         if config.mc_mode == "full" and "mc_variance" in config.cues and spec.dropout == 0:
             raise HarnessError("mc_mode=full needs a model built with dropout: pass --dropout 0.1 "
                                "(or use --set mc_mode=head)")
@@ -184,6 +206,8 @@ class CueScheduledDefense(Defense):
         cues = compute_cues(model, x, clean, cfg.cues, norm=cfg.grad_norm, mc_mode=cfg.mc_mode,
                             mc_samples=cfg.mc_samples, mc_head_dropout=cfg.mc_head_dropout)
         g = self.score(normalised(cues, cfg.constant_cue_value), track)
+        if cfg.renormalises:
+            g = hold_mean(g, (self.eps_target - self.eps_min) / (self.eps_max - self.eps_min))
         return Scheduled(self.eps_min + (self.eps_max - self.eps_min) * g, clean, cues)
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: Scheduled) -> torch.Tensor:
@@ -285,7 +309,9 @@ class CueScheduledDefense(Defense):
         cfg = self.config
         lo, hi = cfg.bounds(self.context.eps)
         return {**super().record(), "objective": self.objective, "eps_min": fraction_str(lo),
-                "eps_max": fraction_str(hi), "cues": list(cfg.cues), "attack_bn": cfg.attack_bn,
+                "eps_max": fraction_str(hi),
+                "eps_target": fraction_str(cfg.target(self.context.eps)) if cfg.holds_mean else None,
+                "cues": list(cfg.cues), "attack_bn": cfg.attack_bn,
                 "mc_mode": cfg.mc_mode if "mc_variance" in cfg.cues else None,
                 "first_step": ("clean-input gradient applied at the random start" if cfg.share_first_step
                                else "own gradient at the start point")}
@@ -337,12 +363,19 @@ class EpsScheduler(nn.Module):
 class ADESConfig(CueEpsConfig):
     hidden: int = 16
     objective: Literal["budget", "joint"] = "budget"  # budget: `ades`; joint: `ades-joint` (literal)
-    eps_target_rel: float = 1.0  # budget: batch-mean eps held at this x the run's eps
     budget_control: Literal["renormalise", "penalty"] = "renormalise"
     budget_penalty: float = 10.0  # penalty weight on ((mean eps - target) / target)^2
     scheduler_optimizer: Literal["adam", "sgd"] = "adam"
     scheduler_lr: float = 1e-3
     scheduler_every: int = 1  # phi takes a step every this many training steps
+
+    @property
+    def holds_mean(self) -> bool:
+        return self.objective == "budget"
+
+    @property
+    def renormalises(self) -> bool:
+        return self.objective == "budget" and self.budget_control == "renormalise"
 
     def validate(self) -> None:
         super().validate()
@@ -350,16 +383,6 @@ class ADESConfig(CueEpsConfig):
         _require(self.scheduler_lr > 0, f"scheduler_lr must be positive, got {self.scheduler_lr}")
         _require(self.scheduler_every >= 1, f"scheduler_every must be at least 1, got {self.scheduler_every}")
         _require(self.budget_penalty >= 0, f"budget_penalty must be non-negative, got {self.budget_penalty}")
-        _require(self.eps_target_rel > 0, f"eps_target_rel must be positive, got {self.eps_target_rel}")
-
-    def target(self, eps: Fraction) -> Fraction:
-        """The budget objective's batch-mean eps; it must lie strictly inside (eps_min, eps_max)."""
-        lo, hi = self.bounds(eps)
-        value = _fraction(self.eps_target_rel) * eps
-        _require(self.objective == "joint" or lo < value < hi,
-                 f"target mean eps {fraction_str(value)} must lie strictly between eps_min "
-                 f"{fraction_str(lo)} and eps_max {fraction_str(hi)}; widen the bounds or change eps_target_rel")
-        return value
 
 
 @dataclass(frozen=True)
@@ -375,18 +398,12 @@ class ADES(CueScheduledDefense):
 
     def __init__(self, config: ADESConfig, context):
         super().__init__(config, context)
-        self.eps_target = float(config.target(context.eps))
         self.scheduler: EpsScheduler | None = None
         self.scheduler_optimizer: torch.optim.Optimizer | None = None
 
     @property
     def objective(self) -> str:  # type: ignore[override]
         return self.config.objective
-
-    @classmethod
-    def check_spec(cls, spec: Any) -> None:
-        super().check_spec(spec)
-        spec.defense_config.target(spec.eps)
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
@@ -401,16 +418,9 @@ class ADES(CueScheduledDefense):
             self.scheduler_optimizer = torch.optim.SGD(params, lr=cfg.scheduler_lr, momentum=0.9,
                                                        maximize=maximise)
 
-    @property
-    def _renormalises(self) -> bool:
-        return self.config.objective == "budget" and self.config.budget_control == "renormalise"
-
     def score(self, s, track):
         with torch.set_grad_enabled(track):
-            g = self.scheduler(s)
-            if self._renormalises:
-                g = hold_mean(g, (self.eps_target - self.eps_min) / (self.eps_max - self.eps_min))
-        return g
+            return self.scheduler(s)
 
     def tracks_scheduler(self) -> bool:
         return self.steps_done % self.config.scheduler_every == 0
@@ -443,7 +453,6 @@ class ADES(CueScheduledDefense):
         cfg = self.config
         budget = cfg.objective == "budget"
         return {**super().record(),
-                "eps_target": fraction_str(cfg.target(self.context.eps)) if budget else None,
                 "budget_control": cfg.budget_control if budget else None,
                 "scheduler": to_jsonable({"layers": [len(cfg.cues), cfg.hidden, 1],
                                           "optimizer": cfg.scheduler_optimizer, "lr": cfg.scheduler_lr,

@@ -104,6 +104,22 @@ def test_budget_variant_holds_the_batch_mean_at_target(trained_model, train_batc
     assert torch.cat(defense._epoch_eps).std() > 0
 
 
+def test_static_des_holds_the_batch_mean_by_default(trained_model, train_batch, synthetic_info):
+    held = make("static-des", synthetic_info, weights=(1.0, 0.0, 0.0))
+    free = make("static-des", synthetic_info, weights=(1.0, 0.0, 0.0), budget_control="none")
+    for defense in (held, free):
+        defense.setup(trained_model)
+    torch.manual_seed(0)
+    eps_held = held.schedule(trained_model, train_batch.x, train_batch.y).eps
+    torch.manual_seed(0)
+    eps_free = free.schedule(trained_model, train_batch.x, train_batch.y).eps
+    target = float(synthetic_info.eps)
+    assert abs(eps_held.mean().item() - target) <= 1e-3 * target and eps_held.std() > 0
+    assert abs(eps_free.mean().item() - target) > 1e-2 * target  # so the control had work to do
+    assert eps_held.min() >= held.eps_min - 1e-7 and eps_held.max() <= held.eps_max + 1e-7
+    assert spearman(eps_held, eps_free) == pytest.approx(1.0, abs=1e-6)  # the order of the budgets is kept
+
+
 def test_hold_mean_keeps_mean_bounds_and_order():
     g = torch.tensor([0.99, 0.98, 0.97, 0.2])
     out = hold_mean(g, 0.5)
@@ -160,12 +176,12 @@ def test_batch_of_one_gives_finite_budgets(name, trained_model, train_batch, syn
     assert all(math.isfinite(float(v)) for v in stats.values())
     eps = defense._epoch_eps[-1]
     assert torch.isfinite(eps).all() and defense.eps_min <= eps.item() <= defense.eps_max
-    if name == "ades":
+    if name != "ades-joint":  # the held mean of a batch of one is its budget
         assert eps.item() == pytest.approx(float(synthetic_info.eps), rel=1e-5)
 
 
 def test_static_des_with_gradient_weight_only_orders_like_grad_norm(trained_model, train_batch, synthetic_info):
-    defense = make("static-des", synthetic_info, weights=(1.0, 0.0, 0.0))
+    defense = make("static-des", synthetic_info, weights=(1.0, 0.0, 0.0), budget_control="none")
     defense.setup(trained_model)
     _, eps = defense.perturb(trained_model, train_batch)
     with model_mode(trained_model, defense.config.attack_bn):
@@ -264,6 +280,7 @@ def test_eps_statistics_helpers():
 def test_record_carries_resolved_bounds_cues_and_objective(name, objective, synthetic_info):
     record = make(name, synthetic_info).record()
     assert record["eps_min"] == "4/255" and record["eps_max"] == "4/85"  # 12/255
+    assert record["eps_target"] == (None if name == "ades-joint" else "8/255")
     assert record["objective"] == objective and record["cues"] == ["grad_norm", "entropy", "mc_variance"]
 
 
@@ -288,6 +305,9 @@ def test_bad_static_weights_and_good_full_mode_spec():
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=1,0",))
     with pytest.raises(HarnessError, match="outside"):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_max=3/2",))
+    with pytest.raises(HarnessError, match="strictly between"):
+        make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_target_rel=1.5",))
+    make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_target_rel=1.5", "budget_control=none"))
     spec = make_spec("ades", "fashion-mnist", "smoke", overrides=("mc_mode=full",), dropout=0.1)
     assert spec.defense_config.mc_mode == "full"
 
