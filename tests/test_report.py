@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -167,6 +168,18 @@ def test_table3_ratio_and_floor(report):
     cpu = next(t for t in report.table3 if "CPU" in t.key)
     assert cpu.export["floor_seconds_fp32"].isna().all()
     assert any("unknown to the harness" in n for n in cpu.notes)
+
+
+def test_epoch_seconds_count_the_equivalent_epochs_each_pass_made():
+    """A full Free-AT pass (m = 8) is 8 equivalent epochs; the quick preset's truncated pass is 3."""
+    def run(replays, epochs):
+        record = {"defense": {"replays": replays},
+                  "epochs": [{"train_seconds": s, "equivalent_epoch": e} for s, e in epochs]}
+        return SimpleNamespace(record=record, replays=replays)
+
+    assert tables.epoch_seconds([run(1, [(10.0, 1.0), (12.0, 2.0)])]) == [10.0, 12.0]
+    assert tables.epoch_seconds([run(8, [(80.0, 8.0), (40.0, 12.0)])]) == [10.0, 10.0]
+    assert tables.epoch_seconds([run(8, [(4.8, 3.0)])]) == [pytest.approx(1.6)]
 
 
 def test_paper_floor_flags_pgd_at_claim_as_impossible(report):
