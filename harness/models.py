@@ -94,11 +94,11 @@ def small_cnn(dataset: DatasetInfo, dropout: float) -> Classifier:
     120 SGD steps (with none, quick PGD-AT ends near 66/52 instead of 73/56), and the more layers
     have it the better Free-AT does there. But BN costs as much in an attack step's input-only
     backward as in a training backward, so BN on full-resolution activations makes PGD-AT's step
-    memory-bound on a CPU: on a 2-core CPU, with BN after every convolution before pooling, the
-    PGD-10 AT step / clean step ratio (`harness bench at-step`, target 8.5) measured 8.8-9.4;
-    normalising after the pool, on a quarter of the activations, and leaving the first convolution
-    without BN gave 8.1-8.5 in the same conditions. (Max-pool commutes with ReLU, not with BN: this
-    is a different network from conv-BN-ReLU-pool, not a reordering of it.)
+    memory-bound on a CPU. On a 2-core CPU the PGD-10 AT step / clean step ratio (`harness bench
+    at-step`, target 8.5) measured 8.8-9.4 with BN after every convolution before pooling, and
+    normalising after the pool (a quarter of the activations) with no BN on the first convolution
+    measured 0.5-0.7 lower in the same minutes (7.9-8.8 as the machine drifted). (Max-pool commutes
+    with ReLU, not with BN: this is a different network from conv-BN-ReLU-pool, not a reordering.)
     """
     c, w = dataset.channels, 16
 
