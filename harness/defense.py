@@ -158,6 +158,14 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).float().mean().detach()
 
 
+def clean_then_adversarial_logits(model: nn.Module, x: torch.Tensor,
+                                  x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-mode logits on x, then on x_adv: the order of TRADES' and MART's reference code, so
+    BatchNorm's running statistics see the clean batch first."""
+    model.train()
+    return model(x), model(x_adv)
+
+
 def adversarial_ce_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_adv: torch.Tensor,
                         y: torch.Tensor) -> StepStats:
     """The outer minimisation of PGD-AT and its relatives: CE on the adversarial batch, train mode."""

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from harness.attacks import pgd
 from harness.config import Schedule
-from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
+                             sgd_step)
 from harness.errors import HarnessError
 
 LOG_FLOOR = 1e-12  # added inside logs of probabilities, as in the reference
@@ -101,9 +102,7 @@ class MART(Defense):
 
     def train_step(self, model, optimizer, batch):
         x_adv = self.perturb(model, batch).x_adv
-        model.train()
-        clean_logits = model(batch.x)
-        adv_logits = model(x_adv)
+        clean_logits, adv_logits = clean_then_adversarial_logits(model, batch.x, x_adv)
         loss = mart_loss(clean_logits, adv_logits, batch.y, self.config.beta)
         sgd_step(optimizer, loss.total)
         return {"loss": loss.total.detach(), "boosted_ce": loss.boosted_ce.detach(),

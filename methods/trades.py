@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from harness.attacks import model_mode, pgd
 from harness.config import Schedule
-from harness.defense import Defense, Perturbation, accuracy, register_defense, sgd_step
+from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
+                             sgd_step)
 from harness.errors import HarnessError
 
 
@@ -102,9 +103,7 @@ class TRADES(Defense):
 
     def train_step(self, model, optimizer, batch):
         x_adv = self.perturb(model, batch).x_adv
-        model.train()
-        clean_logits = model(batch.x)
-        adv_logits = model(x_adv)
+        clean_logits, adv_logits = clean_then_adversarial_logits(model, batch.x, x_adv)
         loss = trades_loss(clean_logits, adv_logits, batch.y, self.config.beta)
         sgd_step(optimizer, loss.total)
         return {"loss": loss.total.detach(), "natural_loss": loss.natural.detach(),
