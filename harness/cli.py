@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from harness.allocator import keep_freed_memory
 from harness.errors import HarnessError
 
 
@@ -40,6 +41,7 @@ def main() -> None:
       harness run --method pgd-at --dataset cifar10 --preset paper
       harness bench                                  cost of an AT step on this machine
     """
+    keep_freed_memory()
 
 
 def _load_commands() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from harness.allocator import allocator_state
 from harness.errors import HarnessError
 
 PACKAGES = ("harness", "torch", "torchvision", "numpy", "robustbench", "pyautoattack", "pandas")
@@ -54,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "torch_threads": torch.get_num_threads(),
+    info: dict[str, Any] = {"type": device.type, "torch_threads": torch.get_num_threads(), **allocator_state(),
                             "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

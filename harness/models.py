@@ -97,8 +97,11 @@ def small_cnn(dataset: DatasetInfo, dropout: float) -> Classifier:
     memory-bound on a CPU. On a 2-core CPU the PGD-10 AT step / clean step ratio (`harness bench
     at-step`, target 8.5) measured 8.8-9.4 with BN after every convolution before pooling, and
     normalising after the pool (a quarter of the activations) with no BN on the first convolution
-    measured 0.5-0.7 lower in the same minutes (7.9-8.8 as the machine drifted). (Max-pool commutes
-    with ReLU, not with BN: this is a different network from conv-BN-ReLU-pool, not a reordering.)
+    measured 0.5-0.7 lower in the same minutes. With freed memory kept in the process
+    (`harness.allocator`, which removed the page faults behind most of the drift) it measured 7.98-8.33
+    in four runs.
+    (Max-pool commutes with ReLU, not with BN: this is a different network from conv-BN-ReLU-pool,
+    not a reordering.)
     """
     c, w = dataset.channels, 16
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import platform
+
 import pytest
 from click.testing import CliRunner
 
@@ -78,3 +81,11 @@ def test_runs_table_after_a_run(tmp_path, data_dir):
     assert result.exit_code == 0
     header, row = result.output.strip().splitlines()
     assert header.startswith("defense,dataset") and row.startswith("pgd-at,synthetic")
+
+
+def test_run_records_the_allocator_setting(tmp_path, data_dir):
+    invoke("run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "-q",
+           "--data-dir", str(data_dir), "--results", str(tmp_path / "r"))
+    record = json.loads(next((tmp_path / "r").glob("*/record.json")).read_text())
+    expected = platform.libc_ver()[0] == "glibc"
+    assert record["environment"]["device"]["keep_freed_memory"] is expected

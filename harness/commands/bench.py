@@ -24,7 +24,9 @@ def bench_command(names, device, repeats, warmup, quick):
     dev = resolve_device(device)
     options = BenchOptions(device=dev, repeats=repeats, warmup=warmup, quick=quick)
     selected = [BENCHMARKS.get(n) for n in names] if names else [b for _, b in BENCHMARKS.items()]
-    click.echo(f"device: {describe_device(dev)['name']}, torch threads {describe_device(dev)['torch_threads']}")
+    info = describe_device(dev)
+    click.echo(f"device: {info['name']}, torch threads {info['torch_threads']}, "
+               f"freed memory kept (harness.allocator): {'yes' if info['keep_freed_memory'] else 'no'}")
     for bench in selected:
         for result in bench.run(options):
             for line in result.lines():
