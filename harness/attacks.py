@@ -9,14 +9,12 @@ model's train/eval flags are restored afterwards.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Registry
 
 BNMode = Literal["train", "eval"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
@@ -183,22 +181,3 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | tor
         return (x + delta).detach(), None
     final_delta[live] = delta.detach()
     return (x + final_delta).detach(), fooled
-
-
-# --------------------------------------------------------------------------- registry
-
-@dataclass(frozen=True)
-class AttackInfo:
-    """An evaluation attack: `run(model, x, y, eps, step_size) -> x_adv` (eps scalar or per sample)."""
-
-    name: str
-    description: str
-    run: Callable[..., torch.Tensor]
-
-
-ATTACKS: Registry[AttackInfo] = Registry("attack")
-
-
-# The evaluation attacks (PGD-k, CW-inf, AutoAttack, Square) register themselves here; importing them
-# at the end keeps `ATTACKS` complete for every importer of this module.
-from harness.evaluation import attacks as _evaluation_attacks  # noqa: E402,F401

@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from harness.attacks import ATTACKS, frozen_parameters, model_mode, pgd
+from harness.attacks import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
 from evaluation_helpers import template_data, train_tiny
 
@@ -90,15 +90,6 @@ def test_per_sample_eps_zero_leaves_points_untouched(tiny, test_set):
     outcome = our_pgd(tiny, x, y, eps)
     assert torch.equal(outcome.x_adv[::2], x[::2])
     assert (outcome.x_adv[1::2] - x[1::2]).abs().max() <= 0.08 + 1e-6
-
-
-def test_registry_attacks_restore_mode_and_parameters(tiny, test_set):
-    x, y = test_set
-    tiny.train()
-    x_adv = ATTACKS.get("cw-inf").run(tiny, x[:64], y[:64], 0.05)
-    assert tiny.training and all(p.requires_grad for p in tiny.parameters())
-    assert (x_adv - x[:64]).abs().max() <= 0.05 + 1e-6
-    tiny.eval()
 
 
 def test_cw_margin_loss_is_the_clamped_margin():

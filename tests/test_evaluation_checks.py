@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.evaluation.attacks import AttackOptions, EVAL_ATTACKS
+from harness.evaluation.attacks import AttackOptions, ATTACKS
 from harness.evaluation.checks import model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, load_flags, percent, read_evaluation
 from harness.evaluation.sweep import sweep
@@ -124,7 +124,7 @@ def test_sweep_is_monotone_eps0_is_clean_and_flags_give_the_table(tiny, data, tm
     x, y = data
     eps_list = [Fraction(0), Fraction(2, 100), Fraction(5, 100), Fraction(8, 100)]
     options = AttackOptions(batch_size=64)
-    attacks = [EVAL_ATTACKS.get(n).build(options) for n in ("pgd-20", "cw-inf")]
+    attacks = [ATTACKS.get(n).build(options) for n in ("pgd-20", "cw-inf")]
     store = EvaluationStore.create(tmp_path, {"checkpoint": {}, "dataset": "t", "model": "m", "n": len(y),
                                               "test_indices": "0..119", "config": {}, "environment": {}})
     result = sweep(tiny, x, y, attacks, eps_list, store, batch_size=64)
@@ -139,3 +139,30 @@ def test_sweep_is_monotone_eps0_is_clean_and_flags_give_the_table(tiny, data, tm
     assert worst[-1] < worst[0]  # the attacks do something at the largest eps
     for e in eps_list:
         assert not np.any(flags[cell_key(WORST_CASE, e)] & ~flags[cell_key("pgd-20", e)])
+
+
+class ModeProbe(nn.Module):
+    """Identity that remembers the train/eval flag of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[bool] = set()
+
+    def forward(self, x):
+        self.seen.add(self.training)
+        return x
+
+
+def test_sweep_attacks_in_eval_mode_and_restores_the_model(tiny, data, tmp_path):
+    x, y = data
+    probe = ModeProbe()
+    model = nn.Sequential(probe, tiny).train()
+    store = EvaluationStore.create(tmp_path, {"checkpoint": {}, "dataset": "t", "model": "m", "n": 64,
+                                              "test_indices": "0..63", "config": {}, "environment": {}})
+    attack = ATTACKS.get("cw-inf").build(AttackOptions(batch_size=64))
+    try:
+        sweep(model, x[:64], y[:64], [attack], [Fraction(5, 100)], store, batch_size=64)
+        assert probe.seen == {False}
+        assert model.training and tiny.training and all(p.requires_grad for p in model.parameters())
+    finally:
+        tiny.eval()

@@ -29,11 +29,11 @@ def parse_eps_list(text: str) -> list[Fraction]:
 
 def resolve_attack_names(names: tuple[str, ...], version: str) -> list[str]:
     """'autoattack' means autoattack-<--autoattack-version>; unknown names fail with suggestions."""
-    from harness.evaluation.attacks import EVAL_ATTACKS
+    from harness.evaluation.attacks import ATTACKS
 
     resolved = [f"autoattack-{version}" if n == "autoattack" else n for n in (names or DEFAULT_ATTACKS)]
     for name in resolved:
-        EVAL_ATTACKS.get(name)
+        ATTACKS.get(name)
     return list(dict.fromkeys(resolved))
 
 
@@ -103,7 +103,7 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
     from harness.data import DATASETS, load_split
     from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
-    from harness.evaluation.attacks import EVAL_ATTACKS, AttackOptions
+    from harness.evaluation.attacks import ATTACKS, AttackOptions
     from harness.evaluation.checkpoints import DEFAULT_ROBUSTBENCH_DIR, load_checkpoint
     from harness.evaluation.checks import Thresholds
     from harness.evaluation.sweep import PROBE_SIZE, sweep
@@ -132,7 +132,7 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
         model = loaded.model.to(dev)
 
         thresholds = Thresholds()
-        config = {"attacks": {name: EVAL_ATTACKS.get(name).build(options).config() for name in names},
+        config = {"attacks": {name: ATTACKS.get(name).build(options).config() for name in names},
                   "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": seed,
                   "batch_size": batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
                   "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"}
@@ -142,7 +142,7 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
             "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
         say = (lambda _: None) if quiet else click.echo
         if not store.complete:
-            attack_objs = [EVAL_ATTACKS.get(name).build(replace(options, state_dir=directory)) for name in names]
+            attack_objs = [ATTACKS.get(name).build(replace(options, state_dir=directory)) for name in names]
             sweep(model, x, y, attack_objs, eps_list, store, batch_size=batch_size, thresholds=thresholds, say=say)
         else:
             click.echo(f"already evaluated (use --force to redo): {directory}")

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks import ATTACKS, AttackInfo, LossFn, cross_entropy, frozen_parameters, model_mode, \
-    per_sample, pgd_until_fooled
+from harness.attacks import LossFn, cross_entropy, per_sample, pgd_until_fooled
 from harness.config import fraction_str, parse_eps
 from harness.errors import HarnessError
 from harness.registry import Registry
@@ -303,45 +302,31 @@ def _continue_autoattack(adversary, state, x, y, batch_size) -> tuple[torch.Tens
 # --------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
-class EvalAttackInfo:
+class AttackInfo:
     name: str
     description: str
     build: Callable[[AttackOptions], EvalAttack]
 
 
-EVAL_ATTACKS: Registry[EvalAttackInfo] = Registry("attack")
+ATTACKS: Registry[AttackInfo] = Registry("attack")
 
 
-def register_eval_attack(name: str, description: str):
-    """Register in the evaluation suite and in the shared `ATTACKS` (as an x_adv-returning function)."""
-
+def register_attack(name: str, description: str):
     def decorate(build: Callable[[AttackOptions], EvalAttack]):
-        EVAL_ATTACKS.add(name, EvalAttackInfo(name, description, build))
-        ATTACKS.add(name, AttackInfo(name, description, _as_x_adv_attack(build)))
+        ATTACKS.add(name, AttackInfo(name, description, build))
         return build
 
     return decorate
 
 
-def _as_x_adv_attack(build: Callable[[AttackOptions], EvalAttack]) -> Callable[..., torch.Tensor]:
-    def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, step_size=None) -> torch.Tensor:
-        options = AttackOptions() if step_size is None else AttackOptions(pgd_step=str(float(step_size)))
-        with model_mode(model, "eval"), frozen_parameters(model):
-            with torch.no_grad():
-                clean = model(x).argmax(1) == y
-            return build(options).robust(model, x, y, eps, clean).x_adv
-
-    return run
-
-
-@register_eval_attack("pgd-20", "PGD-20 on cross-entropy, uniform start, step eps/4 (2/255 at 8/255), "
-                                "restarts on survivors; broken if any iterate fools")
+@register_attack("pgd-20", "PGD-20 on cross-entropy, uniform start, step eps/4 (2/255 at 8/255), "
+                           "restarts on survivors; broken if any iterate fools")
 def _pgd20(o: AttackOptions) -> EvalAttack:
     return PGDAttack("pgd-20", steps=20, loss="ce", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed,
                      batch_size=o.batch_size)
 
 
-@register_eval_attack("cw-inf", "PGD-30 on the CW margin loss, kappa 50 (FAT/CAT/Madry convention)")
+@register_attack("cw-inf", "PGD-30 on the CW margin loss, kappa 50 (FAT/CAT/Madry convention)")
 def _cw_inf(o: AttackOptions) -> EvalAttack:
     return PGDAttack("cw-inf", steps=30, loss="cw", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed,
                      batch_size=o.batch_size)
@@ -355,17 +340,17 @@ def _autoattack(version: AutoAttackVersion) -> Callable[[AttackOptions], EvalAtt
     return build
 
 
-register_eval_attack("autoattack-standard", "AutoAttack standard: APGD-CE, APGD-T (9), FAB-T (9), Square "
-                                            "(5000 queries), via pyautoattack")(_autoattack("standard"))
-register_eval_attack("autoattack-plus", "AutoAttack plus: APGD-CE/DLR (5 restarts), FAB, Square, APGD-T, "
-                                        "FAB-T")(_autoattack("plus"))
-register_eval_attack("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with 20-sample EOT, for "
-                                        "randomised models")(_autoattack("rand"))
-register_eval_attack("autoattack-custom", "AutoAttack with the attacks of --autoattack-attacks "
-                                          "(quick runs)")(_autoattack("custom"))
+register_attack("autoattack-standard", "AutoAttack standard: APGD-CE, APGD-T (9), FAB-T (9), Square "
+                                       "(5000 queries), via pyautoattack")(_autoattack("standard"))
+register_attack("autoattack-plus", "AutoAttack plus: APGD-CE/DLR (5 restarts), FAB, Square, APGD-T, "
+                                   "FAB-T")(_autoattack("plus"))
+register_attack("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with 20-sample EOT, for "
+                                   "randomised models")(_autoattack("rand"))
+register_attack("autoattack-custom", "AutoAttack with the attacks of --autoattack-attacks "
+                                     "(quick runs)")(_autoattack("custom"))
 
 
-@register_eval_attack("square", "Square attack alone (black box, 5000 queries): beating the white-box "
-                                "attacks flags gradient masking")
+@register_attack("square", "Square attack alone (black box, 5000 queries): beating the white-box "
+                           "attacks flags gradient masking")
 def _square(o: AttackOptions) -> EvalAttack:
     return AutoAttackEval("square", "custom", o.seed, o.batch_size, ("square",), o.state_dir)
