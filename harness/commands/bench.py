@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
 import click
 
 from harness.cli import main
@@ -13,21 +18,49 @@ from harness.cli import main
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed calls per variant.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per variant first.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every benchmark runs, not its numbers.")
-def bench_command(names, device, repeats, warmup, quick):
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results, options and environment (commit, versions, device) here.")
+def bench_command(names, device, repeats, warmup, quick, json_path):
     """Run benchmarks (all, or the NAMES given; see `harness list benchmarks`) and print ratios."""
     from harness.bench import BENCHMARKS, BenchOptions
-    from harness.environment import describe_device, resolve_device
+    from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
+    from harness.storage import write_json
 
     if repeats < 1 or warmup < 0:
         raise HarnessError("--repeats must be at least 1 and --warmup at least 0")
+    if json_path is not None:
+        _check_writable(json_path)  # before minutes of benchmarking, not after
     dev = resolve_device(device)
     options = BenchOptions(device=dev, repeats=repeats, warmup=warmup, quick=quick)
     selected = [BENCHMARKS.get(n) for n in names] if names else [b for _, b in BENCHMARKS.items()]
-    info = describe_device(dev)
+    env = environment(dev)
+    info = env["device"]
     click.echo(f"device: {info['name']}, torch threads {info['torch_threads']}, "
                f"freed memory kept (harness.allocator): {'yes' if info['keep_freed_memory'] else 'no'}")
+    results = []
     for bench in selected:
         for result in bench.run(options):
+            results.append({"benchmark": bench.name, **asdict(result)})
             for line in result.lines():
                 click.echo(line)
+    if json_path is not None:
+        write_json(json_path, {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "options": {"repeats": repeats, "warmup": warmup, "quick": quick,
+                                           "statistic": "median over alternating calls, warm-up excluded"},
+                               "environment": env, "results": results})
+        click.echo(f"-> {json_path}")
+
+
+def _check_writable(path: Path) -> None:
+    from harness.errors import HarnessError
+
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise HarnessError(f"cannot write {path}: {blocker} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise HarnessError(f"cannot write {path}: {path.parent} is not writable")
