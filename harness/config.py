@@ -90,6 +90,7 @@ class RunSpec:
     defense_config: Any  # the defense's own frozen Config dataclass
     dataset: str
     model: str
+    model_revision: int  # `ModelInfo.revision`: same weights, different function across revisions
     dropout: float
     preset: str
     eps: Fraction

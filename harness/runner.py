@@ -67,7 +67,7 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
     if check is not None:
         check()
     spec = RunSpec(defense=defense, defense_config=config, dataset=dataset, model=model_name,
-                   dropout=dropout, preset=preset, eps=parse_eps(eps) if eps is not None else info.eps,
+                   model_revision=MODELS.get(model_name).revision, dropout=dropout, preset=preset, eps=parse_eps(eps) if eps is not None else info.eps,
                    eval_step=info.eval_step, schedule=schedule,
                    data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
                    eval=p.eval, seed=seed)

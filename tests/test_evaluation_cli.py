@@ -142,3 +142,17 @@ def test_robustbench_model_loads_through_robustbench_offline(tmp_path):
     assert loaded.eval_root == tmp_path / "results" / "external" / "robustbench-cifar10-Linf-Wong2020Fast" / "eval"
     with torch.no_grad():
         assert loaded.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_checkpoint_of_another_architecture_revision_is_refused(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    record = json.loads((copy / "record.json").read_text())
+    assert record["spec"]["model_revision"] >= 1
+    record["spec"]["model_revision"] += 1
+    (copy / "record.json").write_text(json.dumps(record))
+    line = one_line_error(["eval", str(copy), "-a", "pgd-20"])
+    assert f"revision {record['spec']['model_revision']}, but this code builds revision" in line
+    assert record["environment"]["git"]["commit"][:12] in line

@@ -24,7 +24,7 @@ from torch import nn
 
 from harness.data import DATASETS
 from harness.errors import HarnessError
-from harness.models import build_model
+from harness.models import MODELS, build_model
 from harness.records import RECORD_NAME, read_record
 from harness.storage import load_torch
 
@@ -76,11 +76,23 @@ def load_run(run_dir: Path, label: str) -> LoadedCheckpoint:
     if not path.exists():
         raise HarnessError(f"{path} does not exist: the run has no '{label}' checkpoint yet "
                            f"(finish it with `harness run ... --resume`)")
+    check_revision(record, run_dir)
     model = build_model(spec["model"], DATASETS.get(spec["dataset"]), spec.get("dropout", 0.0))
     load_matching(model, _weights(load_torch(path), path), spec["model"], path)
     info = {"source": "harness", "run_id": record["run_id"], "label": label, "name": record["run_id"],
             "path": str(path), "defense": spec["defense"]}
     return LoadedCheckpoint(model, info, spec["dataset"], spec["model"], run_dir / "eval")
+
+
+def check_revision(record: dict[str, Any], run_dir: Path) -> None:
+    """Refuse weights trained on another revision of the architecture (records before revisions: 1)."""
+    name = record["spec"]["model"]
+    trained, current = record["spec"].get("model_revision", 1), MODELS.get(name).revision
+    if trained != current:
+        commit = (record["environment"].get("git") or {}).get("commit") or "unknown"
+        raise HarnessError(f"{run_dir} was trained on {name} revision {trained}, but this code builds revision "
+                           f"{current} (same weights, different network): retrain it, or evaluate it at "
+                           f"commit {commit[:12]}")
 
 
 # --------------------------------------------------------------------------- plain state dicts

@@ -120,8 +120,11 @@ class Run:
 
     @property
     def model_label(self) -> str:
+        """Part of the protocol: runs of different architecture revisions or dropout never average."""
         dropout = self.spec.get("dropout") or 0.0
-        return self.spec["model"] + (f" (dropout {dropout:g})" if dropout else "")
+        revision = self.spec.get("model_revision", 1)
+        return (self.spec["model"] + (f" rev {revision}" if revision != 1 else "")
+                + (f" (dropout {dropout:g})" if dropout else ""))
 
     @property
     def protocol(self) -> Protocol:
