@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 BNMode = Literal["train", "eval"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
 # (logits at the current iterate, y) -> (B,) bool: which examples take this step (FAT's early stop)
