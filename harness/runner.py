@@ -28,7 +28,7 @@ from harness.errors import HarnessError
 from harness.evaluate import clean_and_pgd
 from harness.models import MODELS, build_model
 from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
-from harness.storage import load_torch, save_torch
+from harness.storage import ensure_writable_dir, load_torch, save_torch
 
 import methods  # noqa: F401  (registers every defense)
 
@@ -67,7 +67,8 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
     if check is not None:
         check()
     spec = RunSpec(defense=defense, defense_config=config, dataset=dataset, model=model_name,
-                   model_revision=MODELS.get(model_name).revision, dropout=dropout, preset=preset, eps=parse_eps(eps) if eps is not None else info.eps,
+                   model_revision=MODELS.get(model_name).revision, dropout=dropout, preset=preset,
+                   eps=parse_eps(eps) if eps is not None else info.eps,
                    eval_step=info.eval_step, schedule=schedule,
                    data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
                    eval=p.eval, seed=seed)
@@ -153,7 +154,7 @@ class Run:
                                f"pass --resume to continue it or --force to start over")
         if self.options.force and self.dir.exists():
             shutil.rmtree(self.dir)
-        _check_writable(Path(self.options.results_dir))
+        ensure_writable_dir(Path(self.options.results_dir), "--results")
         return self._train_and_evaluate(resume=resuming)
 
     def _existing_record(self) -> dict[str, Any] | None:
@@ -321,17 +322,6 @@ class MinibatchBudget:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _check_writable(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise HarnessError(f"results directory {path} is not writable ({exc.strerror}); "
-                           f"pass a writable --results") from None
 
 
 def run(spec: RunSpec, options: RunOptions) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from typing import Any, Callable, IO
 
 import torch
 
+from harness.errors import HarnessError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
@@ -24,6 +26,24 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def ensure_writable_dir(path: Path, option: str) -> None:
+    """Create `path` and prove it writable with a probe file, before long work that must end in a write.
+
+    A probe rather than `os.access`, which says yes to root on any directory. `option` is the flag
+    that chose the directory, named in the one-line error.
+    """
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(0, "it is a file")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise HarnessError(f"directory {path} is not writable ({exc.strerror}); pass another {option}") from None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -90,7 +90,6 @@ class IAAT(PerExampleEps):
     def in_warmup(self) -> bool:
         return self.epoch < self.warmup_epochs
 
-
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -128,7 +128,6 @@ class MMA(PerExampleEps):
     def min_eps(self) -> float:
         return self.config.min_eps_rel * self.context.eps_float
 
-
     # ---------------------------------------------------------------- AN-PGD
 
     def an_pgd(self, model, x: torch.Tensor, y: torch.Tensor, eps_prev: torch.Tensor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,12 +24,12 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
     from harness.bench import BENCHMARKS, BenchOptions
     from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
-    from harness.storage import write_json
+    from harness.storage import ensure_writable_dir, write_json
 
     if repeats < 1 or warmup < 0:
         raise HarnessError("--repeats must be at least 1 and --warmup at least 0")
     if json_path is not None:
-        _check_writable(json_path)  # before minutes of benchmarking, not after
+        ensure_writable_dir(json_path.parent, "--json")  # before minutes of benchmarking, not after
     dev = resolve_device(device)
     options = BenchOptions(device=dev, repeats=repeats, warmup=warmup, quick=quick)
     selected = [BENCHMARKS.get(n) for n in names] if names else [b for _, b in BENCHMARKS.items()]
@@ -51,16 +50,3 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
                                "environment": env, "results": results})
         click.echo(f"-> {json_path}")
 
-
-def _check_writable(path: Path) -> None:
-    from harness.errors import HarnessError
-
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise HarnessError(f"cannot write {path}: {blocker} is a file, not a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise HarnessError(f"cannot write {path}: {path.parent} is not writable")
