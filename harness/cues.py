@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks import BNMode, cross_entropy, frozen_parameters, model_mode
+from harness.pgd import BNMode, cross_entropy, frozen_parameters, model_mode
 from harness.errors import HarnessError
 
 CUE_NAMES = ("grad_norm", "entropy", "mc_variance")

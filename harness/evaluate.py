@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.attacks import model_mode, pgd_until_fooled
+from harness.pgd import model_mode, pgd_until_fooled
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ extraction; the reconstruction and every choice below are listed in shared/PAPER
   eq. (6)      eps_i = eps_min + (eps_max - eps_min) * g_phi(s_i);
   eq. (7)      PGD-10 inside each sample's own ball, step eps_i / 4, uniform random start in it;
   eq. (8)      min_{theta, phi} E[max_{||delta_i||_inf <= eps_i} CE(f(x_i + delta_i), y_i)].
-Reference code: none published (the paper names no repository); shared code: `harness.attacks.pgd`.
+Reference code: none published (the paper names no repository); shared code: `harness.pgd.pgd`.
 
 Two registered readings of where phi's gradient comes from (section 3.5 / eq. 8 are ambiguous):
 - `ades-joint`: the literal one. phi minimises the adversarial loss; the gradient reaches eps_i
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks import pgd, per_sample
+from harness.pgd import pgd, per_sample
 from harness.config import fraction_str, to_jsonable
 from harness.cues import (CUE_NAMES, CleanPass, check_cue_names, clean_pass, compute_cues, has_dropout,
                           has_head, normalised)

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from harness.attacks import pgd
+from harness.pgd import pgd
 from harness.config import Schedule
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from harness.attacks import pgd
+from harness.pgd import pgd
 from harness.config import Schedule, to_jsonable
 from harness.defense import Defense, Perturbation, accuracy, register_defense
 from harness.errors import HarnessError

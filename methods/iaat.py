@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from harness.attacks import model_mode, pgd
+from harness.pgd import model_mode, pgd
 from harness.config import Schedule, to_jsonable
 from harness.defense import PerExampleEps, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from harness.attacks import pgd
+from harness.pgd import pgd
 from harness.config import Schedule
 from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
                              sgd_step)

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from harness.attacks import model_mode, pgd, per_sample
+from harness.pgd import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
 from harness.defense import PerExampleEps, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.attacks import pgd
+from harness.pgd import pgd
 from harness.config import Schedule
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harness.attacks import input_gradient, model_mode, pgd
+from harness.pgd import input_gradient, model_mode, pgd
 from harness.cli import main
 from harness.cues import grad_norm, mc_variance_full, mc_variance_head, minmax
 from harness.data import Batch

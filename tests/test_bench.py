@@ -12,7 +12,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from harness.bench import BENCHMARKS
+from harness.benchmarking import BENCHMARKS
 from harness.cli import main
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.attacks import model_mode, pgd
+from harness.pgd import model_mode, pgd
 from harness.config import parse_eps
 from harness.errors import DuplicateNameError, HarnessError, UnknownNameError
 from harness.records import CorruptRecordError, iter_records, validate

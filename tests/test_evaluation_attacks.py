@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from harness.attacks import frozen_parameters, model_mode, pgd
+from harness.pgd import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
 from evaluation_helpers import template_data, train_tiny
 

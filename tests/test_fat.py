@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.attacks import pgd
+from harness.pgd import pgd
 from harness.defense import DefenseContext
 from harness.errors import HarnessError
 from harness.runner import make_spec

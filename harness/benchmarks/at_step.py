@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.bench import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
 from harness.data import DATASETS, Batch
 from harness.defense import DEFENSES, DefenseContext, sgd_step
 from harness.models import build_model

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.attacks import frozen_parameters, model_mode, pgd
-from harness.bench import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.pgd import frozen_parameters, model_mode, pgd
+from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
 from harness.data import DATASETS, load_split
 from harness.errors import HarnessError
 from harness.evaluation.attacks import PGDAttack

@@ -21,7 +21,7 @@ from harness.cli import main
               help="Also write the results, options and environment (commit, versions, device) here.")
 def bench_command(names, device, repeats, warmup, quick, json_path):
     """Run benchmarks (all, or the NAMES given; see `harness list benchmarks`) and print ratios."""
-    from harness.bench import BENCHMARKS, BenchOptions
+    from harness.benchmarking import BENCHMARKS, BenchOptions
     from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
     from harness.storage import ensure_writable_dir, write_json

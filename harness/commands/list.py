@@ -14,7 +14,7 @@ def _first_line(text: str | None) -> str:
 def registry_rows() -> dict[str, list[tuple[str, str]]]:
     import methods  # noqa: F401  (registers defenses)
     from harness.evaluation.attacks import ATTACKS
-    from harness.bench import BENCHMARKS
+    from harness.benchmarking import BENCHMARKS
     from harness.config import PRESETS
     from harness.data import DATASETS
     from harness.defense import DEFENSES

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.attacks import LossFn, cross_entropy, per_sample, pgd_until_fooled
+from harness.pgd import LossFn, cross_entropy, per_sample, pgd_until_fooled
 from harness.config import fraction_str, parse_eps
 from harness.errors import HarnessError
 from harness.registry import Registry

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.attacks import model_mode
+from harness.pgd import model_mode
 from harness.config import fraction_str
 from harness.evaluation.attacks import cw_margin_loss
 from harness.evaluation.flags import WORST_CASE, cell_key, percent

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from harness.attacks import frozen_parameters, model_mode
+from harness.pgd import frozen_parameters, model_mode
 from harness.config import fraction_str
 from harness.environment import synchronize
 from harness.evaluation.attacks import EvalAttack

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from harness.bench import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
 from harness.benchmarks.at_step import make_batch
 from harness.config import PRESETS
 from harness.data import DATASETS
