@@ -18,6 +18,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.locks import hold, remove_stale_temps
 from harness.registry import Registry
+from harness.storage import atomic_write
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_DIR = Path(os.environ.get("HARNESS_DATA", Path.home() / ".cache" / "harness" / "data"))
@@ -81,17 +84,75 @@ def load_split(info: DatasetInfo, data_dir: Path | None, train: bool, download: 
 
 # --------------------------------------------------------------------------- CIFAR pickle batches
 
+# What a CIFAR batch pickle may reference: numpy's array and dtype reconstruction (numpy 1 and 2
+# module paths, protocol-5 buffers) and the codec Python 2 pickles use for byte strings. A data
+# set is data: a batch naming anything else (os.system, builtins.eval, ...) is refused unread.
+_PICKLE_ALLOWED = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+_NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"it references {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _check_plain(value, path: Path, depth: int = 0) -> None:
+    """Only dicts, lists, strings, bytes, numbers and numeric numpy arrays."""
+    if depth > 4:
+        raise HarnessError(f"{path}: refused: nested deeper than a CIFAR batch")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in _NUMERIC_KINDS:
+            raise HarnessError(f"{path}: refused: numpy array of dtype {value.dtype} in a data batch")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, path, depth + 1)
+            _check_plain(v, path, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_plain(v, path, depth + 1)
+    elif not isinstance(value, (str, bytes, int, float)) or value is None:
+        raise HarnessError(f"{path}: refused: a data batch holds a {type(value).__name__}")
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    """A CIFAR batch through a restricted unpickler: a crafted file cannot run code."""
+    try:
+        with open(path, "rb") as f:
+            entry = _DataUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise HarnessError(f"{path}: refused to load this data batch ({exc}); a CIFAR batch holds only "
+                           f"dicts, lists, strings, numbers and numeric numpy arrays") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise HarnessError(f"{path}: unreadable data batch ({type(exc).__name__}: {exc}); the file is "
+                           f"truncated or corrupt: replace it") from None
+    except OSError as exc:
+        raise HarnessError(f"{path}: unreadable ({exc.strerror})") from None
+    _check_plain(entry, path)
+    if not isinstance(entry, dict):
+        raise HarnessError(f"{path}: a CIFAR batch is a dict, this file holds a {type(entry).__name__}")
+    return entry
 
 
 def read_cifar_batches(paths: list[Path], label_key: str) -> Split:
     images, labels = [], []
     for path in paths:
         entry = _unpickle(path)
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[label_key])
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = [int(v) for v in entry[label_key]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise HarnessError(f"{path}: not a CIFAR batch (needs 'data' of N x 3072 bytes and "
+                               f"'{label_key}'): {type(exc).__name__} {exc}") from None
+        if len(batch_labels) != len(data):
+            raise HarnessError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
+        images.append(data)
+        labels.extend(batch_labels)
     return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
 
 
@@ -127,13 +188,19 @@ def _torchvision_download(tv_class: str, data_dir: Path) -> None:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): big-endian dims after a 4-byte magic."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    except (OSError, EOFError, struct.error, zlib.error) as exc:
+        raise HarnessError(f"{path} is unreadable ({exc}); replace it") from None
     if zero != 0 or dtype_code != 0x08:
         raise HarnessError(f"{path} is not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    try:
+        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (struct.error, ValueError) as exc:
+        raise HarnessError(f"{path} is truncated or corrupt ({exc}); replace it") from None
 
 
 def _find_idx(dirs: list[Path], stem: str) -> Path | None:
@@ -181,18 +248,24 @@ def write_synthetic_cifar(root: Path, n_train: int, n_test: int, seed: int = 0) 
         data = (np.clip(x, 0, 1) * 255).round().astype(np.uint8).reshape(n, -1)
         return {"data": data, "labels": labels.tolist()}
 
-    root.mkdir(parents=True, exist_ok=True)
     for name, n in (("data_batch_1", n_train), ("test_batch", n_test)):
-        tmp = root / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(make(n), f)
-        os.replace(tmp, root / name)
+        batch = make(n)
+        atomic_write(root / name, lambda f: pickle.dump(batch, f))
 
 
 def _synthetic_reader(data_dir: Path, train: bool, download: bool) -> Split:
     root = data_dir / "synthetic-batches-py"
     if not (root / "test_batch").exists():
-        write_synthetic_cifar(root, SYNTHETIC_SIZES["train"], SYNTHETIC_SIZES["test"])
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HarnessError(f"cannot create {root} for the synthetic data ({exc.strerror}); "
+                               f"pass a writable --data-dir") from None
+        # Several runs may start on a fresh data directory at once: one writes, the others wait.
+        with hold(root, what=f"data directory {root}", wait=True):
+            remove_stale_temps(root)
+            if not (root / "test_batch").exists():
+                write_synthetic_cifar(root, SYNTHETIC_SIZES["train"], SYNTHETIC_SIZES["test"])
     return read_cifar_batches([root / ("data_batch_1" if train else "test_batch")], "labels")
 
 

@@ -5,14 +5,13 @@ A record is plain data (RobustBench's lesson): the report is a pure function of 
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from harness.errors import HarnessError
+from harness.integrity import CorruptFileError, read_json
 from harness.storage import write_json
 
 SCHEMA_VERSION = 1
@@ -33,8 +32,8 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
-class CorruptRecordError(HarnessError):
-    """A record file that cannot be parsed or lacks required fields."""
+class CorruptRecordError(CorruptFileError):
+    """A record file that cannot be parsed, fails its checksum or lacks required fields."""
 
 
 def validate(record: Any, source: str = "record") -> dict[str, Any]:
@@ -56,33 +55,40 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
 
 
 def read_record(path: Path) -> dict[str, Any]:
+    """Parse, verify the checksum (records written by the harness carry one) and validate."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptRecordError(f"{path}: {exc}") from None
+        data = read_json(path)
+    except CorruptFileError as exc:
+        raise CorruptRecordError(str(exc)) from None
     return validate(data, str(path))
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    write_json(path, validate(record, str(path)))
+    write_json(path, validate(record, str(path)), sealed=True)
 
 
-def iter_records(results_dir: Path, status: str | None = "complete") -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every valid record below `results_dir`; a corrupt one is named in a warning and skipped."""
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def iter_records(results_dir: Path, status: str | None = "complete",
+                 on_problem: Callable[[str], None] = _warn) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every valid record below `results_dir`; a corrupt one is named (`on_problem`) and skipped."""
     for path in sorted(Path(results_dir).glob(f"*/{RECORD_NAME}")):
         try:
             record = read_record(path)
         except CorruptRecordError as exc:
-            warnings.warn(f"skipping corrupt record {exc}", stacklevel=2)
+            on_problem(f"skipped corrupt record {exc}")
             continue
         if status is None or record["status"] == status:
             yield path, record
 
 
-def runs_table(results_dir: Path, status: str | None = "complete") -> pd.DataFrame:
+def runs_table(results_dir: Path, status: str | None = "complete",
+               on_problem: Callable[[str], None] = _warn) -> pd.DataFrame:
     """One row per run: identity, protocol, final metrics and mean epoch time."""
     rows = []
-    for path, rec in iter_records(results_dir, status):
+    for path, rec in iter_records(results_dir, status, on_problem):
         spec = rec["spec"]
         row = {
             "run_id": rec["run_id"], "status": rec["status"], "defense": spec["defense"],

@@ -27,8 +27,12 @@ from harness.environment import environment, synchronize
 from harness.errors import HarnessError
 from harness.evaluate import clean_and_pgd
 from harness.models import MODELS, build_model
+from harness import faults
+from harness.integrity import checkpoint_hashes
+from harness.locks import hold, remove_stale_temps
 from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
 from harness.storage import ensure_writable_dir, load_torch, save_torch
+from harness.validation import check_seed, validate_config
 
 import methods  # noqa: F401  (registers every defense)
 
@@ -42,6 +46,7 @@ class RunOptions:
     force: bool = False
     download: bool = True
     progress: bool = True
+    wait: bool = False  # wait for another process holding this run's lock instead of failing
 
 
 def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, *, epochs: int | None = None,
@@ -62,10 +67,8 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
         schedule = type(schedule)(**{**schedule.__dict__, "epochs": epochs})
     if not 0 <= dropout < 1:
         raise HarnessError(f"--dropout must be in [0, 1), got {dropout}")
-    config = apply_overrides(defense_cls.Config(), overrides)
-    check = getattr(config, "validate", None)
-    if check is not None:
-        check()
+    check_seed(seed)
+    config = validate_config(apply_overrides(defense_cls.Config(), overrides), defense)
     spec = RunSpec(defense=defense, defense_config=config, dataset=dataset, model=model_name,
                    model_revision=MODELS.get(model_name).revision, dropout=dropout, preset=preset,
                    eps=parse_eps(eps) if eps is not None else info.eps,
@@ -143,6 +146,12 @@ class Run:
     # ---------------------------------------------------------------- lifecycle
 
     def execute(self) -> dict[str, Any]:
+        ensure_writable_dir(Path(self.options.results_dir), "--results")
+        with hold(self.dir, what=f"run {self.spec.run_id}", wait=self.options.wait):
+            remove_stale_temps(self.dir)
+            return self._execute_locked()
+
+    def _execute_locked(self) -> dict[str, Any]:
         existing = self._existing_record()
         if existing is not None and existing["status"] == "complete" and not self.options.force:
             self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
@@ -154,7 +163,6 @@ class Run:
                                f"pass --resume to continue it or --force to start over")
         if self.options.force and self.dir.exists():
             shutil.rmtree(self.dir)
-        ensure_writable_dir(Path(self.options.results_dir), "--results")
         return self._train_and_evaluate(resume=resuming)
 
     def _existing_record(self) -> dict[str, Any] | None:
@@ -206,7 +214,9 @@ class Run:
                 "best_val_pgd": best_val, "epochs": record["epochs"]})
             write_record(self.record_path, record)
 
+        faults.reached("final-evaluation")
         record["final"] = self._final_evaluation(model, data, passes)
+        record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
         record["status"] = "complete"
         record["finished"] = _now()
         write_record(self.record_path, record)
@@ -227,6 +237,7 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
             meter.add(defense.train_step(model, optimizer, batch), len(batch.y))
+            faults.reached("train-batch")
             bar.update(1)
             if i % 10 == 0 or i == n_batches - 1:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)

@@ -43,6 +43,7 @@ from harness.pgd import pgd
 from harness.config import Schedule
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError
+from harness.validation import at_least, between, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class FATConfig:
     omega: float = 0.001  # std of the noise added to every step, in pixel units
     random_start: bool = True  # uniform in the eps ball, as the reference's FAT.py
     attack_bn: Literal["train", "eval"] = "eval"
+    RULES = rules(steps=at_least(1), step_size_rel=positive, taus=non_negative, tau_milestones=between(0, 1),
+                  omega=non_negative)
 
     def validate(self) -> None:
         if self.steps < 1 or self.step_size_rel <= 0 or self.omega < 0:

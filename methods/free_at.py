@@ -39,6 +39,7 @@ from harness.pgd import pgd
 from harness.config import Schedule, to_jsonable
 from harness.defense import Defense, Perturbation, accuracy, register_defense
 from harness.errors import HarnessError
+from harness.validation import at_least, positive, rules
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class FreeATConfig:
     replays: int = 8  # m: optimiser steps per minibatch
     step_rel: float = 1.0  # FGSM step = step_rel * eps (free_train.py: step = eps = 8/255)
     attack_bn: Literal["train"] = "train"  # one forward pass for weights and delta: train mode
+    RULES = rules(replays=at_least(1), step_rel=positive)
 
     def validate(self) -> None:
         if self.replays < 1:

@@ -38,6 +38,7 @@ from harness.pgd import model_mode, pgd
 from harness.config import Schedule, to_jsonable
 from harness.defense import PerExampleEps, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError
+from harness.validation import at_least, between, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class IAATConfig:
     step_per_eps: float = 0.2  # step = max(step_per_eps * eps_i, step_min_rel * eps); eps_i / (0.5 steps)
     step_min_rel: float = 0.25  # 2/255 at 8/255 (attack_lr)
     attack_bn: Literal["train", "eval"] = "train"
+    RULES = rules(eps_rel=positive, gamma_rel=positive, beta=between(0, 1), warmup_frac=between(0, 1),
+                  steps=at_least(1), step_per_eps=non_negative, step_min_rel=positive)
 
     def validate(self) -> None:
         if not 0 < self.beta <= 1:

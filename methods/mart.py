@@ -37,6 +37,7 @@ from harness.config import Schedule
 from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
                              sgd_step)
 from harness.errors import HarnessError
+from harness.validation import at_least, non_negative, positive, rules
 
 LOG_FLOOR = 1e-12  # added inside logs of probabilities, as in the reference
 BOOST_OFFSET = 1.0001  # -log(1.0001 - p) stays finite when a wrong class takes all the mass
@@ -50,6 +51,7 @@ class MARTConfig:
     step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
     init_noise: float = 0.001  # std of the Gaussian start, in pixel units (not scaled with eps)
     attack_bn: Literal["train", "eval"] = "eval"
+    RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=non_negative)
 
     def validate(self) -> None:
         if self.beta < 0:

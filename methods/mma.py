@@ -47,6 +47,7 @@ from harness.pgd import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
 from harness.defense import PerExampleEps, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError
+from harness.validation import at_least, between, positive, rules
 
 
 def soft_logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,8 @@ class MMAConfig:
     random_start: bool = True
     attack_bn: Literal["train", "eval"] = "eval"  # PGD in eval mode (ctx_noparamgrad_and_eval)
     search_bn: Literal["train", "eval"] = "train"  # bisection outside that context in the reference
+    RULES = rules(d_max_rel=positive, search_max_factor=at_least(1), min_eps_rel=positive, steps=at_least(1),
+                  step_scale=positive, search_steps=at_least(1), clean_loss_coeff=between(0, 1))
 
     def validate(self) -> None:
         if self.d_max_rel <= 0 or self.search_max_factor < 1:

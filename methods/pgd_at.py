@@ -19,6 +19,7 @@ from typing import Literal
 from harness.pgd import pgd
 from harness.config import Schedule
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
+from harness.validation import at_least, positive, rules
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class PGDATConfig:
     step_size_rel: float = 0.25  # step = step_size_rel * eps (2/255 at 8/255)
     random_start: bool = True
     attack_bn: Literal["train", "eval"] = "train"
+    RULES = rules(steps=at_least(1), step_size_rel=positive)
 
 
 @register_defense("pgd-at")

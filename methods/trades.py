@@ -40,6 +40,7 @@ from harness.config import Schedule
 from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
                              sgd_step)
 from harness.errors import HarnessError
+from harness.validation import at_least, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class TRADESConfig:
     step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
     init_noise: float = 0.001  # std of the Gaussian start in pixel units; > 0 (KL's gradient vanishes at x)
     attack_bn: Literal["train", "eval"] = "eval"
+    RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=positive)
 
     def validate(self) -> None:
         if self.beta < 0:

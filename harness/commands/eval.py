@@ -78,11 +78,12 @@ def digest(config: dict) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted evaluation (completed cells are kept).")
 @click.option("--force", is_flag=True, help="Discard an earlier evaluation with this config and redo it.")
+@click.option("--wait", is_flag=True, help="Wait for another process using the run or evaluation, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final table and checks.")
 def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoattack_attacks, pgd_step,
                  pgd_restarts, seed, batch_size, model_name, dataset, results_dir, data_dir, robustbench_dir,
-                 device, resume, force, no_download, quiet):
+                 device, resume, force, wait, no_download, quiet):
     """Evaluate checkpoints: clean accuracy, every attack at every eps, robust flags and checks.
 
     \b
@@ -104,6 +105,7 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
     from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
     from harness.evaluation.attacks import ATTACKS, AttackOptions
+    from harness.evaluation.binding import bind, check_clean_accuracy, reading_run, writing_evaluation
     from harness.evaluation.checkpoints import DEFAULT_ROBUSTBENCH_DIR, load_checkpoint
     from harness.evaluation.checks import Thresholds
     from harness.evaluation.sweep import PROBE_SIZE, sweep
@@ -121,6 +123,8 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
     for target in targets:
         loaded = load_checkpoint(target, label=label, results_dir=results_dir, model_name=model_name,
                                  dataset=dataset, robustbench_dir=robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
+        click.get_current_context().with_resource(reading_run(loaded, wait))  # released when the command ends
+        identity = bind(loaded)  # the weights' sha256; a run must be complete and its files unchanged
         info = DATASETS.get(loaded.dataset)
         eps_list = eps_override if eps_override is not None else sorted(info.eps_sweep)
         test = load_split(info, data_dir, train=False, download=not no_download)
@@ -130,13 +134,15 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
         x = test.images[:count].float().div(255).to(dev)
         y = test.labels[:count].to(dev)
         model = loaded.model.to(dev)
+        check_clean_accuracy(model, loaded, test.images, test.labels, dev, batch_size)
 
         thresholds = Thresholds()
         config = {"attacks": {name: ATTACKS.get(name).build(options).config() for name in names},
                   "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": seed,
                   "batch_size": batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
                   "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"}
-        directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': loaded.checkpoint})}"
+        directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': identity})}"
+        click.get_current_context().with_resource(writing_evaluation(directory, wait))
         store = _open_store(directory, resume, force, {
             "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
             "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
@@ -159,6 +165,7 @@ def _open_store(directory: Path, resume: bool, force: bool, header: dict):
     if not (directory / EVALUATION_NAME).exists():
         return EvaluationStore.create(directory, header)
     store = EvaluationStore.load(directory)
+    store.check_weights(header["checkpoint"].get("sha256"))
     if not store.complete and not resume:
         done = len(store.record["results"])
         raise HarnessError(f"an evaluation with this config was interrupted after {done} cell(s) in {directory}; "

@@ -26,11 +26,14 @@ def report_command(results_dir: Path, out_dir: Path | None, checkpoint: str) -> 
     test subset) get separate tables and are never averaged together.
     """
     from harness.report import build, load_results, write
+    from harness.storage import ensure_writable_dir
 
+    out = out_dir or DEFAULT_REPORTS / (results_dir.resolve().name or "results")
     results = load_results(results_dir)
+    ensure_writable_dir(out, "--out")  # before any work: a report that cannot be written is not built
+    ensure_writable_dir(out / "tables", "--out")
     for problem in results.problems:
         click.echo(f"warning: {problem}", err=True)
-    out = out_dir or DEFAULT_REPORTS / (results_dir.resolve().name or "results")
     report = build(results, checkpoint)
     html = write(report, out)
     counts = {v: sum(x.verdict == v for x in report.verdicts) for v in ("supported", "contradicted", "inconclusive")}

@@ -21,7 +21,8 @@ def runs_command(results_dir: Path, include_running: bool, as_csv: bool) -> None
 
     if not results_dir.is_dir():
         raise HarnessError(f"results directory {results_dir} does not exist; run `harness run` first or pass --results")
-    table = runs_table(results_dir, status=None if include_running else "complete")
+    table = runs_table(results_dir, status=None if include_running else "complete",
+                       on_problem=lambda message: click.echo(f"warning: {message}", err=True))
     if table.empty:
         raise HarnessError(f"no {'' if include_running else 'completed '}runs in {results_dir}")
     columns = [c for c in ("defense", "dataset", "model", "preset", "seed", "eps", "epochs", "last_clean",

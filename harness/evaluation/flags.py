@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +19,7 @@ import numpy as np
 
 from harness.config import fraction_str
 from harness.errors import HarnessError
+from harness.integrity import CorruptFileError, mismatch, read_json, sha256_bytes
 from harness.storage import atomic_write, write_json
 
 SCHEMA_VERSION = 1
@@ -60,8 +61,20 @@ class EvaluationStore:
 
     @classmethod
     def load(cls, directory: Path) -> "EvaluationStore":
+        """The store on disk, with only the flag cells its (verified) record vouches for."""
         record = read_evaluation(Path(directory) / EVALUATION_NAME)
-        return cls(directory, record, load_flags(Path(directory)))
+        flags, found = read_flags(Path(directory))
+        expected = record.get("flags_sha256")
+        if expected is not None and found != expected and record.get("status") == "complete":
+            raise mismatch(Path(directory) / FLAGS_NAME, expected, found or "(no file)")
+        return cls(directory, record, vouched_cells(record, flags, Path(directory) / FLAGS_NAME))
+
+    def check_weights(self, sha256: str | None) -> None:
+        """Refuse to continue or show an evaluation of other weights than those now loaded."""
+        stored = self.record.get("checkpoint", {}).get("sha256")
+        if stored is not None and sha256 is not None and stored != sha256:
+            raise HarnessError(f"{self.dir}: this evaluation was made on weights with sha256 {stored[:16]}, "
+                               f"but the checkpoint now has {sha256[:16]}; rerun with --force")
 
     @property
     def complete(self) -> bool:
@@ -91,8 +104,10 @@ class EvaluationStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{k: np.asarray(v, dtype=bool) for k, v in self.flags.items()})
-        atomic_write(self.dir / FLAGS_NAME, lambda f: f.write(buffer.getvalue()))
-        write_json(self.dir / EVALUATION_NAME, self.record)
+        data = buffer.getvalue()
+        atomic_write(self.dir / FLAGS_NAME, lambda f: f.write(data))
+        self.record["flags_sha256"] = sha256_bytes(data)
+        write_json(self.dir / EVALUATION_NAME, self.record, sealed=True)
 
     def finish(self, checks: list[dict[str, Any]], skipped: list[dict[str, str]]) -> None:
         self.record["checks"] = checks
@@ -120,24 +135,65 @@ def worst_case(flags: dict[str, np.ndarray], attacks: list[str], eps: Fraction) 
 
 def read_evaluation(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HarnessError(f"{path}: unreadable evaluation record ({exc}); delete it or rerun with --force") from None
+        record = read_json(path)
+    except CorruptFileError as exc:
+        raise CorruptFileError(f"{exc}; delete it or rerun with --force") from None
     missing = [k for k in REQUIRED if k not in record] if isinstance(record, dict) else list(REQUIRED)
     if missing or record.get("kind") != "evaluation":
-        raise HarnessError(f"{path}: not an evaluation record (missing {', '.join(missing) or 'kind'}); "
-                           f"delete it or rerun with --force")
+        raise CorruptFileError(f"{path}: not an evaluation record (missing {', '.join(missing) or 'kind'}); "
+                               f"delete it or rerun with --force")
     if record["schema"] != SCHEMA_VERSION:
         raise HarnessError(f"{path}: schema {record['schema']} (this harness reads {SCHEMA_VERSION})")
     return record
 
 
-def load_flags(directory: Path) -> dict[str, np.ndarray]:
+def read_flags(directory: Path) -> tuple[dict[str, np.ndarray], str | None]:
+    """The flags file's arrays and the SHA-256 of its bytes ({} and None when there is none)."""
     path = Path(directory) / FLAGS_NAME
     if not path.exists():
-        return {}
-    with np.load(path) as data:
-        return {k: data[k].astype(bool) for k in data.files}
+        return {}, None
+    try:
+        data = path.read_bytes()
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            flags = {k: archive[k].astype(bool) for k in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise CorruptFileError(f"{path}: unreadable flags file ({type(exc).__name__}: {exc}); "
+                               f"delete it or rerun with --force") from None
+    return flags, sha256_bytes(data)
+
+
+def load_flags(directory: Path) -> dict[str, np.ndarray]:
+    return read_flags(directory)[0]
+
+
+def vouched_cells(record: dict[str, Any], flags: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """The flag cells the record has rows for, each matching its row; cells beyond them are dropped.
+
+    A row whose cell is missing or disagrees (accuracy, n) means the flags file is not the one the
+    record was written with: CorruptFileError.
+    """
+    kept: dict[str, np.ndarray] = {}
+    expected: list[tuple[str, float, int | None]] = []
+    if record.get("clean_accuracy") is not None:
+        expected.append(("clean", record["clean_accuracy"], record.get("n")))
+    expected += [(cell_key(r["attack"], Fraction(r["eps"])), r["robust_accuracy"], r.get("n"))
+                 for r in record.get("results", []) if r.get("attack") != WORST_CASE]
+    for key, accuracy, n in expected:
+        cell = flags.get(key)
+        if cell is None or (n is not None and len(cell) != n) or not _same(percent(cell), accuracy):
+            found = "missing" if cell is None else f"{percent(cell):.4f}% over {len(cell)}"
+            raise CorruptFileError(f"{path}: cell {key} does not match its record (record {accuracy}% over {n}, "
+                                   f"flags {found}); delete the evaluation or rerun with --force")
+        kept[key] = cell
+    for row in record.get("results", []):  # worst-case rows are recomputed from the cells at the end
+        key = cell_key(row["attack"], Fraction(row["eps"]))
+        if row.get("attack") == WORST_CASE and key in flags:
+            kept[key] = flags[key]
+    return kept
+
+
+def _same(a: float, b: Any) -> bool:
+    return isinstance(b, (int, float)) and (a == b or (a != a and b != b))
 
 
 def iter_evaluations(results_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.integrity import CorruptFileError, read_json, sha256_file
 from harness.records import RECORD_NAME, CorruptRecordError, read_record
 
 EVALUATION_NAME = "evaluation.json"
@@ -273,11 +274,30 @@ def _load_flags(evaluation: Evaluation) -> None:
     if not path.is_file():
         evaluation.flags_note = f"flags file {path} is missing"
         return
+    expected = evaluation.data.get("flags_sha256")
+    if expected is not None and sha256_file(path) != expected:
+        evaluation.flags_note = f"flags file {path} fails its checksum (corrupt; not used)"
+        return
     try:
         with np.load(path, allow_pickle=False) as archive:
             evaluation.flags = {key: np.asarray(archive[key], dtype=bool) for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         evaluation.flags_note = f"flags file {path} is unreadable ({exc})"
+
+
+def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[str]) -> list[Evaluation]:
+    """Evaluations of other weights than the finished run's checkpoint (e.g. made mid-training) are skipped."""
+    finished = {run.run_id: run.record.get("checkpoint_sha256") or {} for run in runs}
+    kept = []
+    for evaluation in evaluations:
+        measured = evaluation.checkpoint.get("sha256")
+        final = finished.get(evaluation.run_id, {}).get(evaluation.label) if evaluation.source == "harness" else None
+        if measured and final and measured != final:
+            problems.append(f"skipped stale evaluation {evaluation.path}: it measured weights {measured[:16]}, "
+                            f"the finished run's {evaluation.label}.pt is {final[:16]}")
+            continue
+        kept.append(evaluation)
+    return kept
 
 
 def load_results(results_dir: Path) -> Results:
@@ -302,11 +322,8 @@ def load_results(results_dir: Path) -> Results:
     paths = sorted(root.glob(f"*/eval/*/{EVALUATION_NAME}")) + sorted(root.glob(f"external/*/eval/*/{EVALUATION_NAME}"))
     for path in paths:
         try:
-            data = validate_evaluation(json.loads(path.read_text()), str(path))
-        except (OSError, json.JSONDecodeError) as exc:
-            problems.append(f"skipped corrupt evaluation record {path}: {exc}")
-            continue
-        except CorruptRecordError as exc:
+            data = validate_evaluation(read_json(path), str(path))
+        except CorruptFileError as exc:
             problems.append(f"skipped corrupt evaluation record {exc}")
             continue
         if data.get("status", "complete") != "complete":
@@ -315,6 +332,7 @@ def load_results(results_dir: Path) -> Results:
         evaluation = Evaluation(path, data)
         _load_flags(evaluation)
         evaluations.append(evaluation)
+    evaluations = _drop_stale(evaluations, runs, problems)
     if not runs and not evaluations:
         detail = f" ({len(problems)} unreadable: " + "; ".join(problems) + ")" if problems else ""
         extra = f"; {len(incomplete)} run(s) still running" if incomplete else ""
