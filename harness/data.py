@@ -95,10 +95,14 @@ _PICKLE_ALLOWED = frozenset({
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float
 
 
+class _ForeignReference(pickle.UnpicklingError):
+    """The pickle names a callable or class outside `_PICKLE_ALLOWED`."""
+
+
 class _DataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(f"it references {module}.{name}")
+            raise _ForeignReference(f"it references {module}.{name}")
         return super().find_class(module, name)
 
 
@@ -125,10 +129,10 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             entry = _DataUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
+    except _ForeignReference as exc:
         raise HarnessError(f"{path}: refused to load this data batch ({exc}); a CIFAR batch holds only "
                            f"dicts, lists, strings, numbers and numeric numpy arrays") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise HarnessError(f"{path}: unreadable data batch ({type(exc).__name__}: {exc}); the file is "
                            f"truncated or corrupt: replace it") from None
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import zipfile
+import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
@@ -156,7 +157,7 @@ def read_flags(directory: Path) -> tuple[dict[str, np.ndarray], str | None]:
         data = path.read_bytes()
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             flags = {k: archive[k].astype(bool) for k in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise CorruptFileError(f"{path}: unreadable flags file ({type(exc).__name__}: {exc}); "
                                f"delete it or rerun with --force") from None
     return flags, sha256_bytes(data)

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -281,7 +282,7 @@ def _load_flags(evaluation: Evaluation) -> None:
     try:
         with np.load(path, allow_pickle=False) as archive:
             evaluation.flags = {key: np.asarray(archive[key], dtype=bool) for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         evaluation.flags_note = f"flags file {path} is unreadable ({exc})"
 
 
