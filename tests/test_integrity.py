@@ -72,7 +72,8 @@ def test_crafted_data_batch_is_refused_and_runs_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("payload", [
-    {"data": np.array([object()], dtype=object), "labels": [0]},  # object arrays unpickle arbitrary objects
+    {"data": np.array([object()], dtype=object), "labels": [0]},  # needs builtins.object: refused
+    {"data": np.array([1, "x"], dtype=object), "labels": [0]},  # only allowed globals, but an object array
     {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "extra": {1, 2}},  # a set is not CIFAR data
     [1, 2, 3],  # not a dict
 ])

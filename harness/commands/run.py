@@ -36,10 +36,11 @@ DEFAULT_RESULTS = Path("results")
               help="Where data sets are (or are downloaded to). Default: $HARNESS_DATA or ~/.cache/harness/data.")
 @click.option("--resume", is_flag=True, help="Continue interrupted runs from their last checkpoint.")
 @click.option("--force", is_flag=True, help="Rerun from scratch even if a run with this config exists.")
+@click.option("--wait", is_flag=True, help="Wait for another process training the same run, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run_command(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides, device,
-                results_dir, data_dir, resume, force, no_download, quiet):
+                results_dir, data_dir, resume, force, wait, no_download, quiet):
     """Train defenses from scratch and evaluate clean and PGD-20 accuracy.
 
     Each (defense, seed) writes <results>/<run id>/record.json with the resolved config, environment,
@@ -65,7 +66,7 @@ def run_command(methods_, all_methods, dataset, preset, seeds, epochs, eps, mode
                        overrides=overrides)
              for name in names for seed in seeds]
     options = RunOptions(results_dir=results_dir, data_dir=data_dir, device=resolve_device(device),
-                         resume=resume, force=force, download=not no_download, progress=not quiet)
+                         resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait)
     for i, spec in enumerate(specs, 1):
         click.echo(f"[{i}/{len(specs)}] {spec.run_id}")
         record = run(spec, options)

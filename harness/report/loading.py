@@ -332,6 +332,8 @@ def load_results(results_dir: Path) -> Results:
             continue
         evaluation = Evaluation(path, data)
         _load_flags(evaluation)
+        if evaluation.flags_note and ("checksum" in evaluation.flags_note or "unreadable" in evaluation.flags_note):
+            problems.append(evaluation.flags_note)  # a damaged flags file is named, not only left out
         evaluations.append(evaluation)
     evaluations = _drop_stale(evaluations, runs, problems)
     if not runs and not evaluations:
