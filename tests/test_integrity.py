@@ -71,17 +71,17 @@ def test_crafted_data_batch_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    {"data": np.array([object()], dtype=object), "labels": [0]},  # needs builtins.object: refused
-    {"data": np.array([1, "x"], dtype=object), "labels": [0]},  # only allowed globals, but an object array
-    {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "extra": {1, 2}},  # a set is not CIFAR data
-    [1, 2, 3],  # not a dict
+@pytest.mark.parametrize("payload, message", [
+    ({"data": np.array([object()], dtype=object), "labels": [0]}, "references builtins.object"),
+    ({"data": np.array([1, "x"], dtype=object), "labels": [0]}, "refused: numpy array of dtype object"),
+    ({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "extra": {1, 2}}, "refused: a data batch holds a set"),
+    ([1, 2, 3], "a CIFAR batch is a dict"),
 ])
-def test_data_batch_with_foreign_types_is_refused(tmp_path, payload):
+def test_data_batch_with_foreign_types_is_refused(tmp_path, payload, message):
     data_dir = _synthetic_dir(tmp_path)
     batch = data_dir / "synthetic-batches-py" / "test_batch"
     batch.write_bytes(pickle.dumps(payload))
-    with pytest.raises(HarnessError, match="test_batch"):
+    with pytest.raises(HarnessError, match=f"test_batch: .*{message}"):
         load_split(SYNTHETIC, data_dir, train=False)
 
 
