@@ -145,14 +145,15 @@ def _stopped(proc: subprocess.Popen, lock: Path, timeout: float = 300) -> None:
 
 def test_two_identical_runs_train_once(data_dir, tmp_path):
     first = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path),
-                    env={"HARNESS_TEST_STOP_AT": "train-batch:2"}, wait=False)
+                    env={"HARNESS_TEST_STOP_AT": "train-batch:6"}, wait=False)  # in pass 2: a record exists
     try:
         _stopped(first, tmp_path / ".locks")
         second = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path))
         assert_one_line_error(second, "in use by another harness process", f"pid {first.pid}", "--wait")
         forced = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path), "--force")
         assert_one_line_error(forced, f"pid {first.pid}")
-        (run_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+        (lock,) = (tmp_path / ".locks").glob("*.lock")
+        run_dir = tmp_path / lock.stem
         evaluated = harness(*EVAL, str(run_dir), "--data-dir", str(data_dir))
         assert_one_line_error(evaluated, f"pid {first.pid}")  # no evaluation of a run being trained
         waiting = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path), "--wait", wait=False)
