@@ -160,8 +160,10 @@ def test_two_identical_runs_train_once(data_dir, tmp_path):
         time.sleep(1)
         os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=600) == 0, first.communicate()
+        trained = (run_dir / "record.json").read_bytes()
         out, err = waiting.communicate(timeout=600)
-        assert waiting.returncode == 0 and "already complete" in out + err, out + err
+        assert waiting.returncode == 0, out + err
+        assert (run_dir / "record.json").read_bytes() == trained  # the waiter found it complete: no second training
     finally:
         if first.poll() is None:
             os.kill(first.pid, signal.SIGKILL)
