@@ -18,6 +18,7 @@ from typing import Literal
 
 from harness.pgd import pgd
 from harness.config import Schedule
+from harness.protocol import INPUT_MEAN_STD, ReferenceProtocol, Setting, OUR_SELECTION, PAPER_SCHEDULE, schedule_settings
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 
 
@@ -37,6 +38,16 @@ class PGDAT(Defense):
     # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
     reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75),
                                   weight_decay=5e-4)
+    reference_protocol = ReferenceProtocol("locuslab/robust_overfitting train_cifar.py", (
+        Setting("spec.eps", "8/255"),
+        Setting("config.steps", 10), Setting("config.step_size_rel", 0.25),
+        Setting("config.random_start", True, "uniform in the ball, clamped to [0, 1]"),
+        Setting("config.attack_bn", "train", "model.train() for the whole epoch, attack included"),
+        *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+        Setting("derived.input", INPUT_MEAN_STD, "normalize(X) with the CIFAR-10 mean/std"),
+        Setting("derived.architecture", "preact-resnet18", "--model default (the paper's WRN-34-20 runs)"),
+        Setting("derived.checkpoint", "best test PGD-10 (model_best.pth)", OUR_SELECTION),
+    ))
 
     def perturb(self, model, batch):
         eps = self.context.eps_float
