@@ -30,6 +30,7 @@ INPUT_RAW = "raw [0, 1]"
 INPUT_MEAN_STD = "mean/std normalisation"
 INPUT_PER_IMAGE = "per-image standardisation"
 OUR_CHECKPOINTS = "last and best validation PGD (both reported)"
+_MISSING = object()  # a value the record does not hold (an older or hand-written record)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _input(record: dict[str, Any]) -> str:
 
 
 DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "lr_profile": lambda record: lr_profile(record["spec"]["schedule"]),
+    "lr_profile": lambda record: (lr_profile(record["spec"]["schedule"])
+                                  if "lr" in record["spec"].get("schedule", {}) else _MISSING),
     "input": _input,
     "architecture": _architecture,
     "checkpoint": lambda record: OUR_CHECKPOINTS,
@@ -117,8 +119,6 @@ PAPER_EPS = "the paper under test reports every method at 8/255; 0.031 is about 
 PAPER_INPUT = "ours normalise inside the model; --preset reference uses the raw-input twin (<model>-raw)"
 OUR_SELECTION = "the harness reports the last and the best-on-validation checkpoint, never selects on test"
 
-
-_MISSING = object()
 
 
 def value_at(record: dict[str, Any], path: str) -> Any:
