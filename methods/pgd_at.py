@@ -8,6 +8,10 @@ uniform random start, one restart, BatchNorm in train mode during the attack (th
 Bag-of-Tricks uses eval mode: `--set attack_bn=eval`). The reference schedule (`--preset reference`)
 is Rice et al.'s 200 epochs with decays at 100 and 150; the paper under test uses its own 100-epoch
 schedule for every method (`--preset paper`).
+Choice: with one restart the reference still scores its restart with one more train-mode forward on
+x + delta; that forward only updates BatchNorm's running statistics, so it is skipped here (the
+weights after a step are the reference's: tests/test_reference_steps.py). `reference_protocol`
+lists every setting of Rice et al.'s run; the report's protocol card shows where a run departs.
 Shapes: x (B, C, H, W) in [0, 1], y (B,).
 """
 
