@@ -121,8 +121,17 @@ OUR_SELECTION = "the harness reports the last and the best-on-validation checkpo
 
 
 
+# What a record written before a field existed ran with (the only behaviour there was then).
+LEGACY_DEFAULTS = {"spec.schedule.weight_decay_on": "all"}
+
+
 def value_at(record: dict[str, Any], path: str) -> Any:
     """The run's value for `path`; `_MISSING` when the record does not have it."""
+    value = _lookup(record, path)
+    return LEGACY_DEFAULTS.get(path, value) if value is _MISSING else value
+
+
+def _lookup(record: dict[str, Any], path: str) -> Any:
     root, _, rest = path.partition(".")
     if root == "derived":
         return DERIVED[rest](record)

@@ -167,3 +167,11 @@ def test_fat_is_not_paired_with_fat_trades():
     assert row["harness_method"] == "" and "TRADES" in row["note"]
     results = SimpleNamespace(external=[])
     assert "Zhang2020Attacks" not in tables._published(results, "cifar10", "fat")
+
+
+def test_records_from_before_the_scope_field_decayed_everything():
+    spec = make_spec("free-at", "cifar10", "reference").to_dict()
+    del spec["schedule"]["weight_decay_on"]
+    row = next(r for r in protocol_diff(reference_of("free-at"), {"spec": spec, "defense": {"config": {}}})["settings"]
+               if r["path"] == "spec.schedule.weight_decay_on")
+    assert row["ours"] == "all" and row["departs"]
