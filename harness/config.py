@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
 from harness.errors import HarnessError
 from harness.registry import Registry
@@ -59,6 +59,9 @@ class Schedule:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_values: tuple[float, ...] = ()  # explicit lr after each milestone (MMA), instead of lr_decay
+    # which parameters weight decay acts on: "all" (torch's default, the paper's) or only convolution
+    # and linear weights (Free-AT's reference leaves BatchNorm parameters and biases undecayed)
+    weight_decay_on: Literal["all", "conv-linear-weights"] = "all"
 
     def lr_at(self, equivalent_epoch: float) -> float:
         drops = sum(equivalent_epoch >= m * self.epochs for m in self.lr_milestones)
@@ -147,7 +150,8 @@ register_preset(Preset(
 ))
 register_preset(Preset(
     name="reference",
-    description="each defense with its authors' own schedule (its `reference_schedule`), else the paper's",
+    description="each defense with its authors' schedule (`reference_schedule`: epochs, lr, weight decay and what it "
+                "decays) and input convention (raw-input model twin where the authors feed raw pixels)",
     schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
     data=DataSpec(train_subset=None, val_size=1000),
     eval=EvalSpec(test_examples=None),

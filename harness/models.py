@@ -32,12 +32,35 @@ class ModelInfo:
 MODELS: Registry[ModelInfo] = Registry("model")
 
 
+RAW_INPUT_SUFFIX = "-raw"
+
+
 def register_model(name: str, description: str, revision: int = 1):
+    """Registers `name` and its raw-input twin `name-raw` (see `without_input_normalization`)."""
     def decorate(build):
         MODELS.add(name, ModelInfo(name, build, description, revision))
+        MODELS.add(name + RAW_INPUT_SUFFIX, ModelInfo(
+            name + RAW_INPUT_SUFFIX, lambda dataset, dropout: without_input_normalization(build(dataset, dropout)),
+            f"{name} on raw [0, 1] input, no normalisation layer (as the TRADES, MART and FAT reference networks)",
+            revision))
         return build
 
     return decorate
+
+
+def without_input_normalization(model: "Classifier") -> "Classifier":
+    """The same network fed raw [0, 1] pixels: its Normalize layer becomes the identity (mean 0, std 1).
+
+    Kept as buffers rather than removed, so the state dict has the same keys and a checkpoint carries
+    its own input convention: loading it into either twin restores the function it was trained as.
+    """
+    model.normalize.mean.zero_()
+    model.normalize.std.fill_(1.0)
+    return model
+
+
+def normalizes_input(model: "Classifier") -> bool:
+    return not (bool((model.normalize.mean == 0).all()) and bool((model.normalize.std == 1).all()))
 
 
 def build_model(name: str, dataset: DatasetInfo, dropout: float = 0.0) -> "Classifier":

@@ -30,6 +30,8 @@ from harness.models import MODELS, build_model
 from harness import faults
 from harness.integrity import checkpoint_hashes
 from harness.locks import hold, remove_stale_temps
+from harness.optim import sgd_for
+from harness.protocol import preset_model, record_field
 from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
 from harness.storage import ensure_writable_dir, load_torch, save_torch
 from harness.validation import check_seed, validate_config
@@ -56,7 +58,7 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
     defense_cls = DEFENSES.get(defense)
     info = DATASETS.get(dataset)
     p = PRESETS.get(preset)
-    model_name = model or p.model_for(dataset, info.default_model)
+    model_name = model or preset_model(p, defense_cls, p.model_for(dataset, info.default_model))
     MODELS.get(model_name)
     schedule = p.schedule
     if p.schedule_from_defense and defense_cls.reference_schedule is not None:
@@ -185,8 +187,7 @@ class Run:
         defense: Defense = DEFENSES.get(spec.defense)(spec.defense_config, context)
         defense.setup(model)
         sched = spec.schedule
-        optimizer = torch.optim.SGD(model.parameters(), lr=sched.lr, momentum=sched.momentum,
-                                    weight_decay=sched.weight_decay)
+        optimizer = sgd_for(model, sched)
         budget = MinibatchBudget(sched.epochs, len(data.train), defense.replays)
         passes = budget.passes
         record = self._new_record(defense, data, budget)
@@ -288,6 +289,7 @@ class Run:
         return {
             "schema": SCHEMA_VERSION, "run_id": self.spec.run_id, "status": "running",
             "spec": self.spec.to_dict(), "defense": defense.record(),
+            "reference_protocol": record_field(defense, self.spec.to_dict(), defense.record()),
             "environment": environment(self.device), "created": _now(),
             "protocol": {"passes": budget.passes, "minibatches": budget.total,
                          "sgd_steps": budget.total * budget.replays, "equivalent_epochs": budget.epochs,

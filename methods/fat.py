@@ -17,17 +17,17 @@ Facts from the reference, kept here:
 - tau schedule (the reference's `dynamictau`): tau = 0 up to epoch 50, 1 up to epoch 90, 2 after
   (1-indexed, of 120). Here it is `taus` switched at `tau_milestones`, fractions of the run's epochs
   (50/120, 90/120), so short runs scale; the resolved schedule is in the run record
-  (`defense.tau_schedule`, 1-indexed `from_epoch`) and each epoch's tau in its diagnostics. A later version of FAT.py trains 30 epochs with the switches at 12 and 22
-  (fractions 0.4 and 0.73). A fixed tau: `--set taus=1 --set tau_milestones=`.
+  (`defense.tau_schedule`, 1-indexed `from_epoch`) and each epoch's tau in its diagnostics. Every
+  commit of FAT.py (f8c0cd6 to 9f80216) trains 120 epochs with these switches. A fixed tau:
+  `--set taus=1 --set tau_milestones=`.
 - Choice: stopped examples stay in the batch with a zero step (the reference removes them and runs
   the remaining steps on the smaller batch); results are identical since BatchNorm is in eval mode,
   but each remaining step costs a full batch. The attack ends as soon as every example has stopped.
   `mean_steps` in the epoch diagnostics is the reference's "BP average" (steps per example).
 - Schedules: the `paper` preset trains FAT with the paper under test's schedule. The authors' is
-  `FAT.reference_schedule`: 120 epochs, SGD momentum 0.9, lr 0.1 x0.1 from epoch 60 and from epoch 90
-  (1-indexed), weight decay 2e-4, batch 128, WRN-32-10 (= WRN-34-10). The reference's last decay
-  (to 0.005x from epoch 110, a factor 0.5) cannot be expressed by `Schedule`'s single decay factor and
-  is omitted.
+  `FAT.reference_schedule` (FAT.py `adjust_learning_rate`): 120 epochs, SGD momentum 0.9, lr 0.1, 0.01
+  from epoch 60, 0.001 from epoch 90, 0.0005 from epoch 110 (1-indexed; explicit `lr_values`),
+  weight decay 2e-4, batch 128, WRN-32-10 (= WRN-34-10), raw [0, 1] input.
 Shapes: x (B, C, H, W) in [0, 1], y (B,).
 """
 
@@ -41,6 +41,7 @@ import torch
 
 from harness.pgd import pgd
 from harness.config import Schedule
+from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError
 from harness.validation import at_least, between, non_negative, positive, rules
@@ -103,8 +104,21 @@ class FAT(Defense):
 
     Config = FATConfig
     reference_schedule: ClassVar[Schedule] = Schedule(
-        epochs=120, batch_size=128, lr=0.1, lr_milestones=(59 / 120, 89 / 120), lr_decay=0.1, momentum=0.9,
-        weight_decay=2e-4)
+        epochs=120, batch_size=128, lr=0.1, lr_milestones=(59 / 120, 89 / 120, 109 / 120),
+        lr_values=(0.01, 0.001, 0.0005), momentum=0.9, weight_decay=2e-4)
+    reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
+        "zjfheart/Friendly-Adversarial-Training FAT.py, earlystop.py", (
+            Setting("spec.eps", "0.031", PAPER_EPS),
+            Setting("config.steps", 10), Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
+            Setting("config.random_start", True, "uniform_randominit, clamped to [0, 1]"),
+            Setting("config.omega", 0.001),
+            Setting("config.taus", (0, 1, 2)), Setting("config.tau_milestones", (50 / 120, 90 / 120)),
+            Setting("config.attack_bn", "eval", "model.eval() in earlystop"),
+            *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+            Setting("derived.input", INPUT_RAW, PAPER_INPUT),
+            Setting("derived.architecture", "wrn-34-10", "WRN_madry depth 32 (Madry's name for WRN-34-10)"),
+            Setting("derived.checkpoint", "last", OUR_SELECTION),
+        ))
 
     def __init__(self, config, context):
         super().__init__(config, context)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from harness.pgd import pgd
 from harness.config import Schedule, to_jsonable
+from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
 from harness.defense import Defense, Perturbation, accuracy, register_defense
 from harness.errors import HarnessError
 from harness.validation import at_least, positive, rules
@@ -63,8 +64,20 @@ class FreeAT(Defense):
     Config = FreeATConfig
     # ashafahi/free_adv_train config.py / free_train.py (CIFAR-10, WRN-34-10): 80k SGD steps
     # (~205 equivalent epochs of batch 128), lr 0.1 x0.1 at 40k and 60k steps, wd 2e-4.
+    # Weight decay on conv/FC weights only (Madry's model decays its 'DW' variables; main_free.py likewise).
     reference_schedule: ClassVar[Schedule] = Schedule(epochs=205, batch_size=128, lr=0.1,
-                                                      lr_milestones=(0.5, 0.75), weight_decay=2e-4)
+                                                      lr_milestones=(0.5, 0.75), weight_decay=2e-4,
+                                                      weight_decay_on="conv-linear-weights")
+    reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
+        "ashafahi/free_adv_train free_train.py (CIFAR); mahyarnajibi/FreeAdversarialTraining main_free.py", (
+            Setting("spec.eps", "8/255"),
+            Setting("config.replays", 8), Setting("config.step_rel", 1.0, "FGSM step = eps"),
+            Setting("config.attack_bn", "train", "one forward serves weights and noise"),
+            *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+            Setting("derived.input", INPUT_PER_IMAGE, "Madry's CIFAR model standardises each image; not offered here"),
+            Setting("derived.architecture", "wrn-34-10", "Madry's WRN-32-10 (= WRN-34-10)"),
+            Setting("derived.checkpoint", "last", OUR_SELECTION),
+        ))
 
     def __init__(self, config: FreeATConfig, context):
         super().__init__(config, context)

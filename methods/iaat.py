@@ -36,6 +36,7 @@ import torch
 
 from harness.pgd import model_mode, pgd
 from harness.config import Schedule, to_jsonable
+from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
 from harness.defense import PerExampleEps, Perturbation, adversarial_ce_step, register_defense
 from harness.errors import HarnessError
 from harness.validation import at_least, between, non_negative, positive, rules
@@ -74,6 +75,18 @@ class IAAT(PerExampleEps):
     reference_schedule: ClassVar[Schedule] = Schedule(epochs=110, batch_size=256, lr=0.1,
                                                       lr_milestones=(70 / 110, 90 / 110, 100 / 110),
                                                       lr_decay=0.2, weight_decay=5e-4)
+    reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
+        "yogeshbalaji/Instance_Adaptive_Adversarial_Training trainers/trainer_adaptive.py, "
+        "configs/train_adaptive.json", (
+            Setting("spec.eps", "8/255"),
+            Setting("config.gamma_rel", 0.2375, "gamma 1.9/255"), Setting("config.beta", 0.1),
+            Setting("config.warmup_frac", 10 / 110), Setting("config.steps", 10),
+            Setting("config.attack_bn", "train", "the model is never switched to eval while training"),
+            *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+            Setting("derived.input", INPUT_RAW, PAPER_INPUT + " (the reference transforms add no Normalize)"),
+            Setting("derived.architecture", "wrn-34-10", "models.WRN(depth=32, width=10)"),
+            Setting("derived.checkpoint", "last", OUR_SELECTION),
+        ))
 
     def __init__(self, config: IAATConfig, context):
         super().__init__(config, context)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from harness.pgd import pgd
 from harness.config import Schedule
+from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
 from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
                              sgd_step)
 from harness.errors import HarnessError
@@ -95,6 +96,18 @@ class MART(Defense):
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=90, batch_size=128, lr=0.1, lr_milestones=(74 / 90, 89 / 90), lr_decay=0.1, momentum=0.9,
         weight_decay=7e-4)
+    reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
+        "YisenWang/MART train_wideresnet.py, mart.py", (
+            Setting("spec.eps", "0.031", PAPER_EPS),
+            Setting("config.steps", 10), Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
+            Setting("config.init_noise", 0.001, "x + 0.001 N(0, 1)"),
+            Setting("config.attack_bn", "eval", "model.eval() in mart_loss"),
+            Setting("config.beta", 6.0),
+            *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+            Setting("derived.input", INPUT_RAW, PAPER_INPUT),
+            Setting("derived.architecture", "wrn-34-10"),
+            Setting("derived.checkpoint", "last", OUR_SELECTION),
+        ))
 
     def perturb(self, model, batch):
         cfg, eps = self.config, self.context.eps_float

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from harness.pgd import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
+from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
 from harness.defense import PerExampleEps, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError
 from harness.validation import at_least, between, positive, rules
@@ -116,6 +117,20 @@ class MMA(PerExampleEps):
     reference_schedule: ClassVar[Schedule] = Schedule(epochs=142, batch_size=128, lr=0.3,
                                                       lr_milestones=(0.4, 0.6, 0.8),
                                                       lr_values=(0.09, 0.03, 0.009), weight_decay=2e-4)
+    reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
+        "BorealisAI/mma_training train.py, config.py, trainer.py, anpgd.py", (
+            Setting("spec.eps", "8/255"),
+            Setting("config.d_max_rel", 1.5, "MMA-12 (hinge 12/255); the paper also trains MMA-20 and MMA-32"),
+            Setting("config.steps", 10), Setting("config.step_scale", 2.5),
+            Setting("config.attack_bn", "eval", "ctx_noparamgrad_and_eval around the PGD"),
+            Setting("config.search_bn", "train", "the bisection runs outside that context"),
+            Setting("config.clean_loss_coeff", 1 / 3),
+            *schedule_settings(reference_schedule, PAPER_SCHEDULE + "; the reference counts 50k SGD steps"),
+            Setting("derived.input", INPUT_PER_IMAGE, "advertorch's CIFAR WRN standardises each image; "
+                    "not offered here"),
+            Setting("derived.architecture", "wrn-28-4"),
+            Setting("derived.checkpoint", "best mean validation eps", OUR_SELECTION),
+        ))
 
     # ---------------------------------------------------------------- resolved budgets
 

@@ -8,6 +8,10 @@ uniform random start, one restart, BatchNorm in train mode during the attack (th
 Bag-of-Tricks uses eval mode: `--set attack_bn=eval`). The reference schedule (`--preset reference`)
 is Rice et al.'s 200 epochs with decays at 100 and 150; the paper under test uses its own 100-epoch
 schedule for every method (`--preset paper`).
+Choice: with one restart the reference still scores its restart with one more train-mode forward on
+x + delta; that forward only updates BatchNorm's running statistics, so it is skipped here (the
+weights after a step are the reference's: tests/test_reference_steps.py). `reference_protocol`
+lists every setting of Rice et al.'s run; the report's protocol card shows where a run departs.
 Shapes: x (B, C, H, W) in [0, 1], y (B,).
 """
 
@@ -18,6 +22,7 @@ from typing import Literal
 
 from harness.pgd import pgd
 from harness.config import Schedule
+from harness.protocol import INPUT_MEAN_STD, ReferenceProtocol, Setting, OUR_SELECTION, PAPER_SCHEDULE, schedule_settings
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
 from harness.validation import at_least, positive, rules
 
@@ -39,6 +44,16 @@ class PGDAT(Defense):
     # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
     reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75),
                                   weight_decay=5e-4)
+    reference_protocol = ReferenceProtocol("locuslab/robust_overfitting train_cifar.py", (
+        Setting("spec.eps", "8/255"),
+        Setting("config.steps", 10), Setting("config.step_size_rel", 0.25),
+        Setting("config.random_start", True, "uniform in the ball, clamped to [0, 1]"),
+        Setting("config.attack_bn", "train", "model.train() for the whole epoch, attack included"),
+        *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+        Setting("derived.input", INPUT_MEAN_STD, "normalize(X) with the CIFAR-10 mean/std"),
+        Setting("derived.architecture", "preact-resnet18", "--model default (the paper's WRN-34-20 runs)"),
+        Setting("derived.checkpoint", "best test PGD-10 (model_best.pth)", OUR_SELECTION),
+    ))
 
     def perturb(self, model, batch):
         eps = self.context.eps_float

@@ -4,7 +4,7 @@ plus every table as CSV and LaTeX."""
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -13,6 +13,7 @@ import pandas as pd
 from harness.report import reference, tables, verdicts
 from harness.report.figures import Figure, all_figures
 from harness.report.loading import Results
+from harness.report.protocol_cards import ProtocolCard, protocol_cards
 from harness.report.tables import Table
 from harness.storage import atomic_write
 
@@ -34,6 +35,7 @@ class Report:
     missing: list[str]
     verdicts: list[verdicts.Verdict]
     protocols: list[str]
+    protocol_cards: list[ProtocolCard] = field(default_factory=list)
 
     @property
     def verdict_groups(self) -> list[tuple[str, list[verdicts.Verdict]]]:
@@ -66,7 +68,7 @@ def build(results: Results, checkpoint: str = "last") -> Report:
         table3=tables.table3(groups), paper_floor=tables.paper_floor_table(),
         robustbench=tables.robustbench_table(results), evaluations=tables.evaluations_table(results),
         figures=figures, missing=missing, verdicts=verdicts.all_verdicts(results, groups, checkpoint),
-        protocols=[p.label() for p in groups])
+        protocols=[p.label() for p in groups], protocol_cards=protocol_cards(results))
 
 
 def render_html(report: Report) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from harness.report import compute, reference
+from harness.report import compute, protocol_cards, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run, eps_key
 from harness.report.stats import bootstrap_ratio, mean_std
 
@@ -167,7 +167,8 @@ def _published(results: Results, dataset: str, defense: str) -> str:
     hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense.split("#")[0])]
     parts = []
     for _, r in hits.iterrows():
-        text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']})"
+        text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']}" + (
+            f"; {r['note']})" if r.get("note") else ")")
         ours = external_match(results, dataset, r["name"])
         if ours is not None:
             aa = next((ours.result(a, r["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, r["eps"])), None)
@@ -235,6 +236,7 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     row["Δ AA"] = diff_cell(aa_vals, claim and claim["autoattack"])
                     row_export.update(paper_clean=claim and claim["clean"], paper_pgd20=claim and claim["pgd"],
                                       paper_autoattack=claim and claim["autoattack"])
+                _mark_departures(row, row_export, runs, (pgd_name, "Clean", "AutoAttack"))
                 row["Reliability"] = reliability_cell(aa.evaluations or [
                     e for r in runs for e in results.evaluations_of(r.run_id) if e.label == checkpoint])
                 published = _published(results, protocol.dataset, variant) if with_paper else ""
@@ -244,6 +246,8 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                 export_rows.append(row_export)
                 display_rows.append(row)
         notes = [f"Protocol: {protocol.label()}.",
+                 f"{protocol_cards.MARK}: the row's runs depart from the method's published protocol (hover the "
+                 f"number; the protocol cards list every setting).",
                  f"Clean and {pgd_name} from the run records (test examples {protocol.test_indices}); AutoAttack "
                  f"from `harness eval` records at eps {protocol.eps}, with its own test-example count (AA n)."]
         if not with_paper:
@@ -255,6 +259,21 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                             f"{protocol.model}, eps {protocol.eps}", protocol.label(),
                             pd.DataFrame(export_rows), display_rows, notes))
     return tables
+
+
+def _mark_departures(row: dict[str, Any], row_export: dict[str, Any], runs: list[Run],
+                     columns: tuple[str, ...]) -> None:
+    """Mark the row's numbers when its runs depart from the authors' protocol, and say in what."""
+    departures = protocol_cards.departure_settings(runs)
+    row_export["protocol_departures"] = "; ".join(departures)
+    title = "departs from the authors' protocol in: " + "; ".join(departures) if departures else ""
+    for column in columns:
+        value = row.get(column)
+        text = value.text if isinstance(value, Cell) else str(value)
+        if departures and text not in ("—", ""):
+            row[column] = Cell(f"{text} {protocol_cards.MARK}", getattr(value, "cls", ""), title)
+    row["Authors' protocol"] = (Cell(f"{protocol_cards.MARK} {len(departures)} setting(s) differ", "muted", title)
+                                if departures else Cell("as published", "good"))
 
 
 # ----------------------------------------------------------------------------------------- Table 2
