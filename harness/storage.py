@@ -75,7 +75,10 @@ def save_torch(path: Path, obj: Any) -> None:
     payload = buffer.getvalue()
     wrapper = {"format": CHECKPOINT_FORMAT, "sha256": sha256_bytes(payload),
                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
-    atomic_write(path, lambda f: torch.save(wrapper, f))
+    buffer = io.BytesIO()
+    torch.save(wrapper, buffer)  # in memory: torch turns a failed file write into a RuntimeError
+    data = buffer.getvalue()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_torch(path: Path, map_location: str | torch.device = "cpu") -> Any:
