@@ -17,7 +17,6 @@ command is rerun until the grid is complete.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,10 @@ class Grid:
 
 
 def load_grid(path: Path) -> Grid:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise GridError("grid files need Python 3.11 or later (tomllib)") from None
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
