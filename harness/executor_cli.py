@@ -90,15 +90,15 @@ def distribute_targets(fn: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(chosen, LocalExecutor):
             with torch_threads(chosen.threads):
                 return fn(**params)
-        params = {**params, "device": worker_device(params.get("device", "auto"), chosen),
-                  **{k: absolute(v) for k, v in params.items() if k.endswith("_dir")}}
+        params = {**params, "device": worker_device(params.get("device", "auto"), chosen)}
         raise_failures(list(chosen.execute(target_jobs(key, params), click.echo)), noun="target")
 
     return executor_options(command)
 
 
 def target_jobs(key: str, params: dict[str, Any]) -> list[Job]:
-    """One job per target; a retry after a lost worker resumes (--resume), never starts over (--force)."""
+    """One job per target, its paths absolute; a retry after a lost worker resumes, never starts over (--force)."""
+    params = {**params, **{k: absolute(v) for k, v in params.items() if k.endswith("_dir")}}
     jobs = []
     for target in params["targets"]:
         target = str(Path(target).resolve()) if Path(target).exists() else target

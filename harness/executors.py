@@ -214,7 +214,7 @@ class RayExecutor:
                     submit(job, 1)
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds)
-                    _relay(lines, say)
+                    _relay(lines, say)  # a finished task's lines are all queued (put blocks): they come first
                     for ref in ready:
                         job, attempt = pending.pop(ref)
                         try:
@@ -229,14 +229,12 @@ class RayExecutor:
                             say(f"[{job.label}] failed: {message}")
                             yield Outcome(job, error=message, attempts=attempt)
                         except ray.exceptions.RayTaskError as exc:
-                            _relay(lines, say)
                             message, trace = task_error(exc)
                             if trace:
                                 say(trace)
                             say(f"[{job.label}] failed: {message}")
                             yield Outcome(job, error=message, attempts=attempt)
                         else:
-                            _relay(lines, say)
                             yield Outcome(job, value, attempts=attempt)
         finally:
             if lines is not None:

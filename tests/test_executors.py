@@ -98,7 +98,11 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
             killed.append(pids[killed_label])
 
     executor = RayExecutor(cpus_per_run=1, max_retries=2, shared_dir=results, poll_seconds=0.05)
-    outcomes = {o.job.label: o for o in executor.execute(run_jobs(specs(), options(results, data_dir)), say)}
+    outcomes = {}
+    for outcome in executor.execute(run_jobs(specs(), options(results, data_dir)), say):
+        label = outcome.job.label  # its last line came before its outcome
+        assert any(line.startswith(f"[{label}] pgd-at [last] test clean") for line in lines), lines
+        outcomes[label] = outcome
     text = "\n".join(lines)
 
     assert killed, text
@@ -121,13 +125,15 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
     assert not list(results.glob(".harness-driver-*"))  # the driver's marker is gone
 
 
-def test_ray_grid_file_from_the_command_line_matches_local(ray_instance, local_records, data_dir, tmp_path):
-    grid = tmp_path / "grid.toml"
+def test_ray_grid_file_from_the_command_line_matches_local(ray_instance, local_records, data_dir, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the workers' working directory: relative paths must be resolved
+    grid = Path("grid.toml")
     grid.write_text(f'preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = {list(SEEDS)}\n'
                     f'epochs = {EPOCHS}\n')
     assert [s.run_id for s in load_grid(grid).specs()] == [s.run_id for s in specs()]
     results = tmp_path / "results"
-    args = ["run", "--grid", str(grid), "--executor", "ray", "--data-dir", str(data_dir), "--results", str(results)]
+    args = ["run", "--grid", "grid.toml", "--executor", "ray", "--data-dir", str(data_dir), "--results", "results"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert result.output.count("clean ") >= 2 and "each job takes 1 CPU(s)" in result.output
@@ -138,7 +144,8 @@ def test_ray_grid_file_from_the_command_line_matches_local(ray_instance, local_r
     assert again.exit_code == 0 and again.output.count("already complete") == 2, again.output
 
 
-def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path, data_dir):
+def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     roots = {}
     for name in ("local", "ray"):
         roots[name] = tmp_path / name
@@ -147,7 +154,8 @@ def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path
     common = ["--attack", "pgd-20", "--eps", "0,8/255", "--n", "32", "--data-dir", str(data_dir), "--cpus-per-run", "1"]
     out = {}
     for name, extra in (("local", []), ("ray", ["--executor", "ray"])):
-        result = CliRunner().invoke(main, ["eval", *run_ids, "--results", str(roots[name]), *common, *extra],
+        targets = run_ids if name == "local" else [f"{name}/{run_id}" for run_id in run_ids]  # ids, relative paths
+        result = CliRunner().invoke(main, ["eval", *targets, "--results", name, *common, *extra],
                                     catch_exceptions=False)
         assert result.exit_code == 0, result.output
         out[name] = result.output
@@ -157,7 +165,7 @@ def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path
                        for name in ("local", "ray")]
         assert comparable(evaluations[0]["results"]) == comparable(evaluations[1]["results"])
         assert evaluations[0]["clean_accuracy"] == evaluations[1]["clean_accuracy"]
-        assert evaluations[1]["environment"]["device"]["torch_threads"] == 1
+        assert [e["environment"]["device"]["torch_threads"] for e in evaluations] == [1, 1]
 
 
 def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path):
@@ -177,7 +185,16 @@ def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path)
         raise_failures(list(outcomes.values()))
 
 
-def test_a_worker_that_does_not_share_the_results_directory_refuses(ray_instance, tmp_path, data_dir):
+def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp_path):
+    from harness.executors import Job
+
+    lines = []
+    outcomes = list(RayExecutor(max_retries=1).execute([Job("dies", os._exit, (3,))], lines.append))
+    assert [(o.attempts, o.error) for o in outcomes] == [(2, "worker lost on each of 2 attempts (WorkerCrashedError)")]
+    assert sum("worker lost" in line for line in lines) == 2, lines
+
+
+def test_a_worker_checks_its_node_and_sets_its_threads(tmp_path):
     from harness.executors import WorkerContext, code_identity
 
     context = WorkerContext(threads=1, code=code_identity(), marker=tmp_path / ".harness-driver-x")
@@ -186,6 +203,48 @@ def test_a_worker_that_does_not_share_the_results_directory_refuses(ray_instance
     other = WorkerContext(threads=1, code={**code_identity(), "commit": "0" * 40}, marker=None)
     with pytest.raises(HarnessError, match="same harness commit"):
         other.prepare()
+    (tmp_path / ".harness-driver-x").write_text("")
+    before = torch.get_num_threads()
+    try:
+        WorkerContext(threads=3, code=code_identity(), marker=tmp_path / ".harness-driver-x").prepare()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_output_is_sent_line_by_line():
+    from harness.executors import QueueLines
+
+    sent = []
+    queue = type("FakeQueue", (), {"put": lambda self, item: sent.append(item)})()
+    out = QueueLines(queue, "job")
+    out.write("pass 1\npass")
+    out.write(" 2\r\nlast words")
+    assert sent == [("job", "pass 1"), ("job", "pass 2")]
+    out.flush()
+    assert sent[-1] == ("job", "last words")
+
+
+def test_local_executor_reports_a_failure_and_runs_the_next_job(tmp_path):
+    from harness.executors import Job
+
+    good = tmp_path / "grid.toml"
+    good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
+    lines = []
+    outcomes = list(LocalExecutor().execute([Job("bad", load_grid, (tmp_path / "absent",)),
+                                             Job("good", load_grid, (good,))], lines.append))
+    assert outcomes[0].error.endswith("cannot read the grid file (No such file or directory)")
+    assert outcomes[1].error is None and outcomes[1].value.seeds == (0,)
+    assert lines[:2] == ["[1/2] bad", f"[bad] failed: {outcomes[0].error}"]
+
+
+def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):
+    from harness.runner import run
+
+    run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))  # progress on
+    captured = capsys.readouterr()
+    assert "pgd-at pass 1/1" in captured.out and "test clean" in captured.out
+    assert "batch" not in captured.err and "\r" not in captured.err  # no tqdm bar went to a log
 
 
 def test_retries_resume_and_never_force(tmp_path, data_dir):
