@@ -47,7 +47,7 @@ class RunOptions:
     resume: bool = False
     force: bool = False
     download: bool = True
-    progress: bool = True
+    progress: bool = True  # a line per epoch; bars too where stderr is a terminal (not a log, not a Ray worker)
     wait: bool = False  # wait for another process holding this run's lock instead of failing
 
 
@@ -230,7 +230,7 @@ class Run:
         defense.start_epoch(p)
         meter = Meter()
         bar = tqdm(total=n_batches, desc=f"{spec.defense} {p + 1}/{budget.passes}", unit="batch",
-                   disable=not self.options.progress, leave=False, dynamic_ncols=True)
+                   disable=None if self.options.progress else True, leave=False, dynamic_ncols=True)
         model.train()
         synchronize(self.device)
         t0 = time.perf_counter()
@@ -273,7 +273,7 @@ class Run:
             model.load_state_dict(state)
             torch.manual_seed(spec.seed + 1)  # the same attack randomness for every checkpoint
             bar = tqdm(total=len(data.test.labels), desc=f"eval {label}", unit="img",
-                       disable=not self.options.progress, leave=False)
+                       disable=None if self.options.progress else True, leave=False)
             t0 = time.perf_counter()
             acc = clean_and_pgd(model, data.test.images, data.test.labels, eps=float(spec.eps),
                                 step_size=float(spec.eval_step), steps=spec.eval.pgd_steps,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: Debian's Fashion-MNIST, a virtual environment in .venv with
 # the harness and its pinned dependencies. Fast when nothing changed (a stamp holds pyproject's hash).
-#   scripts/setup.sh            the harness and its test dependencies
+#   scripts/setup.sh            the harness and its test dependencies (Ray included, for its executor's tests)
 #   scripts/setup.sh --browser  also Debian's Chromium, for the report's browser test
 set -euo pipefail
 cd "$(dirname "$0")/.."

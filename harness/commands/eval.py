@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from harness.cli import main
+from harness.executor_cli import distribute_targets
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_ATTACKS = ("pgd-20", "cw-inf", "autoattack")
@@ -81,6 +82,7 @@ def digest(config: dict) -> str:
 @click.option("--wait", is_flag=True, help="Wait for another process using the run or evaluation, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final table and checks.")
+@distribute_targets  # --executor ray: one Ray task per TARGET, each calling this function with that target
 def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoattack_attacks, pgd_step,
                  pgd_restarts, seed, batch_size, model_name, dataset, results_dir, data_dir, robustbench_dir,
                  device, resume, force, wait, no_download, quiet):

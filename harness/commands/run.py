@@ -1,17 +1,26 @@
-"""`harness run`: train and evaluate defenses; one run record per (defense, seed)."""
+"""`harness run`: train and evaluate defenses; one run record per (defense, data set, seed)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from harness.cli import main
+from harness.executor_cli import executor_options
 
 DEFAULT_RESULTS = Path("results")
+GRID_SETS = {"methods_": "--method", "all_methods": "--all", "dataset": "--dataset", "preset": "--preset",
+             "seeds": "--seed", "epochs": "--epochs", "eps": "--eps", "model": "--model", "dropout": "--dropout",
+             "overrides": "--set"}  # what a grid file says, so not also on the command line
 
 
 @main.command("run")
+@click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="A TOML grid file (methods, data sets, seeds, preset, overrides per method; see grids/). "
+                   "Finished runs are skipped and interrupted ones resumed, so rerun it until complete.")
 @click.option("--method", "-m", "methods_", multiple=True, metavar="NAME",
               help="Defense to train (repeatable). See `harness list defenses`.")
 @click.option("--all", "all_methods", is_flag=True, help="Train every registered defense.")
@@ -29,47 +38,100 @@ DEFAULT_RESULTS = Path("results")
               help="Dropout throughout the model (ADES's `full` MC-dropout mode needs it).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a defense hyperparameter, e.g. --set beta=6 (applies to every --method).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Under --executor ray: cuda when --gpus-per-run > 0, else cpu.")
 @click.option("--results", "results_dir", type=click.Path(path_type=Path), default=DEFAULT_RESULTS,
-              show_default=True, help="Directory of run records and checkpoints.")
+              show_default=True, help="Directory of run records and checkpoints (under ray: one every node shares).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Where data sets are (or are downloaded to). Default: $HARNESS_DATA or ~/.cache/harness/data.")
 @click.option("--resume", is_flag=True, help="Continue interrupted runs from their last checkpoint.")
 @click.option("--force", is_flag=True, help="Rerun from scratch even if a run with this config exists.")
 @click.option("--wait", is_flag=True, help="Wait for another process training the same run, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run_command(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides, device,
-                results_dir, data_dir, resume, force, wait, no_download, quiet):
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
+@executor_options
+@click.pass_context
+def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
+                overrides, device, results_dir, data_dir, resume, force, wait, no_download, quiet, executor, address,
+                cpus_per_run, gpus_per_run, max_retries):
     """Train defenses from scratch and evaluate clean and PGD-20 accuracy.
 
-    Each (defense, seed) writes <results>/<run id>/record.json with the resolved config, environment,
-    per-epoch metrics and times, and final test accuracy of the last and best-on-validation
-    checkpoints. A completed identical run is skipped; an interrupted one continues with --resume.
+    Each (defense, data set, seed) writes <results>/<run id>/record.json with the resolved config,
+    environment (thread count included), per-epoch metrics and times, and final test accuracy of the
+    last and best-on-validation checkpoints. A completed identical run is skipped; an interrupted one
+    continues with --resume. A failed run does not stop the others; the command then exits with 2.
+
+    \b
+    Examples:
+      harness run -m pgd-at -m trades -d cifar10 --preset paper --seed 0 --seed 1
+      harness run --grid grids/paper.toml --executor ray --address auto --gpus-per-run 0.5
     """
-    import methods  # noqa: F401
-    from harness.defense import DEFENSES
     from harness.environment import resolve_device
     from harness.errors import HarnessError
-    from harness.runner import RunOptions, make_spec, run
+    from harness.executor_cli import absolute, build_executor, worker_device
+    from harness.executors import raise_failures
+    from harness.runner import RunOptions
+    from harness.storage import ensure_writable_dir
+
+    if resume and force:
+        raise HarnessError("--resume and --force contradict each other; pick one")
+    if grid_path is not None:
+        given = [flag for name, flag in GRID_SETS.items()
+                 if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+        if given:
+            raise HarnessError(f"--grid {grid_path} says which runs to do; drop {', '.join(given)} "
+                               f"(or write it into the grid file)")
+        from harness.grid import load_grid
+
+        specs = load_grid(grid_path).specs()
+        resume = not force  # a grid is rerun until complete
+    else:
+        specs = _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
+                                    overrides)
+    chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
+    options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir),
+                         device=resolve_device(device) if executor == "local" else _device(worker_device(device, chosen)),
+                         resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait)
+    outcomes = []
+    for outcome in chosen.execute(run_jobs(specs, options), click.echo):
+        outcomes.append(outcome)
+        if outcome.error is None:
+            spec, last = outcome.job.args[0], outcome.value["final"]["last"]
+            click.echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
+                       f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
+    raise_failures(outcomes, noun="run")
+
+
+def run_jobs(specs, options) -> list:
+    """One job per spec, calling `harness.runner.run`; a retry after a lost worker resumes, never forces."""
+    from harness.executors import Job
+    from harness.runner import run
+
+    retry = replace(options, resume=True, force=False)
+    return [Job(label=f"{s.defense}/{s.dataset}/seed{s.seed}", fn=run, args=(s, options), retry_args=(s, retry))
+            for s in specs]
+
+
+def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides):
+    import methods  # noqa: F401
+    from harness.defense import DEFENSES
+    from harness.errors import HarnessError
+    from harness.runner import make_spec
 
     if all_methods and methods_:
         raise HarnessError("give either --all or --method, not both")
     names = DEFENSES.names() if all_methods else list(methods_)
     if not names:
-        raise HarnessError("nothing to run: pass --method NAME (see `harness list defenses`) or --all")
+        raise HarnessError("nothing to run: pass --method NAME (see `harness list defenses`), --all or --grid FILE")
     if all_methods and overrides:
         raise HarnessError("--set names one defense's hyperparameters; use it with --method, not --all")
-    if resume and force:
-        raise HarnessError("--resume and --force contradict each other; pick one")
-    specs = [make_spec(name, dataset, preset, seed, epochs=epochs, eps=eps, model=model, dropout=dropout,
-                       overrides=overrides)
-             for name in names for seed in seeds]
-    options = RunOptions(results_dir=results_dir, data_dir=data_dir, device=resolve_device(device),
-                         resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait)
-    for i, spec in enumerate(specs, 1):
-        click.echo(f"[{i}/{len(specs)}] {spec.run_id}")
-        record = run(spec, options)
-        last = record["final"]["last"]
-        click.echo(f"    clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} {last['pgd']:.2f}  "
-                   f"({last['n']} test examples)  -> {results_dir / spec.run_id}")
+    return [make_spec(name, dataset, preset, seed, epochs=epochs, eps=eps, model=model, dropout=dropout,
+                      overrides=overrides)
+            for name in names for seed in seeds]
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device(name)

@@ -1,0 +1,279 @@
+"""Executors: the local loop and real local Ray (2 CPUs) give the same records, and a killed worker costs nothing.
+
+One Ray instance serves the whole module. Every grid here is two PGD-AT smoke runs on the synthetic
+set, compared with the local executor at the same thread count (one per run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.commands.run import run_jobs
+from harness.errors import HarnessError
+from harness.executor_cli import build_executor, target_jobs, worker_device
+from harness.executors import LocalExecutor, RayExecutor, raise_failures
+from harness.grid import load_grid
+from harness.records import read_record
+from harness.runner import RunOptions, make_spec
+
+EPOCHS = 3
+SEEDS = (0, 1)
+VOLATILE = ("seconds", "created", "finished", "checkpoints", "load", "memory")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             object_store_memory=100 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def specs():
+    return [make_spec("pgd-at", "synthetic", "smoke", seed, epochs=EPOCHS) for seed in SEEDS]
+
+
+def options(results: Path, data_dir: Path) -> RunOptions:
+    return RunOptions(results_dir=results, data_dir=data_dir, device=torch.device("cpu"))
+
+
+def comparable(obj):
+    """A record without wall-clock times, timestamps, load, memory or its directory's path."""
+    if isinstance(obj, dict):
+        return {k: comparable(v) for k, v in obj.items() if not any(word in k for word in VOLATILE)}
+    if isinstance(obj, list):
+        return [comparable(v) for v in obj]
+    return obj
+
+
+def records(results: Path) -> dict[int, dict]:
+    found = {}
+    for path in results.glob("*/record.json"):
+        record = read_record(path)
+        found[record["spec"]["seed"]] = record
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_records(tmp_path_factory, data_dir):
+    """The reference: the local executor, one torch thread."""
+    results = tmp_path_factory.mktemp("local") / "results"
+    outcomes = list(LocalExecutor(threads=1).execute(run_jobs(specs(), options(results, data_dir)), print))
+    assert [o.error for o in outcomes] == [None, None]
+    return results, records(results)
+
+
+def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
+        ray_instance, local_records, data_dir, tmp_path):
+    results = tmp_path / "results"
+    seed0 = specs()[0]
+    killed_label = f"pgd-at/synthetic/seed{seed0.seed}"
+    lines, pids, killed = [], {}, []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        started = re.match(r"\[(.+?)\] started on .* \(pid (\d+),", line)
+        if started:
+            pids[started[1]] = int(started[2])
+        if line.startswith(f"[{killed_label}] pgd-at pass 1/{EPOCHS}") and not killed:
+            record_path = results / seed0.run_id / "record.json"
+            deadline = time.monotonic() + 60
+            while not (record_path.exists() and read_record(record_path)["epochs"]):  # pass 1 is checkpointed
+                assert time.monotonic() < deadline, "pass 1 was never checkpointed"
+                time.sleep(0.01)
+            assert read_record(record_path)["status"] == "running", "the run finished before it could be killed"
+            os.kill(pids[killed_label], signal.SIGKILL)
+            killed.append(pids[killed_label])
+
+    executor = RayExecutor(cpus_per_run=1, max_retries=2, shared_dir=results, poll_seconds=0.05)
+    outcomes = {}
+    for outcome in executor.execute(run_jobs(specs(), options(results, data_dir)), say):
+        label = outcome.job.label  # its last line came before its outcome
+        assert outcome.error is not None or any(line.startswith(f"[{label}] pgd-at [last] test clean")
+                                                for line in lines), lines
+        outcomes[label] = outcome
+    text = "\n".join(lines)
+
+    assert killed, text
+    assert {label: o.error for label, o in outcomes.items()} == {killed_label: None, "pgd-at/synthetic/seed1": None}
+    assert outcomes[killed_label].attempts == 2 and outcomes["pgd-at/synthetic/seed1"].attempts == 1
+    assert f"[{killed_label}] worker lost (WorkerCrashedError); attempt 2 of 3 resumes" in text
+    resumed = re.search(rf"\[{killed_label}\] resume {seed0.run_id} after pass (\d)/{EPOCHS}", text)
+    assert resumed and int(resumed[1]) >= 1, text  # from its checkpoint, not from scratch
+    for label in outcomes:  # progress: every epoch of every run reached the driver
+        passes = {int(p) for p in re.findall(rf"\[{re.escape(label)}\] pgd-at pass (\d)/{EPOCHS}", text)}
+        assert passes == set(range(1, EPOCHS + 1)), text
+
+    reference = local_records[1]
+    got = records(results)
+    for seed in SEEDS:
+        assert got[seed]["status"] == "complete" and len(got[seed]["epochs"]) == EPOCHS
+        assert got[seed]["environment"]["device"]["torch_threads"] == 1
+        assert comparable(got[seed]) == comparable(reference[seed])
+    assert outcomes[killed_label].value == json.loads(json.dumps(got[seed0.seed]))
+    assert not list(results.glob(".harness-driver-*"))  # the driver's marker is gone
+
+
+def test_ray_grid_file_from_the_command_line_matches_local(ray_instance, local_records, data_dir, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the workers' working directory: relative paths must be resolved
+    grid = Path("grid.toml")
+    grid.write_text(f'preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = {list(SEEDS)}\n'
+                    f'epochs = {EPOCHS}\n')
+    assert [s.run_id for s in load_grid(grid).specs()] == [s.run_id for s in specs()]
+    results = tmp_path / "results"
+    args = ["run", "--grid", "grid.toml", "--executor", "ray", "--data-dir", str(data_dir), "--results", "results"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("clean ") >= 2 and "each job takes 1 CPU(s)" in result.output
+    got, reference = records(results), local_records[1]
+    assert {seed: comparable(r) for seed, r in got.items()} == {seed: comparable(r) for seed, r in reference.items()}
+
+    again = CliRunner().invoke(main, args, catch_exceptions=False)  # a rerun skips what is finished
+    assert again.exit_code == 0 and again.output.count("already complete") == 2, again.output
+
+
+def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    roots = {}
+    for name in ("local", "ray"):
+        roots[name] = tmp_path / name
+        shutil.copytree(local_records[0], roots[name])
+    run_ids = sorted(p.name for p in roots["local"].iterdir() if p.is_dir())
+    common = ["--attack", "pgd-20", "--eps", "0,8/255", "--n", "32", "--data-dir", str(data_dir), "--cpus-per-run", "1"]
+    out = {}
+    for name, extra in (("local", []), ("ray", ["--executor", "ray"])):
+        targets = run_ids if name == "ray" else [f"{name}/{run_id}" for run_id in run_ids]  # ids in a relative --results
+        result = CliRunner().invoke(main, ["eval", *targets, "--results", name, *common, *extra],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        out[name] = result.output
+    for run_id in run_ids:
+        assert f"[{run_id}] clean" in out["ray"]  # each target's lines reach the driver, labelled
+        evaluations = [json.loads(next((roots[name] / run_id / "eval").glob("*/evaluation.json")).read_text())
+                       for name in ("local", "ray")]
+        assert comparable(evaluations[0]["results"]) == comparable(evaluations[1]["results"])
+        assert evaluations[0]["clean_accuracy"] == evaluations[1]["clean_accuracy"]
+        assert [e["environment"]["device"]["torch_threads"] for e in evaluations] == [1, 1]
+
+
+def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path):
+    good = tmp_path / "grid.toml"
+    good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
+    from harness.executors import Job
+    from harness.grid import load_grid as fn
+
+    jobs = [Job("bad", fn, (tmp_path / "absent.toml",)), Job("good", fn, (good,)), Job("bug", int, ("x",))]
+    lines = []
+    outcomes = {o.job.label: o for o in RayExecutor(shared_dir=tmp_path).execute(jobs, lines.append)}
+    assert outcomes["good"].error is None and outcomes["good"].value.seeds == (0,)
+    assert outcomes["bad"].error == f"{tmp_path / 'absent.toml'}: cannot read the grid file (No such file or directory)"
+    assert outcomes["bug"].error.startswith("ValueError: invalid literal")
+    assert "[bad] failed: " + outcomes["bad"].error in lines
+    with pytest.raises(HarnessError, match=r"^2 of 3 jobs failed \(errors above\): bad, bug$"):
+        raise_failures(list(outcomes.values()))
+
+
+def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp_path):
+    from harness.executors import Job
+
+    lines = []
+    outcomes = list(RayExecutor(max_retries=1).execute([Job("dies", os._exit, (3,))], lines.append))
+    assert [(o.attempts, o.error) for o in outcomes] == [(2, "worker lost on each of 2 attempts (WorkerCrashedError)")]
+    assert sum("worker lost" in line for line in lines) == 2, lines
+
+
+def test_a_worker_checks_its_node_and_sets_its_threads(tmp_path):
+    from harness.executors import WorkerContext, code_identity
+
+    context = WorkerContext(threads=1, code=code_identity(), marker=tmp_path / ".harness-driver-x")
+    with pytest.raises(HarnessError, match="every Ray node shares"):
+        context.prepare()
+    other = WorkerContext(threads=1, code={**code_identity(), "commit": "0" * 40}, marker=None)
+    with pytest.raises(HarnessError, match="same harness commit"):
+        other.prepare()
+    (tmp_path / ".harness-driver-x").write_text("")
+    before = torch.get_num_threads()
+    try:
+        WorkerContext(threads=3, code=code_identity(), marker=tmp_path / ".harness-driver-x").prepare()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_output_is_sent_line_by_line():
+    from harness.executors import QueueLines
+
+    sent = []
+    queue = type("FakeQueue", (), {"put": lambda self, item: sent.append(item)})()
+    out = QueueLines(queue, "job")
+    out.write("pass 1\npass")
+    out.write(" 2\r\nlast words")
+    assert sent == [("job", "pass 1"), ("job", "pass 2")]
+    out.flush()
+    assert sent[-1] == ("job", "last words")
+
+
+def test_local_executor_reports_a_failure_and_runs_the_next_job(tmp_path):
+    from harness.executors import Job
+
+    good = tmp_path / "grid.toml"
+    good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
+    lines = []
+    outcomes = list(LocalExecutor().execute([Job("bad", load_grid, (tmp_path / "absent",)),
+                                             Job("good", load_grid, (good,))], lines.append))
+    assert outcomes[0].error.endswith("cannot read the grid file (No such file or directory)")
+    assert outcomes[1].error is None and outcomes[1].value.seeds == (0,)
+    assert lines[:2] == ["[1/2] bad", f"[bad] failed: {outcomes[0].error}"]
+
+
+def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):
+    from harness.runner import run
+
+    run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))  # progress on
+    captured = capsys.readouterr()
+    assert "pgd-at pass 1/1" in captured.out and "test clean" in captured.out
+    assert "batch" not in captured.err and "\r" not in captured.err  # no tqdm bar went to a log
+
+
+def test_retries_resume_and_never_force(tmp_path, data_dir):
+    opts = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), force=True)
+    for job in run_jobs(specs(), opts):
+        first, retry = job.args[1], job.retry_args[1]
+        assert first.force and not first.resume and retry.resume and not retry.force
+        assert job.retry_args[0] == job.args[0]
+    for job in target_jobs("harness.commands.eval:eval_command", {"targets": ("a", "b"), "force": True, "resume": False}):
+        assert job.args[1]["force"] and job.retry_args[1]["resume"] and not job.retry_args[1]["force"]
+        assert len(job.args[1]["targets"]) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--executor", "local", "--gpus-per-run", "1"], "for --executor ray"),
+    (["--executor", "local", "--address", "auto"], "for --executor ray"),
+    (["--executor", "ray", "--cpus-per-run", "0"], "at least 1"),
+    (["--executor", "ray", "--device", "cuda"], "--gpus-per-run"),
+    (["--executor", "ray", "--device", "cpu", "--gpus-per-run", "0.5"], "hold GPUs"),
+])
+def test_bad_executor_options_are_one_line_errors(args, message, tmp_path):
+    result = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--preset", "smoke", "--results", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0 and message in result.output
+
+
+def test_ray_device_follows_the_gpu_share():
+    ray_cpu, ray_gpu = build_executor("ray", None, None, 0, 3, None), build_executor("ray", None, 2, 0.25, 3, None)
+    assert worker_device("auto", ray_cpu) == "cpu" and worker_device("auto", ray_gpu) == "cuda"
+    assert ray_cpu.cpus_per_run == 1 and ray_gpu.cpus_per_run == 2 and ray_gpu.gpus_per_run == 0.25
+    assert worker_device("auto", build_executor("local", None, None, 0, 3, None)) == "auto"
