@@ -177,12 +177,13 @@ def evaluate_target(target: str, s: EvalSettings, dev) -> None:
     store = _open_store(directory, s.resume, s.force, {
         "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
         "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
-    if not store.complete:
+    done_before = store.complete
+    if not done_before:
         run_sweep(model, x, y, store, directory, s, eps_list, thresholds, budget, rerun_command(target, s, eps_list))
     elif not s.quiet:
         click.echo(f"already evaluated (use --force to redo): {directory}")
     if s.quiet:
-        click.echo(summary_line(store, eps_list, info.eps))
+        click.echo(("already evaluated: " if done_before else "") + summary_line(store, eps_list, info.eps))
     else:
         _print_summary(store, s.names, eps_list)
 

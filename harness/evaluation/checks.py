@@ -64,7 +64,7 @@ class Thresholds:
     monotone: float = 0.0  # raw accuracy may not rise with eps by more than this
     autoattack_over_pgd: float = 0.5  # AutoAttack may exceed PGD-20 by this (sampling noise)
     pgd_autoattack_gap: float = 10.0  # PGD-20 above AutoAttack by more than this: PGD was misled
-    pgd_cw_gap: float = 5.0  # % of points CW-inf breaks that PGD-20 left robust: CE saturated
+    pgd_cw_gap: float = 10.0  # % of points CW-inf breaks that PGD-20 left robust: CE saturated
     square_extra: float = 0.5  # % of points Square breaks that no white-box attack broke
     more_steps_drop: float = 1.0  # % of points PGD-100 breaks that PGD-20 left robust: not converged
     probe_min_points: int = 2  # a subset probe fails only on at least this many points
@@ -248,7 +248,7 @@ def _pgd_vs_cw(flags, eps_list, t: Thresholds) -> Check:
         if pgd is None or cw is None:
             continue
         extra = percent(pgd & ~cw)
-        if extra > t.pgd_cw_gap:
+        if extra > t.pgd_cw_gap and int(np.sum(pgd & ~cw)) >= t.probe_min_points:
             gaps.append(f"cw-inf breaks {extra:.2f}% that pgd-20 left robust at {fraction_str(e)}")
     return Check("pgd20-cw-gap", not gaps, f"CW-inf breaks at most {t.pgd_cw_gap:g}% of points PGD-20 left robust"
                  if not gaps else "PGD-20 misled (saturated cross-entropy?): " + "; ".join(gaps[:3]))

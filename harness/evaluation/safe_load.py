@@ -79,7 +79,16 @@ def extra_globals(path: Path) -> list[Any]:
     unsafe = [n for n in names if _resolve(n) is None]
     if unsafe:
         raise _refuse(path, unsafe)
-    return [_resolve(n) for n in names]
+    return [_resolve(n) for n in names] + (_numpy_dtype_classes() if "numpy.dtype" in names else [])
+
+
+def _numpy_dtype_classes() -> list[Any]:
+    """A pickled numpy dtype is rebuilt through its DType class, which the scan does not list."""
+    try:
+        import numpy.dtypes
+    except ImportError:  # numpy < 1.25 has no DType classes to allow
+        return []
+    return [getattr(numpy.dtypes, name) for name in dir(numpy.dtypes) if name.endswith("DType")]
 
 
 @contextlib.contextmanager
