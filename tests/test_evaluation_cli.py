@@ -52,7 +52,7 @@ def test_eval_writes_the_contract_record_and_flags(run_dir, data_dir):
     ran_or_skipped = {c["name"] for c in record["checks"] + record["checks_skipped"]}
     assert ran_or_skipped >= {"square-probe", "more-steps", "ce-gradients-not-vanishing", "pgd20-cw-gap"}
     (line,) = out.output.strip().splitlines()  # --quiet: one line per target
-    assert "checks passed" in line and "skipped" in line and str(path) in line
+    assert "checks passed" in line and "skipped (to run them: harness eval " in line and str(path) in line
 
 
 def test_interrupted_eval_resumes_and_keeps_completed_cells(run_dir, data_dir):

@@ -24,10 +24,10 @@ import report_fixture as fx
 SHARED_MODEL_INFO = Path("/work/shared/reference/robustbench/model_info")
 
 
-def external_evaluation(results: Path, eps_list: list[Fraction], checks: list[dict], skipped: list[dict]) -> Path:
+def external_evaluation(results: Path, eps_list: list[Fraction], checks: list[dict], skipped: list[dict],
+                        name: str = "cifar10-Linf-Zhang2019Theoretically") -> Path:
     import numpy as np
 
-    name = "cifar10-Linf-Zhang2019Theoretically"
     directory = results / "external" / f"robustbench-{name}" / "eval" / "published-abc"
     store = EvaluationStore.create(directory, {
         "checkpoint": {"source": "robustbench", "run_id": None, "label": "published", "name": name, "path": "x",
@@ -57,8 +57,13 @@ def test_failed_and_skipped_checks_are_shown_with_the_command(tmp_path):
                         [{"name": "square-probe", "passed": False, "detail": "square-200q breaks 40 at 8/255"}],
                         [{"name": "pgd20-autoattack-gap", "reason": "needs pgd-20", "needs": ["pgd-20"],
                           "command": command}])
+    wong = "harness eval robustbench:cifar10/Linf/Wong2020Fast -a square"  # all passed, one not run
+    external_evaluation(tmp_path, [Fraction(0), Fraction(8, 255)], [{"name": "more-steps", "passed": True, "detail": ""}],
+                        [{"name": "square-vs-white-box", "reason": "needs square", "needs": ["square"], "command": wong}],
+                        name="cifar10-Linf-Wong2020Fast")
     report = build(load_results(tmp_path))
     html = render.render_html(report)
+    assert f"<code>{wong}</code>" in html
     assert "FAILED square-probe: square-200q breaks 40 at 8/255" in html
     assert "not run: pgd20-autoattack-gap" in html and f"<code>{command}</code>" in html
     row = next(r for r in report.evaluations.display if "Zhang" in r["Checkpoint"].text)

@@ -306,4 +306,12 @@ def summary_line(store, eps_list: list[Fraction], headline_eps: Fraction) -> str
                else f"{len(checks)}/{len(checks)} checks passed")
     return (f"{record['checkpoint']['name']} [{record['checkpoint']['label']}]  clean {record['clean_accuracy']:.2f}%"
             f"  robust@{fraction_str(eps)} {'-' if worst is None else f'{worst:.2f}%'}  {verdict}"
-            + (f", {len(skipped)} skipped" if skipped else "") + f"  -> {store.dir / 'evaluation.json'}")
+            + _skipped_note(skipped) + f"  -> {store.dir / 'evaluation.json'}")
+
+
+def _skipped_note(skipped: list[dict]) -> str:
+    """', k skipped (to run them: <command>)': the command with the most attacks covers the others."""
+    if not skipped:
+        return ""
+    commands = [c["command"] for c in skipped if c.get("command")]
+    return f", {len(skipped)} skipped" + (f" (to run them: {max(commands, key=len)})" if commands else "")
