@@ -34,3 +34,32 @@ def train_tiny(steps: int = 300, seed: int = 0) -> nn.Module:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+class ScaledLogits(nn.Module):
+    """logits x 1e4: the softmax saturates, cross-entropy gradients underflow to exactly zero (masking)."""
+
+    def __init__(self, inner: nn.Module, scale: float = 1e4):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+class Shattered(nn.Module):
+    """f(x + 0.004 sin(2000 x)): almost the same function, gradients dominated by a fast oscillation."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x + 0.004 * torch.sin(2000 * x))
+
+
+def store_for(directory, n: int):
+    from harness.evaluation.flags import EvaluationStore
+
+    return EvaluationStore.create(directory, {"checkpoint": {}, "dataset": "t", "model": "m", "n": n,
+                                              "test_indices": f"0..{n - 1}", "config": {}, "environment": {}})

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch import nn
 
 from harness.pgd import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
@@ -151,3 +152,50 @@ def test_autoattack_resumes_from_its_own_state_file(tiny, test_set, tmp_path):
 
         run_autoattack(AutoAttack(tiny, attacks=["apgd-ce"], device="cpu", eps=eps, seed=0, version="custom"),
                        x, y, batch_size=32, state_path=state_path)
+
+
+class Band(nn.Module):
+    """One pixel; class 1 wins only within 0.005 of 0.52. Signed steps of eps/4 = 0.025 around 0.52
+    oscillate between two points, and some iterate lands in the band though the last may not."""
+
+    def forward(self, x):
+        z1 = 1 - (x.flatten(1)[:, :1] - 0.52).abs() / 0.005
+        return torch.cat([torch.zeros_like(z1), z1], 1)
+
+
+def test_a_point_counts_as_broken_when_any_iterate_fools_not_only_the_last():
+    x, y = torch.full((400, 1, 1, 1), 0.5), torch.zeros(400, dtype=torch.long)
+    model = Band()
+    ours = our_pgd(model, x, y, 0.1, steps=20, seed=0).robust
+    torch.manual_seed(0)
+    start = (torch.rand_like(x) * 2 - 1) * 0.1  # the same start as ours (one restart, seed 0)
+    last = pgd(model, x, y, 0.1, steps=20, step_size=0.025, delta_init=start)
+    with torch.no_grad():
+        last_robust = model(last).argmax(1) == y
+    assert not (ours & ~last_robust).any()
+    assert accuracy(ours) < accuracy(last_robust) - 5, (accuracy(ours), accuracy(last_robust))
+
+
+def test_every_restart_draws_a_new_random_start(tiny, test_set, monkeypatch):
+    from harness.evaluation import attacks
+
+    starts = []
+    original = attacks.pgd_until_fooled
+
+    def spy(model, x, y, eps, **kwargs):
+        starts.append((x.clone(), kwargs["delta_init"].clone()))
+        return original(model, x, y, eps, **kwargs)
+
+    monkeypatch.setattr(attacks, "pgd_until_fooled", spy)
+    x, y = test_set
+    eps = 0.05
+    one = our_pgd(tiny, x, y, eps, steps=2, restarts=1).robust
+    starts.clear()
+    robust = our_pgd(tiny, x, y, eps, steps=2, restarts=3).robust
+    by_point: dict[bytes, list[torch.Tensor]] = {}  # every start each point got, over restarts and batches
+    for xs, deltas in starts:
+        for point, delta in zip(xs, deltas):
+            by_point.setdefault(point.numpy().tobytes(), []).append(delta)
+    repeated = [d for d in by_point.values() if len(d) > 1]
+    assert repeated and all(not torch.equal(d[0], d[1]) for d in repeated)
+    assert (robust <= one).all()

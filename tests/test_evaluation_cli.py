@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -43,11 +44,15 @@ def test_eval_writes_the_contract_record_and_flags(run_dir, data_dir):
         (a, e) for a in ("pgd-20", "cw-inf", "worst-case") for e in ("0", "4/255", "8/255")}
     flags = load_flags(path.parent)
     assert set(flags) == {"clean"} | {f"{a}@{e}" for a in ("pgd-20", "cw-inf", "worst-case")
-                                      for e in ("0", "4/255", "8/255")}
+                                      for e in ("0", "4/255", "8/255")} | {
+        f"raw:{a}@{e}" for a in ("pgd-20", "cw-inf") for e in ("0", "4/255", "8/255")}  # nested balls keep raw
     assert all(v.shape == (48,) and v.dtype == bool for v in flags.values())
     assert record["clean_accuracy"] == pytest.approx(flags["clean"].mean() * 100)
     assert all(c["passed"] for c in record["checks"]), record["checks"]
-    assert "worst-case" in out.output and "checks:" in out.output
+    ran_or_skipped = {c["name"] for c in record["checks"] + record["checks_skipped"]}
+    assert ran_or_skipped >= {"square-probe", "more-steps", "ce-gradients-not-vanishing", "pgd20-cw-gap"}
+    (line,) = out.output.strip().splitlines()  # --quiet: one line per target
+    assert "checks passed" in line and "skipped (to run them: harness eval " in line and str(path) in line
 
 
 def test_interrupted_eval_resumes_and_keeps_completed_cells(run_dir, data_dir):
@@ -158,3 +163,99 @@ def test_checkpoint_of_another_architecture_revision_is_refused(run_dir, tmp_pat
     line = one_line_error(["eval", str(copy), "-a", "pgd-20"])
     assert f"revision {record['spec']['model_revision']}, but this code builds revision" in line
     assert record["environment"]["git"]["commit"][:12] in line
+
+
+def test_summary_lists_skipped_checks_with_the_command_that_runs_them(run_dir, data_dir):
+    args = ["eval", str(run_dir), "--n", "32", "-a", "pgd-20", "--eps", "0,8/255", "--data-dir", str(data_dir)]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    skipped = [line for line in out.output.splitlines() if line.strip().startswith("[skipped] pgd20-autoattack-gap")]
+    assert skipped and f"run: harness eval {run_dir} --n 32 --eps 0,8/255 -a pgd-20 -a autoattack-standard" in skipped[0]
+    quiet = CliRunner().invoke(main, args + ["-q", str(run_dir)])
+    lines = quiet.output.strip().splitlines()
+    assert quiet.exit_code == 0 and len(lines) == 2 and all(line.startswith("already evaluated: ") for line in lines)
+
+
+def wong_architecture():
+    from harness.evaluation.checkpoints import import_robustbench
+
+    _, model_dicts, BenchmarkDataset, ThreatModel = import_robustbench()
+    return model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]["Wong2020Fast"]["model"]()
+
+
+def wong_path(root):
+    target = root / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def test_robustbench_html_instead_of_weights_is_one_line(tmp_path):
+    wong_path(tmp_path).write_text("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>")
+    line = one_line_error(["eval", "robustbench:cifar10/Linf/Wong2020Fast", "--robustbench-dir", str(tmp_path)])
+    assert "HTML page, not weights" in line and "Wong2020Fast.pt" in line
+
+
+def test_robustbench_legacy_checkpoint_with_extra_objects_loads(tmp_path):
+    """An original training checkpoint: the weights plus an argparse Namespace and numpy values."""
+    import argparse
+
+    from harness.evaluation.checkpoints import load_checkpoint
+
+    architecture = wong_architecture()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in architecture.state_dict().items()},
+                "args": argparse.Namespace(lr=0.1, epochs=15), "best_acc": np.float64(0.83), "epoch": np.int64(15)},
+               wong_path(tmp_path))
+    loaded = load_checkpoint("robustbench:cifar10/Linf/Wong2020Fast", results_dir=tmp_path / "r",
+                             robustbench_dir=tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), architecture.eval()(x), atol=1e-5)
+    assert loaded.published_eps == Fraction(8, 255)
+
+
+def test_robustbench_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
+    import functools
+
+    torch.save({"state_dict": wong_architecture().state_dict(), "hook": functools.partial(print, "pwned")},
+               wong_path(tmp_path))
+    line = one_line_error(["eval", "robustbench:cifar10/Linf/Wong2020Fast", "--robustbench-dir", str(tmp_path)])
+    assert "functools.partial" in line and "refused" in line
+
+
+def test_robustbench_truncated_checkpoint_is_one_line(tmp_path):
+    buffer = __import__("io").BytesIO()
+    torch.save(wong_architecture().state_dict(), buffer)
+    wong_path(tmp_path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    line = one_line_error(["eval", "robustbench:cifar10/Linf/Wong2020Fast", "--robustbench-dir", str(tmp_path)])
+    assert "Wong2020Fast.pt" in line and "download it again" in line
+
+
+def test_missing_robustbench_file_hint_is_a_command_current_gdown_accepts(tmp_path):
+    line = one_line_error(["eval", "robustbench:cifar10/Linf/Wong2020Fast", "--robustbench-dir", str(tmp_path)])
+    assert "--id" not in line
+    gid = line.split("`gdown ")[1].split(" ")[0]
+    assert f"`gdown {gid} -O {tmp_path / 'cifar10' / 'Linf' / 'Wong2020Fast.pt'}`" in line
+
+
+def test_published_eps_joins_the_default_sweep():
+    from harness.commands.eval import sweep_eps
+    from harness.data import DATASETS
+    from harness.evaluation.checkpoints import RobustBenchName, published_eps
+
+    zhang = published_eps(RobustBenchName("cifar10", "Linf", "Zhang2019Theoretically"))
+    assert zhang == Fraction(31, 1000)
+    cifar = DATASETS.get("cifar10").eps_sweep
+    assert Fraction(31, 1000) in sweep_eps(None, cifar, zhang) and set(cifar) < set(sweep_eps(None, cifar, zhang))
+    assert sweep_eps([Fraction(8, 255)], cifar, zhang) == [Fraction(8, 255)]  # --eps is taken as given
+
+
+def test_plain_state_dict_with_a_namespace_loads(tmp_path, data_dir):
+    import argparse
+
+    from harness.evaluation.checkpoints import load_checkpoint
+
+    path = tmp_path / "legacy.pt"
+    state = build_model("small-cnn", DATASETS.get("synthetic")).state_dict()
+    torch.save({"model": state, "args": argparse.Namespace(seed=1)}, path, _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(str(path), model_name="small-cnn", dataset="synthetic", results_dir=tmp_path)
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())

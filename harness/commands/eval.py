@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -81,11 +81,17 @@ def digest(config: dict) -> str:
 @click.option("--force", is_flag=True, help="Discard an earlier evaluation with this config and redo it.")
 @click.option("--wait", is_flag=True, help="Wait for another process using the run or evaluation, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
-@click.option("--quiet", "-q", is_flag=True, help="Only the final table and checks.")
+@click.option("--nested-balls/--no-nested-balls", "nested", default=True, show_default=True,
+              help="Count a point broken at a smaller eps as broken at every larger eps (L-inf balls are "
+                   "nested); the raw per-eps flags are kept as raw:<attack>@<eps>.")
+@click.option("--no-probes", is_flag=True,
+              help="Skip the masking probes (Square with 200 queries, PGD-100 and CW-30 on at most 100 "
+                   "points at one eps); their checks are then listed as skipped.")
+@click.option("--quiet", "-q", is_flag=True, help="One line per target: clean, worst case, failed and skipped checks.")
 @distribute_targets  # --executor ray: one Ray task per TARGET, each calling this function with that target
 def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoattack_attacks, pgd_step,
                  pgd_restarts, seed, batch_size, model_name, dataset, results_dir, data_dir, robustbench_dir,
-                 device, resume, force, wait, no_download, quiet):
+                 device, resume, force, wait, no_download, nested, no_probes, quiet):
     """Evaluate checkpoints: clean accuracy, every attack at every eps, robust flags and checks.
 
     \b
@@ -99,62 +105,150 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
     Writes <run dir>/eval/<label>-<digest>/ (external models: <results>/external/<source>-<name>/eval/
     ...): evaluation.json (accuracies in %, eps as exact fractions, config, environment, checks) and
     flags.npz (per-sample robust flags per "<attack>@<eps>", "clean" and "worst-case@<eps>"). Robust
-    accuracy is the pointwise worst case over the attacks. Rerunning the same command skips a complete
-    evaluation; an interrupted one continues with --resume (AutoAttack from its own state file).
+    accuracy is the pointwise worst case over the attacks, combined over nested eps balls. Every
+    evaluation runs the masking probes (at most 100 points at one eps), so a model whose gradients
+    mislead PGD is flagged even with -a pgd-20 alone; checks that did not run are listed with the
+    command that runs them. Rerunning the same command skips a complete evaluation; an interrupted one
+    continues with --resume (AutoAttack from its own state file).
     """
-    from harness.config import fraction_str
-    from harness.data import DATASETS, load_split
-    from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
-    from harness.evaluation.attacks import ATTACKS, AttackOptions
-    from harness.evaluation.binding import bind, check_clean_accuracy, reading_run, writing_evaluation
-    from harness.evaluation.checkpoints import DEFAULT_ROBUSTBENCH_DIR, load_checkpoint
-    from harness.evaluation.checks import Thresholds
-    from harness.evaluation.sweep import PROBE_SIZE, sweep
+    from harness.evaluation.attacks import AttackOptions
 
     if resume and force:
         raise HarnessError("--resume and --force contradict each other; pick one")
     if n is not None and n < 1:
         raise HarnessError(f"--n must be at least 1, got {n}")
-    eps_override = parse_eps_list(eps_text) if eps_text is not None else None
-    names = resolve_attack_names(attacks, autoattack_version)
-    options = AttackOptions(pgd_restarts=pgd_restarts, pgd_step=pgd_step, seed=seed, batch_size=batch_size,
-                            autoattack_attacks=tuple(a for a in autoattack_attacks.split(",") if a))
+    settings = EvalSettings(
+        label=label, eps_override=parse_eps_list(eps_text) if eps_text is not None else None, n=n,
+        names=resolve_attack_names(attacks, autoattack_version),
+        options=AttackOptions(pgd_restarts=pgd_restarts, pgd_step=pgd_step, seed=seed, batch_size=batch_size,
+                              autoattack_attacks=tuple(a for a in autoattack_attacks.split(",") if a)),
+        nested=nested, probes=not no_probes, model_name=model_name, dataset=dataset, results_dir=results_dir,
+        data_dir=data_dir, robustbench_dir=robustbench_dir, resume=resume, force=force, wait=wait,
+        download=not no_download, quiet=quiet, eps_text=eps_text)
+    from harness.environment import resolve_device
+
     dev = resolve_device(device)
-
     for target in targets:
-        loaded = load_checkpoint(target, label=label, results_dir=results_dir, model_name=model_name,
-                                 dataset=dataset, robustbench_dir=robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
-        click.get_current_context().with_resource(reading_run(loaded, wait))  # released when the command ends
-        identity = bind(loaded)  # the weights' sha256; a run must be complete and its files unchanged
-        info = DATASETS.get(loaded.dataset)
-        eps_list = eps_override if eps_override is not None else sorted(info.eps_sweep)
-        test = load_split(info, data_dir, train=False, download=not no_download)
-        if n is not None and n > len(test.labels):
-            raise HarnessError(f"--n {n} exceeds the {len(test.labels)} test examples of {info.name}")
-        count = n or len(test.labels)
-        x = test.images[:count].float().div(255).to(dev)
-        y = test.labels[:count].to(dev)
-        model = loaded.model.to(dev)
-        check_clean_accuracy(model, loaded, test.images, test.labels, dev, batch_size)
+        evaluate_target(target, settings, dev)
 
-        thresholds = Thresholds()
-        config = {"attacks": {name: ATTACKS.get(name).build(options).config() for name in names},
-                  "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": seed,
-                  "batch_size": batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
-                  "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"}
-        directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': identity})}"
-        click.get_current_context().with_resource(writing_evaluation(directory, wait))
-        store = _open_store(directory, resume, force, {
-            "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
-            "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
-        say = (lambda _: None) if quiet else click.echo
-        if not store.complete:
-            attack_objs = [ATTACKS.get(name).build(replace(options, state_dir=directory)) for name in names]
-            sweep(model, x, y, attack_objs, eps_list, store, batch_size=batch_size, thresholds=thresholds, say=say)
-        else:
-            click.echo(f"already evaluated (use --force to redo): {directory}")
-        _print_summary(store, names, eps_list)
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything `harness eval` was asked, shared by every target."""
+
+    label: str
+    eps_override: list[Fraction] | None
+    n: int | None
+    names: list[str]
+    options: "AttackOptions"
+    nested: bool
+    probes: bool
+    model_name: str | None
+    dataset: str | None
+    results_dir: Path
+    data_dir: Path | None
+    robustbench_dir: Path | None
+    resume: bool
+    force: bool
+    wait: bool  # for another process using the run or this evaluation, instead of failing
+    download: bool
+    quiet: bool
+    eps_text: str | None
+
+
+def evaluate_target(target: str, s: EvalSettings, dev) -> None:
+    """Load one target, open (or continue) its evaluation store, run the sweep, print its summary."""
+    from harness.data import DATASETS, load_split
+    from harness.environment import environment
+    from harness.errors import HarnessError
+    from harness.evaluation.binding import bind, check_clean_accuracy, reading_run, writing_evaluation
+    from harness.evaluation.checkpoints import DEFAULT_ROBUSTBENCH_DIR, load_checkpoint
+
+    loaded = load_checkpoint(target, label=s.label, results_dir=s.results_dir, model_name=s.model_name,
+                             dataset=s.dataset, robustbench_dir=s.robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
+    click.get_current_context().with_resource(reading_run(loaded, s.wait))  # released when the command ends
+    identity = bind(loaded)  # the weights' sha256; a run must be complete and its files unchanged
+    info = DATASETS.get(loaded.dataset)
+    eps_list = sweep_eps(s.eps_override, info.eps_sweep, loaded.published_eps)
+    test = load_split(info, s.data_dir, train=False, download=s.download)
+    if s.n is not None and s.n > len(test.labels):
+        raise HarnessError(f"--n {s.n} exceeds the {len(test.labels)} test examples of {info.name}")
+    count = s.n or len(test.labels)
+    x = test.images[:count].float().div(255).to(dev)
+    y = test.labels[:count].to(dev)
+    model = loaded.model.to(dev)
+    check_clean_accuracy(model, loaded, test.images, test.labels, dev, s.options.batch_size)
+
+    config, thresholds, budget = evaluation_config(s, eps_list, count)
+    directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': identity})}"
+    click.get_current_context().with_resource(writing_evaluation(directory, s.wait))
+    store = _open_store(directory, s.resume, s.force, {
+        "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
+        "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
+    done_before = store.complete
+    if not done_before:
+        run_sweep(model, x, y, store, directory, s, eps_list, thresholds, budget, rerun_command(target, s, eps_list))
+    elif not s.quiet:
+        click.echo(f"already evaluated (use --force to redo): {directory}")
+    if s.quiet:
+        click.echo(("already evaluated: " if done_before else "") + summary_line(store, eps_list, info.eps))
+    else:
+        _print_summary(store, s.names, eps_list)
+
+
+def run_sweep(model, x, y, store, directory: Path, s: EvalSettings, eps_list, thresholds, budget, rerun) -> None:
+    """The attacks of `s` over `eps_list` into `store` (the place an executor would take over)."""
+    from harness.evaluation.attacks import ATTACKS
+    from harness.evaluation.sweep import sweep
+
+    attack_objs = [ATTACKS.get(name).build(replace(s.options, state_dir=directory)) for name in s.names]
+    sweep(model, x, y, attack_objs, eps_list, store, batch_size=s.options.batch_size, thresholds=thresholds,
+          nested=s.nested, probes=budget, rerun=rerun, say=(lambda _: None) if s.quiet else click.echo)
+
+
+def sweep_eps(override: list[Fraction] | None, default: tuple[Fraction, ...], published: Fraction | None
+              ) -> list[Fraction]:
+    """--eps as given; otherwise the data set's sweep plus the target's published eps (RobustBench
+    evaluated Zhang2019Theoretically at 0.031, which no /255 sweep contains)."""
+    if override is not None:
+        return override
+    return sorted(set(default) | ({published} if published is not None else set()))
+
+
+def evaluation_config(s: EvalSettings, eps_list: list[Fraction], count: int):
+    """The recorded config (its digest names the evaluation directory), thresholds and probe budget."""
+    from harness.config import fraction_str
+    from harness.evaluation.attacks import ATTACKS
+    from harness.evaluation.checks import Thresholds
+    from harness.evaluation.masking import ProbeBudget
+    from harness.evaluation.sweep import PROBE_SIZE
+
+    thresholds, budget = Thresholds(), (ProbeBudget() if s.probes else None)
+    config = {"attacks": {name: ATTACKS.get(name).build(s.options).config() for name in s.names},
+              "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": s.options.seed,
+              "batch_size": s.options.batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
+              "nested_balls": s.nested, "masking_probes": budget.to_dict() if budget else None,
+              "eps0": "the clean pass (no attack steps)",
+              "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"
+                        + ("; broken at a smaller eps counts as broken at every larger eps" if s.nested else "")}
+    return config, thresholds, budget
+
+
+def rerun_command(target: str, s: EvalSettings, eps_list: list[Fraction]):
+    """(attack names) -> the `harness eval` command for this target with those attacks."""
+    base = ["harness", "eval", target]
+    if s.label != "last":
+        base += ["--checkpoint", s.label]
+    if s.n is not None:
+        base += ["--n", str(s.n)]
+    if s.eps_text is not None:
+        base += ["--eps", s.eps_text]
+
+    def command(names: list[str]) -> str:
+        return " ".join(base + [part for name in names for part in ("-a", name)])
+
+    return command
 
 
 def _open_store(directory: Path, resume: bool, force: bool, header: dict):
@@ -181,16 +275,53 @@ def _print_summary(store, names: list[str], eps_list: list[Fraction]) -> None:
     record = store.record
     click.echo(f"{record['checkpoint']['name']} [{record['checkpoint']['label']}]  {record['dataset']}  "
                f"n={record['n']}  clean {record['clean_accuracy']:.2f}%")
-    click.echo("robust accuracy (%) by eps:")
+    click.echo("robust accuracy (%) by eps" + (", nested balls" if record["config"].get("nested_balls") else "")
+               + ":")
     for line in format_table(accuracy_table(store, names, eps_list)):
         click.echo("  " + line)
-    failed = [c for c in record["checks"] if not c["passed"]]
-    click.echo(f"checks: {len(record['checks']) - len(failed)}/{len(record['checks'])} passed")
-    for check in record["checks"]:
-        click.echo(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
+    for line in check_lines(record):
+        click.echo(line)
     seconds = {}
     for row in record["results"]:
         if row["attack"] != "worst-case":
             seconds[row["attack"]] = seconds.get(row["attack"], 0.0) + row["seconds"]
     click.echo("attack wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     click.echo(f"-> {store.dir / 'evaluation.json'}")
+
+
+def check_lines(record: dict) -> list[str]:
+    """The checks (failed first) and the skipped checks, each with the command that would run it."""
+    checks, skipped = record["checks"], record.get("checks_skipped", [])
+    failed = [c for c in checks if not c["passed"]]
+    lines = [f"checks: {len(checks) - len(failed)}/{len(checks)} passed"
+             + (f", {len(failed)} FAILED" if failed else "") + (f", {len(skipped)} skipped" if skipped else "")]
+    lines += [f"  [{'ok' if c['passed'] else 'FAIL'}] {c['name']}: {c['detail']}"
+              for c in sorted(checks, key=lambda c: c["passed"])]
+    lines += [f"  [skipped] {c['name']}: {c['reason']}" + (f"; run: {c['command']}" if c.get("command") else "")
+              for c in skipped]
+    return lines
+
+
+def summary_line(store, eps_list: list[Fraction], headline_eps: Fraction) -> str:
+    """--quiet: one line per target, enough to see a failed check and where the details are."""
+    from harness.config import fraction_str
+    from harness.evaluation.flags import WORST_CASE
+
+    record = store.record
+    eps = headline_eps if headline_eps in eps_list else max(eps_list)
+    worst = store.accuracy(WORST_CASE, eps)
+    checks, skipped = record["checks"], record.get("checks_skipped", [])
+    failed = [c["name"] for c in checks if not c["passed"]]
+    verdict = (f"FAILED {len(failed)}/{len(checks)} checks: {', '.join(failed)}" if failed
+               else f"{len(checks)}/{len(checks)} checks passed")
+    return (f"{record['checkpoint']['name']} [{record['checkpoint']['label']}]  clean {record['clean_accuracy']:.2f}%"
+            f"  robust@{fraction_str(eps)} {'-' if worst is None else f'{worst:.2f}%'}  {verdict}"
+            + _skipped_note(skipped) + f"  -> {store.dir / 'evaluation.json'}")
+
+
+def _skipped_note(skipped: list[dict]) -> str:
+    """', k skipped (to run them: <command>)': the command with the most attacks covers the others."""
+    if not skipped:
+        return ""
+    commands = [c["command"] for c in skipped if c.get("command")]
+    return f", {len(skipped)} skipped" + (f" (to run them: {max(commands, key=len)})" if commands else "")

@@ -14,6 +14,8 @@ respect to the input only.
   kappa 50, 30 steps (the FAT/CAT/Madry convention; not torchattacks' L2 `CW`).
 - AutoAttack (Croce & Hein 2020) through the `pyautoattack` package: versions standard / plus /
   rand, a custom attack list, Square alone; AutoAttack's own state file makes long runs resumable.
+- `QuickSquare`: Square (Andriushchenko et al. 2020) with a small query budget and the query schedule
+  rescaled to it, the cheap black-box second opinion of the masking probes.
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ class AttackOutcome:
     x_adv: torch.Tensor  # (N, C, H, W): a fooling point where the attack found one
     robust: torch.Tensor  # (N,) bool: a candidate that no attempt fooled
     warnings: tuple[str, ...] = ()  # what the attack itself reported (AutoAttack's checks)
+    # (N,) bool: broken before an interruption, whose adversarial example was not kept (resumed AutoAttack)
+    unverifiable: torch.Tensor | None = None
+
+
+def predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) bool: model(x) == y, in batches (the clean pass; no attack step can change anything at eps 0)."""
+    with torch.no_grad():
+        return torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
 
 
 class EvalAttack(abc.ABC):
@@ -239,22 +249,22 @@ class AutoAttackEval(EvalAttack):
         if isinstance(eps, torch.Tensor) and eps.dim() > 0:
             raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
         if float(eps) == 0:  # the ball is the point itself: evaluating there is the whole attack
-            with torch.no_grad():
-                correct = model(x).argmax(1) == y
-            return AttackOutcome(x.clone(), candidates & correct)
+            return AttackOutcome(x.clone(), candidates & predict_correct(model, x, y, self.batch_size))
         with collect_autoattack_warnings() as messages:
-            x_adv, robust = run_autoattack(self.build(model, float(eps), x.device), x, y,
-                                           batch_size=self.batch_size, state_path=self.state_path(eps))
-        return AttackOutcome(x_adv, candidates & robust, tuple(dict.fromkeys(messages)))
+            x_adv, robust, unverifiable = run_autoattack(self.build(model, float(eps), x.device), x, y,
+                                                         batch_size=self.batch_size,
+                                                         state_path=self.state_path(eps))
+        return AttackOutcome(x_adv, candidates & robust, tuple(dict.fromkeys(messages)), unverifiable)
 
 
-def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                   state_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, state_path: Path | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`run_standard_evaluation` with its state file; (x_adv, robust flags) in AutoAttack's batches.
 
     pyautoattack 0.2.0 cannot continue from its own state file (`y_adv` is unset on that path, and the
     attack set it reads back is a string), so an interrupted run is continued here from the same file: the attacks it has not finished run on the
     points it still lists as robust, in the same order and batches as an uninterrupted run.
+    Returns (x_adv, robust flags, the points broken before an interruption, whose examples are lost).
     """
     if state_path is not None and state_path.exists():
         state = read_autoattack_state(state_path)
@@ -265,7 +275,7 @@ def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, *, batch_size: i
             return _continue_autoattack(adversary, state, x, y, batch_size)
         state_path.unlink()
     x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
-    return x_adv, (y_adv == y)
+    return x_adv, (y_adv == y), None
 
 
 def read_autoattack_state(path: Path):
@@ -282,8 +292,10 @@ def read_autoattack_state(path: Path):
     return state
 
 
-def _continue_autoattack(adversary, state, x, y, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+def _continue_autoattack(adversary, state, x, y, batch_size
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     robust = state.robust_flags.to(x.device).clone()
+    broken_before = ~robust
     remaining = [a for a in adversary.attacks_to_run if a not in state.run_attacks]
     x_adv = x.clone()  # adversarial examples found before the interruption are not in the state file
     if remaining and bool(robust.any()):
@@ -296,7 +308,46 @@ def _continue_autoattack(adversary, state, x, y, batch_size) -> tuple[torch.Tens
     for attack in remaining:
         state.add_run_attack(attack)
     state.to_disk(force=True)
-    return x_adv, robust
+    return x_adv, robust, broken_before
+
+
+# --------------------------------------------------------------------------- Square, small budget
+
+@dataclass(frozen=True)
+class QuickSquare(EvalAttack):
+    """Square with `queries` model calls per point and its p-schedule rescaled to that budget
+    (pyautoattack's `resc_schedule`); margin loss, one restart. Gradient-free, so shattered or
+    saturated gradients cannot mislead it; weak at 100-300 queries, which is why it is a probe for
+    points the white-box attacks left robust, never a robustness number on its own."""
+
+    name: str
+    queries: int
+    seed: int
+    batch_size: int
+
+    def config(self) -> dict:
+        return {"kind": "square", "package": "pyautoattack", "queries": self.queries, "p_init": 0.8,
+                "rescaled_schedule": True, "loss": "margin", "seed": self.seed, "batch_size": self.batch_size}
+
+    def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
+        from pyautoattack.square import SquareAttack
+
+        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+            raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
+        square = SquareAttack(model, norm="Linf", n_queries=self.queries, eps=float(eps), p_init=0.8,
+                              n_restarts=1, seed=self.seed, resc_schedule=True, device=x.device)
+        robust = candidates.clone()
+        x_adv = x.clone()
+
+        def attack(chunk: torch.Tensor) -> None:
+            adv = square.perturb(x[chunk], y[chunk])
+            x_adv[chunk] = adv
+            robust[chunk] = predict_correct(model, adv, y[chunk], len(chunk))
+
+        # Square reseeds the global generator itself: keep the caller's random state untouched
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            in_batches_that_fit(candidates.nonzero().squeeze(1), self.batch_size, attack)
+        return AttackOutcome(x_adv, robust)
 
 
 # --------------------------------------------------------------------------- registry

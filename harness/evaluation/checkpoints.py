@@ -5,7 +5,9 @@
 - `robustbench:<dataset>/<threat>/<Name>` through robustbench's `load_model`, from a local
   model directory (there may be no network: a missing file is reported with where to put it).
 
-Own checkpoints and state dicts load with weights-only unpickling (`harness.storage.load_torch`).
+Own checkpoints load with weights-only unpickling (`harness.storage.load_torch`); state dicts and
+RobustBench files through `safe_load` (weights-only, inert extras such as an argparse Namespace
+allow-listed, HTML pages and code-running pickles refused in one line).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,8 @@ from torch import nn
 
 from harness.data import DATASETS
 from harness.errors import HarnessError
+from harness.config import parse_eps
+from harness.evaluation.safe_load import allowing, load_checkpoint_file, required_globals
 from harness.models import MODELS, build_model
 from harness.records import RECORD_NAME, read_record
 from harness.storage import load_torch
@@ -44,6 +49,7 @@ class LoadedCheckpoint:
     dataset: str
     model_name: str
     eval_root: Path  # evaluations of this checkpoint go to <eval_root>/<label>-<digest>/
+    published_eps: Fraction | None = None  # the eps its published numbers are at (added to the sweep)
 
 
 def load_checkpoint(target: str, *, label: str = "last", results_dir: Path = Path("results"),
@@ -104,11 +110,7 @@ def load_state_dict_file(path: Path, model_name: str | None, dataset: str | None
                            f"(see `harness list models`) and its data set with --dataset")
     dataset = dataset or "fashion-mnist"
     model = build_model(model_name, DATASETS.get(dataset))
-    try:
-        obj = load_torch(path)
-    except Exception as exc:  # torch raises many types for a file that is not a weights-only checkpoint
-        raise HarnessError(f"{path} is not a weights-only PyTorch checkpoint ({type(exc).__name__}); "
-                           f"save it with torch.save(model.state_dict(), path)") from None
+    obj, _ = load_checkpoint_file(path)
     load_matching(model, _weights(obj, path), model_name, path)
     info = {"source": "state_dict", "run_id": None, "label": "file", "name": path.stem, "path": str(path.resolve()),
             "defense": None}
@@ -227,20 +229,64 @@ def load_robustbench(text: str, results_dir: Path, model_dir: Path) -> LoadedChe
                            f"({', '.join(ROBUSTBENCH_DATASETS)})")
     if entry.get("gdrive_id") is None:
         raise HarnessError(f"RobustBench model {spec.name} has no checkpoint to load (no gdrive_id)")
-    missing = [(p, gid) for p, gid in robustbench_files(spec, entry, model_dir) if not p.exists()]
+    files = robustbench_files(spec, entry, model_dir)
+    missing = [(p, gid) for p, gid in files if not p.exists()]
     if missing:
         path, gid = missing[0]
         raise HarnessError(f"RobustBench checkpoint {path} not found and this harness does not download it: "
-                           f"fetch Google Drive file id {gid} (e.g. `gdown --id {gid}`) and save it as {path}, "
+                           f"run `gdown {gid} -O {path}` (or `{download_command(spec, model_dir)}`), "
                            f"or pass --robustbench-dir where the models live")
-    utils, *_ = import_robustbench()
-    model = utils.load_model(spec.name, model_dir=str(model_dir), dataset=spec.dataset, threat_model=spec.threat)
+    allowed = [obj for path, _ in files for obj in required_globals(path)]
+    model = _robustbench_model(spec, model_dir, allowed, files[0][0])
     info = {"source": "robustbench", "run_id": None, "label": "published",
             "name": f"{spec.dataset}-{spec.threat}-{spec.name}",
             "path": str(robustbench_files(spec, entry, model_dir)[0][0]), "defense": None,
             "paper": _paper_name(spec)}
     return LoadedCheckpoint(model, info, ROBUSTBENCH_DATASETS[spec.dataset], type(model).__name__,
-                            Path(results_dir) / "external" / f"robustbench-{info['name']}" / "eval")
+                            Path(results_dir) / "external" / f"robustbench-{info['name']}" / "eval",
+                            published_eps(spec))
+
+
+def download_command(spec: RobustBenchName, model_dir: Path) -> str:
+    """robustbench's own downloader (gdown underneath), as one shell command."""
+    return (f"python -c \"from robustbench.utils import load_model; load_model('{spec.name}', "
+            f"model_dir='{model_dir}', dataset='{spec.dataset}', threat_model='{spec.threat}')\"")
+
+
+def _robustbench_model(spec: RobustBenchName, model_dir: Path, allowed: list, path: Path) -> nn.Module:
+    """robustbench's `load_model` on a file already sniffed, its inert extras allow-listed; its own
+    failures (keys that do not fit the architecture, an odd layout) become one line."""
+    utils, *_ = import_robustbench()
+    try:
+        with allowing(allowed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return utils.load_model(spec.name, model_dir=str(model_dir), dataset=spec.dataset,
+                                    threat_model=spec.threat)
+    except HarnessError:
+        raise
+    except Exception as exc:  # robustbench raises whatever its loading code meets
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+        raise HarnessError(f"robustbench could not load {path} as {spec.name} ({type(exc).__name__}: {detail}); "
+                           f"delete it and download it again") from None
+
+
+def published_eps(spec: RobustBenchName) -> Fraction | None:
+    """The eps of the model's published RobustBench numbers: harness/data/robustbench.csv, else the
+    reference model_info JSON (HARNESS_REFERENCE); None when neither knows it."""
+    import csv
+
+    table = Path(__file__).resolve().parent.parent / "data" / "robustbench.csv"
+    with open(table, newline="") as f:
+        for row in csv.DictReader(f):
+            if (row["dataset"], row["threat"], row["name"]) == (spec.dataset, spec.threat, spec.name):
+                return parse_eps(row["eps"])
+    if REFERENCE_DIR is not None:
+        path = REFERENCE_DIR / spec.dataset / spec.threat / f"{spec.name}.json"
+        try:
+            return parse_eps(str(json.loads(path.read_text())["eps"]))
+        except (OSError, json.JSONDecodeError, KeyError, HarnessError):
+            return None
+    return None
 
 
 def _paper_name(spec: RobustBenchName) -> str | None:

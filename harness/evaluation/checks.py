@@ -3,11 +3,15 @@
 Model checks run on a probe batch before any attack: outputs that look like probabilities (attacks on
 CE then see saturated, masked gradients), outputs that change between two identical calls (a
 randomised defense needs EOT, i.e. AutoAttack 'rand'), input gradients that are exactly zero
-(shattered or masked gradients make PGD look strong), inputs outside [0, 1] (normalisation applied
-outside the model). Result checks run on the flags: eps 0 equals clean, accuracy never rises with
-eps, robust <= clean point by point, AutoAttack <= PGD-20 (and a large gap flags a PGD that was
-fooled by masking), the black-box Square breaking points the white-box attacks missed, and the
-warnings AutoAttack itself raised.
+(shattered or masked gradients make PGD look strong). Result checks run on the flags of a finished
+sweep: raw accuracy never rises with eps, every point an attack broke has a verified adversarial
+example, AutoAttack <= PGD-20 (a large gap flags a PGD fooled by masking), CW-inf breaking what PGD-20
+missed (saturated cross-entropy), the black-box Square breaking points the white-box attacks missed,
+and the warnings AutoAttack itself raised. The masking probes (`masking`) add cheap second opinions
+on a subset, so a masked model is flagged even when only PGD-20 runs.
+
+Inputs outside [0, 1] are refused by the sweep before anything runs (normalisation belongs inside the
+model); eps 0 is the clean pass itself, so neither is a check that could only pass.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from torch import nn
 from harness.pgd import model_mode
 from harness.config import fraction_str
 from harness.evaluation.attacks import cw_margin_loss
-from harness.evaluation.flags import WORST_CASE, cell_key, percent
+from harness.evaluation.flags import cell_key, percent
+from harness.evaluation.nesting import raw_key
 
 WHITE_BOX = ("pgd-20", "cw-inf")
 
@@ -38,14 +43,34 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A check that did not run: why, and the attacks whose addition would run it."""
+
+    name: str
+    reason: str
+    needs: tuple[str, ...] = ()
+
+    def to_dict(self, command: str | None = None) -> dict:
+        out = {"name": self.name, "reason": self.reason, "needs": list(self.needs)}
+        if command:
+            out["command"] = command
+        return out
+
+
+@dataclass(frozen=True)
 class Thresholds:
     """Tolerances, in percentage points of accuracy unless said otherwise (recorded with the results)."""
 
-    monotone: float = 0.0  # accuracy may not rise with eps by more than this
+    monotone: float = 0.0  # raw accuracy may not rise with eps by more than this
     autoattack_over_pgd: float = 0.5  # AutoAttack may exceed PGD-20 by this (sampling noise)
     pgd_autoattack_gap: float = 10.0  # PGD-20 above AutoAttack by more than this: PGD was misled
+    pgd_cw_gap: float = 10.0  # % of points CW-inf breaks that PGD-20 left robust: CE saturated
     square_extra: float = 0.5  # % of points Square breaks that no white-box attack broke
+    more_steps_drop: float = 1.0  # % of points PGD-100 breaks that PGD-20 left robust: not converged
+    probe_min_points: int = 2  # a subset probe fails only on at least this many points
     zero_gradient_fraction: float = 0.01  # fraction of probe points with an all-zero input gradient
+    vanishing_ce_fraction: float = 0.05  # fraction of clean-correct probe points with no CE gradient
+    vanishing_gradient: float = 1e-30  # largest |d CE / d x| entry at or below this: vanished
     output_change: float = 1e-4  # relative change of the logits between two identical calls
     probability_tol: float = 1e-4
 
@@ -55,15 +80,8 @@ class Thresholds:
 def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds = Thresholds()) -> list[Check]:
     """Checks on a probe batch (a few hundred points is plenty); the model is put in eval mode."""
     with model_mode(model, "eval"):
-        return [inputs_in_range(x), logits_not_probabilities(model, x, t), deterministic(model, x, t),
+        return [logits_not_probabilities(model, x, t), deterministic(model, x, t),
                 nonzero_input_gradients(model, x, y, t)]
-
-
-def inputs_in_range(x: torch.Tensor) -> Check:
-    lo, hi = float(x.min()), float(x.max())
-    ok = lo >= 0 and hi <= 1
-    return Check("inputs-in-[0,1]", ok, f"inputs span [{lo:.3g}, {hi:.3g}]"
-                 + ("" if ok else "; normalisation belongs inside the model, eps is in [0,1] pixel units"))
 
 
 def logits_not_probabilities(model: nn.Module, x: torch.Tensor, t: Thresholds) -> Check:
@@ -103,63 +121,103 @@ def nonzero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                                   "and AutoAttack numbers, or fix the model"))
 
 
+def ce_gradients_not_vanishing(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds) -> Check:
+    """The gradient a cross-entropy attack follows, at the clean-correct probe points: where softmax
+    saturates (logits scaled up, over-confident models) it is exactly zero and PGD-CE cannot move."""
+    with model_mode(model, "eval"):
+        xg = x.detach().clone().requires_grad_(True)
+        logits = model(xg)
+        correct = (logits.detach().argmax(1) == y)
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg)
+    largest = grad.flatten(1).abs().max(1).values[correct]
+    if len(largest) == 0:
+        return Check("ce-gradients-not-vanishing", True, "no clean-correct probe point to test")
+    vanished = float(((largest <= t.vanishing_gradient) | ~torch.isfinite(largest)).float().mean())
+    ok = vanished <= t.vanishing_ce_fraction
+    return Check("ce-gradients-not-vanishing", ok,
+                 f"{vanished:.1%} of {len(largest)} clean-correct probe points have a vanishing cross-entropy "
+                 f"input gradient" + ("" if ok else "; the softmax saturates, so PGD on CE cannot move there "
+                                                    "(gradient masking): trust CW/DLR-based numbers"))
+
+
 # --------------------------------------------------------------------------- result checks
 
 def result_checks(flags: dict[str, np.ndarray], attacks: list[str], eps_list: list[Fraction],
-                  warnings: dict[str, list[str]], t: Thresholds = Thresholds()
-                  ) -> tuple[list[Check], list[dict[str, str]]]:
-    """Checks on the flags of a finished sweep; returns (checks, skipped checks with the reason)."""
+                  rows: list[dict], t: Thresholds = Thresholds()) -> tuple[list[Check], list[Skipped]]:
+    """Checks on the flags and result rows of a finished sweep; returns (checks, skipped checks)."""
     checks: list[Check] = []
-    skipped: list[dict[str, str]] = []
+    skipped: list[Skipped] = []
     eps_sorted = sorted(eps_list)
-    clean = flags["clean"]
+    positive = [e for e in eps_sorted if e > 0]
 
-    zero = Fraction(0)
-    if zero in eps_sorted:
-        bad = [a for a in attacks if not np.array_equal(flags[cell_key(a, zero)], clean)]
-        checks.append(Check("eps0-equals-clean", not bad,
-                            "every attack at eps 0 gives exactly the clean flags" if not bad else
-                            f"at eps 0 {', '.join(bad)} differ from clean (a randomised model or a bug)"))
-    else:
-        skipped.append({"name": "eps0-equals-clean", "reason": "eps 0 is not in the sweep"})
-
-    checks.append(_monotone(flags, attacks + [WORST_CASE], eps_sorted, t))
-    over = [f"{k} ({percent(v):.2f} > {percent(clean):.2f})" for k, v in flags.items()
-            if k != "clean" and bool(np.any(v & ~clean))]
-    checks.append(Check("robust-le-clean", not over, "no point is robust without being clean-correct"
-                        if not over else "points robust but not clean-correct in " + ", ".join(over[:3])))
+    checks.append(_monotone(flags, attacks, eps_sorted, t))
+    checks.append(_examples_verified(rows, attacks))
 
     autoattacks = [a for a in attacks if a.startswith("autoattack-")]
-    positive = [e for e in eps_sorted if e > 0]
     if autoattacks and "pgd-20" in attacks and positive:
         checks.extend(_autoattack_vs_pgd(flags, autoattacks, positive, t))
     else:
-        skipped.append({"name": "autoattack-le-pgd20", "reason": "needs pgd-20 and an autoattack at eps > 0"})
+        needs = tuple(a for a in ("pgd-20", "autoattack-standard") if a not in attacks and
+                      not (a == "autoattack-standard" and autoattacks))
+        for name in ("autoattack-le-pgd20", "pgd20-autoattack-gap"):
+            skipped.append(Skipped(name, "needs pgd-20 and an AutoAttack at eps > 0", needs))
+
+    if "pgd-20" in attacks and "cw-inf" in attacks and positive:
+        checks.append(_pgd_vs_cw(flags, positive, t))
 
     white = [a for a in attacks if a in WHITE_BOX or a.startswith("autoattack-")]
     if "square" in attacks and white and positive:
         checks.append(_square_vs_white_box(flags, white, positive, t))
     else:
-        skipped.append({"name": "square-vs-white-box",
-                        "reason": "needs the square attack and a white-box attack (autoattack-standard "
-                                  "runs Square last and reports it under autoattack-warnings)"})
+        skipped.append(Skipped("square-vs-white-box", "needs the full Square attack (5000 queries) besides a "
+                               "white-box attack; the square-probe check runs a small budget instead",
+                               tuple(a for a in ("pgd-20", "square") if a not in attacks and not
+                                     (a == "pgd-20" and white))))
 
     if autoattacks or "square" in attacks:
-        messages = sorted({m for cell in warnings.values() for m in cell})
+        messages = sorted({m for row in rows for m in row.get("warnings", [])})
         checks.append(Check("autoattack-warnings", not messages,
                             "AutoAttack raised no warning" if not messages else " | ".join(messages)[:500]))
+    else:
+        skipped.append(Skipped("autoattack-warnings", "AutoAttack did not run", ("autoattack-standard",)))
     return checks, skipped
 
 
+def _raw(flags, attack, e):
+    return flags.get(raw_key(attack, e), flags.get(cell_key(attack, e)))
+
+
 def _monotone(flags, attacks, eps_sorted, t: Thresholds) -> Check:
+    """On the raw per-eps flags: the nested-ball combination makes the reported ones monotone by
+    construction, so only the raw ones can show an attack that got weaker at a larger budget."""
     rises = []
     for attack in attacks:
-        accs = [(e, percent(flags[cell_key(attack, e)])) for e in eps_sorted if cell_key(attack, e) in flags]
+        accs = [(e, percent(_raw(flags, attack, e))) for e in eps_sorted if _raw(flags, attack, e) is not None]
         for (e0, a0), (e1, a1) in zip(accs, accs[1:]):
             if a1 > a0 + t.monotone:
                 rises.append(f"{attack} {a0:.2f} -> {a1:.2f} from {fraction_str(e0)} to {fraction_str(e1)}")
-    return Check("monotone-in-eps", not rises, "accuracy never rises with eps" if not rises
-                 else "accuracy rises with eps (weak or masked attack): " + "; ".join(rises[:3]))
+    return Check("monotone-in-eps", not rises, "raw accuracy never rises with eps" if not rises
+                 else "raw accuracy rises with eps (weak or masked attack): " + "; ".join(rises[:3]))
+
+
+def _examples_verified(rows: list[dict], attacks: list[str]) -> Check:
+    """Every point an attack counted as broken comes with an example that a fresh forward pass
+    misclassifies, inside the ball and in [0, 1] (`sweep.verify` fills `verified` per cell)."""
+    failures, broken, unverifiable = [], 0, 0
+    for row in rows:
+        info = row.get("verified")
+        if row["attack"] not in attacks or not info:
+            continue
+        broken += info["broken"]
+        unverifiable += info["unverifiable"]
+        if info["failed"]:
+            failures.append(f"{row['attack']}@{row['eps']}: {info['failed']} of {info['broken']} ({info['why']})")
+    note = f" ({unverifiable} broken before an interruption, examples not kept)" if unverifiable else ""
+    return Check("adversarial-examples-verified", not failures,
+                 f"all {broken - unverifiable} broken points re-checked: misclassified, in the ball, in [0,1]{note}"
+                 if not failures else "points counted as broken without a valid adversarial example: "
+                 + "; ".join(failures[:3]))
 
 
 def _autoattack_vs_pgd(flags, autoattacks, eps_list, t: Thresholds) -> list[Check]:
@@ -179,6 +237,21 @@ def _autoattack_vs_pgd(flags, autoattacks, eps_list, t: Thresholds) -> list[Chec
                   f"PGD-20 within {t.pgd_autoattack_gap:g} points of AutoAttack" if not gaps else
                   f"PGD-20 overestimates by more than {t.pgd_autoattack_gap:g} points (gradient masking?): "
                   + "; ".join(gaps[:3]))]
+
+
+def _pgd_vs_cw(flags, eps_list, t: Thresholds) -> Check:
+    """Points the CW margin breaks but PGD on cross-entropy does not: CE saturation (logits scaled up,
+    probabilities) hides gradients from CE but not from the scale-free margin."""
+    gaps = []
+    for e in eps_list:
+        pgd, cw = flags.get(cell_key("pgd-20", e)), flags.get(cell_key("cw-inf", e))
+        if pgd is None or cw is None:
+            continue
+        extra = percent(pgd & ~cw)
+        if extra > t.pgd_cw_gap and int(np.sum(pgd & ~cw)) >= t.probe_min_points:
+            gaps.append(f"cw-inf breaks {extra:.2f}% that pgd-20 left robust at {fraction_str(e)}")
+    return Check("pgd20-cw-gap", not gaps, f"CW-inf breaks at most {t.pgd_cw_gap:g}% of points PGD-20 left robust"
+                 if not gaps else "PGD-20 misled (saturated cross-entropy?): " + "; ".join(gaps[:3]))
 
 
 def _square_vs_white_box(flags, white, eps_list, t: Thresholds) -> Check:

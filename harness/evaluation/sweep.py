@@ -1,9 +1,12 @@
 """Every attack at every eps, one (attack, eps) cell at a time, each cell saved as soon as it completes.
 
 The model is put in eval mode with frozen parameters for the whole sweep and restored afterwards.
-Clean flags are computed once; each attack sees only the clean-correct points as candidates. The
-robust accuracy at an eps is the pointwise worst case over the attacks run there. A cell already in
-the store (an interrupted evaluation being resumed) is skipped.
+Clean flags are computed once (in batches); eps 0 is that clean pass for every attack, with no attack
+step (the ball is the point itself). Each attack sees only the clean-correct points as candidates,
+and every point it breaks is re-checked (`verify`). A cell already in the store (an interrupted
+evaluation being resumed) is skipped. When the cells are done, the flags are combined over nested
+balls (`nesting`, on by default), the robust accuracy at an eps is the pointwise worst case over the
+attacks, and the reliability checks and masking probes run.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from torch import nn
 from harness.pgd import frozen_parameters, model_mode
 from harness.config import fraction_str
 from harness.environment import synchronize
-from harness.evaluation.attacks import EvalAttack
-from harness.evaluation.checks import Check, Thresholds, model_checks, result_checks
+from harness.errors import HarnessError
+from harness.evaluation.attacks import AttackOutcome, EvalAttack, eps_tensor, predict_correct
+from harness.evaluation.checks import Check, Skipped, Thresholds, model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, percent, worst_case
+from harness.evaluation.masking import ProbeBudget, gradient_check, masking_probes
+from harness.evaluation.nesting import nest_balls
 
 PROBE_SIZE = 256
 
@@ -30,20 +36,30 @@ PROBE_SIZE = 256
 class SweepResult:
     store: EvaluationStore
     checks: list[Check]
+    skipped: list[dict]
 
 
 def clean_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    return predict_correct(model, x, y, batch_size)
 
 
 def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[EvalAttack], eps_list: list[Fraction],
           store: EvaluationStore, *, batch_size: int = 500, thresholds: Thresholds = Thresholds(),
+          nested: bool = True, probes: ProbeBudget | None = ProbeBudget(),
+          rerun: Callable[[list[str]], str] | None = None,
           say: Callable[[str], None] = lambda _: None) -> SweepResult:
-    """Run the missing cells into `store`, then the worst case and the reliability checks."""
+    """Run the missing cells into `store`, then the worst case, the checks and the masking probes.
+
+    `rerun(attack names)` gives the command that would run a skipped check (stored with it).
+    """
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise HarnessError(f"inputs span [{lo:.3g}, {hi:.3g}], outside [0, 1]: eps is in [0, 1] pixel units, "
+                           f"so normalisation belongs inside the model")
     names = [a.name for a in attacks]
     with model_mode(model, "eval"), frozen_parameters(model):
         probe = model_checks(model, x[:PROBE_SIZE], y[:PROBE_SIZE], thresholds)
+        gradient, gradient_skipped = gradient_check(model, x[:PROBE_SIZE], y[:PROBE_SIZE], attacks, thresholds)
         if not store.has("clean"):
             store.set_clean(clean_flags(model, x, y, batch_size).cpu().numpy())
             store.save()
@@ -51,25 +67,63 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Eval
         say(f"clean {store.record['clean_accuracy']:.2f}%  (n={len(y)})")
         for attack in attacks:
             for eps in eps_list:
-                if store.has(cell_key(attack.name, eps)):
-                    continue
-                synchronize(x.device)
-                t0 = time.perf_counter()
-                outcome = attack.robust(model, x, y, eps, clean)
-                synchronize(x.device)
-                row = store.add_cell(attack.name, eps, (outcome.robust & clean).cpu().numpy(),
-                                     time.perf_counter() - t0, outcome.warnings)
-                store.save()
-                say(f"{attack.name:<20} eps {fraction_str(eps):>7}  {row['robust_accuracy']:6.2f}%  "
-                    f"({row['seconds']:.1f}s)")
-    for eps in eps_list:
-        store.add_cell(WORST_CASE, eps, worst_case(store.flags, names, eps), sum(r["seconds"] for r in store.record["results"]
-                                                   if r["eps"] == fraction_str(eps) and r["attack"] in names))
-    warnings = {r["attack"] + "@" + r["eps"]: r.get("warnings", []) for r in store.record["results"]}
-    checks, skipped = result_checks(store.flags, names, eps_list, warnings, thresholds)
-    all_checks = probe + checks
-    store.finish([c.to_dict() for c in all_checks], skipped)
-    return SweepResult(store, all_checks)
+                if not store.has(cell_key(attack.name, eps)):
+                    _run_cell(model, x, y, attack, eps, clean, store, say)
+        if nested:
+            nest_balls(store, names, eps_list)
+        for eps in eps_list:
+            store.add_cell(WORST_CASE, eps, worst_case(store.flags, names, eps),
+                           sum(r["seconds"] for r in store.record["results"]
+                               if r["eps"] == fraction_str(eps) and r["attack"] in names))
+        checks, skipped = result_checks(store.flags, names, eps_list, store.record["results"], thresholds)
+        masking, masking_skipped = ([], []) if probes is None else masking_probes(
+            model, x, y, store.flags, attacks, eps_list, probes, thresholds)
+    all_checks = probe + gradient + checks + masking
+    all_skipped = [s.to_dict(_command(s, names, rerun)) for s in gradient_skipped + skipped + masking_skipped]
+    store.finish([c.to_dict() for c in all_checks], all_skipped)
+    return SweepResult(store, all_checks, all_skipped)
+
+
+def _run_cell(model, x, y, attack: EvalAttack, eps: Fraction, clean: torch.Tensor, store: EvaluationStore,
+              say: Callable[[str], None]) -> None:
+    synchronize(x.device)
+    t0 = time.perf_counter()
+    if eps == 0:  # the clean pass is the whole attack: nothing in the ball but the point
+        outcome = AttackOutcome(x, clean.clone())
+    else:
+        outcome = attack.robust(model, x, y, eps, clean)
+    synchronize(x.device)
+    seconds = time.perf_counter() - t0
+    row = store.add_cell(attack.name, eps, (outcome.robust & clean).cpu().numpy(), seconds, outcome.warnings)
+    row["verified"] = verify(model, x, y, eps, outcome, clean)
+    store.save()
+    say(f"{attack.name:<20} eps {fraction_str(eps):>7}  {row['robust_accuracy']:6.2f}%  ({row['seconds']:.1f}s)")
+
+
+def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction | float, outcome: AttackOutcome,
+           candidates: torch.Tensor, batch_size: int = 500) -> dict:
+    """Re-check every point the attack broke: its example is within eps of x (L-inf), in [0, 1], and
+    a fresh forward pass misclassifies it. Counts, and the first reason of failure."""
+    broken = candidates & ~outcome.robust
+    unverifiable = broken & outcome.unverifiable if outcome.unverifiable is not None else torch.zeros_like(broken)
+    idx = (broken & ~unverifiable).nonzero().squeeze(1)
+    if len(idx) == 0:
+        return {"broken": int(broken.sum()), "unverifiable": int(unverifiable.sum()), "failed": 0, "why": ""}
+    adv, clean_x = outcome.x_adv[idx], x[idx]
+    budget = eps_tensor(eps, x)[idx].view(-1, *([1] * (x.dim() - 1)))
+    outside = ((adv - clean_x).abs() > budget + 1e-6).flatten(1).any(1)
+    off_box = ((adv < 0) | (adv > 1)).flatten(1).any(1)
+    correct = predict_correct(model, adv, y[idx], batch_size)
+    reasons = [why for why, bad in (("outside the ball", outside), ("outside [0,1]", off_box),
+                                    ("still classified correctly", correct)) if bool(bad.any())]
+    return {"broken": int(broken.sum()), "unverifiable": int(unverifiable.sum()),
+            "failed": int((outside | off_box | correct).sum()), "why": ", ".join(reasons)}
+
+
+def _command(skipped: Skipped, names: list[str], rerun: Callable[[list[str]], str] | None) -> str | None:
+    if rerun is None:
+        return None
+    return rerun(list(dict.fromkeys(names + list(skipped.needs))))
 
 
 def accuracy_table(store: EvaluationStore, attacks: list[str], eps_list: list[Fraction]) -> list[list[str]]:
@@ -85,4 +139,3 @@ def format_table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             for row in rows]
-

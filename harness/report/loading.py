@@ -195,6 +195,11 @@ class Evaluation:
     def failed_checks(self) -> list[dict[str, Any]]:
         return [c for c in self.checks if not c.get("passed", False)]
 
+    @property
+    def skipped_checks(self) -> list[dict[str, Any]]:
+        """Checks that did not run: name, reason and (records since the masking probes) the command."""
+        return [c for c in self.data.get("checks_skipped", []) if isinstance(c, dict)]
+
     def result(self, attack_prefix: str, eps: str) -> dict[str, Any] | None:
         """The first result whose attack starts with `attack_prefix` at budget `eps`."""
         for item in self.data["results"]:

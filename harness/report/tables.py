@@ -136,7 +136,9 @@ def reliability_cell(evaluations: list[Evaluation]) -> Cell:
     count = sum(len(e.checks) for e in evaluations)
     if count == 0:
         return Cell("no checks recorded", "muted")
-    return Cell(f"✓ {count} checks passed", "good")
+    skipped = sorted({str(c.get("name")) for e in evaluations for c in e.skipped_checks})
+    return Cell(f"✓ {count} checks passed" + (f", {len(skipped)} skipped" if skipped else ""), "good",
+                ("not run: " + ", ".join(skipped)) if skipped else "")
 
 
 def fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -505,36 +507,3 @@ def robustbench_table(results: Results) -> Table:
              "Zhang2019Theoretically was evaluated at eps 0.031 (≈7.9/255), the others at 8/255."]
     return Table("robustbench", "Official checkpoints: RobustBench's published numbers and ours",
                  "RobustBench Linf", pd.DataFrame(export_rows), display_rows, notes)
-
-
-def evaluations_table(results: Results) -> Table | None:
-    if not results.evaluations:
-        return None
-    export_rows, display_rows = [], []
-    for e in results.evaluations:
-        ordered = sorted(e.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
-        results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
-        if len(e.data["results"]) > 12:
-            results_text += f"; … ({len(e.data['results'])} results)"
-        export_rows.append({"path": str(e.path.parent), "source": e.source, "name": e.name, "label": e.label,
-                            "dataset": e.data["dataset"], "model": e.data["model"], "n": e.data["n"],
-                            "clean": e.data["clean_accuracy"], "checks": len(e.checks),
-                            "failed_checks": len(e.failed_checks), "flags": e.flags_note or "present"})
-        display_rows.append({
-            "Checkpoint": Cell(f"{e.name} [{e.label}]", "method", str(e.path.parent)), "Source": e.source,
-            "Data set / model": f"{e.data['dataset']} / {e.data['model']}", "n": str(e.data["n"]),
-            "Clean": f"{float(e.data['clean_accuracy']):.2f}", "Results": results_text,
-            "Reliability": reliability_cell([e]),
-            "Per-example flags": Cell("present", "good") if not e.flags_note else Cell("missing", "muted", e.flags_note),
-        })
-    return Table("evaluations", "Evaluation records and reliability checks", "", pd.DataFrame(export_rows),
-                 display_rows, ["A check that fails marks every number from that evaluation "
-                                "“potentially unreliable”; hover a badge for the check's detail."])
-
-
-
-def _eps_value(text: str) -> float:
-    try:
-        return float(Fraction(eps_key(text)))
-    except (ValueError, ZeroDivisionError):
-        return float("inf")

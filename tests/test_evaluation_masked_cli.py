@@ -1,0 +1,53 @@
+"""The Done-when of issue 14 end to end: a masked model evaluated by the README main job's command
+(`harness eval ... --attack pgd-20 --quiet`) is flagged in the CLI line and in the report."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import main
+from evaluation_helpers import ScaledLogits, Shattered
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
+                                    "--data-dir", str(data_dir), "--results", str(results), "-q"])
+    assert out.exit_code == 0, out.output
+    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
+    return run
+
+
+@pytest.mark.parametrize("wrapper, expected", [(ScaledLogits, ("ce-gradients-not-vanishing", "pgd20-cw-gap")),
+                                               (Shattered, ("square-probe",))])
+def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir, data_dir, tmp_path, monkeypatch,
+                                                                         wrapper, expected):
+    from harness.evaluation import checkpoints
+
+    real = checkpoints.load_checkpoint
+
+    def masked(target, **kwargs):  # the run's own weights behind the masking wrapper
+        loaded = real(target, **kwargs)
+        return dataclasses.replace(loaded, model=wrapper(loaded.model), eval_root=tmp_path / "eval")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", masked)
+    out = CliRunner().invoke(main, ["eval", str(run_dir), "--attack", "pgd-20", "--n", "64", "--eps", "0,4/255,8/255",
+                                    "--data-dir", str(data_dir), "--quiet"])
+    assert out.exit_code == 0, out.output
+    (line,) = out.output.strip().splitlines()
+    assert "FAILED" in line and all(name in line for name in expected), line
+
+    # the report reads the same record: copy it where `harness report` looks for the run's evaluations
+    import shutil
+
+    (evaluation,) = (tmp_path / "eval").iterdir()
+    shutil.copytree(evaluation, run_dir / "eval" / f"masked-{wrapper.__name__}")
+    report = CliRunner().invoke(main, ["report", "--results", str(run_dir.parent), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert all(f"FAILED {name}" in html for name in expected)
+    assert "potentially unreliable" in html
