@@ -3,7 +3,6 @@ cheap departures (`--preset reference`), and how the report shows them (cards, T
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

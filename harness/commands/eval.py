@@ -8,11 +8,15 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from harness.cli import main
 from harness.executor_cli import distribute_targets
+
+if TYPE_CHECKING:
+    from harness.evaluation.attacks import AttackOptions
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_ATTACKS = ("pgd-20", "cw-inf", "autoattack")
@@ -141,7 +145,7 @@ class EvalSettings:
     eps_override: list[Fraction] | None
     n: int | None
     names: list[str]
-    options: "AttackOptions"
+    options: AttackOptions
     nested: bool
     probes: bool
     model_name: str | None

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pandas as pd
 
-from harness.report.loading import Evaluation, Results, eps_key
+from harness.report.loading import Results, eps_key
 from harness.report.tables import Cell, Table, reliability_cell
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harness.report import compute, protocol_cards, reference
-from harness.report.loading import Evaluation, Protocol, Results, Run, eps_key
+from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import bootstrap_ratio, mean_std
 
 CHECKPOINTS = ("last", "best")
