@@ -18,7 +18,8 @@ from harness.eps_stats import collapse_warning, eps_summary, spearman
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.runner import make_spec
-from methods.ades import hold_mean, through_eps
+from methods.cue_schedule import hold_mean
+from methods.eps_scheduler import through_eps
 
 VARIANTS = ("ades", "ades-joint", "static-des")
 
