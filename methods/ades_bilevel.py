@@ -111,21 +111,25 @@ class ADESBilevel(ADES):
                         random_start=cfg.random_start, mode=cfg.attack_bn)
         return x_adv, y
 
-    def hypergradient_step(self, model, params: dict[str, torch.Tensor], grads, lr: float,
-                           held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """phi <- phi - Adam(d CE(f_{theta - lr g(phi)}(x'_h), y_h) / d phi)."""
+    def lookahead_outer_loss(self, model, params: dict[str, torch.Tensor], grads, lr: float,
+                             held_out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """CE(f_{theta - lr g(phi)}(x'_h), y_h): differentiable in phi through g (second order)."""
         lookahead = {name: p.detach() - lr * g for (name, p), g in zip(params.items(), grads)}
         # train-mode forward on copies of the buffers: the saved graph of theta's step stays valid
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.train()
         x_adv, y = held_out
-        outer = F.cross_entropy(functional_call(model, {**lookahead, **buffers}, (x_adv,)), y)
+        return F.cross_entropy(functional_call(model, {**lookahead, **buffers}, (x_adv,)), y)
+
+    def hypergradient_step(self, model, params: dict[str, torch.Tensor], grads, lr: float,
+                           held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """phi <- Adam step minimising the held-out robust loss after the look-ahead."""
+        outer = self.lookahead_outer_loss(model, params, grads, lr, held_out)
         phi = list(self.scheduler.parameters())
         self.scheduler_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(phi, torch.autograd.grad(outer, phi, allow_unused=True)):
             p.grad = torch.zeros_like(p) if g is None else g
         self.scheduler_optimizer.step()
-        self.last_outer_loss = outer.detach()
 
     def record(self) -> dict[str, Any]:
         cfg = self.config
