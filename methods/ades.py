@@ -24,7 +24,7 @@ Defaults: methods/cue_schedule.py (map, attack, cues) and methods/eps_scheduler.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class ADESConfig(SchedulerConfig):
     objective: Literal["budget", "joint", "bilevel"] = "budget"
     budget_control: Literal["renormalise", "penalty"] = "renormalise"
     budget_penalty: float = 10.0  # penalty weight on ((mean eps - target) / target)^2
+    bilevel: ClassVar[bool] = False  # True only for `ades-bilevel`'s config
 
     @property
     def holds_mean(self) -> bool:
@@ -53,6 +54,9 @@ class ADESConfig(SchedulerConfig):
     def validate(self) -> None:
         super().validate()
         require(self.budget_penalty >= 0, f"budget_penalty must be non-negative, got {self.budget_penalty}")
+        require((self.objective == "bilevel") == self.bilevel,
+                "ades-bilevel's objective is always bilevel; use -m ades or -m ades-joint for the others" if self.bilevel
+                else "objective=bilevel is its own defense (-m ades-bilevel); `ades` takes budget or joint")
 
 
 @dataclass(frozen=True)

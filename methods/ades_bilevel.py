@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,10 @@ class ADESBilevelConfig(ADESConfig):
     scheduler_every: int = 2  # k: phi's hypergradient step every k training steps
     held_out_fraction: float = 0.1  # of the training subset, withheld for the outer loss
     held_out_batch: int = 128
+    bilevel: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
-        require(self.objective == "bilevel", "ades-bilevel needs objective=bilevel (use `ades` for the others)")
         require(0 < self.held_out_fraction < 1, f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         require(self.held_out_batch >= 1, f"held_out_batch must be at least 1, got {self.held_out_batch}")
 
