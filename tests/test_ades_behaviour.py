@@ -15,7 +15,7 @@ from harness.defense import DEFENSES, DefenseContext
 from harness.eps_stats import collapse_warning
 from harness.models import build_model
 from harness.runner import RunOptions, make_spec, run
-from methods.cue_schedule import hold_mean
+from methods.cue_schedule import hold_mean, preserved_buffers
 from methods.eps_scheduler import through_eps
 
 DETERMINISTIC_CUES = ("grad_norm", "entropy")  # head-mode MC dropout draws fresh masks every call
@@ -43,8 +43,8 @@ def surrogate(defense, model, x, y, direction):
 @pytest.mark.parametrize("name,rises", [("ades", True), ("ades-joint", False)])
 def test_scheduler_steps_move_the_surrogate_loss_the_right_way(name, rises, trained_model, train_batch,
                                                                synthetic_info):
-    """Model frozen (lr 0, eval-mode BN), cues deterministic: `ades` (maximise at a held mean) raises the
-    loss at the fixed PGD directions while keeping the mean; `ades-joint` (minimise) lowers it."""
+    """Model frozen (lr 0, BN statistics restored after each step), cues deterministic: `ades` (maximise
+    at a held mean) raises the loss at the fixed PGD directions, keeping the mean; `ades-joint` lowers it."""
     defense = make(name, synthetic_info, cues=DETERMINISTIC_CUES, attack_bn="eval", scheduler_lr=0.05)
     defense.setup(trained_model)
     x, y = train_batch.x, train_batch.y
@@ -55,7 +55,8 @@ def test_scheduler_steps_move_the_surrogate_loss_the_right_way(name, rises, trai
     frozen = torch.optim.SGD(trained_model.parameters(), lr=0.0)
     for _ in range(5):
         torch.manual_seed(0)
-        defense.train_step(trained_model, frozen, train_batch)
+        with preserved_buffers(trained_model):
+            defense.train_step(trained_model, frozen, train_batch)
     after, mean_after = surrogate(defense, trained_model, x, y, direction)
     assert (after > before) if rises else (after < before), (before, after)
     if name == "ades":
