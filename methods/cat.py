@@ -87,7 +87,7 @@ class CAT(Defense):
                 x_adv[part] = pgd(model, batch.x[part], batch.y[part], eps, steps=k,
                                   step_size=cfg.step_size_rel * eps, random_start=cfg.random_start,
                                   mode=cfg.attack_bn)
-        return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
+        return Perturbation(x_adv, eps * (steps > 0).to(batch.x.dtype))  # A_0's part is not attacked: eps 0
 
     def train_step(self, model, optimizer, batch):
         return adversarial_ce_step(model, optimizer, self.perturb(model, batch).x_adv, batch.y)

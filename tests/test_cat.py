@@ -61,6 +61,7 @@ def test_each_part_gets_its_own_pgd_iterations(trained_model, train_batch, synth
     x_adv, eps = defense.perturb(trained_model, train_batch)
     delta = (x_adv - train_batch.x).flatten(1).abs().max(1).values
     assert (delta[:8] == 0).all() and (delta[8:] > 0).all() and (delta <= eps + 1e-6).all()
+    assert (eps[:8] == 0).all() and (eps[8:] == float(synthetic_info.eps)).all()
     assert defense.end_epoch(3) == {"lesson": 3, "pgd_steps": [0, 1, 2, 3]}
 
 
