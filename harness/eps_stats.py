@@ -125,7 +125,7 @@ class PassLog:
         rho = {n: self.batch_rho.get(n) for n in all_cues}
         out["spearman"] = {n: mean_or_none(r) if r else None for n, r in rho.items()}
         out["spearman_last_batch"] = {n: r[-1] if r else None for n, r in rho.items()}
-        out["spearman_pooled"] = {n: spearman(eps, torch.cat(self.cues[n])) if n in self.cues else None
+        out["spearman_pooled"] = {n: spearman(eps, torch.cat(self.cues[n])) if self.cues.get(n) else None
                                   for n in all_cues}
         out["correlation"] = "spearman: mean of per-batch coefficients; spearman_pooled: over the whole pass"
         out["collapse_warning"] = collapse_warning(eps, lo, hi, held_mean=held_mean, **collapse)

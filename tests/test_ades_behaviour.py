@@ -34,8 +34,8 @@ def make(name, info, **changes):
 
 def surrogate(defense, model, x, y, direction):
     """CE at x + eps_i * d_i for the defense's current map, PGD direction d fixed."""
+    eps = defense.schedule(model, x, y).eps.detach()  # the cue pass needs input gradients
     with torch.no_grad():
-        eps = defense.schedule(model, x, y).eps
         x_in = (x + eps.view(-1, 1, 1, 1) * direction).clamp(0, 1)
         return F.cross_entropy(model.eval()(x_in), y).item(), eps.mean().item()
 
