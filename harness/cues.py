@@ -4,7 +4,10 @@ The paper (ADES, section 3) names three cues per training example: the norm of t
 of the cross-entropy, the softmax entropy, and the model's uncertainty over Monte-Carlo-dropout
 passes. Its formulas were lost; every reading made here is a named choice:
 
-- `grad_norm`: ||d CE / d x||, L2 (the natural reading) or L1 (the dual of the L-inf threat model).
+- `grad_norm`: ||d CE / d x_i||, L2 (the natural reading) or L1 (the dual of the L-inf threat model).
+  Under train-mode BatchNorm the batch statistics couple the examples, so the gradient is
+  d(sum_j CE_j) / d x_i, not example i's own (measured up to ~3000x off for confident examples);
+  `clean_pass(..., mode="eval")` gives each example's own gradient (ADES's `cue_bn=eval`).
 - `entropy`: -sum_c p_c log p_c of the softmax at the clean input.
 - `mc_variance`: mean over classes of the per-class variance (population, over the T passes) of the
   softmax. Mode `head` resamples dropout on the penultimate features and runs only the linear head
@@ -12,10 +15,11 @@ passes. Its formulas were lost; every reading made here is a named choice:
   passes of a model built with dropout, BatchNorm in eval mode (the usual MC-dropout practice, and
   running statistics stay untouched).
 
-All cues are computed on the clean input, by one forward/backward whose gradient PGD reuses as its
-first step (see `clean_pass`). Each cue is min-max normalised over the batch; a cue that is constant
-over the batch (or a batch of one) carries no ranking information and maps to `constant_value`
-(0.5 by default: the middle of the scale), never to NaN.
+All cues are computed on the clean input, by one forward/backward with dropout off (the network the
+cue describes, not one random thinned copy of it), whose gradient PGD may reuse as its first step
+(see `clean_pass`). Each cue is min-max normalised over the batch; a cue that is constant over the
+batch up to a relative tolerance (or a batch of one) carries no ranking information and maps to
+`constant_value` (0.5 by default: the middle of the scale), never to NaN or to rounding noise.
 """
 
 from __future__ import annotations
@@ -49,12 +53,23 @@ def has_head(model: nn.Module) -> bool:
     return callable(getattr(model, "embed", None)) and isinstance(getattr(model, "classifier", None), nn.Module)
 
 
-def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: BNMode) -> CleanPass:
-    """Loss, logits, input gradient and penultimate features at x, in the attack's BN mode.
+@contextmanager
+def dropout_off(model: nn.Module, mode: BNMode) -> Iterator[None]:
+    """BatchNorm in `mode`, every dropout layer off; flags restored afterwards."""
+    with model_mode(model, mode):
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.train(False)
+        yield
 
-    Run in the attack's mode so that the gradient is exactly what PGD would compute at x.
+
+def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: BNMode) -> CleanPass:
+    """Loss, logits, input gradient and penultimate features at x: BatchNorm in `mode`, dropout off.
+
+    In the attack's BN mode the gradient is what PGD computes at x (for a model without dropout),
+    so PGD can take it as its first gradient; in eval mode it is each example's own gradient.
     """
-    with model_mode(model, mode), frozen_parameters(model):
+    with dropout_off(model, mode), frozen_parameters(model):
         x = x.detach().requires_grad_(True)
         if has_head(model):
             features = model.embed(x)
@@ -69,8 +84,7 @@ def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: BNMode)
 
 def grad_norm(grad: torch.Tensor, norm: GradNorm = "l2") -> torch.Tensor:
     """(B,) per-sample L2 or L1 norm of the input gradient."""
-    flat = grad.flatten(1)
-    return flat.norm(p=2 if norm == "l2" else 1, dim=1)
+    return torch.linalg.vector_norm(grad.flatten(1), ord=2 if norm == "l2" else 1, dim=1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -119,13 +133,16 @@ def mc_variance_full(model: nn.Module, x: torch.Tensor, samples: int) -> torch.T
     return softmax_variance(probs)
 
 
-def minmax(cue: torch.Tensor, constant_value: float = 0.5, tiny: float = 1e-12) -> torch.Tensor:
-    """Batch min-max normalisation to [0, 1]; a constant cue or a batch of one -> `constant_value`."""
+def minmax(cue: torch.Tensor, constant_value: float = 0.5, rtol: float = 1e-5, tiny: float = 1e-12
+           ) -> torch.Tensor:
+    """Batch min-max normalisation to [0, 1]; a cue whose span is below `rtol` x its magnitude (or
+    `tiny`), or a batch of one, -> `constant_value`: float32 rounding noise is not a ranking."""
     cue = cue.detach().float()
     lo, hi = cue.min(), cue.max()
     span = hi - lo
+    varies = span > torch.maximum(rtol * torch.maximum(lo.abs(), hi.abs()), torch.tensor(tiny))
     scaled = (cue - lo) / span.clamp_min(tiny)
-    return torch.where(span > tiny, scaled, torch.full_like(cue, constant_value)).clamp_(0, 1)
+    return torch.where(varies, scaled, torch.full_like(cue, constant_value)).clamp_(0, 1)
 
 
 def check_cue_names(names: tuple[str, ...]) -> None:

@@ -42,6 +42,9 @@ class DefenseContext:
     train_size: int  # examples in the training subset; Batch.index ranges over it
     epochs: int  # equivalent epochs of the schedule
     device: torch.device
+    # examples carved out of the training subset for the defense's own use (ADES-bilevel's outer
+    # loss), never trained on and distinct from the validation split that picks `best`
+    held_out: Any = None  # harness.data.Split of float images on the device, or None
 
     @property
     def eps_float(self) -> float:
@@ -75,6 +78,11 @@ class Defense(abc.ABC):
     def check_spec(cls, spec: Any) -> None:
         """Reject hyperparameters that are wrong only together with the run (its eps, the model's
         dropout): raise `HarnessError`. `make_spec` calls this before any training; default: accept."""
+
+    @classmethod
+    def held_out_size(cls, config: Any, train_size: int) -> int:
+        """Training examples the runner should withhold into `DefenseContext.held_out`; default none."""
+        return 0
 
     def setup(self, model: nn.Module) -> None:
         """Create own parameters or per-example state; called once before training or resume."""

@@ -87,6 +87,7 @@ class PreparedData:
     val: Split  # float images on the device
     test: Split
     test_indices: list[int]
+    held_out: Split | None = None  # carved from the training subset for the defense (Defense.held_out_size)
 
 
 def prepare_data(spec: RunSpec, info: DatasetInfo, options: RunOptions) -> PreparedData:
@@ -94,6 +95,10 @@ def prepare_data(spec: RunSpec, info: DatasetInfo, options: RunOptions) -> Prepa
     test_split = load_split(info, options.data_dir, train=False, download=options.download)
     train_idx, val_idx = split_train_val(len(train_split.labels), spec.data.val_size, spec.data.val_seed,
                                          spec.data.train_subset)
+    n_held = DEFENSES.get(spec.defense).held_out_size(spec.defense_config, len(train_idx))
+    if n_held:  # a seeded random share of the training subset, as the validation split is drawn
+        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(spec.data.val_seed + 1))
+        train_idx, held_idx = train_idx[order[n_held:]].sort().values, train_idx[order[:n_held]].sort().values
     loader = TensorLoader(train_split, train_idx, spec.schedule.batch_size, options.device, shuffle=True,
                           augment=spec.data.augment, seed=spec.seed)
     n_test = len(test_split.labels) if spec.eval.test_examples is None else min(
@@ -103,7 +108,8 @@ def prepare_data(spec: RunSpec, info: DatasetInfo, options: RunOptions) -> Prepa
         return Split(split.images[idx].float().div(255).to(options.device), split.labels[idx].to(options.device))
 
     return PreparedData(loader, to_device(train_split, val_idx),
-                        to_device(test_split, torch.arange(n_test)), list(range(n_test)))
+                        to_device(test_split, torch.arange(n_test)), list(range(n_test)),
+                        to_device(train_split, held_idx) if n_held else None)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -183,7 +189,7 @@ class Run:
         random.seed(spec.seed)
         model = build_model(spec.model, self.info, spec.dropout).to(self.device)
         context = DefenseContext(eps=spec.eps, dataset=self.info, train_size=data.train.num_examples,
-                                 epochs=spec.schedule.epochs, device=self.device)
+                                 epochs=spec.schedule.epochs, device=self.device, held_out=data.held_out)
         defense: Defense = DEFENSES.get(spec.defense)(spec.defense_config, context)
         defense.setup(model)
         sched = spec.schedule
@@ -294,6 +300,7 @@ class Run:
             "protocol": {"passes": budget.passes, "minibatches": budget.total,
                          "sgd_steps": budget.total * budget.replays, "equivalent_epochs": budget.epochs,
                          "train_examples": data.train.num_examples, "val_examples": len(data.val.labels),
+                         "held_out_examples": 0 if data.held_out is None else len(data.held_out.labels),
                          "test_indices": f"0..{len(data.test_indices) - 1}",
                          "eval_attack": {"name": "pgd", "steps": self.spec.eval.pgd_steps,
                                          "step_size": f"{self.spec.eval_step}",

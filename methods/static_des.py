@@ -4,8 +4,8 @@ Paper: "Adaptive Dynamic Epsilon Scheduling" (seed/ades-paper.txt), section 3.3 
 weighted sum") and Table 2 ("Static Weighted Fusion"): score_i = sum_k w_k s_ik over the batch-min-max
 normalised cues s_i, eps_i = eps_min + (eps_max - eps_min) * score_i, PGD-10 inside each sample's
 ball, CE on the adversarial batch.
-Reference code: none published; the cue, eps-map and attack pipeline is ADES's (`methods/ades.py`,
-`harness/cues.py`), so the two differ only in the map.
+Reference code: none published; the cue, eps-map and attack pipeline is ADES's
+(`methods/cue_schedule.py`, `harness/cues.py`), so the two differ only in the map.
 Defaults (the paper gives no weights): equal weights 1/3 (the neutral choice); weights are divided
 by their sum, so any non-negative weights keep the score in [0, 1].
 Budget: by default the batch-mean eps is held at the run's eps by the same renormalisation as `ades`
@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 
 from harness.defense import register_defense
-from harness.errors import HarnessError
-from methods.ades import CueEpsConfig, CueScheduledDefense
+from methods.cue_config import CueEpsConfig, require
+from methods.cue_schedule import CueScheduledDefense
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,11 @@ class StaticDESConfig(CueEpsConfig):
 
     def validate(self) -> None:
         super().validate()
-        if len(self.weights) != len(self.cues):
-            raise HarnessError(f"{len(self.weights)} weights for {len(self.cues)} cues ({','.join(self.cues)}); "
-                               f"give one weight per cue, e.g. --set weights=1,0,0")
-        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise HarnessError(f"weights {self.weights} must be non-negative with a positive sum")
+        require(len(self.weights) == len(self.cues),
+                f"{len(self.weights)} weights for {len(self.cues)} cues ({','.join(self.cues)}); "
+                f"give one weight per cue, e.g. --set weights=1,0,0")
+        require(all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+                f"weights {self.weights} must be non-negative with a positive sum")
 
 
 @register_defense("static-des")

@@ -129,6 +129,13 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
+def cue_labels(mc_mode: str | None) -> dict[str, str]:
+    """What each cue is, in words: `mc_variance` in head mode is dropout on the penultimate features only."""
+    variance = {"head": "head-dropout variance", "full": "MC-dropout variance (full model)"}
+    return {"grad_norm": "input-gradient norm", "entropy": "softmax entropy",
+            "mc_variance": variance.get(mc_mode or "", "MC-dropout variance")}
+
+
 def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: int) -> Figure | None:
     """eps distribution per epoch and the eps-cue rank correlations (contract A diagnostics)."""
     run = runs[0]
@@ -159,18 +166,25 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
         ax_hist.stairs(np.asarray(counts, float), edges_, fill=True, alpha=0.6)
     ax_hist.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
     ax_hist.set_xlabel(unit)
+    labels = cue_labels((run.record.get("defense") or {}).get("mc_mode"))
     for cue in CUES:
         ys = [_number((d.get("spearman") or {}).get(cue)) for _, d in entries]
-        ax_cue.plot(xs, ys, marker="o", markersize=3, label=cue)
+        ax_cue.plot(xs, ys, marker="o", markersize=3, label=labels[cue])
     ax_cue.axhline(0, color="grey", linewidth=0.8)
     ax_cue.set_ylim(-1.05, 1.05)
-    ax_cue.set_title("Spearman r(eps, cue)", fontsize=10)
+    pooled_only = "spearman_pooled" not in entries[-1][1]
+    ax_cue.set_title("Spearman r(eps, cue), " + ("pooled over the pass (older record)" if pooled_only
+                                                  else "mean within batch"), fontsize=10)
     ax_cue.set_xlabel("equivalent epoch")
     ax_cue.legend(fontsize=7)
     for ax in (ax_band, ax_hist, ax_cue):
         ax.grid(alpha=0.3)
     warnings = sorted({str(d["collapse_warning"]) for _, d in entries if d.get("collapse_warning")})
     caption = f"{variant_label(variant)}, run {run.run_id} (seed {run.seed}). "
+    spread = [_number(d.get("eps_std_rel")) for _, d in entries]
+    if not all(np.isnan(spread)):
+        caption += ("Spread (eps std / (eps_max − eps_min)) per pass: "
+                    + ", ".join("—" if np.isnan(v) else f"{v:.3f}" for v in spread) + ". ")
     if warnings:
         caption += "Collapse warning: " + "; ".join(warnings)
     return Figure(f"ades_{index}_{variant.replace('#', '_')}",
@@ -192,7 +206,7 @@ def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list
         if curves:
             figures.append(curves)
         for variant, runs in variants.items():
-            if variant.split("#")[0] in ("ades", "ades-joint", "static-des"):
+            if variant.split("#")[0] in ("ades", "ades-joint", "ades-bilevel", "static-des"):
                 diag = ades_diagnostics(protocol, variant, runs, index)
                 if diag:
                     figures.append(diag)

@@ -23,20 +23,24 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 METHOD_LABELS: dict[str, str] = {
     "pgd-at": "PGD-AT", "trades": "TRADES", "mma": "MMA", "free-at": "Free-AT",
     "static-des": "Static-DES", "ades": "ADES", "ades-joint": "ADES-joint",
-    "iaat": "IAAT", "fat": "FAT", "mart": "MART",
+    "iaat": "IAAT", "fat": "FAT", "mart": "MART", "ades-bilevel": "ADES-bilevel", "cat": "CAT",
 }
 # the paper's row a harness defense is compared with; `ades-joint` is the literal reading of the
 # paper's joint objective, `ades` the non-degenerate one: both are compared with the paper's ADES row
 PAPER_ROW: dict[str, str] = {
     "pgd-at": "PGD-AT", "trades": "TRADES", "mma": "MMA", "free-at": "Free-AT",
-    "static-des": "Static-DES", "ades": "ADES", "ades-joint": "ADES",
+    "static-des": "Static-DES", "ades": "ADES", "ades-joint": "ADES", "ades-bilevel": "ADES",
 }
 PAPER_BASELINES = ("pgd-at", "trades", "mma", "free-at", "static-des")
-ADES_VARIANTS = ("ades", "ades-joint")
+ADES_VARIANTS = ("ades", "ades-joint", "ades-bilevel")
 # the paper's Table 2 rows by scheduler
 TABLE2_ROWS = {"static-des": "Static Weighted Fusion", "ades": "Learnable MLP (ADES)",
-               "ades-joint": "Learnable MLP (ADES)"}
-METHOD_ORDER = ("pgd-at", "trades", "mma", "free-at", "static-des", "ades", "ades-joint", "iaat", "fat", "mart")
+               "ades-joint": "Learnable MLP (ADES)", "ades-bilevel": "Learnable MLP (ADES)"}
+# Table 2's controls, not in the paper: a fixed eps (PGD-AT) and a schedule dynamic over training but
+# the same for every example (CAT), so "per-sample" and "dynamic" can be told apart
+TABLE2_CONTROLS = ("pgd-at", "cat")
+METHOD_ORDER = ("pgd-at", "trades", "mma", "free-at", "static-des", "ades", "ades-joint", "ades-bilevel", "iaat",
+                "fat", "mart", "cat")
 
 
 def method_label(name: str) -> str:

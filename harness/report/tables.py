@@ -279,51 +279,113 @@ def _mark_departures(row: dict[str, Any], row_export: dict[str, Any], runs: list
 
 # ----------------------------------------------------------------------------------------- Table 2
 
+def last_pass_diagnostics(runs: list[Run]) -> list[dict[str, Any]]:
+    """The defense's diagnostics of each seed's last pass (contract A), where it logged eps."""
+    out = []
+    for run in runs:
+        epochs = run.record.get("epochs") or []
+        last = (epochs[-1].get("defense") or {}) if epochs else {}
+        if isinstance(last.get("eps_std"), (int, float)):
+            out.append(last)
+    return out
+
+
+def spread_cell(runs: list[Run]) -> Cell:
+    """eps std / (eps_max - eps_min) in the last pass, mean over seeds; flagged when collapsed."""
+    diags = last_pass_diagnostics(runs)
+    values = [d["eps_std_rel"] for d in diags if isinstance(d.get("eps_std_rel"), (int, float))]
+    if not values:
+        return Cell("—", "muted", "no per-sample eps in the record")
+    warning = next((d["collapse_warning"] for d in diags if d.get("collapse_warning")), None)
+    return Cell(f"{np.mean(values):.3f}" + (" ⚠" if warning else ""), "bad" if warning else "",
+                warning or "std of the per-example eps over the last pass, as a share of eps_max - eps_min")
+
+
+def correlation_cell(runs: list[Run]) -> Cell:
+    """Mean within-batch Spearman r(eps, cue) per cue in the last pass (older records: pooled, marked)."""
+    diags = last_pass_diagnostics(runs)
+    if not diags:
+        return Cell("—", "muted")
+    pooled_only = "spearman_pooled" not in diags[0]
+    parts = []
+    for cue, short in (("grad_norm", "g"), ("entropy", "H"), ("mc_variance", "v")):
+        values = [d["spearman"][cue] for d in diags if isinstance((d.get("spearman") or {}).get(cue), (int, float))]
+        if values:
+            parts.append(f"{short} {np.mean(values):+.2f}")
+    title = ("pooled over the pass (record predates within-batch correlations)" if pooled_only else
+             "mean of per-batch Spearman r(eps, cue): g grad-norm, H entropy, v head-dropout variance")
+    return Cell(" ".join(parts) or "—", "muted" if pooled_only else "", title)
+
+
 def table2(groups: Groups, checkpoint: str) -> list[Table]:
+    """The paper's ablation (learned vs static fusion) plus two controls the paper lacks: PGD-AT (one eps)
+    and CAT (dynamic over training, not per sample); with each run's eps spread and cue correlations."""
     paper = reference.paper_table2().set_index("scheduler")
     tables = []
     for protocol, variants in groups.items():
-        present = [v for v in variants if v.split("#")[0] in reference.TABLE2_ROWS]
-        if not present:
+        scheduled = [v for v in variants if v.split("#")[0] in reference.TABLE2_ROWS]
+        if not scheduled:
             continue
+        controls = [v for v in variants if v.split("#")[0] in reference.TABLE2_CONTROLS]
         compare = protocol.dataset == "cifar10"
         export_rows, display_rows = [], []
-        for variant in present:
+        for variant in scheduled + controls:
             runs = variants[variant]
             clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
-            claim = paper.loc[reference.TABLE2_ROWS[variant.split("#")[0]]]
+            row_name = reference.TABLE2_ROWS.get(variant.split("#")[0])
+            claim = paper.loc[row_name] if row_name else None
+            claim_clean = None if claim is None else float(claim["clean"])
+            claim_pgd = None if claim is None else float(claim["pgd20"])
+            diags = last_pass_diagnostics(runs)
             export_rows.append({"method": variant_label(variant), "seeds": len(runs),
                                 "clean_mean": mean_std(clean)[0], "clean_std": mean_std(clean)[1],
                                 "pgd_mean": mean_std(pgd)[0], "pgd_std": mean_std(pgd)[1],
-                                "paper_clean": float(claim["clean"]), "paper_pgd20": float(claim["pgd20"])})
+                                "paper_clean": claim_clean, "paper_pgd20": claim_pgd,
+                                "eps_std_rel_last_pass": float(np.mean([d["eps_std_rel"] for d in diags]))
+                                if diags and all(isinstance(d.get("eps_std_rel"), (int, float)) for d in diags)
+                                else None})
             display_rows.append({
-                "Method": Cell(variant_label(variant), "method"), "Paper's row": claim.name, "Seeds": str(len(runs)),
-                "Clean": fmt_mean_std(clean), "Paper clean (CIFAR-10)": Cell(fmt(float(claim["clean"]), 1), "claim"),
-                "Δ clean": diff_cell(clean, float(claim["clean"])) if compare else Cell("n/a", "muted"),
+                "Method": Cell(variant_label(variant), "method"),
+                "Paper's row": row_name or Cell("control (not in the paper)", "muted"), "Seeds": str(len(runs)),
+                "Clean": fmt_mean_std(clean), "Paper clean (CIFAR-10)": Cell(fmt(claim_clean, 1), "claim"),
+                "Δ clean": diff_cell(clean, claim_clean) if compare else Cell("n/a", "muted"),
                 f"PGD-{runs[0].pgd_steps}": fmt_mean_std(pgd),
-                "Paper PGD-20 (CIFAR-10)": Cell(fmt(float(claim["pgd20"]), 1), "claim"),
-                "Δ PGD": diff_cell(pgd, float(claim["pgd20"])) if compare and runs[0].pgd_steps == 20
+                "Paper PGD-20 (CIFAR-10)": Cell(fmt(claim_pgd, 1), "claim"),
+                "Δ PGD": diff_cell(pgd, claim_pgd) if compare and runs[0].pgd_steps == 20
                 else Cell("n/a", "muted"),
+                "eps spread (last pass)": spread_cell(runs), "r(eps, cue) within batch": correlation_cell(runs),
             })
-        static = next((v for v in present if v.split("#")[0] == "static-des"), None)
-        for variant in present:
-            if static is None or variant == static:
-                continue
-            gain = {m: np.mean(final_values(variants[variant], checkpoint, m))
-                    - np.mean(final_values(variants[static], checkpoint, m)) for m in ("clean", "pgd")}
-            display_rows.append({
-                "Method": Cell(f"{variant_label(variant)} − Static-DES", "method"), "Paper's row": "MLP − static",
-                "Seeds": "", "Clean": fmt(gain["clean"], signed=True),
-                "Paper clean (CIFAR-10)": Cell("+0.5", "claim"), "Δ clean": "",
-                f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
-                "Paper PGD-20 (CIFAR-10)": Cell("+2.5", "claim"), "Δ PGD": "",
-            })
-            export_rows.append({"method": f"{variant_label(variant)} - Static-DES", "clean_mean": gain["clean"],
-                                "pgd_mean": gain["pgd"], "paper_clean": 0.5, "paper_pgd20": 2.5})
+        baselines = [v for v in scheduled if v.split("#")[0] == "static-des"][:1] + \
+            [v for v in controls if v.split("#")[0] == "cat"][:1]
+        for variant in scheduled:
+            for base in baselines:
+                if variant == base or variant.split("#")[0] == "static-des":
+                    continue
+                gain = {m: np.mean(final_values(variants[variant], checkpoint, m))
+                        - np.mean(final_values(variants[base], checkpoint, m)) for m in ("clean", "pgd")}
+                paper_gain = base.split("#")[0] == "static-des"
+                display_rows.append({
+                    "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
+                    "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
+                    "Seeds": "", "Clean": fmt(gain["clean"], signed=True),
+                    "Paper clean (CIFAR-10)": Cell("+0.5" if paper_gain else "—", "claim"), "Δ clean": "",
+                    f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
+                    "Paper PGD-20 (CIFAR-10)": Cell("+2.5" if paper_gain else "—", "claim"), "Δ PGD": "",
+                    "eps spread (last pass)": "", "r(eps, cue) within batch": "",
+                })
+                export_rows.append({"method": f"{variant_label(variant)} - {variant_label(base)}",
+                                    "clean_mean": gain["clean"], "pgd_mean": gain["pgd"],
+                                    "paper_clean": 0.5 if paper_gain else None,
+                                    "paper_pgd20": 2.5 if paper_gain else None})
         notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.",
-                 "ADES is the non-degenerate scheduler, ADES-joint the literal joint minimisation (PAPER.md); "
-                 "both are set beside the paper's learnable-MLP row."]
-        if static is None:
+                 "ADES maximises the loss at a held mean eps, ADES-joint is the literal joint minimisation, "
+                 "ADES-bilevel minimises a held-out robust loss after a one-step look-ahead (docs/ades.md); all "
+                 "are set beside the paper's learnable-MLP row. PGD-AT and CAT are controls the paper lacks.",
+                 "eps spread: std of the per-example eps over the last training pass / (eps_max − eps_min); "
+                 "⚠ marks a collapse warning (onto a bound, or onto one value: then the run is PGD-AT). "
+                 "r(eps, cue): mean of per-batch Spearman coefficients with the gradient norm (g), the softmax "
+                 "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only)."]
+        if not any(v.split("#")[0] == "static-des" for v in scheduled):
             notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
         tables.append(Table(f"table2_{protocol.slug()}", f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
                             protocol.label(), pd.DataFrame(export_rows), display_rows, notes))
@@ -437,7 +499,7 @@ def paper_floor_table() -> Table:
     flops = compute.forward_flops(PAPER_SETTING["model"], PAPER_SETTING["dataset"])
     peak = compute.device_peak(PAPER_SETTING["device"])
     table = reference.paper_table3()
-    name_of = {v: k for k, v in reference.PAPER_ROW.items() if k != "ades-joint"}
+    name_of = {v: k for k, v in reference.PAPER_ROW.items() if k not in ("ades-joint", "ades-bilevel")}
     export_rows, display_rows = [], []
     for _, row in table.iterrows():
         defense = name_of.get(row["method"], row["method"])

@@ -1,0 +1,103 @@
+"""ADES-bilevel: phi descends the held-out robust loss after a one-step look-ahead; the held-out split
+is carved from the training subset; runs resume exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.data import DATASETS, Split
+from harness.defense import DEFENSES, DefenseContext
+from harness.errors import HarnessError
+from harness.runner import Run, RunOptions, make_spec, prepare_data, run
+from harness.records import read_record
+from methods.eps_scheduler import through_eps
+
+
+def make_bilevel(info, held_out, **changes):
+    cls = DEFENSES.get("ades-bilevel")
+    config = dataclasses.replace(cls.Config(), **{"steps": 2, **changes})
+    config.validate()
+    ctx = DefenseContext(eps=info.eps, dataset=info, train_size=32, epochs=1, device=torch.device("cpu"),
+                         held_out=held_out)
+    return cls(config, ctx)
+
+
+def test_hypergradient_reaches_phi_through_the_lookahead(trained_model, train_batch, synthetic_info):
+    """The held-out loss after theta' = theta - lr g(phi) depends on phi (second order): nonzero, finite
+    gradient for every scheduler tensor, and phi's optimiser steps on it."""
+    x, y = train_batch.x[:16], train_batch.y[:16]
+    held = Split(train_batch.x[16:], train_batch.y[16:])
+    defense = make_bilevel(synthetic_info, held, cues=("grad_norm", "entropy"), held_out_batch=16, init_scale=1.0)
+    defense.setup(trained_model)
+    x_adv = defense.attack(trained_model, x, y, defense.schedule(trained_model, x, y))
+    held_adv = defense.held_out_adversarial(trained_model)
+    scheduled = defense.schedule(trained_model, x, y, track=True)
+    trained_model.train()
+    loss = F.cross_entropy(trained_model(through_eps(x, x_adv, scheduled.eps)), y)
+    params = dict(trained_model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    outer = defense.lookahead_outer_loss(trained_model, params, grads, 0.5, held_adv)
+    phi = list(defense.scheduler.parameters())
+    hyper = torch.autograd.grad(outer, phi, retain_graph=True, allow_unused=True)
+    assert all(g is not None and torch.isfinite(g).all() for g in hyper)
+    assert sum(g.abs().sum() for g in hyper) > 0
+    before = [p.detach().clone() for p in phi]
+    defense.hypergradient_step(trained_model, params, grads, 0.5, held_adv)
+    assert any(not torch.equal(a, p) for a, p in zip(before, phi))
+
+
+def test_bilevel_needs_a_held_out_split(trained_model, synthetic_info):
+    with pytest.raises(HarnessError, match="held-out"):
+        make_bilevel(synthetic_info, None).setup(trained_model)
+
+
+def test_held_out_split_is_carved_from_training_and_disjoint(tmp_path, data_dir):
+    spec = make_spec("ades-bilevel", "synthetic", "smoke")
+    options = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False)
+    data = prepare_data(spec, DATASETS.get("synthetic"), options)
+    assert len(data.held_out.labels) == 25 and data.train.num_examples == 256 - 25
+
+    def rows(images):
+        return {bytes(r) for r in (images.float() * (255 if images.is_floating_point() else 1)).round()
+                .to(torch.uint8).flatten(1).numpy()}
+
+    held = rows(data.held_out.images)
+    assert not held & rows(data.train.images) and not held & rows(data.val.images)
+    plain = prepare_data(make_spec("ades", "synthetic", "smoke"), DATASETS.get("synthetic"), options)
+    assert plain.held_out is None and plain.train.num_examples == 256
+
+
+def strip_times(record):
+    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in record["epochs"]]
+    final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
+    return epochs, final
+
+
+def test_bilevel_run_resumes_exactly(tmp_path, data_dir, monkeypatch):
+    spec = make_spec("ades-bilevel", "synthetic", "smoke", epochs=2, overrides=("steps=2",))
+
+    def options(sub, **kw):
+        return RunOptions(results_dir=tmp_path / sub, data_dir=data_dir, device=torch.device("cpu"),
+                          progress=False, **kw)
+
+    reference = run(spec, options("a"))
+    assert reference["protocol"]["held_out_examples"] == 25
+    assert reference["defense"]["scheduler"]["direction"].startswith("minimise held-out")
+    original = Run._train_pass
+
+    def crash_in_second_pass(self, model, optimizer, defense, data, p, budget):
+        if p == 1:
+            raise KeyboardInterrupt
+        return original(self, model, optimizer, defense, data, p, budget)
+
+    monkeypatch.setattr(Run, "_train_pass", crash_in_second_pass)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, options("b"))
+    assert len(read_record(tmp_path / "b" / spec.run_id / "record.json")["epochs"]) == 1
+    monkeypatch.setattr(Run, "_train_pass", original)
+    resumed = run(spec, options("b", resume=True))
+    assert strip_times(resumed) == strip_times(reference)
