@@ -8,12 +8,14 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from harness.data import DATASETS, Split
 from harness.defense import DEFENSES, DefenseContext
 from harness.errors import HarnessError
 from harness.runner import Run, RunOptions, make_spec, prepare_data, run
 from harness.records import read_record
+from harness.pgd import per_sample
 from methods.eps_scheduler import through_eps
 
 
@@ -101,3 +103,47 @@ def test_bilevel_run_resumes_exactly(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(Run, "_train_pass", original)
     resumed = run(spec, options("b", resume=True))
     assert strip_times(resumed) == strip_times(reference)
+
+
+def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(trained_model, train_batch,
+                                                                           synthetic_info):
+    """Direction: phi's own optimiser step lowers the held-out loss after the look-ahead (a maximising
+    scheduler raises it) by about the first-order prediction (Adam's first step is lr * sign(g), so
+    the drop is lr * sum|g|). The training input is x + eps_i(phi) d_i with the PGD directions d_i
+    fixed at the first schedule: the surrogate ADES differentiates (`through_eps` keeps the value at
+    x_adv, so only its gradient sees eps). The model runs in float64 so one small step is visible;
+    train-mode BatchNorm throughout, so running statistics never enter these values."""
+    model = trained_model.double()
+    x, y = train_batch.x[:16].double(), train_batch.y[:16]
+    held = Split(train_batch.x[16:].double(), train_batch.y[16:])
+    defense = make_bilevel(synthetic_info, held, cues=("grad_norm", "entropy"), held_out_batch=16, init_scale=1.0,
+                           attack_bn="train", cue_bn="attack")
+    defense.setup(model)
+    lr_phi = 1e-6  # small enough for the first-order prediction (1e-4 already leaves the linear regime)
+    for group in defense.scheduler_optimizer.param_groups:
+        group["lr"] = lr_phi
+    torch.manual_seed(0)
+    first = defense.schedule(model, x, y)
+    eps0 = per_sample(first.eps.detach(), x)
+    directions = (defense.attack(model, x, y, first) - x) / eps0
+    held_adv = defense.held_out_adversarial(model)
+    params = dict(model.named_parameters())
+
+    def outer_loss():
+        eps = per_sample(defense.schedule(model, x, y, track=True).eps, x)
+        model.train()
+        loss = F.cross_entropy(model((x + eps * directions).clamp(0, 1)), y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        lookahead = {name: p.detach() - 0.5 * g for (name, p), g in zip(params.items(), grads)}
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        held_logits = functional_call(model, {**lookahead, **buffers}, (held_adv[0],))
+        return F.cross_entropy(held_logits, held_adv[1]), grads  # written here, not the defense's helper
+
+    before, grads = outer_loss()
+    phi = list(defense.scheduler.parameters())
+    hyper = torch.autograd.grad(before, phi, retain_graph=True)
+    predicted = lr_phi * sum(g.abs().sum() for g in hyper).item()
+    defense.hypergradient_step(model, params, grads, 0.5, held_adv)
+    drop = (before - outer_loss()[0]).item()
+    assert predicted > 1e-9
+    assert 0.5 * predicted < drop < 1.5 * predicted, (drop, predicted)
