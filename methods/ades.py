@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import precision
 from harness.pgd import pgd, per_sample
 from harness.config import fraction_str, to_jsonable
 from harness.cues import (CUE_NAMES, CleanPass, check_cue_names, clean_pass, compute_cues, has_dropout,
@@ -233,8 +234,8 @@ class CueScheduledDefense(Defense):
 
     def optimise(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, track: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward(loss)
+        precision.step(optimizer)
 
     def train_step(self, model, optimizer, batch):
         if self.probe is None:
@@ -435,10 +436,8 @@ class ADES(CueScheduledDefense):
     def optimise(self, optimizer, loss, track):
         optimizer.zero_grad(set_to_none=True)
         self.scheduler_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if track:
-            self.scheduler_optimizer.step()
+        precision.backward(loss)
+        precision.step(optimizer, *([self.scheduler_optimizer] if track else []))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -38,8 +38,14 @@ DEFAULT_RESULTS = Path("results")
 @click.option("--force", is_flag=True, help="Rerun from scratch even if a run with this config exists.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--precision", "precision_name", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Autocast dtype of training and its attack (fp16 adds loss scaling); "
+                                      "evaluation stays fp32. Part of the run's identity.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the training model (recorded).")
+@click.option("--batchnorm", type=click.Choice(["global", "per-rank"]), default="global", show_default=True,
+              help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) or per process.")
 def run_command(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides, device,
-                results_dir, data_dir, resume, force, no_download, quiet):
+                results_dir, data_dir, resume, force, no_download, quiet, precision_name, compile_model, batchnorm):
     """Train defenses from scratch and evaluate clean and PGD-20 accuracy.
 
     Each (defense, seed) writes <results>/<run id>/record.json with the resolved config, environment,
@@ -51,6 +57,7 @@ def run_command(methods_, all_methods, dataset, preset, seeds, epochs, eps, mode
     from harness.environment import resolve_device
     from harness.errors import HarnessError
     from harness.runner import RunOptions, make_spec, run
+    from harness import distributed
 
     if all_methods and methods_:
         raise HarnessError("give either --all or --method, not both")
@@ -61,14 +68,20 @@ def run_command(methods_, all_methods, dataset, preset, seeds, epochs, eps, mode
         raise HarnessError("--set names one defense's hyperparameters; use it with --method, not --all")
     if resume and force:
         raise HarnessError("--resume and --force contradict each other; pick one")
+    world = distributed.world_from_env()  # torchrun: one run across its processes
     specs = [make_spec(name, dataset, preset, seed, epochs=epochs, eps=eps, model=model, dropout=dropout,
-                       overrides=overrides)
+                       overrides=overrides, precision_name=precision_name, batchnorm=batchnorm, ranks=world.size)
              for name in names for seed in seeds]
-    options = RunOptions(results_dir=results_dir, data_dir=data_dir, device=resolve_device(device),
-                         resume=resume, force=force, download=not no_download, progress=not quiet)
-    for i, spec in enumerate(specs, 1):
-        click.echo(f"[{i}/{len(specs)}] {spec.run_id}")
-        record = run(spec, options)
-        last = record["final"]["last"]
-        click.echo(f"    clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} {last['pgd']:.2f}  "
-                   f"({last['n']} test examples)  -> {results_dir / spec.run_id}")
+    options = RunOptions(results_dir=results_dir, data_dir=data_dir,
+                         device=distributed.start(world, resolve_device(device)), resume=resume, force=force,
+                         download=not no_download, progress=not quiet, compile=compile_model, world=world)
+    echo = click.echo if world.is_main else (lambda *_: None)
+    try:
+        for i, spec in enumerate(specs, 1):
+            echo(f"[{i}/{len(specs)}] {spec.run_id}")
+            record = run(spec, options)
+            last = record["final"]["last"]
+            echo(f"    clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} {last['pgd']:.2f}  "
+                 f"({last['n']} test examples)  -> {results_dir / spec.run_id}")
+    finally:
+        distributed.stop()
