@@ -4,11 +4,12 @@ How a distributed run stays the same algorithm as a single-process run with the 
 - Data: every rank draws the same seeded permutation and augmentation (`TensorLoader.epoch`) and
   keeps a contiguous slice of each global batch (`shard`); `Batch.index` stays the example's
   position in the training subset, so per-example defense state is addressed as before.
-- Gradients: DistributedDataParallel with a communication hook that weights each rank's gradient
-  of its *local mean* loss by its share of the global batch, so the all-reduced gradient is the
-  gradient of the global mean loss even when the last batch does not split evenly.
+- Gradients: each rank's *local mean* loss is weighted by its share of the global batch before
+  backward (`harness.precision.LossScaling.share`, the hook every defense's backward goes through),
+  and DistributedDataParallel sums (not averages) over ranks: the gradient of the global mean loss,
+  also when the last batch does not split evenly and along global BatchNorm's cross-rank paths.
 - Attacks never trigger the all-reduce: PGD freezes the parameters (input gradients only), so no
-  parameter hook fires, and DDP is built with `broadcast_buffers=False`, so forward passes run no
+  parameter hook fires, and DDP is built with `forward_sync_buffers=False`, so forward passes run no
   collective unless BatchNorm is synchronised.
 - BatchNorm (`--batchnorm`, recorded in the spec): `global` (default) normalises with the statistics
   of the whole global batch, in training and train-mode attacks alike (torch's SyncBatchNorm on
@@ -103,7 +104,7 @@ def barrier(world: World) -> None:
 def describe(world: World, batchnorm: str, device: torch.device) -> dict[str, Any]:
     return {"world_size": world.size, "backend": dist.get_backend() if world.distributed else None,
             "batchnorm": batchnorm, "sharding": "contiguous slice of each seeded global batch",
-            "gradient": "DDP all-reduce weighted by each rank's share of the global batch",
+            "gradient": "DDP sum of per-rank losses weighted by their share of the global batch",
             "writer": "rank 0", "device_type": device.type}
 
 
@@ -133,6 +134,27 @@ def pass_seed(seed: int, p: int, rank: int) -> int:
 
 # --------------------------------------------------------------------------- model
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with its adjoint: every rank's output depends on every rank's input, so the
+    gradient of a rank's input is the sum of all ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    return _SumOverRanks.apply(tensor)
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d over the whole global batch: statistics summed over ranks by a differentiable
     all-reduce (two: mean, then centred second moment). SyncBatchNorm's arithmetic for the CPU,
@@ -141,16 +163,14 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        xf = x.float()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # autocast: statistics in fp32
         dims = (0, 2, 3)
         count = torch.full((1,), x.numel() / x.shape[1], dtype=xf.dtype, device=x.device)
-        totals = all_reduce(torch.cat([xf.sum(dims), count]))
+        totals = sum_over_ranks(torch.cat([xf.sum(dims), count]))
         n = totals[-1]
         mean = totals[:-1] / n
         centred = xf - mean.view(1, -1, 1, 1)
-        var = all_reduce(centred.pow(2).sum(dims)) / n
+        var = sum_over_ranks(centred.pow(2).sum(dims)) / n
         out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -158,8 +178,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * n / (n - 1).clamp(min=1)).to(self.running_var.dtype), momentum)
         return out.to(x.dtype)
 
 
@@ -174,8 +194,12 @@ def global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
                 raise HarnessError(f"global BatchNorm on the CPU supports BatchNorm2d only, found {type(module).__name__}")
             new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                   module.track_running_stats)
-            new.load_state_dict(module.state_dict())
-            return new.to(module.running_mean.device if module.running_mean is not None else "cpu")
+            # the same Parameter and buffer objects (as convert_sync_batchnorm): an optimiser built
+            # before the conversion still steps them
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(new, name, getattr(module, name))
+            new.train(module.training)
+            return new
         for name, child in module.named_children():
             module.add_module(name, convert(child))
         return module
@@ -183,25 +207,18 @@ def global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return convert(model)
 
 
-class ShareWeight:
-    """DDP comm-hook state: this rank's share of the current global batch."""
-
-    def __init__(self):
-        self.share = 1.0
-
-
-def weighted_sum_hook(state: ShareWeight, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """sum_r share_r * grad_r: the gradient of the global mean loss from per-rank mean losses."""
-    tensor = bucket.buffer().mul_(state.share)
-    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+def sum_hook(state, bucket):  # unannotated: DDP checks annotations, and ours are strings
+    """Sum, not mean, over ranks: each rank's loss is already weighted by its share of the global
+    batch (`LossScaling.share`). (state: None, bucket: dist.GradBucket -> Future[Tensor])"""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def data_parallel(model: nn.Module, device: torch.device, share: ShareWeight) -> nn.Module:
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False)
-    ddp.register_comm_hook(share, weighted_sum_hook)
+                                  forward_sync_buffers=False)
+    ddp.register_comm_hook(None, sum_hook)
     return ddp
 
 

@@ -52,8 +52,14 @@ class LossScaling:
         self.enabled = check_precision(precision) == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled)
         self.device = device
+        # This process's share of the global batch (`harness.distributed`): its mean loss is weighted
+        # by it before backward, so gradients summed over ranks are those of the global mean loss,
+        # also along global BatchNorm's cross-rank paths. 1 in a single process (an exact no-op).
+        self.share = 1.0
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.share != 1.0:
+            loss = loss * self.share
         with torch.autocast(device_type=self.device.type, enabled=False):  # backward outside autocast
             self.scaler.scale(loss).backward()
 

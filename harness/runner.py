@@ -193,7 +193,11 @@ class Run:
 
     def _train_and_evaluate(self, resume: bool) -> dict[str, Any]:
         spec, world = self.spec, self.world
+        if not world.is_main:  # rank 0 downloads or writes the data set first
+            distributed.barrier(world)
         data = prepare_data(spec, self.info, self.options)
+        if world.is_main:
+            distributed.barrier(world)
         if world.distributed:
             distributed.check_batches(data.train.num_examples, spec.schedule.batch_size, world)
         torch.manual_seed(spec.seed)

@@ -33,18 +33,16 @@ class Execution:
     world: World
     device: torch.device
     scaler: precision.LossScaling
-    share: distributed.ShareWeight
 
     @classmethod
     def prepare(cls, net: nn.Module, precision_name: str, compile_model: bool, world: World,
                 device: torch.device) -> "Execution":
         """`net` must already be on `device` with global BatchNorm where the spec asks for it."""
-        share = distributed.ShareWeight()
         train_model = precision.compiled(net, compile_model)
         if world.distributed:
-            train_model = distributed.data_parallel(train_model, device, share)
+            train_model = distributed.data_parallel(train_model, device)
         return cls(net, train_model, precision_name, compile_model, world, device,
-                   precision.LossScaling(precision_name, device), share)
+                   precision.LossScaling(precision_name, device))
 
     @staticmethod
     def check_defense(defense: Defense, world: World) -> None:
@@ -61,7 +59,7 @@ class Execution:
             yield
 
     def shard(self, batch: Batch) -> Batch:
-        local, self.share.share = distributed.shard(batch, self.world)
+        local, self.scaler.share = distributed.shard(batch, self.world)
         return local
 
     def end_pass(self, defense: Defense, visited: torch.Tensor | None, batchnorm: str) -> None:
