@@ -2,7 +2,11 @@
 
 Speed goals are checked here, never in unit tests. Each benchmark alternates the variants it
 compares (A, B, A, B, ...) after warm-up steps, so drift of the machine (turbo, other load) hits
-both alike, and reports medians. Benchmark modules live in `harness/benchmarks/`.
+both alike. A ratio is taken per round (A_i / B_i) and reported as min / median / max over the
+rounds; a goal is "met" or "missed" only when the whole spread lies on one side of it, otherwise
+"undecided" (two runs ten minutes apart once gave 7.22 and 8.82 for one ratio). A benchmark taken
+while other processes kept the CPUs busy (`harness.resources.contended`) gets no verdict at all.
+Benchmark modules live in `harness/benchmarks/`.
 """
 
 from __future__ import annotations
@@ -17,33 +21,59 @@ from typing import Callable
 import torch
 
 from harness.environment import synchronize
+from harness.resources import EpochMeter, contended, other_load
 from harness.registry import Registry
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     device: torch.device
-    repeats: int = 5
+    repeats: int = 11  # alternating rounds: the spread of a ratio needs more than a handful
     warmup: int = 2
     quick: bool = False  # smaller batches and models, for a smoke check of the bench itself
+
+
+def verdict(spread: list[float] | None, goal: float, machine: dict | None = None) -> str:
+    """met / missed only when the whole [min, max] spread is on one side of the goal (at most)."""
+    if machine is not None and contended(machine):
+        return "withheld (machine busy)"
+    if not spread:
+        return "undecided (no spread)"
+    low, _, high = spread
+    return "met" if high <= goal else "missed" if low > goal else "undecided"
 
 
 @dataclass
 class BenchResult:
     name: str
     seconds: dict[str, float]  # variant -> median seconds per call
-    ratios: dict[str, float] = field(default_factory=dict)  # label -> ratio of two medians
+    ratios: dict[str, float] = field(default_factory=dict)  # label -> median of the per-round ratios
     targets: dict[str, float] = field(default_factory=dict)  # ratio label -> goal (at most)
     notes: str = ""
+    spreads: dict[str, list[float]] = field(default_factory=dict)  # label -> [min, median, max] per round
+    machine: dict | None = None  # CPU time, load and CPUs while it ran (`harness.resources`)
+    extra: dict = field(default_factory=dict)  # other measurements (images/s, FLOPs, utilisation)
+
+    @property
+    def verdicts(self) -> dict[str, str]:
+        return {label: verdict(self.spreads.get(label), goal, self.machine) for label, goal in self.targets.items()}
 
     def lines(self) -> list[str]:
         out = [f"{self.name}" + (f"  ({self.notes})" if self.notes else "")]
+        if self.machine is not None and contended(self.machine):
+            out.append(f"    machine busy: load {self.machine['load_1min']:.1f} on {self.machine['cpus']} CPUs "
+                       f"(other processes ~{other_load(self.machine):.1f} cores); no verdicts")
         for variant, sec in self.seconds.items():
             out.append(f"    {variant:<40} {sec * 1000:10.1f} ms")
+        verdicts = self.verdicts
         for label, ratio in self.ratios.items():
+            spread = self.spreads.get(label)
+            shown = f"  [{spread[0]:.3f} .. {spread[2]:.3f}]" if spread else ""
             goal = self.targets.get(label)
-            verdict = "" if goal is None else (f"  target <= {goal}: " + ("met" if ratio <= goal else "MISSED"))
-            out.append(f"    {label:<40} {ratio:10.3f}{verdict}")
+            judged = "" if goal is None else f"  target <= {goal}: {verdicts[label]}"
+            out.append(f"    {label:<40} {ratio:10.3f}{shown}{judged}")
+        for label, value in self.extra.items():
+            out.append(f"    {label:<40} {value}")
         return out
 
 
@@ -65,12 +95,32 @@ def register_benchmark(name: str, description: str):
     return decorate
 
 
-def alternate(variants: dict[str, Callable[[], object]], options: BenchOptions) -> dict[str, float]:
-    """Median wall seconds per call of each variant, interleaved, warm-up excluded."""
+class Timings(dict):
+    """variant -> median seconds per call (a dict, as before), plus every round's seconds (`rounds`)
+    and the machine's state while they were taken (`machine`)."""
+
+    def __init__(self, rounds: dict[str, list[float]], machine: dict):
+        super().__init__({k: statistics.median(v) for k, v in rounds.items()})
+        self.rounds = rounds
+        self.machine = machine
+
+    def ratio(self, a: str, b: str) -> tuple[float, list[float]]:
+        """(median, [min, median, max]) of the per-round ratios a_i / b_i."""
+        return spread([x / y for x, y in zip(self.rounds[a], self.rounds[b])])
+
+
+def spread(values: list[float]) -> tuple[float, list[float]]:
+    mid = statistics.median(values)
+    return mid, [min(values), mid, max(values)]
+
+
+def alternate(variants: dict[str, Callable[[], object]], options: BenchOptions) -> Timings:
+    """Wall seconds per call of each variant, interleaved round by round, warm-up excluded."""
     for _ in range(options.warmup):
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    meter = EpochMeter(options.device).start()
     for _ in range(options.repeats):
         for name, fn in variants.items():
             synchronize(options.device)
@@ -78,7 +128,7 @@ def alternate(variants: dict[str, Callable[[], object]], options: BenchOptions) 
             fn()
             synchronize(options.device)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return Timings(times, meter.finish())
 
 
 def load_benchmarks() -> None:

@@ -102,18 +102,29 @@ class RunSpec:
     data: DataSpec
     eval: EvalSpec
     seed: int
+    precision: str = "fp32"  # autocast dtype of training and the training attack (`harness.precision`)
+    batchnorm: str = "global"  # BatchNorm statistics over the global batch, or "per-rank xN" (`harness.distributed`)
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Hash of the spec; fields added later are left out at their defaults, so the runs named
+        before they existed keep their names."""
+        data = self.to_dict()
+        for key, default in LATER_FIELDS.items():
+            if data.get(key) == default:
+                del data[key]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
     @property
     def run_id(self) -> str:
         return f"{self.dataset}_{self.defense}_{self.model}_seed{self.seed}_{self.digest}"
+
+
+LATER_FIELDS = {"precision": "fp32", "batchnorm": "global"}
 
 
 # --------------------------------------------------------------------------- presets

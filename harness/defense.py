@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import precision
 from harness.config import Schedule, to_jsonable
 from harness.data import Batch, DatasetInfo
 from harness.registry import Registry
@@ -69,6 +70,10 @@ class Defense(abc.ABC):
     Config: ClassVar[type] = NoConfig
     replays: int = 1
     reference_schedule: ClassVar[Schedule | None] = None  # the authors' schedule (`--preset reference`)
+    # Whether one run may train on several processes (`harness.distributed`): the defense's losses are
+    # batch means of per-example terms, its train-mode control flow agrees across ranks, and its only
+    # cross-batch state is `per_example_state`. Opt-in, so a new defense is refused until checked.
+    distributed_ready: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: DefenseContext):
         self.config = config
@@ -101,6 +106,10 @@ class Defense(abc.ABC):
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         return {}
 
+    def per_example_state(self) -> list[torch.Tensor]:
+        """Tensors whose row i belongs to training example i (merged across ranks after every pass)."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -124,6 +133,9 @@ class PerExampleEps(Defense):
 
     def setup(self, model: nn.Module) -> None:
         self.eps_state = torch.zeros(self.context.train_size, device=self.context.device)
+
+    def per_example_state(self) -> list[torch.Tensor]:
+        return [self.eps_state]
 
     def state_dict(self) -> dict[str, Any]:
         return {"eps": self.eps_state.detach().clone()}
@@ -157,9 +169,10 @@ def register_defense(name: str):
 
 
 def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """zero_grad, backward, step: through `harness.precision` so fp16 runs get their loss scaling."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    precision.backward(loss)
+    precision.step(optimizer)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from harness import distributed, precision
 from harness.config import PRESETS, RunSpec, apply_overrides, parse_eps
 from harness.data import DATASETS, DatasetInfo, Split, TensorLoader, load_split, split_train_val
 from harness.defense import DEFENSES, Defense, DefenseContext
+from harness.distributed import World
 from harness.environment import environment, synchronize
 from harness.errors import HarnessError
 from harness.evaluate import clean_and_pgd
@@ -33,8 +35,10 @@ from harness.locks import hold, remove_stale_temps
 from harness.optim import sgd_for
 from harness.protocol import preset_model, record_field
 from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
+from harness.resources import EpochMeter, is_out_of_memory
 from harness.storage import ensure_writable_dir, load_torch, save_torch
 from harness.validation import check_seed, validate_config
+from harness.training import Execution
 
 import methods  # noqa: F401  (registers every defense)
 
@@ -49,11 +53,14 @@ class RunOptions:
     download: bool = True
     progress: bool = True  # a line per epoch; bars too where stderr is a terminal (not a log, not a Ray worker)
     wait: bool = False  # wait for another process holding this run's lock instead of failing
+    compile: bool = False  # torch.compile the training model (recorded; evaluation stays eager fp32)
+    world: World = distributed.SINGLE  # this process's place in a torchrun launch
 
 
 def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, *, epochs: int | None = None,
               eps: str | None = None, model: str | None = None, dropout: float = 0.0,
-              overrides: tuple[str, ...] = ()) -> RunSpec:
+              overrides: tuple[str, ...] = (), precision_name: str = "fp32", batchnorm: str = "global",
+              ranks: int = 1) -> RunSpec:
     """Resolve names, preset and overrides into a complete RunSpec (unknown names fail here)."""
     defense_cls = DEFENSES.get(defense)
     info = DATASETS.get(dataset)
@@ -71,12 +78,16 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
         raise HarnessError(f"--dropout must be in [0, 1), got {dropout}")
     check_seed(seed)
     config = validate_config(apply_overrides(defense_cls.Config(), overrides), defense)
+    precision.check_precision(precision_name)
+    if batchnorm not in distributed.BATCHNORM_MODES:
+        raise HarnessError(f"unknown --batchnorm {batchnorm!r}; use one of {', '.join(distributed.BATCHNORM_MODES)}")
     spec = RunSpec(defense=defense, defense_config=config, dataset=dataset, model=model_name,
                    model_revision=MODELS.get(model_name).revision, dropout=dropout, preset=preset,
                    eps=parse_eps(eps) if eps is not None else info.eps,
                    eval_step=info.eval_step, schedule=schedule,
                    data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
-                   eval=p.eval, seed=seed)
+                   eval=p.eval, seed=seed, precision=precision_name,
+                   batchnorm=f"per-rank x{ranks}" if batchnorm == "per-rank" and ranks > 1 else "global")
     defense_cls.check_spec(spec)
     return spec
 
@@ -142,10 +153,14 @@ class Meter:
         return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
 
 
+PROGRESS_SECONDS = 30.0  # the progress bar's loss display reads the device this often at most
+
+
 class Run:
     def __init__(self, spec: RunSpec, options: RunOptions):
         self.spec = spec
         self.options = options
+        self.world = options.world
         self.dir = Path(options.results_dir) / spec.run_id
         self.record_path = self.dir / RECORD_NAME
         self.info = DATASETS.get(spec.dataset)
@@ -154,6 +169,8 @@ class Run:
     # ---------------------------------------------------------------- lifecycle
 
     def execute(self) -> dict[str, Any]:
+        if not self.world.is_main:  # under torchrun, rank 0 holds the run's lock for every rank
+            return self._execute_locked()
         ensure_writable_dir(Path(self.options.results_dir), "--results")
         with hold(self.dir, what=f"run {self.spec.run_id}", wait=self.options.wait):
             remove_stale_temps(self.dir)
@@ -169,100 +186,152 @@ class Run:
             done = len(existing["epochs"])
             raise HarnessError(f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
                                f"pass --resume to continue it or --force to start over")
-        if self.options.force and self.dir.exists():
+        if self.world.is_main and self.options.force and self.dir.exists():
             shutil.rmtree(self.dir)
-        return self._train_and_evaluate(resume=resuming)
+        distributed.barrier(self.world)
+        record = self._train_and_evaluate(resume=resuming)
+        distributed.barrier(self.world)
+        return record if self.world.is_main else read_record(self.record_path)
 
     def _existing_record(self) -> dict[str, Any] | None:
         return read_record(self.record_path) if self.record_path.exists() else None
 
     def _say(self, text: str) -> None:
-        if self.options.progress:
+        if self.options.progress and self.world.is_main:
             tqdm.write(text)
 
     # ---------------------------------------------------------------- training
 
+    def _build_model(self) -> torch.nn.Module:
+        net = build_model(self.spec.model, self.info, self.spec.dropout).to(self.device)
+        if self.world.distributed and self.spec.batchnorm == "global":
+            net = distributed.global_batchnorm(net, self.device)
+        return net
+
     def _train_and_evaluate(self, resume: bool) -> dict[str, Any]:
-        spec = self.spec
+        spec, world = self.spec, self.world
+        if not world.is_main:  # rank 0 downloads or writes the data set first
+            distributed.barrier(world)
         data = prepare_data(spec, self.info, self.options)
+        if world.is_main:
+            distributed.barrier(world)
+        if world.distributed:
+            distributed.check_batches(data.train.num_examples, spec.schedule.batch_size, world)
         torch.manual_seed(spec.seed)
         random.seed(spec.seed)
-        model = build_model(spec.model, self.info, spec.dropout).to(self.device)
+        net = self._build_model()
         context = DefenseContext(eps=spec.eps, dataset=self.info, train_size=data.train.num_examples,
                                  epochs=spec.schedule.epochs, device=self.device, held_out=data.held_out)
         defense: Defense = DEFENSES.get(spec.defense)(spec.defense_config, context)
-        defense.setup(model)
+        Execution.check_defense(defense, world)
+        defense.setup(net)
         sched = spec.schedule
-        optimizer = sgd_for(model, sched)
+        optimizer = sgd_for(net, sched)
+        execution = Execution.prepare(net, spec.precision, self.options.compile, world, self.device)
         budget = MinibatchBudget(sched.epochs, len(data.train), defense.replays)
         passes = budget.passes
         record = self._new_record(defense, data, budget)
+        record["execution"] = execution.describe(spec.batchnorm)
         start, best_val = 0, -1.0
         if resume:
             ckpt = load_torch(self.dir / "last.pt", self.device)
-            model.load_state_dict(ckpt["model"])
+            net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             defense.load_state_dict(ckpt["defense"])
+            execution.scaler.load_state_dict(ckpt.get("scaler", {}))
             _set_rng_state(ckpt["rng"])
             start, best_val = ckpt["passes_done"], ckpt["best_val_pgd"]
             record["epochs"] = ckpt["epochs"]
             self._say(f"resume {spec.run_id} after pass {start}/{passes}")
 
         for p in range(start, passes):
-            entry = self._train_pass(model, optimizer, defense, data, p, budget)
-            record["epochs"].append(entry)
-            if entry["val"]["pgd"] > best_val:
-                best_val = entry["val"]["pgd"]
-                save_torch(self.dir / "best.pt", {"model": model.state_dict(), "pass": p + 1,
-                                                  "val_pgd": best_val})
-            save_torch(self.dir / "last.pt", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "defense": defense.state_dict(), "rng": _rng_state(), "passes_done": p + 1,
-                "best_val_pgd": best_val, "epochs": record["epochs"]})
-            write_record(self.record_path, record)
+            if world.distributed:  # per rank and per pass, so a resumed run replays the same noise
+                torch.manual_seed(distributed.pass_seed(spec.seed, p, world.rank))
+            entry = self._train_pass(execution, optimizer, defense, data, p, budget)
+            if world.is_main:
+                entry = self._validate(net, data, entry, passes)
+                record["epochs"].append(entry)
+                if entry["val"]["pgd"] > best_val:
+                    best_val = entry["val"]["pgd"]
+                    save_torch(self.dir / "best.pt", {"model": net.state_dict(), "pass": p + 1,
+                                                      "val_pgd": best_val})
+                save_torch(self.dir / "last.pt", {
+                    "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "defense": defense.state_dict(), "rng": _rng_state(), "passes_done": p + 1,
+                    "best_val_pgd": best_val, "epochs": record["epochs"], "scaler": execution.scaler.state_dict()})
+                write_record(self.record_path, record)
+            distributed.barrier(world)
 
-        faults.reached("final-evaluation")
-        record["final"] = self._final_evaluation(model, data, passes)
-        record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
-        record["status"] = "complete"
-        record["finished"] = _now()
-        write_record(self.record_path, record)
+        if world.is_main:
+            faults.reached("final-evaluation")
+            record["final"] = self._final_evaluation(net, data, passes)
+            record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
+            record["status"] = "complete"
+            record["finished"] = _now()
+            write_record(self.record_path, record)
         return record
 
-    def _train_pass(self, model, optimizer, defense: Defense, data: PreparedData, p: int,
+    def _train_pass(self, execution: Execution, optimizer, defense: Defense, data: PreparedData, p: int,
                     budget: "MinibatchBudget") -> dict[str, Any]:
-        spec, loader = self.spec, data.train
+        """One pass over the data. Nothing here reads the device per step: the meter's sums stay on
+        it until the pass ends (the progress bar shows them at most every PROGRESS_SECONDS)."""
+        spec, loader, world = self.spec, data.train, self.world
         n_batches = budget.minibatches_in_pass(p)
         defense.start_epoch(p)
         meter = Meter()
+        visited = (torch.zeros(data.train.num_examples, dtype=torch.bool, device=self.device)
+                   if world.distributed else None)
         bar = tqdm(total=n_batches, desc=f"{spec.defense} {p + 1}/{budget.passes}", unit="batch",
-                   disable=None if self.options.progress else True, leave=False, dynamic_ncols=True)
-        model.train()
+                   disable=None if (self.options.progress and world.is_main) else True, leave=False, dynamic_ncols=True)
+        execution.train_model.train()
         synchronize(self.device)
-        t0 = time.perf_counter()
-        for i, batch in zip(range(n_batches), loader.epoch(p)):
-            for group in optimizer.param_groups:
-                group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
-            meter.add(defense.train_step(model, optimizer, batch), len(batch.y))
-            faults.reached("train-batch")
-            bar.update(1)
-            if i % 10 == 0 or i == n_batches - 1:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
+        timer = EpochMeter(self.device).start()
+        shown = time.perf_counter()
+        with execution.training_steps():
+            for i, batch in zip(range(n_batches), loader.epoch(p)):
+                for group in optimizer.param_groups:
+                    group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
+                local = execution.shard(batch)
+                if visited is not None:
+                    visited[local.index] = True
+                try:
+                    stats = defense.train_step(execution.train_model, optimizer, local)
+                except Exception as exc:
+                    if is_out_of_memory(exc):
+                        raise execution.out_of_memory(defense, optimizer, local, len(batch.y)) from None
+                    raise
+                meter.add(stats, len(local.y))
+                faults.reached("train-batch")
+                bar.update(1)
+                if bar.disable is False and time.perf_counter() - shown > PROGRESS_SECONDS:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
+                    shown = time.perf_counter()
         synchronize(self.device)
-        train_seconds = time.perf_counter() - t0
+        resources = timer.finish()
         bar.close()
+        meter.sums, meter.count = distributed.reduce_sums(meter.sums, meter.count, world)
+        execution.end_pass(defense, visited, spec.batchnorm)
         diagnostics = defense.end_epoch(p)
+        train = meter.means()
+        entry = {"pass": p + 1, "minibatches": n_batches, "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
+                 "lr": optimizer.param_groups[0]["lr"], "train_seconds": resources["wall_seconds"],
+                 "cpu_seconds": resources["cpu_seconds"], "resources": resources, "train": train,
+                 "defense": diagnostics}
+        if execution.scaler.enabled:
+            entry["loss_scale"] = execution.scaler.scale
+        return entry
+
+    def _validate(self, net, data: PreparedData, entry: dict[str, Any], passes: int) -> dict[str, Any]:
+        """PGD on the validation split (fp32, eval mode, the plain model) to choose `best`."""
+        spec = self.spec
         t1 = time.perf_counter()
-        val = clean_and_pgd(model, data.val.images, data.val.labels, eps=float(spec.eps),
+        val = clean_and_pgd(net, data.val.images, data.val.labels, eps=float(spec.eps),
                             step_size=float(spec.eval_step), steps=spec.eval.val_pgd_steps,
                             batch_size=spec.eval.batch_size).summary()
         synchronize(self.device)
-        entry = {"pass": p + 1, "minibatches": n_batches, "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
-                 "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
-                 "val_seconds": time.perf_counter() - t1, "train": meter.means(), "val": val,
-                 "defense": diagnostics}
-        self._say(f"{spec.defense} pass {p + 1}/{budget.passes}: {train_seconds:.1f}s  "
-                  + "  ".join(f"{k} {v:.3f}" for k, v in meter.means().items())
+        entry = {**entry, "val_seconds": time.perf_counter() - t1, "val": val}
+        self._say(f"{spec.defense} pass {entry['pass']}/{passes}: "
+                  f"{entry['train_seconds']:.1f}s  " + "  ".join(f"{k} {v:.3f}" for k, v in entry["train"].items())
                   + f"  val clean {val['clean']:.1f}  val pgd{spec.eval.val_pgd_steps} {val['pgd']:.1f}")
         return entry
 

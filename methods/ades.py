@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from harness import precision
 from harness.config import to_jsonable
 from harness.defense import register_defense
 from methods.cue_config import require
@@ -98,10 +99,9 @@ class ADES(CueScheduledDefense):
         loss = F.cross_entropy(logits, batch.y)
         optimizer.zero_grad(set_to_none=True)
         self.scheduler_optimizer.zero_grad(set_to_none=True)
-        (loss + self.scheduler_penalty(scheduled.eps) if track else loss).backward()
-        optimizer.step()  # step 5: theta minimises L
-        if track:
-            self.scheduler_optimizer.step()  # step 5: phi maximises (budget) or minimises (joint) L
+        precision.backward(loss + self.scheduler_penalty(scheduled.eps) if track else loss)
+        # step 5: theta minimises L; phi maximises (budget) or minimises (joint) L (one fp16 scale update)
+        precision.step(optimizer, *([self.scheduler_optimizer] if track else []))
         return self.finish_step(scheduled, logits, batch.y, loss)
 
     def scheduler_penalty(self, eps: torch.Tensor) -> torch.Tensor | float:

@@ -65,6 +65,13 @@ class ADESBilevel(ADES):
     Config = ADESBilevelConfig
 
     @classmethod
+    def check_spec(cls, spec) -> None:
+        super().check_spec(spec)
+        if getattr(spec, "precision", "fp32") == "fp16":  # the hypergradient bypasses the loss scaler
+            raise HarnessError("ades-bilevel trains in fp32 or bf16; fp16's loss scaling does not reach its "
+                               "second-order step (use --precision bf16)")
+
+    @classmethod
     def held_out_size(cls, config: ADESBilevelConfig, train_size: int) -> int:
         return max(1, math.floor(config.held_out_fraction * train_size))
 

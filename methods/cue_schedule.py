@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness import precision
 from harness.config import fraction_str
 from harness.cues import CUE_NAMES, CleanPass, clean_pass, compute_cues, has_dropout, has_head, normalised
 from harness.defense import Defense, Perturbation, accuracy
@@ -139,8 +140,8 @@ class CueScheduledDefense(Defense):
         logits = model(x_adv)
         loss = F.cross_entropy(logits, batch.y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward(loss)
+        precision.step(optimizer)
         return self.finish_step(scheduled, logits, batch.y, loss)
 
     def keep_probe(self, batch) -> None:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from harness import precision
 from harness.pgd import pgd
 from harness.config import Schedule, to_jsonable
 from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
@@ -114,9 +115,9 @@ class FreeAT(Defense):
             logits = model((batch.x + delta).clamp(0, 1))
             loss = F.cross_entropy(logits, batch.y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # weight gradients and d loss / d delta in one pass
+            precision.backward(loss)  # weight gradients and d loss / d delta in one pass
             delta = (delta.detach() + self.step * delta.grad.sign()).clamp_(-eps, eps)
-            optimizer.step()
+            precision.step(optimizer)
             losses.append(loss.detach())
             accs.append(accuracy(logits, batch.y))
         self.delta[:n] = delta

@@ -69,6 +69,7 @@ class IAAT(PerExampleEps):
     """IAAT (Balaji et al. 2019): per-example eps raised while robust, lowered when not, PGD-10 CE."""
 
     Config = IAATConfig
+    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json and
     # trainers/trainer_adaptive.py: WRN (depth 32, width 10 as named there), 110 epochs, batch 256,
     # lr 0.1 x0.2 at epochs 70, 90 and 100, wd 5e-4.

@@ -93,6 +93,7 @@ class MART(Defense):
     """MART (Wang et al. 2020): boosted CE on PGD examples + KL weighted per example by 1 - p_y(x)."""
 
     Config = MARTConfig
+    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=90, batch_size=128, lr=0.1, lr_milestones=(74 / 90, 89 / 90), lr_decay=0.1, momentum=0.9,
         weight_decay=7e-4)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from harness.pgd import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
 from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
+from harness.distributed import any_rank
 from harness.defense import PerExampleEps, Perturbation, accuracy, register_defense, sgd_step
 from harness.errors import HarnessError
 from harness.validation import at_least, between, positive, rules
@@ -111,6 +112,7 @@ class MMA(PerExampleEps):
     """MMA (Ding et al. 2020): per-example margins from AN-PGD + bisection, CE at the margin below d_max."""
 
     Config = MMAConfig
+    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # BorealisAI/mma_training config.py (LinfCIFAR10), train.py: WRN-28-4 on a 45k/5k split,
     # 50k SGD steps of batch 128 (~142 epochs), lr 0.3 -> 0.09 -> 0.03 -> 0.009 at 40/60/80% of
     # training, wd 2e-4; the reference keeps the checkpoint with the highest mean validation eps.
@@ -166,7 +168,7 @@ class MMA(PerExampleEps):
         correct = soft_logit_margin(clean_logits.detach(), batch.y) < 0
         x_mix = batch.x.clone()
         eps = batch.x.new_zeros(len(batch.y))
-        if correct.any():
+        if any_rank(correct):  # every rank, so global BatchNorm's collectives stay in step
             eps_prev = self.eps_state[batch.index[correct]].clamp(min=self.min_eps)
             x_mix[correct], eps[correct] = self.an_pgd(model, batch.x[correct], batch.y[correct], eps_prev)
         return x_mix, eps, correct

@@ -41,6 +41,7 @@ class PGDAT(Defense):
     """PGD-AT (Madry et al. 2018): cross-entropy on PGD-10 examples at the run's eps."""
 
     Config = PGDATConfig
+    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
     reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75),
                                   weight_decay=5e-4)

@@ -87,6 +87,7 @@ class TRADES(Defense):
     """TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL to a KL-maximising PGD example."""
 
     Config = TRADESConfig
+    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=76, batch_size=128, lr=0.1, lr_milestones=(74 / 76,), lr_decay=0.1, momentum=0.9,
         weight_decay=2e-4)

@@ -19,7 +19,7 @@ def options(tmp_path, data_dir, **kw):
 
 def strip_times(record):
     """Everything a rerun must reproduce: metrics, not wall-clock times or timestamps."""
-    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in record["epochs"]]
+    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"} for e in record["epochs"]]
     final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
     return epochs, final
 

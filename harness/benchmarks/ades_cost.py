@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark, spread
 from harness.benchmarks.at_step import make_batch
 from harness.config import PRESETS
 from harness.data import DATASETS, Split
@@ -100,20 +100,24 @@ def epoch_ratios(model_name: str, dataset: str, batch_size: int, options: BenchO
     models[FULL_MODE_DROPOUT] = build_model(model_name, info, FULL_MODE_DROPOUT).to(options.device)
     batch = make_batch(dataset, batch_size, options.device)
     built = {v.label: build_variant(v, models, dataset, batch, options, steps) for v in VARIANTS}
-    step_seconds = {k: s / steps for k, s in alternate({k: fn for k, (fn, _) in built.items()}, options).items()}
+    timings = alternate({k: fn for k, (fn, _) in built.items()}, options)
+    step_seconds = {k: s / steps for k, s in timings.items()}
     # end-of-epoch diagnostics over everything logged above (more samples than one epoch: an upper bound)
     diag_seconds = {k: timed_once(lambda d=d: d.end_epoch(0), options.device) for k, (_, d) in built.items()}
     n = batches_per_epoch(dataset, batch_size)
     epoch = {k: n * step_seconds[k] + diag_seconds[k] for k in built}
     seconds = {f"{k} step": v for k, v in step_seconds.items()}
     seconds.update({f"{k} epoch of {n} batches": v for k, v in epoch.items()})
-    ratios = {label: epoch[a] / epoch[b] for label, a, b in RATIOS}
-    step_ratio = {f"{label} (step only)": step_seconds[a] / step_seconds[b] for label, a, b in RATIOS[:4]}
+    rounds = {k: [n * t / steps + diag_seconds[k] for t in timings.rounds[k]] for k in built}  # epoch per round
+    per_round = {label: spread([x / y for x, y in zip(rounds[a], rounds[b])]) for label, a, b in RATIOS}
+    per_round.update({f"{label} (step only)": timings.ratio(a, b) for label, a, b in RATIOS[:4]})
+    ratios = {label: mid for label, (mid, _) in per_round.items()}
     return BenchResult(
+        spreads={label: s for label, (_, s) in per_round.items()}, machine=timings.machine,
         name=f"ADES / Static-DES epoch cost, {model_name} on {dataset}-shaped batches of {batch_size} "
              f"({options.device.type})",
-        seconds=seconds, ratios={**ratios, **step_ratio}, targets=TARGETS,
-        notes=f"median of {options.repeats} alternating calls of {steps} steps; full mode T="
+        seconds=seconds, ratios=ratios, targets=TARGETS,
+        notes=f"per-round ratios over {options.repeats} alternating calls of {steps} steps; full mode T="
               f"{DEFENSES.get('ades').Config().mc_samples}, dropout {FULL_MODE_DROPOUT}")
 
 

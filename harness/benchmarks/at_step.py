@@ -46,10 +46,11 @@ def step_ratio(model_name: str, dataset: str, batch_size: int, options: BenchOpt
 
     seconds = alternate({"clean step": clean, f"{defense} step": lambda: at.train_step(model, optimizer, batch)},
                         options)
-    ratio = seconds[f"{defense} step"] / seconds["clean step"]
+    label = f"{defense} / clean step"
+    ratio, ratio_spread = seconds.ratio(f"{defense} step", "clean step")
     return BenchResult(name=f"{model_name} on {dataset}-shaped batch of {batch_size} ({options.device.type})",
-                       seconds=seconds, ratios={f"{defense} / clean step": ratio},
-                       targets={f"{defense} / clean step": TARGET})
+                       seconds=dict(seconds), ratios={label: ratio}, targets={label: TARGET},
+                       spreads={label: ratio_spread}, machine=seconds.machine)
 
 
 @register_benchmark("at-step", "PGD-10 AT step over a clean step (small CNN, PreAct-ResNet-18); target <= 8.5")

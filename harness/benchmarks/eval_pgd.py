@@ -89,10 +89,12 @@ def eval_pgd(options: BenchOptions) -> list[BenchResult]:
     seconds = alternate({"ours: PGD-20 flags (early exit)": run_ours,
                          "torchattacks PGD-20 + flags": run_theirs,
                          "shared pgd, no early exit + flags": run_plain}, options)
-    ratio = seconds["ours: PGD-20 flags (early exit)"] / seconds["torchattacks PGD-20 + flags"]
-    loop = seconds["shared pgd, no early exit + flags"] / seconds["torchattacks PGD-20 + flags"]
+    ratio, ratio_spread = seconds.ratio("ours: PGD-20 flags (early exit)", "torchattacks PGD-20 + flags")
+    loop, loop_spread = seconds.ratio("shared pgd, no early exit + flags", "torchattacks PGD-20 + flags")
     return [BenchResult(
+        spreads={"ours / torchattacks": ratio_spread, "no-early-exit loop / torchattacks": loop_spread},
+        machine=seconds.machine,
         name=f"PGD-20 evaluation, small-cnn on {info.name}, {len(y)} points, eps {info.eps} ({options.device.type})",
-        seconds=seconds, ratios={"ours / torchattacks": ratio, "no-early-exit loop / torchattacks": loop},
+        seconds=dict(seconds), ratios={"ours / torchattacks": ratio, "no-early-exit loop / torchattacks": loop},
         targets={"ours / torchattacks": TARGET},
         notes=f"model after {warm} PGD-AT steps: clean {clean_acc:.1f}%, PGD-20 {robust_acc:.1f}%")]

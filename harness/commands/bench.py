@@ -14,7 +14,8 @@ from harness.cli import main
 @main.command("bench")
 @click.argument("names", nargs=-1)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timed calls per variant.")
+@click.option("--repeats", type=int, default=11, show_default=True,
+              help="Alternating timed rounds; each ratio is reported as min / median / max over them.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per variant first.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every benchmark runs, not its numbers.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -40,13 +41,14 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
     results = []
     for bench in selected:
         for result in bench.run(options):
-            results.append({"benchmark": bench.name, **asdict(result)})
+            results.append({"benchmark": bench.name, **asdict(result), "verdicts": result.verdicts})
             for line in result.lines():
                 click.echo(line)
     if json_path is not None:
         write_json(json_path, {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "options": {"repeats": repeats, "warmup": warmup, "quick": quick,
-                                           "statistic": "median over alternating calls, warm-up excluded"},
+                                           "statistic": "per-round ratios over alternating calls (min/median/max), warm-up excluded; "
+                                                        "met/missed only when the whole spread is on one side"},
                                "environment": env, "results": results})
         click.echo(f"-> {json_path}")
 

@@ -49,11 +49,18 @@ GRID_SETS = {"methods_": "--method", "all_methods": "--all", "dataset": "--datas
 @click.option("--wait", is_flag=True, help="Wait for another process training the same run, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
+@click.option("--precision", "precision_name", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Autocast dtype of training and its attack (fp16 adds loss scaling); "
+                                      "evaluation stays fp32. Part of the run's identity.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the training model (recorded).")
+@click.option("--batchnorm", type=click.Choice(["global", "per-rank"]), default="global", show_default=True,
+              help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) or per process.")
 @executor_options
 @click.pass_context
 def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
-                overrides, device, results_dir, data_dir, resume, force, wait, no_download, quiet, executor, address,
-                cpus_per_run, gpus_per_run, max_retries):
+                overrides, device, results_dir, data_dir, resume, force, wait, no_download, quiet,
+                precision_name, compile_model, batchnorm, executor, address, cpus_per_run, gpus_per_run,
+                max_retries):
     """Train defenses from scratch and evaluate clean and PGD-20 accuracy.
 
     Each (defense, data set, seed) writes <results>/<run id>/record.json with the resolved config,
@@ -72,9 +79,13 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, e
     from harness.executors import raise_failures
     from harness.runner import RunOptions
     from harness.storage import ensure_writable_dir
+    from harness import distributed
 
     if resume and force:
         raise HarnessError("--resume and --force contradict each other; pick one")
+    world = distributed.world_from_env()  # torchrun: one run across its processes
+    if world.distributed and executor != "local":
+        raise HarnessError("under torchrun every process trains the same run; use --executor local there")
     if grid_path is not None:
         given = [flag for name, flag in GRID_SETS.items()
                  if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
@@ -83,23 +94,31 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, e
                                f"(or write it into the grid file)")
         from harness.grid import load_grid
 
+        if precision_name != "fp32" or batchnorm != "global":
+            raise HarnessError("--precision and --batchnorm are not grid keys yet; run those with --method")
         specs = load_grid(grid_path).specs()
         resume = not force  # a grid is rerun until complete
     else:
         specs = _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
-                                    overrides)
+                                    overrides, precision_name, batchnorm, world.size)
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
     ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
-    options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir),
-                         device=resolve_device(device) if executor == "local" else _device(worker_device(device, chosen)),
-                         resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait)
+    device_now = (distributed.start(world, resolve_device(device)) if executor == "local"
+                  else _device(worker_device(device, chosen)))
+    options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir), device=device_now,
+                         resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait,
+                         compile=compile_model, world=world)
+    echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
     outcomes = []
-    for outcome in chosen.execute(run_jobs(specs, options), click.echo):
-        outcomes.append(outcome)
-        if outcome.error is None:
-            spec, last = outcome.job.args[0], outcome.value["final"]["last"]
-            click.echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
-                       f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
+    try:
+        for outcome in chosen.execute(run_jobs(specs, options), echo):
+            outcomes.append(outcome)
+            if outcome.error is None:
+                spec, last = outcome.job.args[0], outcome.value["final"]["last"]
+                echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
+                     f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
+    finally:
+        distributed.stop()
     raise_failures(outcomes, noun="run")
 
 
@@ -113,7 +132,8 @@ def run_jobs(specs, options) -> list:
             for s in specs]
 
 
-def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides):
+def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides,
+                        precision_name, batchnorm, ranks):
     import methods  # noqa: F401
     from harness.defense import DEFENSES
     from harness.errors import HarnessError
@@ -127,7 +147,8 @@ def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, e
     if all_methods and overrides:
         raise HarnessError("--set names one defense's hyperparameters; use it with --method, not --all")
     return [make_spec(name, dataset, preset, seed, epochs=epochs, eps=eps, model=model, dropout=dropout,
-                      overrides=overrides)
+                      overrides=overrides, precision_name=precision_name,
+                      batchnorm=batchnorm, ranks=ranks)
             for name in names for seed in seeds]
 
 

@@ -80,14 +80,18 @@ class Protocol:
     train_examples: int | None
     test_indices: str
     eval_attack: str
+    numerics: str = "fp32"  # training precision (and non-global BatchNorm): never averaged across
 
     def label(self) -> str:
         return (f"{self.dataset}, {self.model}, eps {self.eps}, preset {self.preset}, {self.epochs} epoch(s), "
                 f"{self.train_examples if self.train_examples is not None else '?'} training examples, "
-                f"test {self.test_indices}, {self.eval_attack}")
+                f"test {self.test_indices}, {self.eval_attack}"
+                + (f", trained {self.numerics}" if self.numerics != "fp32" else ""))
 
     def slug(self) -> str:
         text = f"{self.dataset}-{self.model}-eps{self.eps}-{self.preset}-e{self.epochs}-n{self.test_indices}"
+        if self.numerics != "fp32":
+            text += f"-{self.numerics}"
         return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
@@ -144,7 +148,9 @@ class Run:
             preset=spec.get("preset", "?"),
             epochs=int(proto.get("equivalent_epochs", spec.get("schedule", {}).get("epochs", len(self.record["epochs"])))),
             train_examples=proto.get("train_examples"), test_indices=describe_indices(test),
-            eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)")
+            eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)",
+            numerics=spec.get("precision", "fp32") + ("" if spec.get("batchnorm", "global") == "global"
+                                                      else f", BatchNorm {spec['batchnorm']}"))
 
     @property
     def pgd_steps(self) -> int | None:

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from harness.resources import CONTENTION_CORES, contended
+
 from harness.report import compute, protocol_cards, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import bootstrap_ratio, mean_std
@@ -484,6 +486,12 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
                      f"fp16/bf16 tensor ({peak.source}).")
     if baseline is None:
         notes.append("No PGD-AT run on this device under this protocol: ratios are missing.")
+    busy = sorted({variant_label(v) for v, runs in variants.items() for r in runs
+                   for entry in r.record["epochs"] if contended(entry.get("resources"))})
+    if busy:
+        notes.append("Timed on a busy machine (other processes kept more than "
+                     f"{CONTENTION_CORES} CPU cores busy): {', '.join(busy)}; their seconds and ratios "
+                     "are shown but carry no verdict.")
     notes.extend(sorted({f"{variant_label(v)}: {c.assumption}." for v, runs in variants.items()
                          if (c := compute.step_cost(v, runs[0].record["defense"].get("config")))}))
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")

@@ -19,6 +19,7 @@ from harness.report import compute, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import (Estimate, Interval, binomial_interval, bootstrap_accuracy, bootstrap_ratio,
                                   paired_bootstrap, welch_difference)
+from harness.resources import CONTENTION_CORES, contended
 from harness.report.tables import AUTOATTACK_PREFERENCE, Groups, autoattack_values, epoch_seconds, final_values, variant_label
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
@@ -199,6 +200,11 @@ def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]
     return verdicts
 
 
+def busy_epochs(runs) -> int:
+    """Timed epochs of `runs` taken on a contended machine (records before epoch resources: none known)."""
+    return sum(bool(contended(entry.get("resources"))) for r in runs for entry in r.record["epochs"])
+
+
 def cost(groups: Groups) -> list[Verdict]:
     verdicts = []
     limit = COST_CLAIM * (1 + COST_TOLERANCE)
@@ -212,14 +218,19 @@ def cost(groups: Groups) -> list[Verdict]:
                 estimate = bootstrap_ratio(epoch_seconds(a), epoch_seconds(b))
                 interval = (f"[{estimate.interval.low:.2f}, {estimate.interval.high:.2f}] ({estimate.interval.method})"
                             if estimate.interval else f"unavailable: {estimate.note}")
+                busy = busy_epochs(a + b)
                 verdicts.append(Verdict(
                     CLAIM_COST, f"{variant_label(ades)} / PGD-AT seconds per epoch on {device}",
-                    f"×{estimate.value:.2f}", interval, decide(estimate, limit, higher_supports=False),
+                    f"×{estimate.value:.2f}", interval,
+                    INCONCLUSIVE if busy else decide(estimate, limit, higher_supports=False),
                     scale_text(protocol, a + b, "n/a") + f", device {device}",
                     [f"supported if the interval lies below ×{limit:.3f} (the claim plus {COST_TOLERANCE:.0%} for "
                      f"timing noise), contradicted if it lies above",
                      "timings from machines shared with other work are noisy; the ratio at small models and on "
-                     "CPUs need not match a V100 with WRN-34-10"]))
+                     "CPUs need not match a V100 with WRN-34-10"]
+                    + ([f"withheld: {busy} timed epoch(s) ran while other processes kept more than "
+                        f"{CONTENTION_CORES} CPU cores busy (records' load average); rerun on an idle machine"]
+                       if busy else [])))
     if not verdicts:
         verdicts.append(Verdict(CLAIM_COST, "ADES / PGD-AT seconds per epoch", "—", "—", INCONCLUSIVE, "—",
                                 ["needs ADES and PGD-AT runs under the same protocol and device"]))

@@ -1,0 +1,127 @@
+"""Training numerics: autocast precision, fp16 loss scaling, and torch.compile of the model.
+
+Why one module: a defense calls backward and the optimiser step itself (Free-AT replays a minibatch,
+ADES steps two optimisers), so fp16's GradScaler cannot live in the runner. Defenses call
+`backward(loss)` and `step(*optimizers)` (or `harness.defense.sgd_step`, which does both); the runner
+activates a `LossScaling` for the run with `scaling(...)`. Without an active one they are plain
+`loss.backward()` and `optimizer.step()`, so tests and benchmarks that call a defense directly
+behave as before.
+
+Precision covers training and the training attack (both run under `torch.autocast`); evaluation
+(validation and test accuracy) stays fp32: the runner evaluates outside autocast on the uncompiled
+model, and the record says `eval_precision: fp32`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise HarnessError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """The autocast region of training steps (a no-op for fp32)."""
+    if check_precision(precision) == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+class LossScaling:
+    """fp16's dynamic loss scale (torch.amp.GradScaler); a pass-through for fp32 and bf16.
+
+    `step` unscales, skips the update when a gradient overflowed, and adapts the scale once per
+    call, so a defense that steps two optimisers on one loss passes both in one call.
+    """
+
+    def __init__(self, precision: str, device: torch.device):
+        self.enabled = check_precision(precision) == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled)
+        self.device = device
+        # This process's share of the global batch (`harness.distributed`): its mean loss is weighted
+        # by it before backward, so gradients summed over ranks are those of the global mean loss,
+        # also along global BatchNorm's cross-rank paths. 1 in a single process (an exact no-op).
+        self.share = 1.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.share != 1.0:
+            loss = loss * self.share
+        with torch.autocast(device_type=self.device.type, enabled=False):  # backward outside autocast
+            self.scaler.scale(loss).backward()
+
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.enabled else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled and state:
+            self.scaler.load_state_dict(state)
+
+    @property
+    def scale(self) -> float | None:
+        """The current loss scale (fp16 only; reads the device: call once per epoch, not per step)."""
+        return float(self.scaler.get_scale()) if self.enabled else None
+
+
+_ACTIVE: ContextVar[LossScaling | None] = ContextVar("harness_loss_scaling", default=None)
+
+
+@contextmanager
+def scaling(active: LossScaling) -> Iterator[LossScaling]:
+    """Route every defense's `backward`/`step` through `active` for the duration."""
+    token = _ACTIVE.set(active)
+    try:
+        yield active
+    finally:
+        _ACTIVE.reset(token)
+
+
+def backward(loss: torch.Tensor) -> None:
+    """`loss.backward()`, scaled when the run trains in fp16."""
+    active = _ACTIVE.get()
+    if active is None:
+        loss.backward()
+    else:
+        active.backward(loss)
+
+
+def step(*optimizers: torch.optim.Optimizer) -> None:
+    """`optimizer.step()` for each, unscaled and overflow-checked when the run trains in fp16."""
+    active = _ACTIVE.get()
+    if active is None:
+        for optimizer in optimizers:
+            optimizer.step()
+    else:
+        active.step(*optimizers)
+
+
+def compile_backend() -> str:
+    """torch.compile's backend: inductor (the default), or $HARNESS_COMPILE_BACKEND (CI uses aot_eager:
+    the same graph capture and autograd tracing without minutes of C++ compilation on 2 cores)."""
+    return os.environ.get("HARNESS_COMPILE_BACKEND", "inductor")
+
+
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """`torch.compile(model)` when enabled. The caller keeps the original module for state dicts
+    (a compiled module's keys carry an `_orig_mod.` prefix) and for fp32 evaluation."""
+    if not enabled:
+        return model
+    return torch.compile(model, backend=compile_backend())
