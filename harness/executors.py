@@ -50,6 +50,8 @@ class Outcome:
 def raise_failures(outcomes: list[Outcome], noun: str = "job") -> None:
     """One line naming every failed job (each was reported when it failed); nothing when all passed."""
     failed = [o for o in outcomes if o.error is not None]
+    if len(outcomes) == 1 and failed:  # one job: its own error is the command's one line
+        raise HarnessError(failed[0].error)
     if failed:
         raise HarnessError(f"{len(failed)} of {len(outcomes)} {noun}s failed (errors above): "
                            + ", ".join(o.job.label for o in failed))
