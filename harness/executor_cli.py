@@ -109,11 +109,6 @@ def target_jobs(key: str, params: dict[str, Any]) -> list[Job]:
 
 
 def call_target_command(key: str, params: dict[str, Any]) -> Any:
-    """In a worker: the command's own function (imported by its module) with one target.
-
-    Inside a click context of its own, as on the command line: the command registers resources on it
-    (the run's and the evaluation's locks) that must be released when it returns.
-    """
+    """In a worker: the command's own function (imported by its module) with one target."""
     importlib.import_module(key.partition(":")[0])
-    with click.Context(click.Command(key)):
-        return _TARGET_COMMANDS[key](**params)
+    return _TARGET_COMMANDS[key](**params)

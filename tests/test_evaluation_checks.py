@@ -118,7 +118,7 @@ def test_pgd20_alone_lists_what_it_skips_and_which_attacks_would_run_it():
     ({"pgd-20": [80, 40, 45], "autoattack-standard": [80, 38, 37]}, "monotone-in-eps"),
     ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 65, 37]}, "autoattack-le-pgd20"),
     ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 30, 20]}, "pgd20-autoattack-gap"),
-    ({"pgd-20": [80, 60, 40], "cw-inf": [80, 50, 40]}, "pgd20-cw-gap"),
+    ({"pgd-20": [80, 60, 40], "cw-inf": [80, 45, 40]}, "pgd20-cw-gap"),  # 15 points > the 10-point gap
 ])
 def test_result_checks_trigger(table, expected):
     checks, _ = result_checks(cells(80, table, EPS), list(table), EPS, rows(table))

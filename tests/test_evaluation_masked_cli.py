@@ -30,9 +30,11 @@ def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir
 
     real = checkpoints.load_checkpoint
 
-    def masked(target, **kwargs):  # the run's own weights behind the masking wrapper
-        loaded = real(target, **kwargs)
-        return dataclasses.replace(loaded, model=wrapper(loaded.model), eval_root=tmp_path / "eval")
+    def masked(target, **kwargs):  # the run's own weights behind the masking wrapper: no longer the run's
+        loaded = real(target, **kwargs)  # model, so it is evaluated as a plain weights file would be
+        checkpoint = {**loaded.checkpoint, "source": "state_dict", "run_id": None}
+        return dataclasses.replace(loaded, model=wrapper(loaded.model), eval_root=tmp_path / "eval",
+                                   checkpoint=checkpoint)
 
     monkeypatch.setattr(checkpoints, "load_checkpoint", masked)
     out = CliRunner().invoke(main, ["eval", str(run_dir), "--attack", "pgd-20", "--n", "64", "--eps", "0,4/255,8/255",
@@ -44,7 +46,7 @@ def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir
     # the report reads the same record: copy it where `harness report` looks for the run's evaluations
     import shutil
 
-    (evaluation,) = (tmp_path / "eval").iterdir()
+    (evaluation,) = [p for p in (tmp_path / "eval").iterdir() if not p.name.startswith(".")]  # not .locks
     shutil.copytree(evaluation, run_dir / "eval" / f"masked-{wrapper.__name__}")
     report = CliRunner().invoke(main, ["report", "--results", str(run_dir.parent), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output

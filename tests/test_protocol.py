@@ -87,7 +87,7 @@ def test_run_record_carries_the_diff(tmp_path, synthetic_info):
 
     defense = DEFENSES.get("trades")(spec.defense_config, DefenseContext(
         eps=spec.eps, dataset=synthetic_info, train_size=64, epochs=1, device=torch.device("cpu")))
-    data = SimpleNamespace(train=SimpleNamespace(num_examples=64), val=SimpleNamespace(labels=[0] * 8),
+    data = SimpleNamespace(train=SimpleNamespace(num_examples=64), held_out=None, val=SimpleNamespace(labels=[0] * 8),
                            test_indices=[0, 1])
     record = run._new_record(defense, data, MinibatchBudget(1, 1, 1))
     stored = record["reference_protocol"]

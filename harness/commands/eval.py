@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -162,7 +163,15 @@ class EvalSettings:
 
 
 def evaluate_target(target: str, s: EvalSettings, dev) -> None:
-    """Load one target, open (or continue) its evaluation store, run the sweep, print its summary."""
+    """Load one target, open (or continue) its evaluation store, run the sweep, print its summary.
+
+    The run's shared lock and the evaluation's exclusive one are held for this target only (the
+    same target twice on one command line must not find its own lock taken)."""
+    with ExitStack() as locks:
+        _evaluate_locked(target, s, dev, locks)
+
+
+def _evaluate_locked(target: str, s: EvalSettings, dev, locks: ExitStack) -> None:
     from harness.data import DATASETS, load_split
     from harness.environment import environment
     from harness.errors import HarnessError
@@ -171,7 +180,7 @@ def evaluate_target(target: str, s: EvalSettings, dev) -> None:
 
     loaded = load_checkpoint(target, label=s.label, results_dir=s.results_dir, model_name=s.model_name,
                              dataset=s.dataset, robustbench_dir=s.robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
-    click.get_current_context().with_resource(reading_run(loaded, s.wait))  # released when the command ends
+    locks.enter_context(reading_run(loaded, s.wait))
     identity = bind(loaded)  # the weights' sha256; a run must be complete and its files unchanged
     info = DATASETS.get(loaded.dataset)
     eps_list = sweep_eps(s.eps_override, info.eps_sweep, loaded.published_eps)
@@ -186,7 +195,7 @@ def evaluate_target(target: str, s: EvalSettings, dev) -> None:
 
     config, thresholds, budget = evaluation_config(s, eps_list, count)
     directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': identity})}"
-    click.get_current_context().with_resource(writing_evaluation(directory, s.wait))
+    locks.enter_context(writing_evaluation(directory, s.wait))
     store = _open_store(directory, s.resume, s.force, {
         "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
         "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
