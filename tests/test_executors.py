@@ -162,7 +162,7 @@ def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path
     for name in ("local", "ray"):
         roots[name] = tmp_path / name
         shutil.copytree(local_records[0], roots[name])
-    run_ids = sorted(p.name for p in roots["local"].iterdir() if p.is_dir())
+    run_ids = sorted(p.name for p in roots["local"].iterdir() if p.is_dir() and not p.name.startswith("."))  # not .locks
     common = ["--attack", "pgd-20", "--eps", "0,8/255", "--n", "32", "--data-dir", str(data_dir), "--cpus-per-run", "1"]
     out = {}
     for name, extra in (("local", []), ("ray", ["--executor", "ray"])):
