@@ -74,7 +74,8 @@ def test_held_out_split_is_carved_from_training_and_disjoint(tmp_path, data_dir)
 
 
 def strip_times(record):
-    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in record["epochs"]]
+    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"}  # wall, CPU, load
+              for e in record["epochs"]]
     final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
     return epochs, final
 

@@ -58,7 +58,8 @@ def invoke(*args: str):
 
 def comparable(record: dict) -> dict:
     """A run record without wall-clock fields, paths and environment."""
-    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in record["epochs"]]
+    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"}  # wall, CPU, load
+              for e in record["epochs"]]
     final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
     return {"epochs": epochs, "final": final, "status": record["status"], "spec": record["spec"]}
 
