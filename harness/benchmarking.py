@@ -109,6 +109,15 @@ class Timings(dict):
         return spread([x / y for x, y in zip(self.rounds[a], self.rounds[b])])
 
 
+def ratio_result(name: str, timings: Timings, pairs: dict[str, tuple[str, str]],
+                 targets: dict[str, float] | None = None, notes: str = "") -> BenchResult:
+    """A result whose ratios (label -> (variant a, variant b), a / b) are per-round spreads."""
+    per_round = {label: timings.ratio(a, b) for label, (a, b) in pairs.items()}
+    return BenchResult(name=name, seconds=dict(timings), ratios={k: mid for k, (mid, _) in per_round.items()},
+                       targets=dict(targets or {}), notes=notes, machine=timings.machine,
+                       spreads={k: s for k, (_, s) in per_round.items()})
+
+
 def spread(values: list[float]) -> tuple[float, list[float]]:
     mid = statistics.median(values)
     return mid, [min(values), mid, max(values)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.benchmarking import BenchOptions, BenchResult, alternate, ratio_result, register_benchmark
 from harness.benchmarks.eval_pgd import bench_data, warm_up_pgd_at
 from harness.evaluation.attacks import ATTACKS, AttackOptions
 from harness.evaluation.flags import EvaluationStore
@@ -41,9 +41,8 @@ def eval_probes(options: BenchOptions) -> list[BenchResult]:
     result = run(ProbeBudget())()
     seconds = alternate({"pgd-20 sweep + probes": run(ProbeBudget()), "pgd-20 sweep": run(None)}, options)
     failed = [c.name for c in result.checks if not c.passed]
-    return [BenchResult(
-        name=f"main-job evaluation of one target, small-cnn on {info.name}, n={len(y)}, {len(eps_list)} eps "
-             f"({options.device.type})",
-        seconds=seconds, ratios={"with probes / without": seconds["pgd-20 sweep + probes"] / seconds["pgd-20 sweep"]},
-        targets={}, notes=f"failed checks: {', '.join(failed) or 'none'}; skipped: "
+    return [ratio_result(
+        f"main-job evaluation of one target, small-cnn on {info.name}, n={len(y)}, {len(eps_list)} eps "
+        f"({options.device.type})", seconds,
+        {"with probes / without": ("pgd-20 sweep + probes", "pgd-20 sweep")}, notes=f"failed checks: {', '.join(failed) or 'none'}; skipped: "
                           f"{', '.join(s['name'] for s in result.skipped) or 'none'}")]

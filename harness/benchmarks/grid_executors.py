@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.benchmarking import BenchOptions, BenchResult, Timings, alternate, ratio_result, register_benchmark
 from harness.config import RunSpec
 from harness.data import DATASETS, load_split
 from harness.errors import HarnessError
@@ -65,7 +65,7 @@ def smoke_data(root: Path) -> Path:
     return root
 
 
-def timed(variants: dict[str, Callable[[], None]], options: BenchOptions) -> dict[str, float]:
+def timed(variants: dict[str, Callable[[], None]], options: BenchOptions) -> Timings:
     return alternate(variants, dataclasses.replace(options, warmup=min(options.warmup, 1)))
 
 
@@ -80,9 +80,9 @@ def ray_overhead(options: BenchOptions) -> list[BenchResult]:
         local, ray = "local executor, 1 thread", "ray executor, 1 CPU, 1 thread (instance started per grid)"
         seconds = timed({local: grid_call(LocalExecutor(threads=1), specs, data_dir),
                          ray: grid_call(RayExecutor(num_cpus=1, cpus_per_run=1), specs, data_dir)}, options)
-    return [BenchResult(name=f"smoke grid of {len(specs)} PGD-AT runs, synthetic set (cpu)", seconds=seconds,
-                        ratios={"ray / local": seconds[ray] / seconds[local]},
-                        notes="sequential both ways: the ratio is the executor's price, not parallelism")]
+    return [ratio_result(f"smoke grid of {len(specs)} PGD-AT runs, synthetic set (cpu)", seconds,
+                         {"ray / local": (ray, local)},
+                         notes="sequential both ways: the ratio is the executor's price, not parallelism")]
 
 
 @register_benchmark("quick-grid", "the 2-core quick grid (PGD-AT seeds 1, 2): Ray, two runs at once on 1 thread "
@@ -104,7 +104,6 @@ def quick_grid(options: BenchOptions) -> list[BenchResult]:
         seconds = timed({sequential: grid_call(LocalExecutor(threads=2), specs, data_dir),
                          parallel: grid_call(RayExecutor(num_cpus=2, cpus_per_run=1), specs, data_dir)}, options)
     label = "ray parallel / sequential"
-    return [BenchResult(name=f"{preset} grid of {len(specs)} PGD-AT runs on {dataset}, 2 cores (cpu)",
-                        seconds=seconds, ratios={label: seconds[parallel] / seconds[sequential]},
-                        targets={label: QUICK_GRID_TARGET},
-                        notes="equal thread counts (2 in all); Ray's instance start is included")]
+    return [ratio_result(f"{preset} grid of {len(specs)} PGD-AT runs on {dataset}, 2 cores (cpu)", seconds,
+                         {label: (parallel, sequential)}, targets={label: QUICK_GRID_TARGET},
+                         notes="equal thread counts (2 in all); Ray's instance start is included")]
