@@ -64,3 +64,18 @@ def train_batch(data_dir, synthetic_info) -> Batch:
     split = load_split(synthetic_info, data_dir, train=True)
     x = split.images[:32].float() / 255
     return Batch(x.contiguous(memory_format=torch.channels_last), split.labels[:32], torch.arange(32))
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """A smoke PGD-AT run made through the CLI, one per test module (modules add evaluations to it)."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    results = tmp_path_factory.mktemp("results")
+    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
+                                    "--data-dir", str(data_dir), "--results", str(results), "-q"])
+    assert out.exit_code == 0, out.output
+    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
+    return run

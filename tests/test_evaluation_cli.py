@@ -16,16 +16,6 @@ from harness.evaluation.flags import load_flags
 from harness.models import build_model
 
 
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
-                                    "--data-dir", str(data_dir), "--results", str(results), "-q"])
-    assert out.exit_code == 0, out.output
-    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
-    return run
-
-
 def eval_args(data_dir, *extra):
     return ["eval", *extra, "--n", "48", "-a", "pgd-20", "-a", "cw-inf", "--eps", "0,4/255,8/255",
             "--data-dir", str(data_dir), "-q"]

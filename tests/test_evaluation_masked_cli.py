@@ -12,16 +12,6 @@ from harness.cli import main
 from evaluation_helpers import ScaledLogits, Shattered
 
 
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
-                                    "--data-dir", str(data_dir), "--results", str(results), "-q"])
-    assert out.exit_code == 0, out.output
-    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
-    return run
-
-
 @pytest.mark.parametrize("wrapper, expected", [(ScaledLogits, ("ce-gradients-not-vanishing", "pgd20-cw-gap")),
                                                (Shattered, ("square-probe",))])
 def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir, data_dir, tmp_path, monkeypatch,
