@@ -11,6 +11,7 @@ Benchmark modules live in `harness/benchmarks/`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 import statistics
@@ -25,10 +26,13 @@ from harness.resources import EpochMeter, contended, other_load
 from harness.registry import Registry
 
 
+DEFAULT_ROUNDS = 11  # the spread of a ratio needs more than a handful of rounds
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     device: torch.device
-    repeats: int = 11  # alternating rounds: the spread of a ratio needs more than a handful
+    repeats: int | None = None  # alternating rounds; None: the benchmark's own default
     warmup: int = 2
     quick: bool = False  # smaller batches and models, for a smoke check of the bench itself
 
@@ -62,7 +66,9 @@ class BenchResult:
         out = [f"{self.name}" + (f"  ({self.notes})" if self.notes else "")]
         if self.machine is not None and contended(self.machine):
             out.append(f"    machine busy: load {self.machine['load_1min']:.1f} on {self.machine['cpus']} CPUs "
-                       f"(other processes ~{other_load(self.machine):.1f} cores); no verdicts")
+                       f"(other processes ~{other_load(self.machine):.1f} cores"
+                       + (f", {self.machine['other_cores_from']}" if self.machine.get("other_cores_from") else "")
+                       + "); no verdicts")
         for variant, sec in self.seconds.items():
             out.append(f"    {variant:<40} {sec * 1000:10.1f} ms")
         verdicts = self.verdicts
@@ -82,14 +88,20 @@ class Benchmark:
     name: str
     description: str
     run: Callable[[BenchOptions], list[BenchResult]]
+    rounds: int = DEFAULT_ROUNDS  # default alternating rounds: a grid benchmark's round takes minutes
+
+    def __call__(self, options: BenchOptions) -> list[BenchResult]:
+        if options.repeats is None:
+            options = dataclasses.replace(options, repeats=self.rounds)
+        return self.run(options)
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 
-def register_benchmark(name: str, description: str):
+def register_benchmark(name: str, description: str, rounds: int = DEFAULT_ROUNDS):
     def decorate(fn: Callable[[BenchOptions], list[BenchResult]]):
-        BENCHMARKS.add(name, Benchmark(name, description, fn))
+        BENCHMARKS.add(name, Benchmark(name, description, fn, rounds))
         return fn
 
     return decorate

@@ -34,6 +34,32 @@ def load_average() -> float | None:
         return None
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(window: float = 2.0) -> float | None:
+    """Cores the whole machine kept busy over `window` seconds (Linux; None elsewhere).
+
+    Taken while this process sleeps, so all of it is someone else's: the probe for benchmarks whose
+    variants spawn worker processes (Ray), whose CPU time `time.process_time` cannot see, so the load
+    average during them would count the benchmark's own workers as other load.
+    """
+    first = _cpu_jiffies()
+    time.sleep(window)
+    second = _cpu_jiffies()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -77,7 +103,10 @@ def other_load(resources: dict[str, Any]) -> float | None:
 
     On a GPU the process mostly waits for the device, so its CPU use is small and any load above it
     is someone else's; on the CPU the process's own threads account for cpu_seconds / wall_seconds.
+    A measurement that spawned workers stores `other_cores` from idle probes instead (`busy_cores`).
     """
+    if resources.get("other_cores") is not None:
+        return float(resources["other_cores"])
     load, wall = resources.get("load_1min"), resources.get("wall_seconds") or 0.0
     if load is None or wall <= 0:
         return None

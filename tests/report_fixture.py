@@ -35,6 +35,7 @@ class FakeRun:
     device: str = V100
     failed_check: bool = False
     epochs: int = 3
+    held_out: int = 0  # training examples withheld for a scheduler's outer loss (ADES-bilevel)
 
 
 def _flags(n: int, accuracy: float, seed: int) -> np.ndarray:
@@ -76,8 +77,8 @@ def run_record(run: FakeRun, results: Path) -> dict[str, Any]:
                  "eval": {"pgd_steps": 20, "pgd_restarts": 1, "test_examples": run.n_test}},
         "defense": {"name": run.defense, "config": {"steps": 10}, "replays": 1},
         "environment": {"device": {"name": run.device, "type": "cuda"}, "git": {"commit": "0" * 40}},
-        "protocol": {"passes": run.epochs, "equivalent_epochs": run.epochs, "train_examples": 5000,
-                     "val_examples": 500, "test_indices": f"0..{run.n_test - 1}",
+        "protocol": {"passes": run.epochs, "equivalent_epochs": run.epochs, "train_examples": 5000 - run.held_out,
+                     "held_out_examples": run.held_out, "val_examples": 500, "test_indices": f"0..{run.n_test - 1}",
                      "eval_attack": {"name": "pgd", "steps": 20, "step_size": "2/255", "restarts": 1}},
         "epochs": epochs, "final": final,
         "checkpoints": {"last": str(directory / "last.pt"), "best": str(directory / "best.pt")},

@@ -42,3 +42,17 @@ def test_unwritable_json_path_fails_before_benchmarking(tmp_path):
     assert result.output.strip().splitlines() == [
         f"error: directory {target.parent} is not writable (it is a file); pass another --json"]
     assert "device:" not in result.output  # nothing was benchmarked
+
+
+def test_each_benchmark_has_its_own_default_rounds_and_repeats_overrides_them():
+    import torch
+
+    from harness.benchmarking import Benchmark, BenchOptions
+
+    seen = []
+    bench = Benchmark("probe", "records the rounds it was given", lambda o: seen.append(o.repeats) or [], rounds=3)
+    bench(BenchOptions(device=torch.device("cpu")))
+    bench(BenchOptions(device=torch.device("cpu"), repeats=7))
+    assert seen == [3, 7]
+    # a grid round trains whole grids (minutes on 2 cores): fewer default rounds than the step benchmarks
+    assert BENCHMARKS.get("quick-grid").rounds < BENCHMARKS.get("at-step").rounds

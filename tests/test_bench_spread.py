@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from harness.benchmarking import BenchResult, Timings, verdict
 
 IDLE = {"wall_seconds": 10.0, "cpu_seconds": 19.0, "load_1min": 2.0, "cpus": 2}
@@ -23,3 +27,28 @@ def test_ratios_are_taken_round_by_round():
                          machine=IDLE)
     assert result.verdicts == {"a / b": "undecided"}
     assert any("[1.500 .. 4.000]" in line and "undecided" in line for line in result.lines())
+
+
+def test_workers_own_load_is_not_other_load_when_idle_probes_say_so():
+    """A grid benchmark's Ray workers are separate processes: during the calls the load average counts
+    them as "others" (the quick grid once read 2.2 on 2 CPUs with nothing else running). Its verdict
+    rests on idle probes before and after instead."""
+    ray_grid = {"wall_seconds": 100.0, "cpu_seconds": 3.0, "load_1min": 2.2, "cpus": 2}
+    assert verdict([0.7, 0.75, 0.78], 0.8, ray_grid) == "withheld (machine busy)"
+    assert verdict([0.7, 0.75, 0.78], 0.8, {**ray_grid, "other_cores": 0.1}) == "met"
+    assert verdict([0.7, 0.75, 0.78], 0.8, {**ray_grid, "other_cores": 0.9}) == "withheld (machine busy)"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="busy_cores reads /proc/stat (Linux)")
+def test_busy_cores_sees_a_process_that_is_not_ours():
+    import subprocess
+    import sys
+
+    from harness.resources import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_cores(1.0) > 0.7  # the spinner keeps one core busy while the prober sleeps
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -276,6 +276,21 @@ def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
     assert all("bootstrap" in v.interval for v in beats)
 
 
+def test_bilevel_shares_table2_with_the_runs_of_its_training_subset(tmp_path):
+    """ADES-bilevel trains on 90% of the subset and uses 10% for phi: same protocol, and Table 2 says so."""
+    fx.build_results(tmp_path, corrupt=False, runs=(
+        fx.FakeRun("static-des", 0, 80, 45, None), fx.FakeRun("ades", 0, 81, 46, None),
+        fx.FakeRun("ades-bilevel", 0, 79, 44, None, held_out=500)))
+    result = build(load_results(tmp_path))
+    [table] = result.table2
+    methods = list(table.export["method"])
+    assert "ADES-bilevel" in methods and "ADES" in methods and "ADES-bilevel - Static-DES" in methods
+    assert "5000 training examples" in table.caption
+    assert any("trained the model on 4500 of these examples and held out 500" in n for n in table.notes)
+    assert not any("held out" in n for n in tables.held_out_notes(
+        {"ades": [r for r in result.results.runs if r.defense == "ades"]}, ["ades"]))
+
+
 # ------------------------------------------------------------------------------------- output
 
 def test_exports_and_escaping(tmp_path):

@@ -31,6 +31,7 @@ from harness.config import RunSpec
 from harness.data import DATASETS, load_split
 from harness.errors import HarnessError
 from harness.executors import Executor, LocalExecutor, RayExecutor, raise_failures
+from harness.resources import busy_cores
 from harness.runner import RunOptions, make_spec
 
 QUICK_GRID_TARGET = 0.8
@@ -66,11 +67,18 @@ def smoke_data(root: Path) -> Path:
 
 
 def timed(variants: dict[str, Callable[[], None]], options: BenchOptions) -> Timings:
-    return alternate(variants, dataclasses.replace(options, warmup=min(options.warmup, 1)))
+    """Alternating grid calls. The grid's Ray workers are processes of their own, so the load during
+    the calls cannot tell them from other users: the machine is probed idle before and after instead."""
+    before = busy_cores()
+    timings = alternate(variants, dataclasses.replace(options, warmup=min(options.warmup, 1)))
+    probes = [v for v in (before, busy_cores()) if v is not None]
+    if probes:
+        timings.machine.update(other_cores=max(probes), other_cores_from="idle probes before and after")
+    return timings
 
 
 @register_benchmark("ray-overhead", "a smoke grid through Ray (1 CPU, fresh local instance) over the local "
-                                    "executor, both sequential at 1 thread: Ray's overhead")
+                                    "executor, both sequential at 1 thread: Ray's overhead", rounds=5)
 def ray_overhead(options: BenchOptions) -> list[BenchResult]:
     if (skipped := ray_missing()) is not None:
         return [skipped]
@@ -86,7 +94,7 @@ def ray_overhead(options: BenchOptions) -> list[BenchResult]:
 
 
 @register_benchmark("quick-grid", "the 2-core quick grid (PGD-AT seeds 1, 2): Ray, two runs at once on 1 thread "
-                                  "each, over the sequential loop on 2 threads; target <= 0.8")
+                                  "each, over the sequential loop on 2 threads; target <= 0.8", rounds=3)
 def quick_grid(options: BenchOptions) -> list[BenchResult]:
     if (skipped := ray_missing()) is not None:
         return [skipped]

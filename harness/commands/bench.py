@@ -14,8 +14,9 @@ from harness.cli import main
 @main.command("bench")
 @click.argument("names", nargs=-1)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--repeats", type=int, default=11, show_default=True,
-              help="Alternating timed rounds; each ratio is reported as min / median / max over them.")
+@click.option("--repeats", type=int, default=None,
+              help="Alternating timed rounds; each ratio is reported as min / median / max over them. "
+                   "[default: each benchmark's own: 11, 3 for the grid benchmarks, whose rounds take minutes]")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per variant first.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every benchmark runs, not its numbers.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -27,7 +28,7 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
     from harness.errors import HarnessError
     from harness.storage import ensure_writable_dir, write_json
 
-    if repeats < 1 or warmup < 0:
+    if (repeats is not None and repeats < 1) or warmup < 0:
         raise HarnessError("--repeats must be at least 1 and --warmup at least 0")
     if json_path is not None:
         ensure_writable_dir(json_path.parent, "--json")  # before minutes of benchmarking, not after
@@ -40,13 +41,14 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
                f"freed memory kept (harness.allocator): {'yes' if info['keep_freed_memory'] else 'no'}")
     results = []
     for bench in selected:
-        for result in bench.run(options):
-            results.append({"benchmark": bench.name, **asdict(result), "verdicts": result.verdicts})
+        for result in bench(options):
+            results.append({"benchmark": bench.name, "rounds": repeats or bench.rounds, **asdict(result),
+                            "verdicts": result.verdicts})
             for line in result.lines():
                 click.echo(line)
     if json_path is not None:
         write_json(json_path, {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "options": {"repeats": repeats, "warmup": warmup, "quick": quick,
+                               "options": {"repeats": repeats or "per benchmark", "warmup": warmup, "quick": quick,
                                            "statistic": "per-round ratios over alternating calls (min/median/max), warm-up excluded; "
                                                         "met/missed only when the whole spread is on one side"},
                                "environment": env, "results": results})

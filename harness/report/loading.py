@@ -95,6 +95,14 @@ class Protocol:
         return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
+def training_subset(proto: dict[str, Any]) -> int | None:
+    """Examples of the training subset a run drew on: ADES-bilevel withholds some of them from the
+    model for its scheduler's outer loss (never the validation split), so it shares the protocol of the
+    runs that trained on the whole subset, and Table 2 says what it held out."""
+    train = proto.get("train_examples")
+    return None if train is None else train + int(proto.get("held_out_examples") or 0)
+
+
 @dataclass
 class Run:
     path: Path
@@ -147,7 +155,7 @@ class Run:
             dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]),
             preset=spec.get("preset", "?"),
             epochs=int(proto.get("equivalent_epochs", spec.get("schedule", {}).get("epochs", len(self.record["epochs"])))),
-            train_examples=proto.get("train_examples"), test_indices=describe_indices(test),
+            train_examples=training_subset(proto), test_indices=describe_indices(test),
             eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)",
             numerics=spec.get("precision", "fp32") + ("" if spec.get("batchnorm", "global") == "global"
                                                       else f", BatchNorm {spec['batchnorm']}"))

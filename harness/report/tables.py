@@ -387,11 +387,25 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
                  "⚠ marks a collapse warning (onto a bound, or onto one value: then the run is PGD-AT). "
                  "r(eps, cue): mean of per-batch Spearman coefficients with the gradient norm (g), the softmax "
                  "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only)."]
+        notes += held_out_notes(variants, scheduled + controls)
         if not any(v.split("#")[0] == "static-des" for v in scheduled):
             notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
         tables.append(Table(f"table2_{protocol.slug()}", f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
                             protocol.label(), pd.DataFrame(export_rows), display_rows, notes))
     return tables
+
+
+def held_out_notes(variants: dict[str, list[Run]], shown: list[str]) -> list[str]:
+    """Say which rows trained the model on less than the protocol's training subset, and why."""
+    notes = []
+    for variant in shown:
+        held = {int(r.record.get("protocol", {}).get("held_out_examples") or 0) for r in variants[variant]}
+        if held - {0}:
+            trained = sorted({r.record["protocol"]["train_examples"] for r in variants[variant]})
+            notes.append(f"{variant_label(variant)} trained the model on {'/'.join(map(str, trained))} of these "
+                         f"examples and held out {'/'.join(map(str, sorted(held)))} for its scheduler's outer "
+                         "loss (carved from the training subset, not the validation split).")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------- Table 3
