@@ -43,3 +43,21 @@ def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir
     html = (tmp_path / "report" / "report.html").read_text()
     assert all(f"FAILED {name}" in html for name in expected)
     assert "potentially unreliable" in html
+
+
+def test_no_probes_shows_the_probes_as_skipped_with_the_command_that_runs_them(run_dir, data_dir, tmp_path):
+    """A user who opts out still sees what was not checked: never "6/6 passed" for 9 checks."""
+    import shutil
+
+    run = shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("eval"))
+    out = CliRunner().invoke(main, ["eval", str(run), "--attack", "pgd-20", "--n", "32", "--eps", "0,8/255",
+                                    "--data-dir", str(data_dir), "--quiet", "--no-probes"])
+    assert out.exit_code == 0, out.output
+    (line,) = out.output.strip().splitlines()
+    assert "to run them: harness eval" in line and "--no-probes" not in line.split("to run them:")[1], line
+    import json
+
+    (evaluation,) = [p for p in (run / "eval").iterdir() if not p.name.startswith(".")]
+    skipped = {s["name"]: s for s in json.loads((evaluation / "evaluation.json").read_text())["checks_skipped"]}
+    assert {"square-probe", "more-steps", "pgd20-cw-gap"} <= set(skipped)
+    assert skipped["square-probe"]["reason"] == "--no-probes was passed" and "command" in skipped["square-probe"]

@@ -72,15 +72,25 @@ def probe_eps(flags: dict[str, np.ndarray], eps_list: list[Fraction]) -> Fractio
     return None
 
 
+def planned_probes(attacks: list[EvalAttack]) -> list[str]:
+    """The probes an evaluation with these attacks runs."""
+    names = {a.name for a in attacks}
+    return (["square-probe"] + (["more-steps"] if "pgd-20" in names else [])
+            + (["pgd20-cw-gap"] if "pgd-20" in names and "cw-inf" not in names else []))
+
+
+def probes_skipped(attacks: list[EvalAttack]) -> list[Skipped]:
+    """--no-probes: the probes are shown as skipped (with the command that runs them), never dropped."""
+    return [Skipped(name, "--no-probes was passed") for name in planned_probes(attacks)]
+
+
 def masking_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: dict[str, np.ndarray],
                    attacks: list[EvalAttack], eps_list: list[Fraction], budget: ProbeBudget,
                    t: Thresholds) -> tuple[list[Check], list[Skipped]]:
     """Run the subset probes (model in eval mode, parameters frozen by the caller)."""
     by_name = {a.name: a for a in attacks}
     pgd20 = by_name.get("pgd-20")
-    planned = ["square-probe"] + (["more-steps"] if pgd20 is not None else [])
-    if pgd20 is not None and "cw-inf" not in by_name:
-        planned.append("pgd20-cw-gap")
+    planned = planned_probes(attacks)
     eps = probe_eps(flags, eps_list)
     if eps is None:
         return [], [Skipped(name, "every point is broken at every eps > 0 (or none is in the sweep): "

@@ -26,7 +26,7 @@ from harness.errors import HarnessError
 from harness.evaluation.attacks import AttackOutcome, EvalAttack, eps_tensor, predict_correct
 from harness.evaluation.checks import Check, Skipped, Thresholds, model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, percent, worst_case
-from harness.evaluation.masking import ProbeBudget, gradient_check, masking_probes
+from harness.evaluation.masking import ProbeBudget, gradient_check, masking_probes, probes_skipped
 from harness.evaluation.nesting import nest_balls
 
 PROBE_SIZE = 256
@@ -76,7 +76,7 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Eval
                            sum(r["seconds"] for r in store.record["results"]
                                if r["eps"] == fraction_str(eps) and r["attack"] in names))
         checks, skipped = result_checks(store.flags, names, eps_list, store.record["results"], thresholds)
-        masking, masking_skipped = ([], []) if probes is None else masking_probes(
+        masking, masking_skipped = ([], probes_skipped(attacks)) if probes is None else masking_probes(
             model, x, y, store.flags, attacks, eps_list, probes, thresholds)
     all_checks = probe + gradient + checks + masking
     all_skipped = [s.to_dict(_command(s, names, rerun)) for s in gradient_skipped + skipped + masking_skipped]
