@@ -260,20 +260,27 @@ def test_verdicts_follow_the_interval(report):
 
 
 def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
+    """Three seeds per side decide; one seed per side (formerly decided by a test-set bootstrap) does not."""
     win = tmp_path / "win"
     fx.build_results(win, corrupt=False, runs=(
         fx.FakeRun("pgd-at", 0, 80, 40, 38), fx.FakeRun("pgd-at", 1, 80.5, 40.5, 38.5),
-        fx.FakeRun("ades", 0, 85, 55, 50), fx.FakeRun("ades", 1, 85.5, 55.5, 50.5)))
+        fx.FakeRun("pgd-at", 2, 79.5, 41, 37.5),
+        fx.FakeRun("ades", 0, 85, 55, 50), fx.FakeRun("ades", 1, 85.5, 55.5, 50.5), fx.FakeRun("ades", 2, 86, 54, 49)))
     result = build(load_results(win))
     beats = [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS]
     assert {v.verdict for v in beats} == {verdicts.SUPPORTED}
     lose = tmp_path / "lose"
     fx.build_results(lose, corrupt=False, runs=(
-        fx.FakeRun("pgd-at", 0, 85, 55, 50), fx.FakeRun("ades", 0, 65, 40, 35)))
+        fx.FakeRun("pgd-at", 0, 85, 55, 50), fx.FakeRun("pgd-at", 1, 85.5, 54, 50.5), fx.FakeRun("pgd-at", 2, 84, 56, 49),
+        fx.FakeRun("ades", 0, 65, 40, 35), fx.FakeRun("ades", 1, 66, 41, 36), fx.FakeRun("ades", 2, 64.5, 39, 34)))
     result = build(load_results(lose))
     beats = [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS]
-    assert {v.verdict for v in beats} == {verdicts.CONTRADICTED}  # one seed: bootstrap over 200 examples
-    assert all("bootstrap" in v.interval for v in beats)
+    assert {v.verdict for v in beats} == {verdicts.CONTRADICTED}
+    one = tmp_path / "one"
+    fx.build_results(one, corrupt=False, runs=(fx.FakeRun("pgd-at", 0, 85, 55, 50), fx.FakeRun("ades", 0, 65, 40, 35)))
+    beats = [v for v in build(load_results(one)).verdicts if v.claim == verdicts.CLAIM_BEATS]
+    assert {v.label for v in beats} == {"inconclusive: 1 seed"}
+    assert all("bootstrap" in v.interval and "test-set noise only" in v.interval for v in beats)
 
 
 def test_bilevel_shares_table2_with_the_runs_of_its_training_subset(tmp_path):

@@ -103,12 +103,22 @@ def export_table(table: Table, folder: Path) -> list[Path]:
     return [csv_path, tex_path]
 
 
+def export_verdicts(items: list[verdicts.Verdict], path: Path) -> None:
+    """The verdict table as CSV: claim, seeds per side, difference, interval, P(A>B), resolution, seeds needed."""
+    frame = pd.DataFrame([{"claim": v.claim, "measured": v.test, "seeds": v.seeds, "difference": v.measured,
+                           "interval": v.interval, "verdict": v.label, "p_a_gt_b": v.prob, "resolves": v.resolvable,
+                           "seeds_needed": v.needed, "warning": v.warning} for v in items])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(frame.to_csv(index=False).encode()))
+
+
 def write(report: Report, out_dir: Path) -> Path:
     """report.html and tables/*.csv, *.tex under `out_dir`; returns the HTML path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for table in report.all_tables:
         export_table(table, out_dir / "tables")
+    export_verdicts(report.verdicts, out_dir / "tables" / "verdicts.csv")
     html_path = out_dir / "report.html"
     html = render_html(report)
     atomic_write(html_path, lambda f: f.write(html.encode("utf-8")))

@@ -96,3 +96,113 @@ def binomial_interval(accuracy: float, n: int) -> Interval:
     p = accuracy / 100
     half = float(scipy_stats.norm.ppf(0.5 + LEVEL / 2)) * math.sqrt(max(p * (1 - p), 0.0) / n) * 100
     return Interval(accuracy - half, accuracy + half, f"binomial, {n} test examples")
+
+
+# ----------------------------------------------------------------------------------------- seeds
+
+MIN_SEEDS = 3  # per side, before a difference may decide anything
+POWER = 0.80
+SEEDS_CAP = 50  # "seeds needed" beyond this is reported as ">50"
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """mean(A) - mean(B) over training seeds, with an interval carrying seed and test-set noise.
+
+    Paired: the per-seed differences d_s of seeds both sides ran (same data order and initialisation
+    stream); unpaired (Welch) otherwise. `test_var` is the test-set sampling variance of the
+    seed-averaged difference, added to the seed term because every seed is evaluated on the same test
+    subset, so seed-to-seed spread cannot see it (conservative: the per-seed d_s already carry some)."""
+
+    value: float
+    seeds_a: int
+    seeds_b: int
+    paired: bool
+    seed_sd: float  # SD of the per-seed differences (paired) or sqrt(n * Welch seed variance) (unpaired)
+    test_var: float
+    se: float
+    dof: float
+    prob_improvement: float  # P(A > B) over seeds, ties counted half
+    source: str  # where the per-seed numbers came from
+
+    @property
+    def seeds(self) -> int:
+        return min(self.seeds_a, self.seeds_b)
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided p of 'no difference' (t with Satterthwaite degrees of freedom)."""
+        if self.se == 0 or not np.isfinite(self.dof):
+            return 1.0
+        return float(2 * scipy_stats.t.sf(abs(self.value) / self.se, self.dof))
+
+    def interval(self, level: float = LEVEL) -> Interval | None:
+        if self.seeds < 2 or self.se == 0:
+            return None
+        half = float(scipy_stats.t.ppf(0.5 + level / 2, self.dof)) * self.se
+        kind = "paired t over per-seed differences" if self.paired else "Welch t over seed means (seeds not shared)"
+        return Interval(self.value - half, self.value + half,
+                        f"{kind}, {self.seeds_a} vs {self.seeds_b} seeds, + test-set noise ({self.source})")
+
+
+def _satterthwaite(seed_var: float, seed_dof: float, test_var: float, test_dof: float) -> float:
+    total = seed_var + test_var
+    denom = (seed_var ** 2 / seed_dof if seed_dof > 0 else np.inf) + (test_var ** 2 / test_dof if test_dof > 0 else 0)
+    return float(total ** 2 / denom) if denom > 0 else float("nan")
+
+
+def compare_seeds(a: dict[int, float], b: dict[int, float], test_var: float, test_examples: int,
+                  source: str) -> SeedComparison:
+    """Per-seed values of two methods (seed -> percent) -> a SeedComparison; paired when >= 2 seeds are shared."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        diffs = np.array([a[s] - b[s] for s in shared])
+        n = len(diffs)
+        seed_sd = float(diffs.std(ddof=1))
+        seed_var = seed_sd ** 2 / n
+        dof = _satterthwaite(seed_var, n - 1, test_var, test_examples - 1)
+        prob = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
+        return SeedComparison(float(diffs.mean()), n, n, True, seed_sd, test_var, math.sqrt(seed_var + test_var),
+                              dof, prob, source)
+    va, vb = np.array(list(a.values()), float), np.array(list(b.values()), float)
+    value = float(va.mean() - vb.mean())
+    prob = float(scipy_stats.mannwhitneyu(va, vb).statistic / (len(va) * len(vb)))
+    if len(va) < 2 or len(vb) < 2:
+        return SeedComparison(value, len(va), len(vb), False, float("nan"), test_var, math.sqrt(test_var),
+                              float("nan"), prob, source)
+    wa, wb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
+    seed_var = wa + wb
+    seed_dof = seed_var ** 2 / (wa ** 2 / (len(va) - 1) + wb ** 2 / (len(vb) - 1)) \
+        if seed_var > 0 else 0.0
+    dof = _satterthwaite(seed_var, seed_dof, test_var, test_examples - 1)
+    return SeedComparison(value, len(va), len(vb), False, math.sqrt(seed_var * min(len(va), len(vb))), test_var,
+                          math.sqrt(seed_var + test_var), dof, prob, source)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values (family-wise error control over one claim's comparisons)."""
+    p = np.asarray(p_values, float)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+def smallest_resolvable(seed_sd: float, test_var: float, seeds: int, alpha: float, power: float = POWER) -> float:
+    """Minimum detectable difference (two-sided t, level alpha, given power) at `seeds` paired seeds."""
+    if seeds < 2 or not np.isfinite(seed_sd):
+        return float("inf")
+    dof = seeds - 1  # conservative: the test-set term's many degrees of freedom are ignored
+    factor = scipy_stats.t.ppf(1 - alpha / 2, dof) + scipy_stats.t.ppf(power, dof)
+    return float(factor * math.sqrt(seed_sd ** 2 / seeds + test_var))
+
+
+def seeds_needed(claimed: float, seed_sd: float, test_var: float, alpha: float, cap: int = SEEDS_CAP) -> int | None:
+    """Smallest seed count whose resolvable difference is <= |claimed| (None: more than `cap`)."""
+    for n in range(2, cap + 1):
+        if smallest_resolvable(seed_sd, test_var, n, alpha) <= abs(claimed):
+            return n
+    return None

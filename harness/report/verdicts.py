@@ -1,12 +1,14 @@
 """Verdicts on the claims listed in PAPER.md ("Claims worth checking"), each with a 95% interval.
 
-A verdict is reached per protocol (data set, model, eps, epochs, test subset) and says so:
-- supported      the interval lies entirely on the claim's side (e.g. ADES - baseline > 0);
-- contradicted   the interval lies entirely on the other side;
-- inconclusive   the interval straddles the threshold, or no interval can be formed at this scale
-                 (one seed and no per-example flags from `harness eval`).
-Intervals: Welch t over seeds when each side has two seeds or more, otherwise a paired bootstrap over
-test examples from the evaluation records' per-example flags.
+Training seeds are the unit of evidence. A difference between two methods is the mean of per-seed
+differences (paired by seed when both sides ran the same seeds; Welch over seed means otherwise) with a
+t interval whose variance adds the test-set sampling term to the seed-to-seed term (docs/report.md).
+- supported      >= 3 seeds per side, a non-zero seed spread, and Holm-adjusted p < 0.05 over the
+                 family of comparisons behind the claim, with the difference on the claim's side;
+- contradicted   the same, on the other side;
+- inconclusive   anything else, with the reason ("1 seed", "zero spread over seeds", the adjusted p).
+Each row also states P(A > B) over seeds, the smallest difference its seeds resolve, and the seeds the
+paper's claimed difference would need.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import numpy as np
 
 from harness.report import compute, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
-from harness.report.stats import (Estimate, Interval, binomial_interval, bootstrap_accuracy, bootstrap_ratio,
-                                  paired_bootstrap, welch_difference)
+from harness.report.stats import (LEVEL, MIN_SEEDS, SEEDS_CAP, Estimate, Interval, SeedComparison,
+                                  binomial_interval, bootstrap_accuracy, bootstrap_ratio, compare_seeds, holm,
+                                  paired_bootstrap, seeds_needed, smallest_resolvable)
 from harness.resources import CONTENTION_CORES, contended
-from harness.report.tables import AUTOATTACK_PREFERENCE, Groups, autoattack_values, epoch_seconds, final_values, variant_label
+from harness.report.tables import AUTOATTACK_PREFERENCE, Groups, best_evaluation, epoch_seconds, variant_label
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 COST_CLAIM = 1.12
@@ -38,6 +41,16 @@ class Verdict:
     verdict: str
     scale: str
     details: list[str] = field(default_factory=list)
+    reason: str = ""  # why an inconclusive verdict is inconclusive ("1 seed", "zero spread over seeds", ...)
+    seeds: str = "—"  # seeds per side and whether they were paired
+    prob: str = "—"  # P(A > B) over seeds
+    resolvable: str = "—"  # smallest difference the seeds resolve (80% power, Holm's strictest level)
+    needed: str = "—"  # seeds per side the paper's claimed difference would need
+    warning: str = ""  # the claimed effect is below what this run can resolve
+
+    @property
+    def label(self) -> str:
+        return f"{self.verdict}: {self.reason}" if self.reason else self.verdict
 
     @property
     def css(self) -> str:
@@ -65,56 +78,180 @@ def scale_text(protocol: Protocol, runs: list[Run], checkpoint: str) -> str:
             f"{len(seeds)} seed(s), test {protocol.test_indices}, checkpoint {checkpoint}")
 
 
-# ----------------------------------------------------------------------------------------- differences
+# ----------------------------------------------------------------------------------------- per-seed numbers
 
-def _paired_flags(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
-                  ) -> tuple[np.ndarray, np.ndarray, Run, Run] | None:
-    """Per-example flags of one run of each side on their common test examples (first pair that has them)."""
-    attack = {"clean": "clean", "pgd": "pgd-20", "autoattack": "autoattack"}[metric]
-    for run_a in a:
-        for run_b in b:
-            for ea in results.evaluations_of(run_a.run_id):
-                for eb in results.evaluations_of(run_b.run_id):
-                    if ea.label != checkpoint or eb.label != checkpoint:
-                        continue
-                    fa, fb = ea.flag(attack, eps), eb.flag(attack, eps)
-                    ia, ib = ea.indices, eb.indices
-                    if fa is None or fb is None or ia is None or ib is None or len(ia) != len(fa) \
-                            or len(ib) != len(fb):
-                        continue
-                    common = sorted(set(ia) & set(ib))
-                    if common:
-                        pos_a, pos_b = {v: i for i, v in enumerate(ia)}, {v: i for i, v in enumerate(ib)}
-                        return fa[[pos_a[c] for c in common]], fb[[pos_b[c] for c in common]], run_a, run_b
+ATTACK_OF_METRIC = {"clean": ("clean",), "pgd": ("pgd-20",), "autoattack": AUTOATTACK_PREFERENCE}
+
+
+@dataclass(frozen=True)
+class SeedNumber:
+    """One training run's number for a metric: from its record, or from the flags of `harness eval`."""
+
+    value: float  # percent
+    n: int  # test examples behind it
+    flags: np.ndarray | None = None  # per-example correctness over `indices`
+    indices: tuple[int, ...] | None = None
+
+
+def _flags_of(results: Results, run: Run, checkpoint: str, metric: str, eps: str
+              ) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    for evaluation in results.evaluations_of(run.run_id):
+        if evaluation.label != checkpoint or evaluation.indices is None:
+            continue
+        for attack in ATTACK_OF_METRIC[metric]:
+            flags = evaluation.flag(attack, eps)
+            if flags is not None and len(flags) == len(evaluation.indices):
+                return np.asarray(flags, float), evaluation.indices
     return None
 
 
-def metric_values(results: Results, runs: list[Run], checkpoint: str, metric: str, eps: str) -> list[float]:
-    if metric == "autoattack":
-        values = autoattack_values(results, runs, checkpoint, eps)
-        return [] if values.mixed else values.values
-    return final_values(runs, checkpoint, metric)
+def seed_numbers(results: Results, runs: list[Run], checkpoint: str, metric: str, eps: str) -> dict[int, SeedNumber]:
+    """seed -> the run's number (a variant holds one run per seed; the first is kept)."""
+    out: dict[int, SeedNumber] = {}
+    for run in runs:
+        if run.seed in out:
+            continue
+        flags = _flags_of(results, run, checkpoint, metric, eps)
+        if metric == "autoattack":
+            hit = best_evaluation(results, run, checkpoint, "autoattack", eps)
+            if hit is None:
+                continue
+            value, n = float(hit[1]["robust_accuracy"]), int(hit[1]["n"])
+        else:
+            final = run.record["final"].get(checkpoint, {})
+            if not isinstance(final.get(metric), (int, float)):
+                continue
+            value, n = float(final[metric]), int(final.get("n") or 0)
+        out[run.seed] = SeedNumber(value, n, *(flags if flags is not None else (None, None)))
+    return out
 
 
-def difference(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
-               ) -> Estimate | None:
-    """metric(a) - metric(b): over seeds when possible, else paired bootstrap on flags, else a point."""
-    va, vb = metric_values(results, a, checkpoint, metric, eps), metric_values(results, b, checkpoint, metric, eps)
-    if len(va) >= 2 and len(vb) >= 2:
-        return welch_difference(va, vb)
-    flags = _paired_flags(results, a, b, checkpoint, metric, eps)
-    if flags is not None:
-        flags_a, flags_b, run_a, run_b = flags
-        estimate = paired_bootstrap(flags_a, flags_b)
-        source = {"pgd": ", PGD-20 flags of the evaluation records"}.get(metric, "")
-        if len(a) > 1 or len(b) > 1:
-            source += f", seed {run_a.seed} vs seed {run_b.seed} only"
-        return Estimate(estimate.value, Interval(estimate.interval.low, estimate.interval.high,
-                                                 estimate.interval.method + source))
-    if not va or not vb:
+def _common_indices(numbers: list[SeedNumber]) -> list[int]:
+    if not numbers or any(x.flags is None for x in numbers):
+        return []
+    common = set(numbers[0].indices)
+    for x in numbers[1:]:
+        common &= set(x.indices)
+    return sorted(common)
+
+
+def _on(number: SeedNumber, common: list[int]) -> np.ndarray:
+    position = {v: i for i, v in enumerate(number.indices)}
+    return number.flags[[position[c] for c in common]] * 100
+
+
+def _test_variance_from_flags(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> float:
+    """Variance of the seed-averaged difference from resampling the (shared) test examples."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        per_example = np.mean([a[s] - b[s] for s in shared], axis=0)
+    else:
+        per_example = np.mean(list(a.values()), axis=0) - np.mean(list(b.values()), axis=0)
+    return float(per_example.var(ddof=1) / len(per_example))
+
+
+def comparison(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
+               ) -> SeedComparison | None:
+    """metric(a) - metric(b) over training seeds; per-example flags give the test-set term when every
+    run of both sides has them, otherwise a binomial term on the records' test subset."""
+    na, nb = (seed_numbers(results, side, checkpoint, metric, eps) for side in (a, b))
+    if not na or not nb:
         return None
-    point = welch_difference(va, vb)
-    return Estimate(point.value, None, point.note + "; no per-example flags from `harness eval` for a bootstrap")
+    common = _common_indices(list(na.values()) + list(nb.values()))
+    if common:
+        fa = {s: _on(x, common) for s, x in na.items()}
+        fb = {s: _on(x, common) for s, x in nb.items()}
+        return compare_seeds({s: float(f.mean()) for s, f in fa.items()}, {s: float(f.mean()) for s, f in fb.items()},
+                             _test_variance_from_flags(fa, fb), len(common),
+                             f"flags of `harness eval`, {len(common)} test examples")
+    n = min(x.n for x in list(na.values()) + list(nb.values()))
+    if n < 2:
+        return None
+    pa, pb = (np.mean([x.value for x in side.values()]) / 100 for side in (na, nb))
+    test_var = float((pa * (1 - pa) + pb * (1 - pb)) / n * 1e4)
+    return compare_seeds({s: x.value for s, x in na.items()}, {s: x.value for s, x in nb.items()}, test_var, n,
+                         f"run records, binomial test-set term over {n} examples")
+
+
+def test_set_only(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
+                  ) -> Interval | None:
+    """The paired bootstrap over test examples of one run per side: shown, labelled, never decides."""
+    na, nb = (seed_numbers(results, side, checkpoint, metric, eps) for side in (a, b))
+    if len(na) != 1 or len(nb) != 1:
+        return None
+    (xa,), (xb,) = na.values(), nb.values()
+    common = _common_indices([xa, xb])
+    if not common:
+        return None
+    interval = paired_bootstrap(_on(xa, common) / 100, _on(xb, common) / 100).interval
+    return Interval(interval.low, interval.high, interval.method + "; test-set noise only, training noise not counted")
+
+
+# ----------------------------------------------------------------------------------------- deciding
+
+@dataclass(frozen=True)
+class Judged:
+    """One comparison of a claim's family, decided after Holm's adjustment over the family."""
+
+    comparison: SeedComparison
+    adjusted_p: float
+    verdict: str
+    reason: str
+
+
+def decide_seeds(comp: SeedComparison, adjusted_p: float) -> tuple[str, str]:
+    """(verdict, reason): at least MIN_SEEDS per side, a non-zero seed spread, Holm-adjusted p < 1 - LEVEL."""
+    if comp.seeds < MIN_SEEDS:
+        return INCONCLUSIVE, f"{comp.seeds} seed{'s' if comp.seeds != 1 else ''}"
+    if not np.isfinite(comp.seed_sd) or comp.seed_sd == 0:
+        return INCONCLUSIVE, "zero spread over seeds"
+    if adjusted_p >= 1 - LEVEL:
+        return INCONCLUSIVE, f"Holm-adjusted p {adjusted_p:.2f}"
+    return (SUPPORTED if comp.value > 0 else CONTRADICTED), f"Holm-adjusted p {adjusted_p:.3f}"
+
+
+def judge_family(comparisons: list[SeedComparison]) -> list[Judged]:
+    adjusted = holm([c.p_value for c in comparisons]) if comparisons else []
+    return [Judged(c, p, *decide_seeds(c, p)) for c, p in zip(comparisons, adjusted)]
+
+
+def family_alpha(size: int) -> float:
+    """The level a power statement uses: Holm's most stringent step (Bonferroni), alpha / family size."""
+    return (1 - LEVEL) / max(size, 1)
+
+
+def power_fields(judged: Judged, claimed: float | None, family_size: int) -> dict[str, str]:
+    """P(A > B), the smallest resolvable difference and the seeds the claimed difference needs."""
+    comp, alpha = judged.comparison, family_alpha(family_size)
+    resolvable = smallest_resolvable(comp.seed_sd, comp.test_var, comp.seeds, alpha)
+    fields = {"seeds": f"{comp.seeds_a} vs {comp.seeds_b}" + (", paired by seed" if comp.paired else ", unpaired"),
+              "prob": f"{comp.prob_improvement:.2f}",
+              "resolvable": f"{resolvable:.2f}" if np.isfinite(resolvable) else "unknown (one seed: no spread)",
+              "needed": "—", "warning": ""}
+    if claimed is None:
+        return fields
+    needed = seeds_needed(claimed, comp.seed_sd, comp.test_var, alpha) if comp.seeds >= 2 and comp.seed_sd > 0 \
+        else None
+    fields["needed"] = (f"{needed} per side for {claimed:+.1f}" if needed else
+                        f">{SEEDS_CAP} per side for {claimed:+.1f}" if comp.seeds >= 2 and comp.seed_sd > 0
+                        else f"unknown for {claimed:+.1f}: the seed spread needs 2 seeds or more")
+    if not abs(claimed) >= resolvable:
+        fields["warning"] = (
+            f"This run cannot resolve the paper's claimed {claimed:+.1f} points: with {comp.seeds} seed(s) per side "
+            f"the smallest difference it detects (80% power, level {alpha:.4f}) is "
+            + (f"{resolvable:.2f} points" if np.isfinite(resolvable) else "unknown (no seed spread)")
+            + (f"; about {needed} seeds per side would be needed." if needed else
+               f"; more than {SEEDS_CAP} seeds per side would be needed." if np.isfinite(resolvable) else "."))
+    return fields
+
+
+def interval_field(judged: Judged, fallback: Interval | None) -> str:
+    interval = judged.comparison.interval()
+    if interval is not None:
+        return f"{interval.text()} ({interval.method})"
+    if fallback is not None:
+        return f"{fallback.text()} ({fallback.method})"
+    return f"unavailable: {judged.comparison.seeds_a} vs {judged.comparison.seeds_b} seed(s)"
 
 
 # ----------------------------------------------------------------------------------------- claims
@@ -125,44 +262,91 @@ CLAIM_COST = "ADES costs only ×1.12 of PGD-AT per epoch (Table 3)"
 CLAIM_TRADES = "The paper's TRADES is below the official TRADES checkpoint (Zhang2019Theoretically)"
 CLAIM_MMA = "The paper's MMA AutoAttack (50.5) is far above the official MMA checkpoint (Ding2020MMA, WRN-28-4)"
 CLAIM_FLOOR = "105 s per PGD-10 epoch of WRN-34-10 is below what a V100 can compute at peak fp16 throughput"
+ABLATION_CLAIMED = {"clean": 0.5, "pgd": 2.5}
+TABLE1_METRIC = {"clean": "clean", "pgd": "pgd", "autoattack": "autoattack"}
+
+
+def claimed_margin(dataset: str, ades: str, baseline: str, metric: str) -> tuple[float, str] | None:
+    """The paper's Table 1 margin of ADES over `baseline` (its CIFAR-10 numbers off CIFAR)."""
+    where = dataset if dataset in ("cifar10", "cifar100") else "cifar10"
+    paper_ades, paper_base = reference.paper_claim(where, ades), reference.paper_claim(where, baseline)
+    if paper_ades is None or paper_base is None:
+        return None
+    return paper_ades[metric] - paper_base[metric], where
+
+
+def _beats_family(results: Results, variants: dict[str, list[Run]], protocol: Protocol, checkpoint: str
+                  ) -> dict[tuple[str, str, str], Judged]:
+    """(reading, metric, baseline) -> judged; Holm over every comparison behind the claim here."""
+    baselines = [v for v in variants if v.split("#")[0] in reference.PAPER_BASELINES]
+    keys, comps = [], []
+    for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
+        for metric in ("pgd", "autoattack", "clean"):
+            for base in baselines:
+                comp = comparison(results, variants[ades], variants[base], checkpoint, metric, protocol.eps)
+                if comp is not None:
+                    keys.append((ades, metric, base))
+                    comps.append(comp)
+    return dict(zip(keys, judge_family(comps)))
+
+
+def _row_verdict(decisions: dict[str, str], baselines: list[str]) -> str:
+    if any(d == CONTRADICTED for d in decisions.values()):
+        return CONTRADICTED
+    if len(decisions) == len(baselines) and all(d == SUPPORTED for d in decisions.values()):
+        return SUPPORTED
+    return INCONCLUSIVE
+
+
+def _beats_row(results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str,
+               ades: str, metric: str, family: dict[tuple[str, str, str], Judged]) -> Verdict | None:
+    baselines = [v for v in variants if v.split("#")[0] in reference.PAPER_BASELINES]
+    known = {b: family[(ades, metric, b)] for b in baselines if (ades, metric, b) in family}
+    if not known:
+        return None
+    strongest = min(known, key=lambda b: known[b].comparison.value)
+    judged = known[strongest]
+    name = f"PGD-{variants[ades][0].pgd_steps}" if metric == "pgd" else METRIC_NAMES[metric]
+    details = [f"{variant_label(ades)} − {variant_label(b)}: {j.comparison.value:+.2f}, 95% "
+               f"{interval_field(j, None)}, P(A>B) {j.comparison.prob_improvement:.2f} → {j.verdict} ({j.reason})"
+               for b, j in known.items()]
+    details.append(f"Holm's step-down over the {len(family)} comparisons behind this claim here "
+                   "(readings × baselines × metrics); a verdict needs ≥ 3 seeds per side and a non-zero seed spread")
+    details += _absent_notes(variants, baselines, known)
+    claim = claimed_margin(protocol.dataset, ades, strongest, metric)
+    if claim is not None:
+        details.append(f"claimed margin over {variant_label(strongest)}: {claim[0]:+.1f} (paper, {claim[1]})")
+    verdict = _row_verdict({b: j.verdict for b, j in known.items()}, baselines)
+    return Verdict(CLAIM_BEATS, f"{variant_label(ades)} − strongest baseline ({variant_label(strongest)}), {name}",
+                   f"{judged.comparison.value:+.2f} points",
+                   interval_field(judged, test_set_only(results, variants[ades], variants[strongest], checkpoint,
+                                                        metric, protocol.eps)),
+                   verdict, scale_text(protocol, [r for v in variants.values() for r in v], checkpoint), details,
+                   reason=judged.reason if verdict == INCONCLUSIVE else "",
+                   **power_fields(judged, claim[0] if claim else None, len(family)))
+
+
+def _absent_notes(variants: dict[str, list[Run]], baselines: list[str], known: dict[str, Judged]) -> list[str]:
+    notes = []
+    missing = [variant_label(b) for b in baselines if b not in known]
+    if missing:
+        notes.append("no comparable numbers for: " + ", ".join(missing))
+    absent = [reference.method_label(b) for b in reference.PAPER_BASELINES
+              if b not in {x.split("#")[0] for x in variants}]
+    if absent:
+        notes.append("baselines not run under this protocol: " + ", ".join(absent))
+    return notes
 
 
 def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]:
     verdicts = []
     for protocol, variants in groups.items():
-        baselines = [v for v in variants if v.split("#")[0] in reference.PAPER_BASELINES]
+        family = _beats_family(results, variants, protocol, checkpoint)
         for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
-            if not baselines:
-                continue
             for metric in ("pgd", "autoattack", "clean"):
-                per_baseline = {b: difference(results, variants[ades], variants[b], checkpoint, metric, protocol.eps)
-                                for b in baselines}
-                known = {b: e for b, e in per_baseline.items() if e is not None}
-                if not known:
-                    continue
-                decisions = {b: decide(e) for b, e in known.items()}
-                if any(d == CONTRADICTED for d in decisions.values()):
-                    verdict = CONTRADICTED
-                elif len(known) == len(baselines) and all(d == SUPPORTED for d in decisions.values()):
-                    verdict = SUPPORTED
-                else:
-                    verdict = INCONCLUSIVE
-                strongest = min(known, key=lambda b: known[b].value)
-                steps = variants[ades][0].pgd_steps
-                name = f"PGD-{steps}" if metric == "pgd" else METRIC_NAMES[metric]
-                details = [f"{variant_label(ades)} − {variant_label(b)}: {e.value:+.2f}, 95% {interval_text(e)}"
-                           f" → {decisions[b]}" for b, e in known.items()]
-                missing = [variant_label(b) for b in baselines if b not in known]
-                if missing:
-                    details.append("no comparable numbers for: " + ", ".join(missing))
-                absent = [reference.method_label(b) for b in reference.PAPER_BASELINES if b not in
-                          {x.split("#")[0] for x in variants}]
-                if absent:
-                    details.append("baselines not run under this protocol: " + ", ".join(absent))
-                verdicts.append(Verdict(
-                    CLAIM_BEATS, f"{variant_label(ades)} − strongest baseline ({variant_label(strongest)}), {name}",
-                    f"{known[strongest].value:+.2f} points", interval_text(known[strongest]), verdict,
-                    scale_text(protocol, [r for v in variants.values() for r in v], checkpoint), details))
+                row = _beats_row(results, protocol, variants, checkpoint, ades, metric, family)
+                if row is not None:
+                    verdicts.append(row)
     if not verdicts:
         verdicts.append(Verdict(CLAIM_BEATS, "ADES vs the baselines", "—", "—", INCONCLUSIVE, "—",
                                 ["needs an ADES run and at least one baseline under the same protocol"]))
@@ -176,29 +360,43 @@ def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[V
 
 def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]:
     verdicts = []
-    claims = {"clean": 0.5, "pgd": 2.5}
     for protocol, variants in groups.items():
         static = next((v for v in variants if v.split("#")[0] == "static-des"), None)
         if static is None:
             continue
+        keys, comps = [], []
         for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
             for metric in ("pgd", "clean"):
-                estimate = difference(results, variants[ades], variants[static], checkpoint, metric, protocol.eps)
-                if estimate is None:
-                    continue
-                details = [f"claimed (CIFAR-10): {claims[metric]:+.1f}"]
-                if estimate.interval is not None:
-                    inside = estimate.interval.low <= claims[metric] <= estimate.interval.high
-                    details.append(f"the claimed size is {'inside' if inside else 'outside'} the interval")
-                name = f"PGD-{variants[ades][0].pgd_steps}" if metric == "pgd" else "clean"
-                verdicts.append(Verdict(CLAIM_ABLATION, f"{variant_label(ades)} − Static-DES, {name}",
-                                        f"{estimate.value:+.2f} points", interval_text(estimate), decide(estimate),
-                                        scale_text(protocol, variants[ades] + variants[static], checkpoint), details))
+                comp = comparison(results, variants[ades], variants[static], checkpoint, metric, protocol.eps)
+                if comp is not None:
+                    keys.append((ades, metric))
+                    comps.append(comp)
+        for (ades, metric), judged in zip(keys, judge_family(comps)):
+            verdicts.append(_ablation_row(results, protocol, variants, static, ades, metric, judged, len(comps),
+                                          checkpoint))
     if not verdicts:
         verdicts.append(Verdict(CLAIM_ABLATION, "ADES vs Static-DES", "—", "—", INCONCLUSIVE, "—",
                                 ["needs ADES and Static-DES runs under the same protocol"]))
     return verdicts
 
+
+def _ablation_row(results: Results, protocol: Protocol, variants: dict[str, list[Run]], static: str, ades: str,
+                  metric: str, judged: Judged, family_size: int, checkpoint: str) -> Verdict:
+    claimed = ABLATION_CLAIMED[metric]
+    details = [f"claimed (CIFAR-10): {claimed:+.1f}",
+               f"Holm's step-down over the {family_size} comparisons of this claim here (readings × metrics)"]
+    interval = judged.comparison.interval()
+    if interval is not None:
+        inside = interval.low <= claimed <= interval.high
+        details.append(f"the claimed size is {'inside' if inside else 'outside'} the interval")
+    name = f"PGD-{variants[ades][0].pgd_steps}" if metric == "pgd" else "clean"
+    return Verdict(CLAIM_ABLATION, f"{variant_label(ades)} − Static-DES, {name}",
+                   f"{judged.comparison.value:+.2f} points",
+                   interval_field(judged, test_set_only(results, variants[ades], variants[static], checkpoint,
+                                                        metric, protocol.eps)),
+                   judged.verdict, scale_text(protocol, variants[ades] + variants[static], checkpoint), details,
+                   reason=judged.reason if judged.verdict == INCONCLUSIVE else "",
+                   **power_fields(judged, claimed, family_size))
 
 def busy_epochs(runs) -> int:
     """Timed epochs of `runs` taken on a contended machine (records before epoch resources: none known)."""

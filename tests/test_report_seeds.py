@@ -1,0 +1,114 @@
+"""Verdicts over training seeds (issue 20): a synthetic results store, records and flags written
+directly (no training). Each test names the rule it guards; reverting that rule makes it fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from harness.report import build, load_results, make_report, stats, verdicts
+
+import report_fixture as fx
+
+
+def _beats(tmp_path, runs, metric="PGD-20"):
+    fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
+    result = build(load_results(tmp_path))
+    return [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS and v.test.endswith(metric)], result
+
+
+def _seeds(defense, seeds, clean, pgd, aa, n_test=500):
+    return [fx.FakeRun(defense, s, c, p, a, n_test=n_test) for s, c, p, a in zip(seeds, clean, pgd, aa)]
+
+
+def test_one_seed_per_side_is_inconclusive_however_large_the_test_set_difference(tmp_path):
+    rows, _ = _beats(tmp_path, _seeds("pgd-at", [0], [70], [35], [30]) + _seeds("ades", [0], [88], [62], [58]),
+                     metric="")
+    assert rows and {v.label for v in rows} == {"inconclusive: 1 seed"}
+    assert all("test-set noise only" in v.interval for v in rows)  # shown, labelled, not deciding
+    assert all("unknown" in v.resolvable for v in rows)
+
+
+def test_three_consistent_seeds_with_a_large_difference_are_supported(tmp_path):
+    rows, _ = _beats(tmp_path, _seeds("pgd-at", [0, 1, 2], [80, 80.6, 79.2], [40, 41.6, 39.2], [37, 38.4, 36.2])
+                     + _seeds("ades", [0, 1, 2], [88, 89.2, 87.4], [56, 57.8, 55.2], [52, 53.6, 51.4]), metric="")
+    assert len(rows) == 3 and {v.verdict for v in rows} == {verdicts.SUPPORTED}
+    pgd = next(v for v in rows if v.test.endswith("PGD-20"))
+    assert pgd.seeds == "3 vs 3, paired by seed" and pgd.prob == "1.00"
+    assert "paired t over per-seed differences" in pgd.interval and "test-set noise" in pgd.interval
+
+
+def test_three_seeds_whose_differences_change_sign_are_inconclusive(tmp_path):
+    rows, _ = _beats(tmp_path, _seeds("pgd-at", [0, 1, 2], [80, 80, 80], [40, 46, 40], [37, 37, 37])
+                     + _seeds("ades", [0, 1, 2], [80, 80, 80], [47, 38, 47], [37, 37, 37]))
+    [pgd] = rows
+    assert pgd.verdict == verdicts.INCONCLUSIVE and "Holm-adjusted p" in pgd.reason
+    assert pgd.prob == "0.67"
+
+
+@pytest.mark.parametrize("seeds, reason", [([0, 1], "2 seeds"), ([0, 1, 2], "zero spread over seeds")])
+def test_identical_seeds_never_decide(tmp_path, seeds, reason):
+    k = len(seeds)
+    rows, _ = _beats(tmp_path, _seeds("pgd-at", seeds, [80] * k, [40] * k, [37] * k)
+                     + _seeds("ades", seeds, [90] * k, [60] * k, [55] * k, ), metric="")
+    assert rows and {v.label for v in rows} == {f"inconclusive: {reason}"}
+
+
+def _width(row: verdicts.Verdict) -> float:
+    low, high = row.interval.split("]")[0].strip("[").split(",")
+    return float(high) - float(low)
+
+
+def test_pairing_by_seed_narrows_the_interval_under_a_large_common_seed_effect(tmp_path):
+    base = [30.0, 45.0, 60.0]  # the seed moves both methods by 15 points
+    ades_pgd = [b + d for b, d in zip(base, (6.0, 7.0, 5.5))]
+    paired, _ = _beats(tmp_path / "paired", _seeds("pgd-at", [0, 1, 2], [80] * 3, base, [30] * 3, n_test=2000)
+                       + _seeds("ades", [0, 1, 2], [80] * 3, ades_pgd, [30] * 3, n_test=2000))
+    unpaired, _ = _beats(tmp_path / "unpaired", _seeds("pgd-at", [0, 1, 2], [80] * 3, base, [30] * 3, n_test=2000)
+                         + _seeds("ades", [10, 11, 12], [80] * 3, ades_pgd, [30] * 3, n_test=2000))
+    assert "paired t" in paired[0].interval and "Welch" in unpaired[0].interval
+    assert _width(paired[0]) < _width(unpaired[0]) / 3
+    assert paired[0].verdict == verdicts.SUPPORTED and unpaired[0].verdict == verdicts.INCONCLUSIVE
+
+
+def test_the_interval_carries_test_set_noise_on_top_of_seed_noise():
+    a, b = {0: 60.0, 1: 62.0, 2: 61.0}, {0: 55.0, 1: 56.0, 2: 56.5}
+    seed_only = stats.compare_seeds(a, b, 0.0, 500, "x").interval()
+    both = stats.compare_seeds(a, b, 1.5, 500, "x").interval()
+    diffs = [a[s] - b[s] for s in a]
+    ci = scipy_stats.ttest_1samp(diffs, 0).confidence_interval(0.95)
+    assert seed_only.low == pytest.approx(ci.low) and seed_only.high == pytest.approx(ci.high)
+    assert both.high - both.low > seed_only.high - seed_only.low
+    assert both.low < seed_only.low and both.high > seed_only.high
+
+
+def test_holm_matches_hand_computation():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+
+
+def test_power_statements():
+    sd, n, alpha = 2.0, 3, 0.05 / 6
+    factor = scipy_stats.t.ppf(1 - alpha / 2, n - 1) + scipy_stats.t.ppf(0.8, n - 1)
+    assert stats.smallest_resolvable(sd, 0.0, n, alpha) == pytest.approx(factor * sd / np.sqrt(n))
+    needed = stats.seeds_needed(2.5, sd, 0.0, alpha)
+    assert stats.smallest_resolvable(sd, 0.0, needed, alpha) <= 2.5 < stats.smallest_resolvable(sd, 0.0, needed - 1,
+                                                                                                 alpha)
+    assert stats.seeds_needed(0.5, sd, 1.0, alpha) is None  # the test-set term alone exceeds the claim
+
+
+def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
+    runs = (_seeds("static-des", [0, 1, 2], [80, 82, 79], [40, 43, 39], [37, 38, 36])
+            + _seeds("ades", [0, 1, 2], [81, 81.5, 80], [41, 44.5, 40], [37, 38, 36]))
+    fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
+    result = build(load_results(tmp_path))
+    clean = next(v for v in result.verdicts if v.claim == verdicts.CLAIM_ABLATION and v.test.endswith("clean"))
+    assert clean.warning.startswith("This run cannot resolve the paper's claimed +0.5 points")
+    assert "per side for +0.5" in clean.needed
+    html_path, _ = make_report(tmp_path, tmp_path / "out")
+    assert 'data-role="resolution-warnings"' in html_path.read_text() and clean.warning in html_path.read_text()
+    table = pd.read_csv(tmp_path / "out" / "tables" / "verdicts.csv")
+    row = table[table["measured"] == clean.test].iloc[0]
+    assert row["seeds"] == "3 vs 3, paired by seed" and row["warning"] == clean.warning
