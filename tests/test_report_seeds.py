@@ -3,7 +3,7 @@ directly (no training). Each test names the rule it guards; reverting that rule 
 
 from __future__ import annotations
 
-import html
+from markupsafe import escape
 
 import numpy as np
 import pandas as pd
@@ -110,7 +110,7 @@ def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
     assert clean.warning.startswith("This run cannot resolve the paper's claimed +0.5 points")
     assert "per side for +0.5" in clean.needed
     html_path, _ = make_report(tmp_path, tmp_path / "out")
-    assert 'data-role="resolution-warnings"' in html_path.read_text() and html.escape(clean.warning) in html_path.read_text()
+    assert 'data-role="resolution-warnings"' in html_path.read_text() and str(escape(clean.warning)) in html_path.read_text()
     table = pd.read_csv(tmp_path / "out" / "tables" / "verdicts.csv")
     row = table[table["measured"] == clean.test].iloc[0]
     assert row["seeds"] == "3 vs 3, paired by seed" and row["warning"] == clean.warning
