@@ -114,3 +114,19 @@ def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "tables" / "verdicts.csv")
     row = table[table["measured"] == clean.test].iloc[0]
     assert row["seeds"] == "3 vs 3, paired by seed" and row["warning"] == clean.warning
+
+
+def test_holm_controls_the_family_behind_one_claim():
+    """Three comparisons each at p ~ 0.03 would each decide alone; as one claim's family they do not."""
+    comps = [stats.SeedComparison(3.0, 3, 3, True, 1.0, 0.0, 3.0 / scipy_stats.t.isf(0.015, 2), 2.0, 1.0, "x")] * 3
+    assert all(0.02 < c.p_value < 0.04 for c in comps)
+    judged = verdicts.judge_family(comps)
+    assert {j.verdict for j in judged} == {verdicts.INCONCLUSIVE}
+    assert verdicts.judge_family(comps[:1])[0].verdict == verdicts.SUPPORTED
+
+
+def test_probability_of_improvement_counts_ties_half():
+    assert stats.compare_seeds({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 1.0, 2: 4.0}, 0.0, 100, "x"
+                               ).prob_improvement == pytest.approx(0.5)
+    unpaired = stats.compare_seeds({0: 1.0, 1: 2.0}, {5: 1.5, 6: 2.0}, 0.0, 100, "x")
+    assert not unpaired.paired and unpaired.prob_improvement == pytest.approx(0.125 + 0.25)
