@@ -3,7 +3,7 @@
     preset = "paper"                        # required
     methods = ["pgd-at", "trades"]          # required; or "all" (every registered defense)
     datasets = ["cifar10", "cifar100"]      # required
-    seeds = [0, 1, 2]                       # required
+    seeds = [0, 1, 2]                       # required; or a count, seeds = 3 (seeds 0..2)
     epochs = 100                            # optional, as `harness run --epochs`; also eps, model, dropout
 
     [overrides.trades]                      # optional: one method's hyperparameters, as --set
@@ -104,8 +104,11 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
                 else _names(data["methods"], "methods", fail, DEFENSES, "a list of defense names or \"all\""))
     datasets = _names(data["datasets"], "datasets", fail, DATASETS, "a list of data set names")
     seeds = data["seeds"]
+    if type(seeds) is int and seeds >= 1:
+        seeds = list(range(seeds))  # a count: seeds 0..N-1
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
-        raise fail("seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
+        raise fail("seeds", f"must be a non-empty list of non-negative integers or a count N >= 1 "
+                            f"(seeds 0..N-1), got {seeds!r}")
     _no_repeats(seeds, "seeds", fail)
 
     epochs = data.get("epochs")

@@ -30,6 +30,8 @@ GRID_SETS = {"methods_": "--method", "all_methods": "--all", "dataset": "--datas
               help="paper (the paper's 100-epoch protocol), quick (minutes on a CPU) or smoke (seconds).")
 @click.option("--seed", "seeds", multiple=True, type=int, default=(0,), show_default=True,
               help="Run seed (repeatable for several seeds).")
+@click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Seeds 0..N-1 (instead of --seed; with --grid, instead of the grid's seeds). Verdicts need 3.")
 @click.option("--epochs", type=int, default=None, help="Override the preset's number of (equivalent) epochs.")
 @click.option("--eps", default=None, metavar="EPS",
               help="L-inf budget as a fraction or decimal, e.g. 8/255 (default: the data set's).")
@@ -57,7 +59,7 @@ GRID_SETS = {"methods_": "--method", "all_methods": "--all", "dataset": "--datas
               help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) or per process.")
 @executor_options
 @click.pass_context
-def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
+def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n_seeds, epochs, eps, model, dropout,
                 overrides, device, results_dir, data_dir, resume, force, wait, no_download, quiet,
                 precision_name, compile_model, batchnorm, executor, address, cpus_per_run, gpus_per_run,
                 max_retries):
@@ -96,9 +98,10 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, e
 
         if precision_name != "fp32" or batchnorm != "global":
             raise HarnessError("--precision and --batchnorm are not grid keys yet; run those with --method")
-        specs = load_grid(grid_path).specs()
+        specs = _grid_with_seeds(load_grid(grid_path), n_seeds).specs()
         resume = not force  # a grid is rerun until complete
     else:
+        seeds = _seeds_option(ctx, seeds, n_seeds)
         specs = _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
                                     overrides, precision_name, batchnorm, world.size)
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
@@ -120,6 +123,22 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, e
     finally:
         distributed.stop()
     raise_failures(outcomes, noun="run")
+
+
+def _seeds_option(ctx, seeds: tuple[int, ...], n_seeds: int | None) -> tuple[int, ...]:
+    """--seeds N is seeds 0..N-1; given with an explicit --seed it is an error, not a silent choice."""
+    from harness.errors import HarnessError
+
+    if n_seeds is None:
+        return seeds
+    if ctx.get_parameter_source("seeds") is not ParameterSource.DEFAULT:
+        raise HarnessError("give either --seed (repeatable) or --seeds N, not both")
+    return tuple(range(n_seeds))
+
+
+def _grid_with_seeds(grid, n_seeds: int | None):
+    """A grid whose seeds are 0..N-1 when --seeds N is given (the file's seeds otherwise)."""
+    return grid if n_seeds is None else replace(grid, seeds=tuple(range(n_seeds)))
 
 
 def run_jobs(specs, options) -> list:
