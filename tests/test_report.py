@@ -102,7 +102,7 @@ def test_null_diagnostics_and_custom_autoattack(tmp_path):
     result = build(load_results(tmp_path))
     assert any(f.key.startswith("ades_") for f in result.figures)
     row = result.table1[0].display[0]
-    assert "autoattack-custom" in row["AutoAttack"]
+    assert "autoattack-custom" in row["AutoAttack"].text
 
 
 def test_eps_key_equates_spellings():

@@ -17,7 +17,7 @@ from harness.resources import CONTENTION_CORES, contended
 
 from harness.report import compute, protocol_cards, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
-from harness.report.stats import bootstrap_ratio, mean_std
+from harness.report.stats import MIN_SEEDS, bootstrap_ratio, mean_std
 
 CHECKPOINTS = ("last", "best")
 CHECKPOINT_LABELS = {"last": "last", "best": "best on validation"}
@@ -148,11 +148,28 @@ def fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def fmt_mean_std(values: list[float]) -> str:
+FEW_SEEDS_MARK = "‡"
+
+
+def seeds_note() -> str:
+    return (f"{FEW_SEEDS_MARK}: fewer than {MIN_SEEDS} seeds; the number is shown, but no verdict rests on it "
+            "(mean ± std over seeds, n = seeds).")
+
+
+def fmt_mean_std(values: list[float]) -> Cell:
+    """mean ± std over seeds with the seed count; fewer than MIN_SEEDS is marked (no verdict rests on it)."""
     if not values:
-        return "—"
+        return Cell("—")
     mean, std = mean_std(values)
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (n={len(values)})"
+    return seed_count_mark(Cell(text), len(values))
+
+
+def seed_count_mark(cell: Cell, seeds: int) -> Cell:
+    if seeds >= MIN_SEEDS:
+        return cell
+    return Cell(f"{cell.text} {FEW_SEEDS_MARK}", cell.cls or "muted",
+                f"{seeds} seed(s): fewer than {MIN_SEEDS}, so no verdict rests on this number")
 
 
 def diff_cell(measured: list[float], claim: float | None) -> Cell:
@@ -209,18 +226,18 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     "autoattack_seeds": len(aa_vals), "autoattack_n": ",".join(map(str, sorted(aa.n))),
                     "autoattack_version": ",".join(sorted(aa.attacks)),
                 }
-                aa_text = fmt_mean_std(aa_vals)
+                aa_cell = fmt_mean_std(aa_vals)
                 if aa_mixed:
-                    aa_text = ("not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / "
-                               + ", ".join(sorted(aa.attacks)))
+                    aa_cell = Cell("not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / "
+                                   + ", ".join(sorted(aa.attacks)))
                 else:
-                    if aa.missing and aa_vals:
-                        aa_text += f" ({len(aa_vals)} of {len(runs)} seeds)"
+                    extra = f" ({len(aa_vals)} of {len(runs)} seeds)" if aa.missing and aa_vals else ""
                     if aa.attacks and aa.attacks != {"autoattack-standard"}:
-                        aa_text += f" [{', '.join(sorted(aa.attacks))}]"
+                        extra += f" [{', '.join(sorted(aa.attacks))}]"
+                    aa_cell = Cell(aa_cell.text + extra, aa_cell.cls, aa_cell.title)
                 row = {
                     "Method": Cell(variant_label(variant), "method"),
-                    "Checkpoint": CHECKPOINT_LABELS[checkpoint], "Seeds": str(len(runs)),
+                    "Checkpoint": CHECKPOINT_LABELS[checkpoint], "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
                     "Test n": ", ".join(map(str, n_test)),
                     "Clean": fmt_mean_std(clean),
                 }
@@ -232,7 +249,7 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     row["Paper PGD-20"] = Cell(fmt(claim and claim["pgd"], 1), "claim")
                     row["Δ PGD"] = diff_cell(pgd, claim and claim["pgd"]) if steps == 20 else Cell(
                         "n/a", "muted", f"{pgd_name} is not PGD-20")
-                row["AutoAttack"] = aa_text
+                row["AutoAttack"] = aa_cell
                 row["AA n"] = ", ".join(map(str, sorted(aa.n))) or "—"
                 if with_paper:
                     row["Paper AA"] = Cell(fmt(claim and claim["autoattack"], 1), "claim")
@@ -248,7 +265,7 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     row_export["robustbench"] = published
                 export_rows.append(row_export)
                 display_rows.append(row)
-        notes = [f"Protocol: {protocol.label()}.",
+        notes = [f"Protocol: {protocol.label()}.", seeds_note(),
                  f"{protocol_cards.MARK}: the row's runs depart from the method's published protocol (hover the "
                  f"number; the protocol cards list every setting).",
                  f"Clean and {pgd_name} from the run records (test examples {protocol.test_indices}); AutoAttack "
@@ -348,7 +365,8 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
                                 else None})
             display_rows.append({
                 "Method": Cell(variant_label(variant), "method"),
-                "Paper's row": row_name or Cell("control (not in the paper)", "muted"), "Seeds": str(len(runs)),
+                "Paper's row": row_name or Cell("control (not in the paper)", "muted"),
+                "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
                 "Clean": fmt_mean_std(clean), "Paper clean (CIFAR-10)": Cell(fmt(claim_clean, 1), "claim"),
                 "Δ clean": diff_cell(clean, claim_clean) if compare else Cell("n/a", "muted"),
                 f"PGD-{runs[0].pgd_steps}": fmt_mean_std(pgd),
@@ -379,7 +397,7 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
                                     "clean_mean": gain["clean"], "pgd_mean": gain["pgd"],
                                     "paper_clean": 0.5 if paper_gain else None,
                                     "paper_pgd20": 2.5 if paper_gain else None})
-        notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.",
+        notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.", seeds_note(),
                  "ADES maximises the loss at a held mean eps, ADES-joint is the literal joint minimisation, "
                  "ADES-bilevel minimises a held-out robust loss after a one-step look-ahead (docs/ades.md); all "
                  "are set beside the paper's learnable-MLP row. PGD-AT and CAT are controls the paper lacks.",
@@ -462,7 +480,7 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
         mean, std = mean_std(seconds)
         export_rows.append({
             "method": variant_label(variant), "seconds_per_epoch": mean, "seconds_std": std,
-            "epochs_timed": len(seconds), "ratio_to_pgd_at": ratio.value if ratio else None,
+            "epochs_timed": len(seconds), "seeds": len({r.seed for r in runs}), "ratio_to_pgd_at": ratio.value if ratio else None,
             "ratio_low": ratio.interval.low if ratio and ratio.interval else None,
             "ratio_high": ratio.interval.high if ratio and ratio.interval else None,
             "paper_seconds": paper_s, "paper_ratio": paper_s / paper_pgd if paper_s else None, "device": device,
@@ -477,6 +495,7 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
         display_rows.append({
             "Method": Cell(variant_label(variant), "method"),
             "s / epoch": f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
+            "Seeds": seed_count_mark(Cell(str(len({r.seed for r in runs}))), len({r.seed for r in runs})),
             "Epochs timed": str(len(seconds)), "× PGD-AT [95%]": Cell(ratio_text, title=ratio.interval.method
                                                                       if ratio and ratio.interval else ""),
             "Paper s / epoch (V100)": Cell(fmt(paper_s, 0), "claim"),
@@ -489,7 +508,7 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
     notes = [f"Protocol: {protocol.label()}. Device: {device}.",
              "Seconds are training time per equivalent epoch (a pass's time over the epochs of SGD steps it made; "
              "Free-AT: a full pass / m) from the same runs' records, "
-             "averaged over every epoch of every seed; validation is excluded."]
+             "averaged over every epoch of every seed; validation is excluded.", seeds_note()]
     notes.append(f"Forward FLOPs of {first.spec['model']} on one {protocol.dataset} input: "
                  + (f"{flops / 1e9:.4g} GFLOP (FlopCounterMode)." if flops else "unknown (model not registered)."))
     if peak is None:
