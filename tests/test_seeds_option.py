@@ -58,3 +58,18 @@ def test_grid_seed_count_and_seeds_option_replace_the_grid_seeds(tmp_path, asked
     grid.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [7]\n')
     assert _run(tmp_path, "--grid", str(grid), "--seeds", "2").exit_code == 0
     assert [s.seed for s in asked] == [0, 1]
+
+
+def test_runs_shows_mean_and_std_over_seeds_with_the_count(tmp_path):
+    import report_fixture as fx
+
+    fx.build_results(tmp_path / "r", corrupt=False, runs=(
+        fx.FakeRun("pgd-at", 0, 80.0, 40.0, None), fx.FakeRun("pgd-at", 1, 82.0, 44.0, None),
+        fx.FakeRun("pgd-at", 2, 84.0, 42.0, None), fx.FakeRun("ades", 0, 85.0, 50.0, None)))
+    result = CliRunner().invoke(main, ["runs", "--results", str(tmp_path / "r")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = result.output.split("over seeds")[1].splitlines()
+    pgd_at = next(line for line in summary if " pgd-at " in f" {line} ")
+    ades = next(line for line in summary if " ades " in f" {line} ")
+    assert "82.00 ± 2.00" in pgd_at and "42.00 ± 2.00" in pgd_at and " 3 " in f" {pgd_at} " and "‡" not in pgd_at
+    assert "1 ‡" in ades and "85.00" in ades

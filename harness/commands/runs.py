@@ -21,7 +21,7 @@ def runs_command(results_dir: Path, include_running: bool, as_csv: bool) -> None
 
     if not results_dir.is_dir():
         raise HarnessError(f"results directory {results_dir} does not exist; run `harness run` first or pass --results")
-    table = runs_table(results_dir, status=None if include_running else "complete",
+    full = table = runs_table(results_dir, status=None if include_running else "complete",
                        on_problem=lambda message: click.echo(f"warning: {message}", err=True))
     if table.empty:
         raise HarnessError(f"no {'' if include_running else 'completed '}runs in {results_dir}")
@@ -30,3 +30,29 @@ def runs_command(results_dir: Path, include_running: bool, as_csv: bool) -> None
                if c in table]
     table = table[columns].sort_values(["dataset", "defense", "seed"])
     click.echo(table.to_csv(index=False) if as_csv else table.to_string(index=False, float_format="%.2f"))
+    if not as_csv:
+        click.echo("\nover seeds (mean ± std, n = seeds; ‡ fewer than 3 seeds: no verdict rests on it):")
+        click.echo(seed_summary(full).to_string(index=False))
+
+
+SEED_GROUP = ("dataset", "model", "preset", "eps", "epochs", "defense")
+FEW_SEEDS = 3
+
+
+def seed_summary(table):
+    """One row per (protocol, defense): mean ± std over seeds of the final metrics, with the seed count."""
+    keys = [k for k in SEED_GROUP if k in table]
+    metrics = [m for m in ("last_clean", "last_pgd", "best_clean", "best_pgd") if m in table]
+    rows = []
+    for group, members in table.groupby(keys, sort=True, dropna=False):
+        row = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
+        n = members["seed"].nunique()
+        row["seeds"] = f"{n}" + (" ‡" if n < FEW_SEEDS else "")
+        for metric in metrics:
+            values = members[metric].dropna()
+            row[metric] = (f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
+                           if len(values) else "—")
+        rows.append(row)
+    import pandas as pd
+
+    return pd.DataFrame(rows)
