@@ -130,3 +130,19 @@ def test_probability_of_improvement_counts_ties_half():
                                ).prob_improvement == pytest.approx(0.5)
     unpaired = stats.compare_seeds({0: 1.0, 1: 2.0}, {5: 1.5, 6: 2.0}, 0.0, 100, "x")
     assert not unpaired.paired and unpaired.prob_improvement == pytest.approx(0.125 + 0.25)
+
+
+def test_eps_curve_draws_every_seed_and_the_seed_range(tmp_path):
+    from matplotlib.figure import Figure
+
+    from harness.report import figures
+
+    ax = Figure().add_subplot()
+    figures._seed_spread(ax, [0.0, 1.0], [[50.0, 52.0, 55.0], [30.0, 31.0, 36.0]], "#000000")
+    points = np.concatenate([c.get_offsets() for c in ax.collections[:2]])
+    assert sorted(points[:, 1]) == [30.0, 31.0, 36.0, 50.0, 52.0, 55.0]
+    assert len(ax.collections) == 3  # two seed scatters and one min-max band
+    fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)),
+                     corrupt=False)
+    [curve] = [f for f in build(load_results(tmp_path)).figures if f.key.startswith("eps_curve")]
+    assert "points: each seed" in curve.caption

@@ -76,7 +76,9 @@ def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run
         budgets = sorted(per_eps, key=lambda e: Fraction(e))
         x = [float(Fraction(e)) * scale for e in budgets]
         mean = [np.mean(per_eps[e]) for e in budgets]
-        ax.plot(x, mean, marker="o", label=variant_label(variant), color=_color(variant))
+        seeds = max(len(per_eps[e]) for e in budgets)
+        ax.plot(x, mean, marker="o", label=f"{variant_label(variant)} (n={seeds})", color=_color(variant))
+        _seed_spread(ax, x, [per_eps[e] for e in budgets], _color(variant))
         drawn += 1
     if not drawn:
         return None
@@ -86,8 +88,17 @@ def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return Figure(f"eps_curve_{index}", f"PGD-20 accuracy against eps — {protocol.dataset}, {protocol.model}",
-                  f"{protocol.label()}; checkpoint {checkpoint}; mean over seeds; dotted line: training eps.",
+                  f"{protocol.label()}; checkpoint {checkpoint}; line: mean over seeds (n in the legend); "
+                  f"points: each seed; band: the seeds' range; dotted line: training eps.",
                   _encode(fig))
+
+
+def _seed_spread(ax, x: list[float], values: list[list[float]], color: str) -> None:
+    """Each seed as a point and the seeds' range as a band, so training noise is seen, not averaged away."""
+    for xi, ys in zip(x, values):
+        ax.scatter([xi] * len(ys), ys, s=10, color=color, alpha=0.6, linewidths=0)
+    if any(len(ys) > 1 for ys in values):
+        ax.fill_between(x, [min(ys) for ys in values], [max(ys) for ys in values], color=color, alpha=0.12)
 
 
 def _epoch_series(runs: list[Run], section: str, key: str) -> tuple[list[float], list[float]]:
