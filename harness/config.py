@@ -171,8 +171,8 @@ register_preset(Preset(
 register_preset(Preset(
     name="quick",
     description="a real but small CPU run: Fashion-MNIST subset, small CNN, a few epochs",
-    schedule=Schedule(epochs=2, batch_size=32, lr=0.05, lr_milestones=(2 / 3,), weight_decay=5e-4),
-    data=DataSpec(train_subset=2000, val_size=200),
+    schedule=Schedule(epochs=2, batch_size=16, lr=0.05, lr_milestones=(2 / 3,), weight_decay=5e-4),
+    data=DataSpec(train_subset=1000, val_size=100),
     eval=EvalSpec(test_examples=500),
     dataset_models=(("cifar10", "preact-resnet18"), ("cifar100", "preact-resnet18")),
 ))

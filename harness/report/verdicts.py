@@ -322,8 +322,18 @@ def _beats_row(results: Results, protocol: Protocol, variants: dict[str, list[Ru
                    interval_field(judged, test_set_only(results, variants[ades], variants[strongest], checkpoint,
                                                         metric, protocol.eps)),
                    verdict, scale_text(protocol, [r for v in variants.values() for r in v], checkpoint), details,
-                   reason=judged.reason if verdict == INCONCLUSIVE else "",
+                   reason=_row_reason(known, strongest) if verdict == INCONCLUSIVE else "",
                    **power_fields(judged, claim[0] if claim else None, len(family)))
+
+
+def _row_reason(known: dict[str, Judged], strongest: str) -> str:
+    """Why a row is inconclusive: its strongest baseline's reason, else the first undecided baseline's."""
+    undecided = [b for b, j in known.items() if j.verdict == INCONCLUSIVE]
+    if not undecided:
+        return "not every baseline has comparable numbers"
+    if strongest in undecided:
+        return known[strongest].reason
+    return f"{known[undecided[0]].reason} against {variant_label(undecided[0])}"
 
 
 def _absent_notes(variants: dict[str, list[Run]], baselines: list[str], known: dict[str, Judged]) -> list[str]:
