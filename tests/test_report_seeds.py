@@ -144,5 +144,6 @@ def test_eps_curve_draws_every_seed_and_the_seed_range(tmp_path):
     assert len(ax.collections) == 3  # two seed scatters and one min-max band
     fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)),
                      corrupt=False)
-    [curve] = [f for f in build(load_results(tmp_path)).figures if f.key.startswith("eps_curve")]
-    assert "points: each seed" in curve.caption
+    drawn = build(load_results(tmp_path)).figures
+    curves = [f for f in drawn if f.key.startswith(("eps_curve", "training"))]
+    assert len(curves) == 2 and all("points: each seed" in f.caption for f in curves)

@@ -101,13 +101,19 @@ def _seed_spread(ax, x: list[float], values: list[list[float]], color: str) -> N
         ax.fill_between(x, [min(ys) for ys in values], [max(ys) for ys in values], color=color, alpha=0.12)
 
 
-def _epoch_series(runs: list[Run], section: str, key: str) -> tuple[list[float], list[float]]:
+def _epoch_values(runs: list[Run], section: str, key: str) -> dict[float, list[float]]:
+    """equivalent epoch -> one value per seed."""
     by_epoch: dict[float, list[float]] = {}
     for run in runs:
         for entry in run.record["epochs"]:
             value = entry.get(section, {}).get(key)
             if isinstance(value, (int, float)):
                 by_epoch.setdefault(float(entry.get("equivalent_epoch", entry.get("pass", 0))), []).append(value)
+    return by_epoch
+
+
+def _epoch_series(runs: list[Run], section: str, key: str) -> tuple[list[float], list[float]]:
+    by_epoch = _epoch_values(runs, section, key)
     xs = sorted(by_epoch)
     return xs, [float(np.mean(by_epoch[x])) for x in xs]
 
@@ -124,6 +130,8 @@ def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: i
             if xs:
                 ax.plot(xs, np.asarray(ys) * scale, marker="o", markersize=3, label=variant_label(variant),
                         color=_color(variant))
+                per_seed = _epoch_values(runs, section, key)
+                _seed_spread(ax, xs, [[v * scale for v in per_seed[x]] for x in xs], _color(variant))
                 drawn += 1
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("equivalent epoch")
@@ -132,7 +140,8 @@ def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: i
         return None
     axes[0].legend(fontsize=8)
     return Figure(f"training_{index}", f"Training curves — {protocol.dataset}, {protocol.model}",
-                  f"{protocol.label()}; mean over seeds per epoch.", _encode(fig))
+                  f"{protocol.label()}; line: mean over seeds per epoch; points: each seed; band: the seeds' "
+                  f"range.", _encode(fig))
 
 
 def _number(value) -> float:
