@@ -147,3 +147,19 @@ def test_eps_curve_draws_every_seed_and_the_seed_range(tmp_path):
     drawn = build(load_results(tmp_path)).figures
     curves = [f for f in drawn if f.key.startswith(("eps_curve", "training"))]
     assert len(curves) == 2 and all("points: each seed" in f.caption for f in curves)
+
+
+def test_tables_show_mean_std_and_seed_count_and_mark_fewer_than_three(tmp_path):
+    runs = (_seeds("pgd-at", [0, 1, 2], [80, 82, 84], [40, 42, 44], [37, 38, 39])
+            + _seeds("static-des", [0], [81], [41], [38]) + _seeds("ades", [0, 1], [81, 83], [41, 43], [38, 39]))
+    fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
+    result = build(load_results(tmp_path))
+    rows = {(r["Method"].text, r["Checkpoint"]): r for r in result.table1[0].display}
+    three, one = rows[("PGD-AT", "last")], rows[("Static-DES", "last")]
+    assert three["Clean"].text.startswith("82.00 ± 2.00 (n=3)") and "‡" not in three["Clean"].text
+    assert one["Clean"].text.startswith("81.00 (n=1) ‡") and "fewer than 3" in one["Clean"].title
+    assert "‡" in one["Seeds"].text and "‡" not in three["Seeds"].text
+    table2 = {r["Method"].text: r for r in result.table2[0].display}
+    assert "(n=2) ‡" in table2["ADES"]["Clean"].text
+    table3 = {r["Method"].text: r for r in result.table3[0].display}
+    assert table3["PGD-AT"]["Seeds"].text == "3" and table3["ADES"]["Seeds"].text == "2 ‡"
