@@ -163,3 +163,26 @@ def test_tables_show_mean_std_and_seed_count_and_mark_fewer_than_three(tmp_path)
     assert "(n=2) ‡" in table2["ADES"]["Clean"].text
     table3 = {r["Method"].text: r for r in result.table3[0].display}
     assert table3["PGD-AT"]["Seeds"].text == "3" and table3["ADES"]["Seeds"].text == "2 ‡"
+
+
+def test_every_curve_hands_each_seed_to_the_spread(tmp_path, monkeypatch):
+    from harness.report import figures
+
+    calls = []
+    monkeypatch.setattr(figures, "_seed_spread", lambda ax, x, values, color: calls.append(values))
+    fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)),
+                     corrupt=False)
+    build(load_results(tmp_path))
+    assert len(calls) == 1 + 4  # the eps curve and the four training panels
+    assert all(len(per_x) == 3 for values in calls for per_x in values)
+
+
+def test_seeds_needed_uses_the_papers_smallest_claimed_margin(tmp_path):
+    """Against PGD-AT the paper claims +8.8 PGD-20, against Static-DES +2.5: the claim must resolve +2.5."""
+    runs = (_seeds("pgd-at", [0, 1, 2], [80, 81, 79], [40, 42, 41], [37] * 3)
+            + _seeds("static-des", [0, 1, 2], [80, 81, 79], [41, 43, 42], [37] * 3)
+            + _seeds("ades", [0, 1, 2], [81, 82, 80], [42, 44, 42], [37] * 3))
+    rows, _ = _beats(tmp_path, runs)
+    [pgd] = rows
+    assert pgd.needed.endswith("for +2.5")
+    assert any("smallest claimed margin here: +2.5 over Static-DES" in d for d in pgd.details)
