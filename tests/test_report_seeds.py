@@ -186,3 +186,13 @@ def test_seeds_needed_uses_the_papers_smallest_claimed_margin(tmp_path):
     [pgd] = rows
     assert pgd.needed.endswith("for +2.5")
     assert any("smallest claimed margin here: +2.5 over Static-DES" in d for d in pgd.details)
+
+
+def test_unpaired_fallback_is_welch_and_power_uses_the_intervals_degrees_of_freedom():
+    a, b = {0: 50.0, 1: 52.0, 2: 51.0}, {7: 47.0, 8: 49.5, 9: 48.0, 10: 46.0}
+    unpaired = stats.compare_seeds(a, b, 0.0, 500, "x")
+    ci = scipy_stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False).confidence_interval(0.95)
+    assert not unpaired.paired and unpaired.interval().low == pytest.approx(ci.low)
+    assert unpaired.interval().high == pytest.approx(ci.high) and "Welch" in unpaired.interval().method
+    # the test-set term has ~500 degrees of freedom: counting them resolves a smaller difference than n - 1 would
+    assert stats.smallest_resolvable(1.0, 4.0, 3, 0.01, 500) < stats.smallest_resolvable(1.0, 4.0, 3, 0.01)

@@ -124,6 +124,7 @@ class SeedComparison:
     dof: float
     prob_improvement: float  # P(A > B) over seeds, ties counted half
     source: str  # where the per-seed numbers came from
+    test_examples: int = 0  # behind the test-set term
 
     @property
     def seeds(self) -> int:
@@ -163,20 +164,20 @@ def compare_seeds(a: dict[int, float], b: dict[int, float], test_var: float, tes
         dof = _satterthwaite(seed_var, n - 1, test_var, test_examples - 1)
         prob = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
         return SeedComparison(float(diffs.mean()), n, n, True, seed_sd, test_var, math.sqrt(seed_var + test_var),
-                              dof, prob, source)
+                              dof, prob, source, test_examples)
     va, vb = np.array(list(a.values()), float), np.array(list(b.values()), float)
     value = float(va.mean() - vb.mean())
     prob = float(scipy_stats.mannwhitneyu(va, vb).statistic / (len(va) * len(vb)))
     if len(va) < 2 or len(vb) < 2:
         return SeedComparison(value, len(va), len(vb), False, float("nan"), test_var, math.sqrt(test_var),
-                              float("nan"), prob, source)
+                              float("nan"), prob, source, test_examples)
     wa, wb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
     seed_var = wa + wb
     seed_dof = seed_var ** 2 / (wa ** 2 / (len(va) - 1) + wb ** 2 / (len(vb) - 1)) \
         if seed_var > 0 else 0.0
     dof = _satterthwaite(seed_var, seed_dof, test_var, test_examples - 1)
     return SeedComparison(value, len(va), len(vb), False, math.sqrt(seed_var * min(len(va), len(vb))), test_var,
-                          math.sqrt(seed_var + test_var), dof, prob, source)
+                          math.sqrt(seed_var + test_var), dof, prob, source, test_examples)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -191,18 +192,24 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def smallest_resolvable(seed_sd: float, test_var: float, seeds: int, alpha: float, power: float = POWER) -> float:
-    """Minimum detectable difference (two-sided t, level alpha, given power) at `seeds` paired seeds."""
+def smallest_resolvable(seed_sd: float, test_var: float, seeds: int, alpha: float, test_examples: int = 0,
+                        power: float = POWER) -> float:
+    """Minimum detectable difference (two-sided t, level alpha, given power) at `seeds` paired seeds, with
+    the interval's own degrees of freedom (Satterthwaite; n - 1 when the test-set term is unknown)."""
     if seeds < 2 or not np.isfinite(seed_sd):
         return float("inf")
-    dof = seeds - 1  # conservative: the test-set term's many degrees of freedom are ignored
+    seed_var = seed_sd ** 2 / seeds
+    dof = _satterthwaite(seed_var, seeds - 1, test_var, test_examples - 1) if test_examples > 1 else seeds - 1
+    if not np.isfinite(dof):
+        dof = seeds - 1
     factor = scipy_stats.t.ppf(1 - alpha / 2, dof) + scipy_stats.t.ppf(power, dof)
-    return float(factor * math.sqrt(seed_sd ** 2 / seeds + test_var))
+    return float(factor * math.sqrt(seed_var + test_var))
 
 
-def seeds_needed(claimed: float, seed_sd: float, test_var: float, alpha: float, cap: int = SEEDS_CAP) -> int | None:
+def seeds_needed(claimed: float, seed_sd: float, test_var: float, alpha: float, test_examples: int = 0,
+                 cap: int = SEEDS_CAP) -> int | None:
     """Smallest seed count whose resolvable difference is <= |claimed| (None: more than `cap`)."""
     for n in range(2, cap + 1):
-        if smallest_resolvable(seed_sd, test_var, n, alpha) <= abs(claimed):
+        if smallest_resolvable(seed_sd, test_var, n, alpha, test_examples) <= abs(claimed):
             return n
     return None

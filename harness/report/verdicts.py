@@ -223,14 +223,15 @@ def family_alpha(size: int) -> float:
 def power_fields(judged: Judged, claimed: float | None, family_size: int) -> dict[str, str]:
     """P(A > B), the smallest resolvable difference and the seeds the claimed difference needs."""
     comp, alpha = judged.comparison, family_alpha(family_size)
-    resolvable = smallest_resolvable(comp.seed_sd, comp.test_var, comp.seeds, alpha)
+    resolvable = smallest_resolvable(comp.seed_sd, comp.test_var, comp.seeds, alpha, comp.test_examples)
     fields = {"seeds": f"{comp.seeds_a} vs {comp.seeds_b}" + (", paired by seed" if comp.paired else ", unpaired"),
               "prob": f"{comp.prob_improvement:.2f}",
               "resolvable": f"{resolvable:.2f}" if np.isfinite(resolvable) else "unknown (one seed: no spread)",
               "needed": "—", "warning": ""}
     if claimed is None:
         return fields
-    needed = seeds_needed(claimed, comp.seed_sd, comp.test_var, alpha) if comp.seeds >= 2 and comp.seed_sd > 0 \
+    needed = seeds_needed(claimed, comp.seed_sd, comp.test_var, alpha, comp.test_examples) \
+        if comp.seeds >= 2 and comp.seed_sd > 0 \
         else None
     fields["needed"] = (f"{needed} per side for {claimed:+.1f}" if needed else
                         f">{SEEDS_CAP} per side for {claimed:+.1f}" if comp.seeds >= 2 and comp.seed_sd > 0
