@@ -108,7 +108,9 @@ def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
     result = build(load_results(tmp_path))
     clean = next(v for v in result.verdicts if v.claim == verdicts.CLAIM_ABLATION and v.test.endswith("clean"))
     assert clean.warning.startswith("This run cannot resolve the paper's claimed +0.5 points")
-    assert "per side for +0.5" in clean.needed
+    # the fixture's flags are independent per model, so its 500-example test subset alone is too noisy
+    assert clean.needed.startswith("no seed count for +0.5: the test subset alone limits it to")
+    assert "no number of seeds suffices: the 500-example test subset alone" in clean.warning
     html_path, _ = make_report(tmp_path, tmp_path / "out")
     assert 'data-role="resolution-warnings"' in html_path.read_text() and str(escape(clean.warning)) in html_path.read_text()
     table = pd.read_csv(tmp_path / "out" / "tables" / "verdicts.csv")
@@ -184,7 +186,7 @@ def test_seeds_needed_uses_the_papers_smallest_claimed_margin(tmp_path):
             + _seeds("ades", [0, 1, 2], [81, 82, 80], [42, 44, 42], [37] * 3))
     rows, _ = _beats(tmp_path, runs)
     [pgd] = rows
-    assert pgd.needed.endswith("for +2.5")
+    assert "for +2.5" in pgd.needed
     assert any("smallest claimed margin here: +2.5 over Static-DES" in d for d in pgd.details)
 
 

@@ -230,19 +230,26 @@ def power_fields(judged: Judged, claimed: float | None, family_size: int) -> dic
               "needed": "—", "warning": ""}
     if claimed is None:
         return fields
-    needed = seeds_needed(claimed, comp.seed_sd, comp.test_var, alpha, comp.test_examples) \
-        if comp.seeds >= 2 and comp.seed_sd > 0 \
-        else None
-    fields["needed"] = (f"{needed} per side for {claimed:+.1f}" if needed else
-                        f">{SEEDS_CAP} per side for {claimed:+.1f}" if comp.seeds >= 2 and comp.seed_sd > 0
-                        else f"unknown for {claimed:+.1f}: the seed spread needs 2 seeds or more")
+    spread_known = comp.seeds >= 2 and comp.seed_sd > 0
+    needed = seeds_needed(claimed, comp.seed_sd, comp.test_var, alpha, comp.test_examples) if spread_known else None
+    # with unlimited seeds only the shared test subset's noise is left
+    test_floor = smallest_resolvable(0.0, comp.test_var, SEEDS_CAP, alpha, comp.test_examples)
+    if needed:
+        fields["needed"], advice = f"{needed} per side for {claimed:+.1f}", f"about {needed} seeds per side would be needed."
+    elif spread_known and test_floor > abs(claimed):
+        fields["needed"] = f"no seed count for {claimed:+.1f}: the test subset alone limits it to {test_floor:.2f}"
+        advice = (f"no number of seeds suffices: the {comp.test_examples}-example test subset alone limits it to "
+                  f"{test_floor:.2f} points, so more test examples (`harness eval --n`) are needed.")
+    elif spread_known:
+        fields["needed"], advice = f">{SEEDS_CAP} per side for {claimed:+.1f}", f"more than {SEEDS_CAP} seeds per side would be needed."
+    else:
+        fields["needed"] = f"unknown for {claimed:+.1f}: the seed spread needs 2 seeds or more"
+        advice = "its seed spread is unknown."
     if not abs(claimed) >= resolvable:
         fields["warning"] = (
             f"This run cannot resolve the paper's claimed {claimed:+.1f} points: with {comp.seeds} seed(s) per side "
             f"the smallest difference it detects (80% power, level {alpha:.4f}) is "
-            + (f"{resolvable:.2f} points" if np.isfinite(resolvable) else "unknown (no seed spread)")
-            + (f"; about {needed} seeds per side would be needed." if needed else
-               f"; more than {SEEDS_CAP} seeds per side would be needed." if np.isfinite(resolvable) else "."))
+            + (f"{resolvable:.2f} points; " if np.isfinite(resolvable) else "unknown (no seed spread); ") + advice)
     return fields
 
 
