@@ -184,3 +184,17 @@ def test_autoattack_clean_pass_at_eps0_is_batched(tiny, data):
         model, x, y, Fraction(0), torch.ones(len(y), dtype=torch.bool))
     assert max(model.sizes) == 50 and sum(model.sizes) == len(y)
     assert torch.equal(outcome.robust, tiny(x).argmax(1) == y)
+
+
+def test_nested_balls_and_over_every_smaller_eps_not_only_the_previous(tiny, data, tmp_path):
+    """Broken at eps1, not at eps2: the point stays broken at eps3 (eps1's ball lies inside eps3's)."""
+    x, y = data
+    a, b, c = Fraction(2, 100), Fraction(4, 100), Fraction(6, 100)
+    with torch.no_grad():
+        point = int((tiny(x).argmax(1) == y).nonzero()[0])
+    attack = Scripted("scripted", {a: [point]}, [])  # raw: broken at 2/100, robust at 4/100 and 6/100
+    sweep(tiny, x, y, [attack], [a, b, c], store_for(tmp_path, len(y)), batch_size=200, probes=None)
+    flags = load_flags(tmp_path)
+    assert flags[raw_key("scripted", c)][point]
+    assert not flags[cell_key("scripted", b)][point]
+    assert not flags[cell_key("scripted", c)][point]
