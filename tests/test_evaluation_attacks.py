@@ -199,3 +199,23 @@ def test_every_restart_draws_a_new_random_start(tiny, test_set, monkeypatch):
     repeated = [d for d in by_point.values() if len(d) > 1]
     assert repeated and all(not torch.equal(d[0], d[1]) for d in repeated)
     assert (robust <= one).all()
+
+
+class Threshold(nn.Module):
+    """One pixel, linear: class 1 wins above 0.5."""
+
+    def forward(self, x):
+        z = x.flatten(1)[:, :1] - 0.5
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+
+def test_the_final_iterate_is_checked_one_step_that_crosses_the_boundary_breaks_the_point():
+    from harness.pgd import pgd_until_fooled
+
+    x, y = torch.full((8, 1, 1, 1), 0.45), torch.zeros(8, dtype=torch.long)
+    x_adv, fooled = pgd_until_fooled(Threshold(), x, y, 0.1, steps=1, step_size=0.1, random_start=False)
+    assert fooled.all() and bool((x_adv > 0.5).all())
+    # the evaluation attack (random start in [0.35, 0.55], steps of eps/4 = 0.025): PGD-7 ends past 0.5
+    # from every start; from a start below 0.375 only its final iterate does
+    x, y = torch.full((400, 1, 1, 1), 0.45), torch.zeros(400, dtype=torch.long)
+    assert not our_pgd(Threshold(), x, y, 0.1, steps=7).robust.any()
