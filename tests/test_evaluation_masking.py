@@ -198,3 +198,29 @@ def test_nested_balls_and_over_every_smaller_eps_not_only_the_previous(tiny, dat
     assert flags[raw_key("scripted", c)][point]
     assert not flags[cell_key("scripted", b)][point]
     assert not flags[cell_key("scripted", c)][point]
+
+
+class SaturatedOnSome(nn.Module):
+    """Two pixels: class 0 wins where the first is above 0.5; the second scales the logits by up to
+    10^4, so where it is 1 the softmax saturates and the CE gradient is exactly zero."""
+
+    def forward(self, x):
+        v, s = x.flatten(1)[:, :1], x.flatten(1)[:, 1:2]
+        z = (1 + 1e4 * s) * (2 * v - 1)
+        return torch.cat([z, -z], 1)
+
+
+def test_vanishing_ce_counts_clean_correct_points_only(tmp_path):
+    """50% clean accuracy, 12 of the 128 correct probe points saturated: 9.4% of the correct points,
+    4.7% of all, so only the count over correct points (what the check says it measures) fails it."""
+    from harness.evaluation.sweep import PROBE_SIZE
+
+    n = 256
+    assert PROBE_SIZE >= n  # every point is a probe point
+    x = torch.zeros(n, 1, 1, 2)
+    x[: n // 2, ..., 0] = 0.9  # correct (label 0); the rest are misclassified with a live gradient
+    x[:12, ..., 1] = 1.0  # saturated
+    y = torch.zeros(n, dtype=torch.long)
+    result = pgd20_sweep(SaturatedOnSome(), (x, y), tmp_path)
+    check = next(c for c in result.checks if c.name == "ce-gradients-not-vanishing")
+    assert not check.passed and "of 128 clean-correct" in check.detail, check.detail
