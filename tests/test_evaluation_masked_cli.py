@@ -91,3 +91,29 @@ def test_no_probes_shows_the_probes_as_skipped_with_the_command_that_runs_them(r
     skipped = {s["name"]: s for s in json.loads((evaluation / "evaluation.json").read_text())["checks_skipped"]}
     assert {"square-probe", "more-steps", "pgd20-cw-gap"} <= set(skipped)
     assert skipped["square-probe"]["reason"] == "--no-probes was passed" and "command" in skipped["square-probe"]
+
+
+def test_printed_rerun_command_reproduces_every_option_of_the_evaluation(run_dir, data_dir, tmp_path):
+    """Pasting "to run them: harness eval ..." must evaluate the same model, points and protocol: its
+    options, parsed by `harness eval` itself, equal the original invocation's, attacks aside."""
+    import shlex
+    import shutil
+
+    from harness.commands.eval import eval_command
+
+    run = shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("eval"))
+    original = [str(run), "--checkpoint", "best", "--attack", "pgd-20", "--n", "16", "--eps", "0,8/255",
+                "--pgd-step", "eps/5", "--pgd-restarts", "2", "--seed", "3", "--batch-size", "8",
+                "--autoattack-attacks", "apgd-ce", "--results", str(tmp_path / "elsewhere"),
+                "--data-dir", str(data_dir), "--no-nested-balls", "--no-download", "--quiet", "--no-probes"]
+    out = CliRunner().invoke(main, ["eval", *original])
+    assert out.exit_code == 0, out.output
+    (line,) = out.output.strip().splitlines()
+    printed = shlex.split(line.split("to run them: ")[1].rsplit(")  -> ", 1)[0])
+    assert printed[:2] == ["harness", "eval"]
+
+    def options(args: list[str]) -> dict:
+        params = eval_command.make_context("eval", list(args)).params
+        return {k: v for k, v in params.items() if k not in ("attacks", "no_probes", "quiet")}
+
+    assert options(printed[2:]) == options(original)
