@@ -100,7 +100,7 @@ def test_probe_cost_is_bounded_by_the_subset(tiny, data, tmp_path, monkeypatch):
     original = masking.QuickSquare.robust
 
     def spy(self, model, x, y, eps, candidates):
-        seen.append((len(y), eps))
+        seen.append((int(candidates.sum()), eps))  # the points attacked (all n are passed, for seeding)
         return original(self, model, x, y, eps, candidates)
 
     monkeypatch.setattr(masking.QuickSquare, "robust", spy)
@@ -224,3 +224,27 @@ def test_vanishing_ce_counts_clean_correct_points_only(tmp_path):
     result = pgd20_sweep(SaturatedOnSome(), (x, y), tmp_path)
     check = next(c for c in result.checks if c.name == "ce-gradients-not-vanishing")
     assert not check.passed and "of 128 clean-correct" in check.detail, check.detail
+
+
+def test_step_count_probe_starts_each_point_where_pgd20_started(tiny, data, tmp_path, monkeypatch):
+    """PGD-100 must measure steps alone: a point's random start equals the sweep's PGD-20 start, so
+    what PGD-100 breaks is not a second restart in disguise."""
+    from harness.evaluation import attacks as attacks_module
+
+    starts: dict[int, dict[bytes, torch.Tensor]] = {20: {}, 100: {}}
+    original = attacks_module.pgd_until_fooled
+
+    def spy(model, x, y, eps, *, steps, delta_init, **kwargs):
+        for point, delta, e in zip(x, delta_init, eps):
+            if steps in starts and float(e) > 0:
+                starts[steps][point.numpy().tobytes()] = delta / e
+        return original(model, x, y, eps, steps=steps, delta_init=delta_init, **kwargs)
+
+    monkeypatch.setattr(attacks_module, "pgd_until_fooled", spy)
+    x, y = data
+    result = sweep(tiny, x, y, attacks("pgd-20"), [Fraction(0), Fraction(6, 100)], store_for(tmp_path, len(y)),
+                   batch_size=200)
+    assert "more-steps" in {c.name for c in result.checks}
+    assert len(starts[100]) > 5
+    for point, start in starts[100].items():
+        assert torch.equal(start, starts[20][point])
