@@ -148,3 +148,54 @@ def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(train
     drop = (before - outer_loss()[0]).item()
     assert predicted > 1e-9
     assert 0.5 * predicted < drop < 1.5 * predicted, (drop, predicted)
+
+
+def one_train_step(model, train_batch, synthetic_info, spy: dict):
+    """`train_step` on 16 training examples with the other 16 held out; `spy` records what the
+    hypergradient step received and the buffers around the held-out attack."""
+    from harness.data import Batch
+
+    held = Split(train_batch.x[16:], train_batch.y[16:])
+    defense = make_bilevel(synthetic_info, held, held_out_batch=16)
+    defense.setup(model)
+    hyper, adversarial = defense.hypergradient_step, defense.held_out_adversarial
+
+    def spy_hyper(model, params, grads, lr, held_out):
+        spy["outer"] = held_out
+        return hyper(model, params, grads, lr, held_out)
+
+    def spy_adversarial(model):
+        spy["buffers_before"] = [b.detach().clone() for b in model.buffers()]
+        result = adversarial(model)
+        spy["buffers_after"] = [b.detach().clone() for b in model.buffers()]
+        return result
+
+    defense.hypergradient_step, defense.held_out_adversarial = spy_hyper, spy_adversarial
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = Batch(train_batch.x[:16], train_batch.y[:16], torch.arange(16))
+    defense.train_step(model, optimizer, batch)
+    return defense
+
+
+def test_train_step_takes_every_outer_example_from_the_held_out_split(trained_model, train_batch, synthetic_info):
+    spy: dict = {}
+    defense = one_train_step(trained_model, train_batch, synthetic_info, spy)
+    x_outer, y_outer = spy["outer"]
+    eps = defense.context.eps_float
+    held_x, held_y = train_batch.x[16:], train_batch.y[16:]
+    train_x = train_batch.x[:16]
+    assert len(y_outer) == 16
+    for x, y in zip(x_outer, y_outer):
+        near_held = (held_x - x).flatten(1).abs().max(1).values <= eps + 1e-6
+        near_train = (train_x - x).flatten(1).abs().max(1).values <= eps + 1e-6
+        assert near_held.any() and not near_train.any()
+        assert bool((held_y[near_held] == y).all())
+
+
+def test_held_out_attack_in_train_step_leaves_batchnorm_statistics_alone(trained_model, train_batch,
+                                                                          synthetic_info):
+    spy: dict = {}
+    one_train_step(trained_model, train_batch, synthetic_info, spy)
+    assert any(b.is_floating_point() for b in spy["buffers_before"])  # the model has BN statistics
+    for before, after in zip(spy["buffers_before"], spy["buffers_after"]):
+        assert torch.equal(before, after)

@@ -78,3 +78,14 @@ def test_cat_is_in_table1_and_table2_as_a_control(tmp_path):
     assert any(str(row["Method"].text) == "CAT" for row in report.table1[0].display)
     methods = [row["Method"].text for row in report.table2[0].display]
     assert "CAT" in methods and "ADES − CAT" in methods and "ADES − Static-DES" in methods
+
+
+@pytest.mark.parametrize("random_start, low, high", [(True, 0.4, 0.65), (False, 0.0, 0.3)])
+def test_pgd1_lesson_honours_random_start(trained_model, train_batch, synthetic_info, random_start, low, high):
+    """PGD-1 with step eps/4: a uniform start puts |delta| near eps/2 on average, a zero start at
+    eps/4 at most, so the control's perturbation size is the one its record states."""
+    defense = make(synthetic_info, epochs=8, batch_mixing=False, random_start=random_start)
+    defense.start_epoch(1)  # lesson 1: PGD-1 on the whole batch
+    x_adv, _ = defense.perturb(trained_model, train_batch)
+    reach = float((x_adv - train_batch.x).abs().mean()) / float(synthetic_info.eps)
+    assert low < reach < high, reach

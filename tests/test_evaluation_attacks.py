@@ -199,3 +199,47 @@ def test_every_restart_draws_a_new_random_start(tiny, test_set, monkeypatch):
     repeated = [d for d in by_point.values() if len(d) > 1]
     assert repeated and all(not torch.equal(d[0], d[1]) for d in repeated)
     assert (robust <= one).all()
+
+
+class Threshold(nn.Module):
+    """One pixel, linear: class 1 wins above 0.5."""
+
+    def forward(self, x):
+        z = x.flatten(1)[:, :1] - 0.5
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+
+def test_the_final_iterate_is_checked_one_step_that_crosses_the_boundary_breaks_the_point():
+    from harness.pgd import pgd_until_fooled
+
+    x, y = torch.full((8, 1, 1, 1), 0.45), torch.zeros(8, dtype=torch.long)
+    x_adv, fooled = pgd_until_fooled(Threshold(), x, y, 0.1, steps=1, step_size=0.1, random_start=False)
+    assert fooled.all() and bool((x_adv > 0.5).all())
+    # the evaluation attack (random start in [0.35, 0.55], steps of eps/4 = 0.025): PGD-7 ends past 0.5
+    # from every start; from a start below 0.375 only its final iterate does
+    x, y = torch.full((400, 1, 1, 1), 0.45), torch.zeros(400, dtype=torch.long)
+    assert not our_pgd(Threshold(), x, y, 0.1, steps=7).robust.any()
+
+
+def test_resumed_autoattack_attacks_only_the_points_its_state_file_lists_as_robust(tiny, test_set, tmp_path):
+    """What the state file says an earlier attack broke stays broken: the remaining attacks run on the
+    points still robust only. Points the whole attack list cannot break are listed as broken in the
+    state file here, so re-attacking every point would bring them back as robust."""
+    from pyautoattack.state import EvaluationState
+
+    x, y = test_set[0][:60], test_set[1][:60]
+    eps, attacks = 0.07, ["apgd-ce", "apgd-t"]
+    full = direct_autoattack_flags(tiny, x, y, eps, attacks, batch_size=32)
+    listed_broken = full.nonzero().squeeze(1)[:5]
+    assert len(listed_broken) == 5
+    state_flags = full.clone()
+    state_flags[listed_broken] = False
+    attack = AutoAttackEval("autoattack-custom", "custom", 0, 32, tuple(attacks), tmp_path)
+    state = EvaluationState(set(attacks), path=attack.state_path(Fraction(7, 100)))
+    state.robust_flags = state_flags
+    state.clean_accuracy = 1.0
+    state.add_run_attack("apgd-ce")
+    state.to_disk(force=True)
+    resumed = ours_autoattack(tiny, x, y, eps, attacks, batch_size=32, state_dir=tmp_path)
+    assert not resumed[listed_broken].any()
+    assert torch.equal(resumed, state_flags)

@@ -160,7 +160,8 @@ def test_summary_lists_skipped_checks_with_the_command_that_runs_them(run_dir, d
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
     skipped = [line for line in out.output.splitlines() if line.strip().startswith("[skipped] pgd20-autoattack-gap")]
-    assert skipped and f"run: harness eval {run_dir} --n 32 --eps 0,8/255 -a pgd-20 -a autoattack-standard" in skipped[0]
+    assert skipped and f"run: harness eval {run_dir} --checkpoint last --n 32 --eps 0,8/255 " in skipped[0]
+    assert f" --data-dir {data_dir} " in skipped[0] and skipped[0].endswith(" -a pgd-20 -a autoattack-standard")
     quiet = CliRunner().invoke(main, args + ["-q", str(run_dir)])
     lines = quiet.output.strip().splitlines()
     assert quiet.exit_code == 0 and len(lines) == 2 and all(line.startswith("already evaluated: ") for line in lines)

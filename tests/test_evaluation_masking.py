@@ -100,7 +100,7 @@ def test_probe_cost_is_bounded_by_the_subset(tiny, data, tmp_path, monkeypatch):
     original = masking.QuickSquare.robust
 
     def spy(self, model, x, y, eps, candidates):
-        seen.append((len(y), eps))
+        seen.append((int(candidates.sum()), eps))  # the points attacked (all n are passed, for seeding)
         return original(self, model, x, y, eps, candidates)
 
     monkeypatch.setattr(masking.QuickSquare, "robust", spy)
@@ -184,3 +184,67 @@ def test_autoattack_clean_pass_at_eps0_is_batched(tiny, data):
         model, x, y, Fraction(0), torch.ones(len(y), dtype=torch.bool))
     assert max(model.sizes) == 50 and sum(model.sizes) == len(y)
     assert torch.equal(outcome.robust, tiny(x).argmax(1) == y)
+
+
+def test_nested_balls_and_over_every_smaller_eps_not_only_the_previous(tiny, data, tmp_path):
+    """Broken at eps1, not at eps2: the point stays broken at eps3 (eps1's ball lies inside eps3's)."""
+    x, y = data
+    a, b, c = Fraction(2, 100), Fraction(4, 100), Fraction(6, 100)
+    with torch.no_grad():
+        point = int((tiny(x).argmax(1) == y).nonzero()[0])
+    attack = Scripted("scripted", {a: [point]}, [])  # raw: broken at 2/100, robust at 4/100 and 6/100
+    sweep(tiny, x, y, [attack], [a, b, c], store_for(tmp_path, len(y)), batch_size=200, probes=None)
+    flags = load_flags(tmp_path)
+    assert flags[raw_key("scripted", c)][point]
+    assert not flags[cell_key("scripted", b)][point]
+    assert not flags[cell_key("scripted", c)][point]
+
+
+class SaturatedOnSome(nn.Module):
+    """Two pixels: class 0 wins where the first is above 0.5; the second scales the logits by up to
+    10^4, so where it is 1 the softmax saturates and the CE gradient is exactly zero."""
+
+    def forward(self, x):
+        v, s = x.flatten(1)[:, :1], x.flatten(1)[:, 1:2]
+        z = (1 + 1e4 * s) * (2 * v - 1)
+        return torch.cat([z, -z], 1)
+
+
+def test_vanishing_ce_counts_clean_correct_points_only(tmp_path):
+    """50% clean accuracy, 12 of the 128 correct probe points saturated: 9.4% of the correct points,
+    4.7% of all, so only the count over correct points (what the check says it measures) fails it."""
+    from harness.evaluation.sweep import PROBE_SIZE
+
+    n = 256
+    assert PROBE_SIZE >= n  # every point is a probe point
+    x = torch.zeros(n, 1, 1, 2)
+    x[: n // 2, ..., 0] = 0.9  # correct (label 0); the rest are misclassified with a live gradient
+    x[:12, ..., 1] = 1.0  # saturated
+    y = torch.zeros(n, dtype=torch.long)
+    result = pgd20_sweep(SaturatedOnSome(), (x, y), tmp_path)
+    check = next(c for c in result.checks if c.name == "ce-gradients-not-vanishing")
+    assert not check.passed and "of 128 clean-correct" in check.detail, check.detail
+
+
+def test_step_count_probe_starts_each_point_where_pgd20_started(tiny, data, tmp_path, monkeypatch):
+    """PGD-100 must measure steps alone: a point's random start equals the sweep's PGD-20 start, so
+    what PGD-100 breaks is not a second restart in disguise."""
+    from harness.evaluation import attacks as attacks_module
+
+    starts: dict[int, dict[bytes, torch.Tensor]] = {20: {}, 100: {}}
+    original = attacks_module.pgd_until_fooled
+
+    def spy(model, x, y, eps, *, steps, delta_init, **kwargs):
+        for point, delta, e in zip(x, delta_init, eps):
+            if steps in starts and float(e) > 0:
+                starts[steps][point.numpy().tobytes()] = delta / e
+        return original(model, x, y, eps, steps=steps, delta_init=delta_init, **kwargs)
+
+    monkeypatch.setattr(attacks_module, "pgd_until_fooled", spy)
+    x, y = data
+    result = sweep(tiny, x, y, attacks("pgd-20"), [Fraction(0), Fraction(6, 100)], store_for(tmp_path, len(y)),
+                   batch_size=200)
+    assert "more-steps" in {c.name for c in result.checks}
+    assert len(starts[100]) > 5
+    for point, start in starts[100].items():
+        assert torch.equal(start, starts[20][point])

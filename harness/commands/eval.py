@@ -249,17 +249,25 @@ def evaluation_config(s: EvalSettings, eps_list: list[Fraction], count: int):
 
 
 def rerun_command(target: str, s: EvalSettings, eps_list: list[Fraction]):
-    """(attack names) -> the `harness eval` command for this target with those attacks."""
-    base = ["harness", "eval", target]
-    if s.label != "last":
-        base += ["--checkpoint", s.label]
-    if s.n is not None:
-        base += ["--n", str(s.n)]
-    if s.eps_text is not None:
-        base += ["--eps", s.eps_text]
+    """(attack names) -> the `harness eval` command for this target with those attacks: every option
+    that shaped this evaluation (target resolution, data, points, eps, attack settings), so that pasting
+    it evaluates the same model on the same points under the same protocol."""
+    import shlex
+
+    o = s.options
+    base = ["harness", "eval", target, "--checkpoint", s.label]
+    base += [] if s.n is None else ["--n", str(s.n)]
+    base += [] if s.eps_text is None else ["--eps", s.eps_text]
+    base += ["--pgd-step", o.pgd_step, "--pgd-restarts", str(o.pgd_restarts), "--seed", str(o.seed),
+             "--batch-size", str(o.batch_size), "--autoattack-attacks", ",".join(o.autoattack_attacks)]
+    for option, value in (("--model", s.model_name), ("--dataset", s.dataset), ("--results", s.results_dir),
+                          ("--data-dir", s.data_dir), ("--robustbench-dir", s.robustbench_dir)):
+        base += [] if value is None else [option, str(value)]
+    base += [] if s.nested else ["--no-nested-balls"]
+    base += [] if s.download else ["--no-download"]
 
     def command(names: list[str]) -> str:
-        return " ".join(base + [part for name in names for part in ("-a", name)])
+        return shlex.join(base + [part for name in names for part in ("-a", name)])
 
     return command
 

@@ -9,7 +9,8 @@ for itself, on at most `subset` points at one eps, so its cost is bounded whatev
   clean-correct probe points whose CE input gradient is exactly zero or vanishing.
 - `pgd20-cw-gap` (probe when cw-inf is not in the sweep): CW-30 on the margin loss (scale-free, so it
   sees through a saturated softmax) against PGD-20.
-- `more-steps` : PGD-100 with PGD-20's settings; points it still breaks mean PGD-20 had not converged.
+- `more-steps` : PGD-100 with PGD-20's settings and the same random start per point; points it still
+  breaks mean PGD-20 had not converged (a fixed start: it measures steps, not a second restart).
 - `square-probe`: Square with a small query budget, gradient-free, against every attack of the sweep.
 
 The probe eps is the largest of the sweep at which the sweep's worst case still leaves points robust
@@ -101,9 +102,12 @@ def masking_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: di
     where = (f"at {fraction_str(eps)} on {len(subset)} of the {len(standing)} points the sweep left robust")
 
     def extra_broken(attack: EvalAttack) -> tuple[int, float]:
-        candidates = torch.ones(len(subset), dtype=torch.bool, device=x.device)
-        outcome = attack.robust(model, x[subset], y[subset], eps, candidates)
-        k = int((~outcome.robust).sum())
+        # all n points passed, the subset as candidates: a seeded attack draws its random start per
+        # point of the whole set, so PGD-k starts each point where the sweep's PGD-20 did (steps alone)
+        candidates = torch.zeros(n, dtype=torch.bool, device=x.device)
+        candidates[subset] = True
+        outcome = attack.robust(model, x, y, eps, candidates)
+        k = int((~outcome.robust[subset]).sum())
         return k, 100.0 * k / len(subset) * len(standing) / n  # % of all n, extrapolated
 
     def verdict(name: str, attack: EvalAttack, limit: float, meaning: str) -> Check:
