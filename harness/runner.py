@@ -287,25 +287,24 @@ class Run:
         synchronize(self.device)
         timer = EpochMeter(self.device).start()
         shown = time.perf_counter()
-        with execution.training_steps():
-            for i, batch in zip(range(n_batches), loader.epoch(p)):
-                for group in optimizer.param_groups:
-                    group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
-                local = execution.shard(batch)
-                if visited is not None:
-                    visited[local.index] = True
-                try:
-                    stats = defense.train_step(execution.train_model, optimizer, local)
-                except Exception as exc:
-                    if is_out_of_memory(exc):
-                        raise execution.out_of_memory(defense, optimizer, local, len(batch.y)) from None
-                    raise
-                meter.add(stats, len(local.y))
-                faults.reached("train-batch")
-                bar.update(1)
-                if bar.disable is False and time.perf_counter() - shown > PROGRESS_SECONDS:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
-                    shown = time.perf_counter()
+        for i, batch in zip(range(n_batches), loader.epoch(p)):
+            for group in optimizer.param_groups:
+                group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
+            local = execution.shard(batch)
+            if visited is not None:
+                visited[local.index] = True
+            try:
+                stats = execution.train_step(defense, optimizer, local)
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise execution.out_of_memory(defense, optimizer, local, len(batch.y)) from None
+                raise
+            meter.add(stats, len(local.y))
+            faults.reached("train-batch")
+            bar.update(1)
+            if bar.disable is False and time.perf_counter() - shown > PROGRESS_SECONDS:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
+                shown = time.perf_counter()
         synchronize(self.device)
         resources = timer.finish()
         bar.close()

@@ -52,11 +52,19 @@ class Execution:
 
     @contextmanager
     def training_steps(self) -> Iterator[None]:
-        """Autocast and loss scaling for the defense's steps, attack included."""
+        """Autocast and loss scaling for ONE defense step, attack included. Never wrap several
+        optimiser steps in one region: autocast caches the low-precision copy of every weight that
+        requires grad until the outermost region exits, so later steps would run forward with the
+        first step's weights (the bf16/fp16 constant predictor of issue 22)."""
         with ExitStack() as stack:
             stack.enter_context(precision.autocast(self.precision, self.device))
             stack.enter_context(precision.scaling(self.scaler))
             yield
+
+    def train_step(self, defense: Defense, optimizer: torch.optim.Optimizer, batch: Batch) -> dict[str, torch.Tensor]:
+        """One minibatch of `defense` on the training model, in its own autocast region."""
+        with self.training_steps():
+            return defense.train_step(self.train_model, optimizer, batch)
 
     def shard(self, batch: Batch) -> Batch:
         local, self.scaler.share = distributed.shard(batch, self.world)
@@ -78,8 +86,7 @@ class Execution:
         fits = None
         if not self.world.distributed:
             def try_step(n: int) -> None:
-                with self.training_steps():
-                    defense.train_step(self.train_model, optimizer, Batch(batch.x[:n], batch.y[:n], batch.index[:n]))
+                self.train_step(defense, optimizer, Batch(batch.x[:n], batch.y[:n], batch.index[:n]))
             fits = largest_fitting_batch(try_step, len(batch.y))
         return HarnessError(out_of_memory_message(self.device, len(batch.y), global_batch, fits))
 
