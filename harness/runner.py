@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from harness.distributed import World
 from harness.environment import environment, synchronize
 from harness.errors import HarnessError
 from harness.evaluate import clean_and_pgd
+from harness.pgd import model_mode
 from harness.models import MODELS, build_model
 from harness import faults
 from harness.integrity import checkpoint_hashes
@@ -232,6 +234,9 @@ class Run:
         passes = budget.passes
         record = self._new_record(defense, data, budget)
         record["execution"] = execution.describe(spec.batchnorm)
+        warning = precision.slow_precision_warning(spec.precision, self.device)
+        if warning is not None and world.is_main:
+            tqdm.write(warning, file=sys.stderr)
         start, best_val = 0, -1.0
         if resume:
             ckpt = load_torch(self.dir / "last.pt", self.device)
@@ -265,6 +270,10 @@ class Run:
         if world.is_main:
             faults.reached("final-evaluation")
             record["final"] = self._final_evaluation(net, data, passes)
+            record["diagnostics"] = collapse_diagnostics(record["final"], self.info.num_classes)
+            if record["diagnostics"]["collapsed"]:
+                tqdm.write(f"warning: run {spec.run_id} collapsed: its {', '.join(record['diagnostics']['collapsed'])} "
+                           f"model predicts one class for the whole test subset", file=sys.stderr)
             record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
             record["status"] = "complete"
             record["finished"] = _now()
@@ -353,7 +362,9 @@ class Run:
                                 step_size=float(spec.eval_step), steps=spec.eval.pgd_steps,
                                 restarts=spec.eval.pgd_restarts, batch_size=spec.eval.batch_size, progress=bar)
             bar.close()
-            final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0}
+            final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0,
+                            "predicted_classes": predicted_classes(model, data.test.images, spec.eval.batch_size,
+                                                                   self.info.num_classes)}
             self._say(f"{spec.defense} [{label}] test clean {final[label]['clean']:.2f}  "
                       f"PGD-{spec.eval.pgd_steps} {final[label]['pgd']:.2f}  (n={final[label]['n']})")
         model.load_state_dict(last_state)
@@ -377,6 +388,26 @@ class Run:
             "epochs": [], "final": {}, "checkpoints": {"last": str(self.dir / "last.pt"),
                                                        "best": str(self.dir / "best.pt")},
         }
+
+
+COLLAPSE_SHARE = 0.99  # a checkpoint that puts this share of its test predictions in one class is collapsed
+
+
+def predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size: int, num_classes: int) -> list[int]:
+    """How many test examples the model (eval mode, fp32) assigns to each class: a constant predictor
+    scores chance-level clean accuracy and PGD accuracy equal to it, which no accuracy alone reveals."""
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    with model_mode(model, "eval"), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            counts += torch.bincount(model(images[start:start + batch_size]).argmax(1).cpu(), minlength=num_classes)
+    return counts.tolist()
+
+
+def collapse_diagnostics(final: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """`collapsed`: the checkpoints ('last', 'best') whose predictions fall (almost) all in one class."""
+    collapsed = [label for label, entry in final.items()
+                 if max(entry["predicted_classes"]) >= COLLAPSE_SHARE * max(sum(entry["predicted_classes"]), 1)]
+    return {"collapsed": collapsed, "collapse_share": COLLAPSE_SHARE, "num_classes": num_classes}
 
 
 @dataclass(frozen=True)

@@ -92,5 +92,6 @@ class Execution:
 
     def describe(self, batchnorm: str) -> dict[str, Any]:
         return {"precision": self.precision, "eval_precision": "fp32", "compile": precision.compile_backend() if self.compile else False,
+                "native_precision": precision.native_support(self.precision, self.device),
                 "loss_scaling": "dynamic (GradScaler)" if self.scaler.enabled else None,
                 "distributed": distributed.describe(self.world, batchnorm, self.device)}
