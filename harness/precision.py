@@ -144,9 +144,10 @@ def compile_backend() -> str:
     return os.environ.get("HARNESS_COMPILE_BACKEND", "inductor")
 
 
-def compiled(model: nn.Module, enabled: bool) -> nn.Module:
-    """`torch.compile(model)` when enabled. The caller keeps the original module for state dicts
-    (a compiled module's keys carry an `_orig_mod.` prefix) and for fp32 evaluation."""
-    if not enabled:
+def compiled(model: nn.Module, backend: str) -> nn.Module:
+    """`torch.compile(model, backend=backend)`, or `model` for backend "none" (`RunSpec.compile`). The
+    caller keeps the original module for state dicts (a compiled module's keys carry an `_orig_mod.`
+    prefix) and for fp32 evaluation."""
+    if backend == "none":
         return model
-    return torch.compile(model, backend=compile_backend())
+    return torch.compile(model, backend=backend)

@@ -8,6 +8,7 @@ Layout of a run directory (`<results>/<run_id>/`):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import random
@@ -55,14 +56,13 @@ class RunOptions:
     download: bool = True
     progress: bool = True  # a line per epoch; bars too where stderr is a terminal (not a log, not a Ray worker)
     wait: bool = False  # wait for another process holding this run's lock instead of failing
-    compile: bool = False  # torch.compile the training model (recorded; evaluation stays eager fp32)
     world: World = distributed.SINGLE  # this process's place in a torchrun launch
 
 
 def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, *, epochs: int | None = None,
               eps: str | None = None, model: str | None = None, dropout: float = 0.0,
               overrides: tuple[str, ...] = (), precision_name: str = "fp32", batchnorm: str = "global",
-              ranks: int = 1) -> RunSpec:
+              ranks: int = 1, compile_model: bool = False) -> RunSpec:
     """Resolve names, preset and overrides into a complete RunSpec (unknown names fail here)."""
     defense_cls = DEFENSES.get(defense)
     info = DATASETS.get(dataset)
@@ -90,8 +90,16 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
                    data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
                    eval=p.eval, seed=seed, precision=precision_name,
                    batchnorm=f"per-rank x{ranks}" if batchnorm == "per-rank" and ranks > 1 else "global")
+    spec = with_execution(spec, compile_model, ranks)
     defense_cls.check_spec(spec)
     return spec
+
+
+def with_execution(spec: RunSpec, compile_model: bool, world_size: int) -> RunSpec:
+    """`spec` as this command executes it: compile backend and process count are part of its identity
+    (a grid file's specs get them here too). fp32 eager single-process specs keep their run ids."""
+    return dataclasses.replace(spec, compile=precision.compile_backend() if compile_model else "none",
+                               world_size=world_size)
 
 
 @dataclass
@@ -171,6 +179,9 @@ class Run:
     # ---------------------------------------------------------------- lifecycle
 
     def execute(self) -> dict[str, Any]:
+        if self.spec.world_size != self.world.size:
+            raise HarnessError(f"run {self.spec.run_id} is specified for {self.spec.world_size} process(es) but "
+                               f"{self.world.size} are running it (world size is part of a run's identity)")
         if not self.world.is_main:  # under torchrun, rank 0 holds the run's lock for every rank
             return self._execute_locked()
         ensure_writable_dir(Path(self.options.results_dir), "--results")
@@ -229,7 +240,7 @@ class Run:
         defense.setup(net)
         sched = spec.schedule
         optimizer = sgd_for(net, sched)
-        execution = Execution.prepare(net, spec.precision, self.options.compile, world, self.device)
+        execution = Execution.prepare(net, spec.precision, spec.compile, world, self.device)
         budget = MinibatchBudget(sched.epochs, len(data.train), defense.replays)
         passes = budget.passes
         record = self._new_record(defense, data, budget)

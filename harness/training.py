@@ -29,19 +29,19 @@ class Execution:
     net: nn.Module  # the plain model: state dicts and evaluation
     train_model: nn.Module  # what the defense trains: compiled and/or DDP-wrapped `net`
     precision: str
-    compile: bool
+    compile: str  # RunSpec.compile: a torch.compile backend or "none"
     world: World
     device: torch.device
     scaler: precision.LossScaling
 
     @classmethod
-    def prepare(cls, net: nn.Module, precision_name: str, compile_model: bool, world: World,
+    def prepare(cls, net: nn.Module, precision_name: str, compile_backend: str, world: World,
                 device: torch.device) -> "Execution":
         """`net` must already be on `device` with global BatchNorm where the spec asks for it."""
-        train_model = precision.compiled(net, compile_model)
+        train_model = precision.compiled(net, compile_backend)
         if world.distributed:
             train_model = distributed.data_parallel(train_model, device)
-        return cls(net, train_model, precision_name, compile_model, world, device,
+        return cls(net, train_model, precision_name, compile_backend, world, device,
                    precision.LossScaling(precision_name, device))
 
     @staticmethod
@@ -91,7 +91,7 @@ class Execution:
         return HarnessError(out_of_memory_message(self.device, len(batch.y), global_batch, fits))
 
     def describe(self, batchnorm: str) -> dict[str, Any]:
-        return {"precision": self.precision, "eval_precision": "fp32", "compile": precision.compile_backend() if self.compile else False,
+        return {"precision": self.precision, "eval_precision": "fp32", "compile": self.compile if self.compile != "none" else False,
                 "native_precision": precision.native_support(self.precision, self.device),
                 "loss_scaling": "dynamic (GradScaler)" if self.scaler.enabled else None,
                 "distributed": distributed.describe(self.world, batchnorm, self.device)}

@@ -58,9 +58,11 @@ def test_fp32_default_keeps_run_names_and_trains_in_fp32(tmp_path, data_dir):
 
 def test_compiled_run_is_recorded(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("HARNESS_COMPILE_BACKEND", "aot_eager")
-    record = run(make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16"),
-                 options(tmp_path, data_dir, compile=True))
-    assert record["execution"]["compile"] == "aot_eager"
+    spec = make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16", compile_model=True)
+    assert spec.compile == "aot_eager" and spec.run_id != make_spec("pgd-at", "synthetic", "smoke",
+                                                                    precision_name="bf16").run_id
+    record = run(spec, options(tmp_path, data_dir))
+    assert record["execution"]["compile"] == "aot_eager" and record["spec"]["compile"] == "aot_eager"
     assert record["status"] == "complete" and torch.isfinite(torch.tensor(record["epochs"][0]["train"]["loss"]))
 
 
@@ -184,3 +186,33 @@ def test_emulated_dtype_warns_once_and_is_recorded(tmp_path, data_dir, monkeypat
     assert record["execution"]["native_precision"] is False
     warnings = [line for line in capsys.readouterr().err.splitlines() if "no native bf16" in line]
     assert len(warnings) == 1
+
+
+def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatch):
+    """The record's flag reaches `harness runs` (a column) and the report's list of problems."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.report.loading import load_results
+    import harness.runner as runner
+
+    build = runner.build_model
+
+    def build_constant(*args, **kwargs):
+        model = build(*args, **kwargs)
+        with torch.no_grad():
+            model.classifier.bias[3] = 1e4
+        return model
+
+    monkeypatch.setattr(runner, "build_model", build_constant)
+    record = run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))
+    out = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--csv"])
+    assert out.exit_code == 0, out.output
+    import io
+
+    import pandas as pd
+
+    (columns,) = pd.read_csv(io.StringIO(out.output[out.output.index("defense,"):])).to_dict("records")
+    assert columns["collapsed"] == "last,best" and columns["precision"] == "fp32" and columns["world_size"] == 1
+    problems = load_results(tmp_path).problems
+    assert any(record["run_id"] in p and "collapsed" in p for p in problems)
