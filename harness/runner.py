@@ -15,9 +15,10 @@ import random
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -102,6 +103,15 @@ def with_execution(spec: RunSpec, compile_model: bool, world_size: int) -> RunSp
                                world_size=world_size)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What every rank does with a run: rank 0 decides it under the run's lock and broadcasts it."""
+
+    action: Literal["skip", "train", "fail"]
+    resume: bool = False  # train: continue from last.pt
+    message: str = ""  # fail: the one-line reason every rank raises
+
+
 @dataclass
 class PreparedData:
     train: TensorLoader
@@ -179,32 +189,51 @@ class Run:
     # ---------------------------------------------------------------- lifecycle
 
     def execute(self) -> dict[str, Any]:
+        """Rank 0 alone takes the run's lock and decides (skip, train, resume, or fail with a reason);
+        every rank then does what it was told, so no rank can train a run the others skipped."""
         if self.spec.world_size != self.world.size:
             raise HarnessError(f"run {self.spec.run_id} is specified for {self.spec.world_size} process(es) but "
                                f"{self.world.size} are running it (world size is part of a run's identity)")
-        if not self.world.is_main:  # under torchrun, rank 0 holds the run's lock for every rank
-            return self._execute_locked()
-        ensure_writable_dir(Path(self.options.results_dir), "--results")
-        with hold(self.dir, what=f"run {self.spec.run_id}", wait=self.options.wait):
-            remove_stale_temps(self.dir)
-            return self._execute_locked()
+        with ExitStack() as held:
+            decision = distributed.broadcast_from_main(self._decide_on_main(held), self.world)
+            if decision.action == "fail":
+                raise HarnessError(decision.message)
+            if decision.action == "skip":
+                self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
+                return read_record(self.record_path)
+            distributed.barrier(self.world)
+            record = self._train_and_evaluate(resume=decision.resume)
+            distributed.barrier(self.world)
+            return record if self.world.is_main else read_record(self.record_path)
 
-    def _execute_locked(self) -> dict[str, Any]:
+    def _decide_on_main(self, held: ExitStack) -> "Decision | None":
+        """Rank 0's decision, taken under the run's lock (kept in `held` while the ranks train)."""
+        if not self.world.is_main:
+            return None
+        try:
+            ensure_writable_dir(Path(self.options.results_dir), "--results")
+            held.enter_context(hold(self.dir, what=f"run {self.spec.run_id}", wait=self.options.wait))
+            remove_stale_temps(self.dir)
+            return self._decide()
+        except HarnessError as exc:
+            return Decision("fail", message=str(exc))
+        except Exception as exc:
+            if self.world.distributed:  # the other ranks must not wait for a decision that never comes
+                distributed.broadcast_from_main(Decision("fail", message=f"rank 0 failed: {exc!r}"), self.world)
+            raise
+
+    def _decide(self) -> "Decision":
         existing = self._existing_record()
         if existing is not None and existing["status"] == "complete" and not self.options.force:
-            self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
-            return existing
+            return Decision("skip")
         resuming = existing is not None and not self.options.force
         if resuming and not self.options.resume:
             done = len(existing["epochs"])
-            raise HarnessError(f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
-                               f"pass --resume to continue it or --force to start over")
+            return Decision("fail", message=f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
+                                            f"pass --resume to continue it or --force to start over")
         if self.world.is_main and self.options.force and self.dir.exists():
             shutil.rmtree(self.dir)
-        distributed.barrier(self.world)
-        record = self._train_and_evaluate(resume=resuming)
-        distributed.barrier(self.world)
-        return record if self.world.is_main else read_record(self.record_path)
+        return Decision("train", resume=resuming)
 
     def _existing_record(self) -> dict[str, Any] | None:
         return read_record(self.record_path) if self.record_path.exists() else None
@@ -259,6 +288,7 @@ class Run:
             start, best_val = ckpt["passes_done"], ckpt["best_val_pgd"]
             record["epochs"] = ckpt["epochs"]
             self._say(f"resume {spec.run_id} after pass {start}/{passes}")
+        distributed.check_agreement(start, world, f"run {spec.run_id}: the pass to resume after")
 
         for p in range(start, passes):
             if world.distributed:  # per rank and per pass, so a resumed run replays the same noise
