@@ -104,6 +104,9 @@ class RunSpec:
     seed: int
     precision: str = "fp32"  # autocast dtype of training and the training attack (`harness.precision`)
     batchnorm: str = "global"  # BatchNorm statistics over the global batch, or "per-rank xN" (`harness.distributed`)
+    # How the numbers were computed, so runs that differ in them never share a run id or a report cell:
+    compile: str = "none"  # torch.compile backend of the training model ("inductor", "aot_eager"), or "none"
+    world_size: int = 1  # processes training the run (torchrun): sharded random starts, reduction order
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
@@ -124,7 +127,7 @@ class RunSpec:
         return f"{self.dataset}_{self.defense}_{self.model}_seed{self.seed}_{self.digest}"
 
 
-LATER_FIELDS = {"precision": "fp32", "batchnorm": "global"}
+LATER_FIELDS = {"precision": "fp32", "batchnorm": "global", "compile": "none", "world_size": 1}
 
 
 # --------------------------------------------------------------------------- presets

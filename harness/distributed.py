@@ -101,6 +101,27 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def broadcast_from_main(value: Any, world: World) -> Any:
+    """Rank 0's `value` on every rank (pickled): decisions that must not be taken per rank."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_agreement(value: Any, world: World, what: str) -> None:
+    """Every rank computed `value` on its own (e.g. from a checkpoint it read): a one-line error on
+    every rank, together, when they differ (a results directory that is not shared, say)."""
+    if not world.distributed:
+        return
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    if len(set(map(repr, values))) > 1:
+        raise HarnessError(f"{what} differs between processes ({', '.join(map(repr, values))}); "
+                           f"every process must see the same --results directory")
+
+
 def describe(world: World, batchnorm: str, device: torch.device) -> dict[str, Any]:
     return {"world_size": world.size, "backend": dist.get_backend() if world.distributed else None,
             "batchnorm": batchnorm, "sharding": "contiguous slice of each seeded global batch",

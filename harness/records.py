@@ -84,6 +84,15 @@ def iter_records(results_dir: Path, status: str | None = "complete",
             yield path, record
 
 
+def execution_columns(rec: dict[str, Any]) -> dict[str, Any]:
+    """How a run's numbers were computed (part of its identity), and whether its final model collapsed
+    onto one class (`diagnostics.collapsed`: the checkpoints that did; empty for records before it)."""
+    spec = rec["spec"]
+    return {"precision": spec.get("precision", "fp32"), "compile": spec.get("compile", "none"),
+            "world_size": spec.get("world_size", 1),
+            "collapsed": ",".join(rec.get("diagnostics", {}).get("collapsed", []))}
+
+
 def runs_table(results_dir: Path, status: str | None = "complete",
                on_problem: Callable[[str], None] = _warn) -> pd.DataFrame:
     """One row per run: identity, protocol, final metrics and mean epoch time."""
@@ -99,6 +108,7 @@ def runs_table(results_dir: Path, status: str | None = "complete",
             "device": rec["environment"].get("device", {}).get("name"),
             "commit": (rec["environment"].get("git", {}).get("commit") or "")[:10],
             "path": str(path.parent),
+            **execution_columns(rec),
         }
         for checkpoint, metrics in rec["final"].items():
             for metric, value in metrics.items():

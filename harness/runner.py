@@ -8,14 +8,17 @@ Layout of a run directory (`<results>/<run_id>/`):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import random
 import shutil
+import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +31,7 @@ from harness.distributed import World
 from harness.environment import environment, synchronize
 from harness.errors import HarnessError
 from harness.evaluate import clean_and_pgd
+from harness.pgd import model_mode
 from harness.models import MODELS, build_model
 from harness import faults
 from harness.integrity import checkpoint_hashes
@@ -53,14 +57,13 @@ class RunOptions:
     download: bool = True
     progress: bool = True  # a line per epoch; bars too where stderr is a terminal (not a log, not a Ray worker)
     wait: bool = False  # wait for another process holding this run's lock instead of failing
-    compile: bool = False  # torch.compile the training model (recorded; evaluation stays eager fp32)
     world: World = distributed.SINGLE  # this process's place in a torchrun launch
 
 
 def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, *, epochs: int | None = None,
               eps: str | None = None, model: str | None = None, dropout: float = 0.0,
               overrides: tuple[str, ...] = (), precision_name: str = "fp32", batchnorm: str = "global",
-              ranks: int = 1) -> RunSpec:
+              ranks: int = 1, compile_model: bool = False) -> RunSpec:
     """Resolve names, preset and overrides into a complete RunSpec (unknown names fail here)."""
     defense_cls = DEFENSES.get(defense)
     info = DATASETS.get(dataset)
@@ -88,8 +91,25 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
                    data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
                    eval=p.eval, seed=seed, precision=precision_name,
                    batchnorm=f"per-rank x{ranks}" if batchnorm == "per-rank" and ranks > 1 else "global")
+    spec = with_execution(spec, compile_model, ranks)
     defense_cls.check_spec(spec)
     return spec
+
+
+def with_execution(spec: RunSpec, compile_model: bool, world_size: int) -> RunSpec:
+    """`spec` as this command executes it: compile backend and process count are part of its identity
+    (a grid file's specs get them here too). fp32 eager single-process specs keep their run ids."""
+    return dataclasses.replace(spec, compile=precision.compile_backend() if compile_model else "none",
+                               world_size=world_size)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What every rank does with a run: rank 0 decides it under the run's lock and broadcasts it."""
+
+    action: Literal["skip", "train", "fail"]
+    resume: bool = False  # train: continue from last.pt
+    message: str = ""  # fail: the one-line reason every rank raises
 
 
 @dataclass
@@ -169,29 +189,51 @@ class Run:
     # ---------------------------------------------------------------- lifecycle
 
     def execute(self) -> dict[str, Any]:
-        if not self.world.is_main:  # under torchrun, rank 0 holds the run's lock for every rank
-            return self._execute_locked()
-        ensure_writable_dir(Path(self.options.results_dir), "--results")
-        with hold(self.dir, what=f"run {self.spec.run_id}", wait=self.options.wait):
-            remove_stale_temps(self.dir)
-            return self._execute_locked()
+        """Rank 0 alone takes the run's lock and decides (skip, train, resume, or fail with a reason);
+        every rank then does what it was told, so no rank can train a run the others skipped."""
+        if self.spec.world_size != self.world.size:
+            raise HarnessError(f"run {self.spec.run_id} is specified for {self.spec.world_size} process(es) but "
+                               f"{self.world.size} are running it (world size is part of a run's identity)")
+        with ExitStack() as held:
+            decision = distributed.broadcast_from_main(self._decide_on_main(held), self.world)
+            if decision.action == "fail":
+                raise HarnessError(decision.message)
+            if decision.action == "skip":
+                self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
+                return read_record(self.record_path)
+            distributed.barrier(self.world)
+            record = self._train_and_evaluate(resume=decision.resume)
+            distributed.barrier(self.world)
+            return record if self.world.is_main else read_record(self.record_path)
 
-    def _execute_locked(self) -> dict[str, Any]:
+    def _decide_on_main(self, held: ExitStack) -> "Decision | None":
+        """Rank 0's decision, taken under the run's lock (kept in `held` while the ranks train)."""
+        if not self.world.is_main:
+            return None
+        try:
+            ensure_writable_dir(Path(self.options.results_dir), "--results")
+            held.enter_context(hold(self.dir, what=f"run {self.spec.run_id}", wait=self.options.wait))
+            remove_stale_temps(self.dir)
+            return self._decide()
+        except HarnessError as exc:
+            return Decision("fail", message=str(exc))
+        except Exception as exc:
+            if self.world.distributed:  # the other ranks must not wait for a decision that never comes
+                distributed.broadcast_from_main(Decision("fail", message=f"rank 0 failed: {exc!r}"), self.world)
+            raise
+
+    def _decide(self) -> "Decision":
         existing = self._existing_record()
         if existing is not None and existing["status"] == "complete" and not self.options.force:
-            self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
-            return existing
+            return Decision("skip")
         resuming = existing is not None and not self.options.force
         if resuming and not self.options.resume:
             done = len(existing["epochs"])
-            raise HarnessError(f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
-                               f"pass --resume to continue it or --force to start over")
+            return Decision("fail", message=f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
+                                            f"pass --resume to continue it or --force to start over")
         if self.world.is_main and self.options.force and self.dir.exists():
             shutil.rmtree(self.dir)
-        distributed.barrier(self.world)
-        record = self._train_and_evaluate(resume=resuming)
-        distributed.barrier(self.world)
-        return record if self.world.is_main else read_record(self.record_path)
+        return Decision("train", resume=resuming)
 
     def _existing_record(self) -> dict[str, Any] | None:
         return read_record(self.record_path) if self.record_path.exists() else None
@@ -227,11 +269,14 @@ class Run:
         defense.setup(net)
         sched = spec.schedule
         optimizer = sgd_for(net, sched)
-        execution = Execution.prepare(net, spec.precision, self.options.compile, world, self.device)
+        execution = Execution.prepare(net, spec.precision, spec.compile, world, self.device)
         budget = MinibatchBudget(sched.epochs, len(data.train), defense.replays)
         passes = budget.passes
         record = self._new_record(defense, data, budget)
         record["execution"] = execution.describe(spec.batchnorm)
+        warning = precision.slow_precision_warning(spec.precision, self.device)
+        if warning is not None and world.is_main:
+            tqdm.write(warning, file=sys.stderr)
         start, best_val = 0, -1.0
         if resume:
             ckpt = load_torch(self.dir / "last.pt", self.device)
@@ -243,6 +288,7 @@ class Run:
             start, best_val = ckpt["passes_done"], ckpt["best_val_pgd"]
             record["epochs"] = ckpt["epochs"]
             self._say(f"resume {spec.run_id} after pass {start}/{passes}")
+        distributed.check_agreement(start, world, f"run {spec.run_id}: the pass to resume after")
 
         for p in range(start, passes):
             if world.distributed:  # per rank and per pass, so a resumed run replays the same noise
@@ -265,6 +311,10 @@ class Run:
         if world.is_main:
             faults.reached("final-evaluation")
             record["final"] = self._final_evaluation(net, data, passes)
+            record["diagnostics"] = collapse_diagnostics(record["final"], self.info.num_classes)
+            if record["diagnostics"]["collapsed"]:
+                tqdm.write(f"warning: run {spec.run_id} collapsed: its {', '.join(record['diagnostics']['collapsed'])} "
+                           f"model predicts one class for the whole test subset", file=sys.stderr)
             record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
             record["status"] = "complete"
             record["finished"] = _now()
@@ -287,25 +337,24 @@ class Run:
         synchronize(self.device)
         timer = EpochMeter(self.device).start()
         shown = time.perf_counter()
-        with execution.training_steps():
-            for i, batch in zip(range(n_batches), loader.epoch(p)):
-                for group in optimizer.param_groups:
-                    group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
-                local = execution.shard(batch)
-                if visited is not None:
-                    visited[local.index] = True
-                try:
-                    stats = defense.train_step(execution.train_model, optimizer, local)
-                except Exception as exc:
-                    if is_out_of_memory(exc):
-                        raise execution.out_of_memory(defense, optimizer, local, len(batch.y)) from None
-                    raise
-                meter.add(stats, len(local.y))
-                faults.reached("train-batch")
-                bar.update(1)
-                if bar.disable is False and time.perf_counter() - shown > PROGRESS_SECONDS:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
-                    shown = time.perf_counter()
+        for i, batch in zip(range(n_batches), loader.epoch(p)):
+            for group in optimizer.param_groups:
+                group["lr"] = spec.schedule.lr_at(budget.equivalent_epoch(p, i))
+            local = execution.shard(batch)
+            if visited is not None:
+                visited[local.index] = True
+            try:
+                stats = execution.train_step(defense, optimizer, local)
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise execution.out_of_memory(defense, optimizer, local, len(batch.y)) from None
+                raise
+            meter.add(stats, len(local.y))
+            faults.reached("train-batch")
+            bar.update(1)
+            if bar.disable is False and time.perf_counter() - shown > PROGRESS_SECONDS:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
+                shown = time.perf_counter()
         synchronize(self.device)
         resources = timer.finish()
         bar.close()
@@ -354,7 +403,9 @@ class Run:
                                 step_size=float(spec.eval_step), steps=spec.eval.pgd_steps,
                                 restarts=spec.eval.pgd_restarts, batch_size=spec.eval.batch_size, progress=bar)
             bar.close()
-            final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0}
+            final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0,
+                            "predicted_classes": predicted_classes(model, data.test.images, spec.eval.batch_size,
+                                                                   self.info.num_classes)}
             self._say(f"{spec.defense} [{label}] test clean {final[label]['clean']:.2f}  "
                       f"PGD-{spec.eval.pgd_steps} {final[label]['pgd']:.2f}  (n={final[label]['n']})")
         model.load_state_dict(last_state)
@@ -378,6 +429,26 @@ class Run:
             "epochs": [], "final": {}, "checkpoints": {"last": str(self.dir / "last.pt"),
                                                        "best": str(self.dir / "best.pt")},
         }
+
+
+COLLAPSE_SHARE = 0.99  # a checkpoint that puts this share of its test predictions in one class is collapsed
+
+
+def predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size: int, num_classes: int) -> list[int]:
+    """How many test examples the model (eval mode, fp32) assigns to each class: a constant predictor
+    scores chance-level clean accuracy and PGD accuracy equal to it, which no accuracy alone reveals."""
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    with model_mode(model, "eval"), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            counts += torch.bincount(model(images[start:start + batch_size]).argmax(1).cpu(), minlength=num_classes)
+    return counts.tolist()
+
+
+def collapse_diagnostics(final: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """`collapsed`: the checkpoints ('last', 'best') whose predictions fall (almost) all in one class."""
+    collapsed = [label for label, entry in final.items()
+                 if max(entry["predicted_classes"]) >= COLLAPSE_SHARE * max(sum(entry["predicted_classes"]), 1)]
+    return {"collapsed": collapsed, "collapse_share": COLLAPSE_SHARE, "num_classes": num_classes}
 
 
 @dataclass(frozen=True)

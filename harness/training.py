@@ -29,19 +29,19 @@ class Execution:
     net: nn.Module  # the plain model: state dicts and evaluation
     train_model: nn.Module  # what the defense trains: compiled and/or DDP-wrapped `net`
     precision: str
-    compile: bool
+    compile: str  # RunSpec.compile: a torch.compile backend or "none"
     world: World
     device: torch.device
     scaler: precision.LossScaling
 
     @classmethod
-    def prepare(cls, net: nn.Module, precision_name: str, compile_model: bool, world: World,
+    def prepare(cls, net: nn.Module, precision_name: str, compile_backend: str, world: World,
                 device: torch.device) -> "Execution":
         """`net` must already be on `device` with global BatchNorm where the spec asks for it."""
-        train_model = precision.compiled(net, compile_model)
+        train_model = precision.compiled(net, compile_backend)
         if world.distributed:
             train_model = distributed.data_parallel(train_model, device)
-        return cls(net, train_model, precision_name, compile_model, world, device,
+        return cls(net, train_model, precision_name, compile_backend, world, device,
                    precision.LossScaling(precision_name, device))
 
     @staticmethod
@@ -52,11 +52,19 @@ class Execution:
 
     @contextmanager
     def training_steps(self) -> Iterator[None]:
-        """Autocast and loss scaling for the defense's steps, attack included."""
+        """Autocast and loss scaling for ONE defense step, attack included. Never wrap several
+        optimiser steps in one region: autocast caches the low-precision copy of every weight that
+        requires grad until the outermost region exits, so later steps would run forward with the
+        first step's weights (the bf16/fp16 constant predictor of issue 22)."""
         with ExitStack() as stack:
             stack.enter_context(precision.autocast(self.precision, self.device))
             stack.enter_context(precision.scaling(self.scaler))
             yield
+
+    def train_step(self, defense: Defense, optimizer: torch.optim.Optimizer, batch: Batch) -> dict[str, torch.Tensor]:
+        """One minibatch of `defense` on the training model, in its own autocast region."""
+        with self.training_steps():
+            return defense.train_step(self.train_model, optimizer, batch)
 
     def shard(self, batch: Batch) -> Batch:
         local, self.scaler.share = distributed.shard(batch, self.world)
@@ -78,12 +86,12 @@ class Execution:
         fits = None
         if not self.world.distributed:
             def try_step(n: int) -> None:
-                with self.training_steps():
-                    defense.train_step(self.train_model, optimizer, Batch(batch.x[:n], batch.y[:n], batch.index[:n]))
+                self.train_step(defense, optimizer, Batch(batch.x[:n], batch.y[:n], batch.index[:n]))
             fits = largest_fitting_batch(try_step, len(batch.y))
         return HarnessError(out_of_memory_message(self.device, len(batch.y), global_batch, fits))
 
     def describe(self, batchnorm: str) -> dict[str, Any]:
-        return {"precision": self.precision, "eval_precision": "fp32", "compile": precision.compile_backend() if self.compile else False,
+        return {"precision": self.precision, "eval_precision": "fp32", "compile": self.compile if self.compile != "none" else False,
+                "native_precision": precision.native_support(self.precision, self.device),
                 "loss_scaling": "dynamic (GradScaler)" if self.scaler.enabled else None,
                 "distributed": distributed.describe(self.world, batchnorm, self.device)}

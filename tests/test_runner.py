@@ -145,3 +145,27 @@ def test_minibatch_budget_matches_sgd_steps(epochs, batches, replays, passes, la
     steps = sum(budget.minibatches_in_pass(p) for p in range(passes)) * replays
     assert steps >= epochs * batches and steps - epochs * batches < replays
     assert budget.equivalent_epoch(passes - 1, last) == pytest.approx(steps / batches)
+
+
+def test_compile_and_world_size_are_part_of_the_identity():
+    """Numbers differ with compile (clean 53.1 vs 51.7 in issue 22) and with the process count, so
+    neither may share a run id (or report cell) with a plain run; plain fp32 eager single-process
+    runs keep the id they had before these fields existed."""
+    plain = make_spec("pgd-at", "fashion-mnist", "quick")
+    assert plain.run_id == "fashion-mnist_pgd-at_small-cnn_seed0_2510118925"  # named before issue 22
+    ids = {plain.run_id, make_spec("pgd-at", "fashion-mnist", "quick", compile_model=True).run_id,
+           make_spec("pgd-at", "fashion-mnist", "quick", ranks=2).run_id,
+           make_spec("pgd-at", "fashion-mnist", "quick", precision_name="bf16").run_id}
+    assert len(ids) == 4
+    from harness.report.loading import numerics_label  # the report's protocol: never one cell
+
+    labels = {numerics_label(make_spec("pgd-at", "fashion-mnist", "quick", **kw).to_dict())
+              for kw in ({}, {"compile_model": True}, {"ranks": 2})}
+    assert labels == {"fp32", "fp32, compiled inductor", "fp32, 2 processes"}
+
+
+def test_a_spec_for_another_world_size_is_refused(tmp_path, data_dir):
+    spec = make_spec("pgd-at", "synthetic", "smoke", ranks=2)
+    with pytest.raises(HarnessError, match="2 process"):
+        run(spec, RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False))
+    assert not (tmp_path / spec.run_id).exists()

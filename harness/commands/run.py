@@ -79,7 +79,7 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
     from harness.errors import HarnessError
     from harness.executor_cli import absolute, build_executor, worker_device
     from harness.executors import raise_failures
-    from harness.runner import RunOptions
+    from harness.runner import RunOptions, with_execution
     from harness.storage import ensure_writable_dir
     from harness import distributed
 
@@ -104,13 +104,14 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
         seeds = _seeds_option(ctx, seeds, n_seeds)
         specs = _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
                                     overrides, precision_name, batchnorm, world.size)
+    specs = [with_execution(spec, compile_model, world.size) for spec in specs]  # part of each run's identity
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
     ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
     device_now = (distributed.start(world, resolve_device(device)) if executor == "local"
                   else _device(worker_device(device, chosen)))
     options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir), device=device_now,
                          resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait,
-                         compile=compile_model, world=world)
+                         world=world)
     echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
     outcomes = []
     try:

@@ -26,7 +26,8 @@ def runs_command(results_dir: Path, include_running: bool, as_csv: bool) -> None
     if table.empty:
         raise HarnessError(f"no {'' if include_running else 'completed '}runs in {results_dir}")
     columns = [c for c in ("defense", "dataset", "model", "preset", "seed", "eps", "epochs", "last_clean",
-                           "last_pgd", "best_clean", "best_pgd", "mean_epoch_seconds", "status", "run_id")
+                           "last_pgd", "best_clean", "best_pgd", "precision", "compile", "world_size", "collapsed",
+                           "mean_epoch_seconds", "status", "run_id")
                if c in table]
     table = table[columns].sort_values(["dataset", "defense", "seed"])
     click.echo(table.to_csv(index=False) if as_csv else table.to_string(index=False, float_format="%.2f"))

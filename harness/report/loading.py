@@ -95,6 +95,18 @@ class Protocol:
         return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
+def numerics_label(spec: dict[str, Any]) -> str:
+    """Precision, BatchNorm mode, compile backend and process count: "fp32" for a plain run."""
+    parts = [spec.get("precision", "fp32")]
+    if spec.get("batchnorm", "global") != "global":
+        parts.append(f"BatchNorm {spec['batchnorm']}")
+    if spec.get("compile", "none") != "none":
+        parts.append(f"compiled {spec['compile']}")
+    if spec.get("world_size", 1) != 1:
+        parts.append(f"{spec['world_size']} processes")
+    return ", ".join(parts)
+
+
 def training_subset(proto: dict[str, Any]) -> int | None:
     """Examples of the training subset a run drew on: ADES-bilevel withholds some of them from the
     model for its scheduler's outer loss (never the validation split), so it shares the protocol of the
@@ -157,8 +169,7 @@ class Run:
             epochs=int(proto.get("equivalent_epochs", spec.get("schedule", {}).get("epochs", len(self.record["epochs"])))),
             train_examples=training_subset(proto), test_indices=describe_indices(test),
             eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)",
-            numerics=spec.get("precision", "fp32") + ("" if spec.get("batchnorm", "global") == "global"
-                                                      else f", BatchNorm {spec['batchnorm']}"))
+            numerics=numerics_label(spec))
 
     @property
     def pgd_steps(self) -> int | None:
@@ -320,6 +331,16 @@ def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[s
     return kept
 
 
+def collapse_problems(record: dict[str, Any]) -> list[str]:
+    """A run whose final model predicts one class (`diagnostics.collapsed`, set by the runner): its
+    clean and PGD accuracy are a constant predictor's, so the report names it."""
+    collapsed = record.get("diagnostics", {}).get("collapsed", [])
+    if not collapsed:
+        return []
+    return [f"run {record['run_id']} collapsed: its {' and '.join(collapsed)} model predicts one class for the "
+            f"whole test subset (its accuracies are a constant predictor's)"]
+
+
 def load_results(results_dir: Path) -> Results:
     """Every run and evaluation record below `results_dir`; HarnessError when there is nothing to report."""
     root = Path(results_dir)
@@ -337,6 +358,7 @@ def load_results(results_dir: Path) -> Results:
             problems.append(f"skipped corrupt run record {exc}")
             continue
         (runs if record["status"] == "complete" else incomplete).append(Run(path, record))
+        problems.extend(collapse_problems(record))
     evaluations: list[Evaluation] = []
     incomplete_evaluations: list[str] = []
     paths = sorted(root.glob(f"*/eval/*/{EVALUATION_NAME}")) + sorted(root.glob(f"external/*/eval/*/{EVALUATION_NAME}"))
