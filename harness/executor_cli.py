@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 
 from harness.errors import HarnessError
-from harness.executors import Executor, Job, LocalExecutor, RayExecutor, raise_failures, torch_threads
+from harness.executors import Executor, Job, LocalExecutor, RayExecutor, execute_all, torch_threads
 
 _OPTIONS = (
     click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -91,7 +91,7 @@ def distribute_targets(fn: Callable[..., Any]) -> Callable[..., Any]:
             with torch_threads(chosen.threads):
                 return fn(**params)
         params = {**params, "device": worker_device(params.get("device", "auto"), chosen)}
-        raise_failures(list(chosen.execute(target_jobs(key, params), click.echo)), noun="target")
+        execute_all(chosen, target_jobs(key, params), click.echo, noun="target")
 
     return executor_options(command)
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 import io
 import os
 import socket
+import time
+import traceback
 import uuid
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from harness.errors import HarnessError
+from harness.locks import LockedError
 
 Say = Callable[[str], None]
 RAY_HINT = "pip install 'harness[ray]'"
@@ -45,16 +48,84 @@ class Outcome:
     value: Any = None
     error: str | None = None  # set when the job failed; `value` is then None
     attempts: int = 1
+    in_use: bool = False  # it failed because another live process holds it: still running there
+
+
+def failure(job: Job, reason: str, say: Say, trace: str | None = None, attempts: int = 1,
+            in_use: bool = False) -> Outcome:
+    """The outcome of a failed job. Its reason is kept for the summary (printed once, there); the
+    traceback of an unexpected exception (a bug) is shown now, labelled, so it can still be found."""
+    if trace:
+        say("\n".join(f"[{job.label}] {line}" for line in trace.rstrip().splitlines()))
+    say(f"[{job.label}] {'in use elsewhere' if in_use else 'failed'} (reason in the summary at the end)")
+    return Outcome(job, error=reason, attempts=attempts, in_use=in_use)
+
+
+def reason_of(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
 
 
 def raise_failures(outcomes: list[Outcome], noun: str = "job") -> None:
-    """One line naming every failed job (each was reported when it failed); nothing when all passed."""
+    """One line naming every failed job with its reason, for callers without a summary; nothing when all passed."""
     failed = [o for o in outcomes if o.error is not None]
-    if len(outcomes) == 1 and failed:  # one job: its own error is the command's one line
-        raise HarnessError(failed[0].error)
     if failed:
-        raise HarnessError(f"{len(failed)} of {len(outcomes)} {noun}s failed (errors above): "
+        raise HarnessError(f"{len(failed)} of {len(outcomes)} {noun}s failed: "
+                           + "; ".join(f"{o.job.label}: {o.error}" for o in failed))
+
+
+def execute_all(executor: "Executor", jobs: list[Job], say: Say, noun: str = "job",
+                skipped: frozenset[str] = frozenset(),
+                on_outcome: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
+    """Every job through `executor`, then `summarise`; an interrupted command still prints its summary."""
+    outcomes: list[Outcome] = []
+    try:
+        for outcome in executor.execute(jobs, say):
+            outcomes.append(outcome)
+            on_outcome(outcome)
+    except KeyboardInterrupt:
+        summarise(outcomes, jobs, say, noun, skipped, interrupted=True)
+        raise
+    summarise(outcomes, jobs, say, noun, skipped)
+    return outcomes
+
+
+def summarise(outcomes: list[Outcome], jobs: list[Job], say: Say, noun: str = "job",
+              skipped: frozenset[str] = frozenset(), interrupted: bool = False) -> None:
+    """The end-of-grid summary, and a HarnessError unless every job is done (or was skipped).
+
+    Counts done / skipped (labels in `skipped`: complete before the command) / failed / still
+    running (in use by another process) / not finished (the command was interrupted first); one line
+    per job that is not done, with its reason. Each failure's reason is printed here only. A single
+    job has no summary: its error is the command's one line. `interrupted`: print, raise nothing.
+    """
+    if len(jobs) == 1 and not interrupted:
+        if outcomes and outcomes[0].error is not None:
+            raise (LockedError if outcomes[0].in_use else HarnessError)(outcomes[0].error)
+        return
+    finished = {o.job.label: o for o in outcomes}
+    failed = [o for o in outcomes if o.error is not None and not o.in_use]
+    busy = [o for o in outcomes if o.in_use]
+    unfinished = [j for j in jobs if j.label not in finished]
+    ok = [o for o in outcomes if o.error is None]
+    n_skipped = sum(o.job.label in skipped for o in ok)
+    counts = {"done": len(ok) - n_skipped, "skipped (already complete)": n_skipped, "failed": len(failed),
+              "still running in another process": len(busy), "not finished": len(unfinished)}
+    say(f"summary: {len(jobs)} {noun}s: " + ", ".join(f"{n} {what}" for what, n in counts.items()
+                                                      if n or what in ("done", "failed")))
+    for o in failed:
+        say(f"  failed   {o.job.label}: {o.error}")
+    for o in busy:
+        say(f"  running  {o.job.label}: {o.error}")
+    for job in unfinished:
+        say(f"  not run  {job.label}")
+    if interrupted:
+        return
+    if failed:
+        raise HarnessError(f"{len(failed)} of {len(jobs)} {noun}s failed (reasons in the summary above): "
                            + ", ".join(o.job.label for o in failed))
+    if busy:
+        raise LockedError(f"{len(busy)} of {len(jobs)} {noun}s are still running in another process; "
+                          f"rerun this command once they finish (complete {noun}s are skipped)")
 
 
 @contextmanager
@@ -77,17 +148,19 @@ class LocalExecutor:
     """Jobs one after another in this process, as `harness run` always did."""
 
     threads: int | None = None  # torch threads; None: torch's default (every core)
+    catch_all: bool = True  # False under torchrun: a rank's unexpected error must end every rank, not desync them
 
     def execute(self, jobs: list[Job], say: Say) -> Iterator[Outcome]:
-        """Outcomes in job order; a job's HarnessError is reported and the next job runs."""
+        """Outcomes in job order; a job that raises (a HarnessError, or a bug) fails alone and the next runs."""
+        caught = Exception if self.catch_all else HarnessError
         with torch_threads(self.threads):
             for i, job in enumerate(jobs, 1):
                 say(f"[{i}/{len(jobs)}] {job.label}")
                 try:
                     value = job.fn(*job.args)
-                except HarnessError as exc:
-                    say(f"[{job.label}] failed: {exc}")
-                    yield Outcome(job, error=str(exc))
+                except caught as exc:
+                    trace = None if isinstance(exc, HarnessError) else traceback.format_exc()
+                    yield failure(job, reason_of(exc), say, trace, in_use=isinstance(exc, LockedError))
                 else:
                     yield Outcome(job, value)
 
@@ -178,6 +251,12 @@ def task_error(exc: Exception) -> tuple[str, str | None]:
     return f"{name}: {cause if cause is not None else exc}", str(exc)
 
 
+def cluster_line(ray) -> str:
+    """What the cluster has free now, for the message of jobs that wait."""
+    free, have = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{free.get(kind, 0):g} of {have.get(kind, 0):g} {kind}(s) free" for kind in ("CPU", "GPU"))
+
+
 @dataclass(frozen=True)
 class RayExecutor:
     """Each job a Ray task; a local Ray instance unless `address` names a cluster."""
@@ -189,6 +268,7 @@ class RayExecutor:
     shared_dir: Path | None = None  # the results directory every worker must see as the driver does
     num_cpus: int | None = None  # size of a local instance; None: every core
     poll_seconds: float = 0.5
+    start_warning_seconds: float = 60.0  # say so once when no job has started for this long
 
     def execute(self, jobs: list[Job], say: Say) -> Iterator[Outcome]:
         """Outcomes in completion order, each after every line its job printed."""
@@ -197,6 +277,7 @@ class RayExecutor:
                 ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
         owned = self._connect(ray, say)
         lines = None
+        pending: dict[Any, tuple[Job, int]] = {}
         try:
             self._check_resources(ray, say, local=owned and self.address is None)
             from ray.util.queue import Queue
@@ -206,7 +287,6 @@ class RayExecutor:
                                                max_retries=0, name="harness-job")
             with self._marker() as marker:
                 context = WorkerContext(self.cpus_per_run, code_identity(), marker)
-                pending: dict[Any, tuple[Job, int]] = {}
 
                 def submit(job: Job, attempt: int) -> None:
                     args = job.args if attempt == 1 else (job.retry_args or job.args)
@@ -214,11 +294,14 @@ class RayExecutor:
 
                 for job in jobs:
                     submit(job, 1)
+                waiting = StartWatch(self.start_warning_seconds, self.cpus_per_run, self.gpus_per_run)
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds)
-                    _relay(lines, say)  # a finished task's lines are all queued (put blocks): they come first
+                    waiting.started |= _relay(lines, say)  # a finished task's lines are all queued: they come first
+                    waiting.check(ray, say, len(pending))
                     for ref in ready:
                         job, attempt = pending.pop(ref)
+                        waiting.started.add(job.label)
                         try:
                             value = ray.get(ref)
                         except lost as exc:
@@ -227,18 +310,17 @@ class RayExecutor:
                                     f"of {self.max_retries + 1} resumes from the last checkpoint")
                                 submit(job, attempt + 1)
                                 continue
-                            message = f"worker lost on each of {attempt} attempts ({type(exc).__name__})"
-                            say(f"[{job.label}] failed: {message}")
-                            yield Outcome(job, error=message, attempts=attempt)
+                            yield failure(job, f"worker lost on each of {attempt} attempts ({type(exc).__name__})",
+                                          say, attempts=attempt)
                         except ray.exceptions.RayTaskError as exc:
                             message, trace = task_error(exc)
-                            if trace:
-                                say(trace)
-                            say(f"[{job.label}] failed: {message}")
-                            yield Outcome(job, error=message, attempts=attempt)
+                            yield failure(job, message, say, trace, attempt,
+                                          in_use=isinstance(getattr(exc, "cause", None), LockedError))
                         else:
                             yield Outcome(job, value, attempts=attempt)
         finally:
+            for ref in pending:  # interrupted: a connection this process does not own keeps no orphan tasks
+                ray.cancel(ref)
             if lines is not None:
                 lines.shutdown()
             if owned:
@@ -271,6 +353,9 @@ class RayExecutor:
             raise HarnessError(f"--executor ray asks for {'; '.join(short)}: lower --cpus-per-run/--gpus-per-run")
         for line in short:  # a cluster may still grow (autoscaler): wait, but say so
             say(f"ray: {line}; jobs wait until a node that has them joins")
+        if gpus and not self.gpus_per_run:
+            say(f"ray: warning: {where} has {gpus:g} GPU(s) but --gpus-per-run is 0, so every run trains on a "
+                f"CPU; pass --gpus-per-run 1 (or a fraction such as 0.5) to train on the GPUs")
 
     @contextmanager
     def _marker(self) -> Iterator[Path | None]:
@@ -288,11 +373,34 @@ class RayExecutor:
             marker.unlink(missing_ok=True)
 
 
-def _relay(lines, say: Say) -> None:
+@dataclass
+class StartWatch:
+    """Says once, in one line, when no job has started for a while: a busy or GPU-less cluster is not a hang."""
+
+    seconds: float
+    cpus: int
+    gpus: float
+    started: set[str] = field(default_factory=set)
+    since: float = field(default_factory=time.monotonic)
+    warned: bool = False
+
+    def check(self, ray, say: Say, waiting: int) -> None:
+        if self.started or self.warned or time.monotonic() - self.since < self.seconds:
+            return
+        self.warned = True
+        say(f"ray: no job has started after {self.seconds:g} s: each needs {self.cpus} CPU(s) and {self.gpus:g} "
+            f"GPU(s) and the cluster has {cluster_line(ray)}; {waiting} job(s) wait for them (Ctrl-C stops)")
+
+
+def _relay(lines, say: Say) -> set[str]:
+    """Print what the jobs sent; the labels of the jobs that sent something (so they have started)."""
     count = lines.qsize()
+    labels = set()
     if count:
         for label, text in lines.get_nowait_batch(count):
             say(f"[{label}] {text}")
+            labels.add(label)
+    return labels
 
 
 Executor = LocalExecutor | RayExecutor

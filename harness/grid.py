@@ -4,7 +4,8 @@
     methods = ["pgd-at", "trades"]          # required; or "all" (every registered defense)
     datasets = ["cifar10", "cifar100"]      # required
     seeds = [0, 1, 2]                       # required; or a count, seeds = 3 (seeds 0..2)
-    epochs = 100                            # optional, as `harness run --epochs`; also eps, model, dropout
+    epochs = 100                            # optional, as `harness run --epochs`; also eps, model, dropout,
+    precision = "bf16"                      #   precision and batchnorm
 
     [overrides.trades]                      # optional: one method's hyperparameters, as --set
     beta = 6
@@ -25,7 +26,7 @@ from harness.config import RunSpec
 from harness.errors import HarnessError
 
 REQUIRED = ("preset", "methods", "datasets", "seeds")
-OPTIONAL = ("epochs", "eps", "model", "dropout", "overrides")
+OPTIONAL = ("epochs", "eps", "model", "dropout", "precision", "batchnorm", "overrides")
 
 
 class GridError(HarnessError):
@@ -44,9 +45,13 @@ class Grid:
     model: str | None = None
     dropout: float = 0.0
     overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (method, ("key=value", ...))
+    precision: str = "fp32"
+    batchnorm: str = "global"
 
-    def specs(self) -> list[RunSpec]:
-        """Every run of the grid, data set by data set, then method, then seed; the first bad one fails."""
+    def specs(self, ranks: int = 1) -> list[RunSpec]:
+        """Every run of the grid, data set by data set, then method, then seed; the first bad one fails.
+
+        `ranks`: the torchrun world size the grid runs under (per-rank BatchNorm names it)."""
         from harness.runner import make_spec
 
         sets = dict(self.overrides)
@@ -57,7 +62,8 @@ class Grid:
                     try:
                         specs.append(make_spec(method, dataset, self.preset, seed, epochs=self.epochs, eps=self.eps,
                                                model=self.model, dropout=self.dropout,
-                                               overrides=sets.get(method, ())))
+                                               overrides=sets.get(method, ()), precision_name=self.precision,
+                                               batchnorm=self.batchnorm, ranks=ranks))
                     except HarnessError as exc:
                         raise GridError(f"{self.source}: {method} on {dataset}, seed {seed}: {exc}") from None
         return specs
@@ -69,9 +75,12 @@ def load_grid(path: Path) -> Grid:
     except ImportError:  # Python 3.10
         raise GridError("grid files need Python 3.11 or later (tomllib)") from None
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise GridError(f"{path}: cannot read the grid file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path}: not a text grid file (byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                        f"is not UTF-8); is it the TOML file?") from None
     except tomllib.TOMLDecodeError as exc:
         raise GridError(f"{path}: not valid TOML: {exc}") from None
     return parse_grid(data, str(path))
@@ -80,6 +89,8 @@ def load_grid(path: Path) -> Grid:
 def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     """Check every key and value of a parsed grid file and resolve its names against the registries."""
     from harness.config import PRESETS, apply_overrides, parse_eps
+    from harness.distributed import BATCHNORM_MODES
+    from harness.precision import PRECISIONS
     from harness.data import DATASETS
     from harness.defense import DEFENSES
     from harness.models import MODELS
@@ -127,6 +138,9 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
         raise fail("dropout", f"must be a number in [0, 1), got {dropout!r}")
 
+    precision_ = _choice(data.get("precision", "fp32"), "precision", fail, PRECISIONS)
+    batchnorm = _choice(data.get("batchnorm", "global"), "batchnorm", fail, BATCHNORM_MODES)
+
     overrides = data.get("overrides", {})
     if not isinstance(overrides, dict):
         raise fail("overrides", "must be a table of tables, e.g. [overrides.trades] with beta = 6")
@@ -143,7 +157,14 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
             _check(lambda: apply_overrides(DEFENSES.get(method).Config(), items[-1:]), key, fail)
         sets.append((method, tuple(items)))
     return Grid(source=source, preset=preset, methods=methods_, datasets=datasets, seeds=tuple(seeds), epochs=epochs,
-                eps=eps, model=model, dropout=float(dropout), overrides=tuple(sets))
+                eps=eps, model=model, dropout=float(dropout), overrides=tuple(sets), precision=precision_,
+                batchnorm=batchnorm)
+
+
+def _choice(value: Any, key: str, fail, choices) -> str:
+    if value not in choices:
+        raise fail(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def _string(value: Any, key: str, fail) -> str:

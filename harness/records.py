@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 
 from harness.integrity import CorruptFileError, read_json
+from harness.locks import holder
 from harness.storage import write_json
 
 SCHEMA_VERSION = 1
@@ -84,6 +85,34 @@ def iter_records(results_dir: Path, status: str | None = "complete",
             yield path, record
 
 
+def live_status(run_dir: Path, status: str) -> str:
+    """A record's status as it stands now: a "running" record whose writer was killed is "interrupted".
+
+    The run's lock file names its live writer (`harness.locks.holder`); a writer on another host
+    cannot be checked from here and is reported as such rather than guessed.
+    """
+    if status != "running":
+        return status
+    found = holder(run_dir)
+    if found is None or found.alive is False:
+        return "interrupted"
+    return f"running ({found})" if found.alive else f"running? ({found}, not checked from here)"
+
+
+def run_state(results_dir: Path, run_id: str) -> tuple[str, dict[str, Any] | None]:
+    """(state, record or None) of one run of a grid: "not started", "corrupt: why", or its live status."""
+    run_dir = Path(results_dir) / run_id
+    path = run_dir / RECORD_NAME
+    if not path.exists():
+        found = holder(run_dir)
+        return (f"starting ({found})" if found and found.alive else "not started"), None
+    try:
+        record = read_record(path)
+    except CorruptRecordError as exc:
+        return f"corrupt: {exc}", None
+    return live_status(run_dir, record["status"]), record
+
+
 def execution_columns(rec: dict[str, Any]) -> dict[str, Any]:
     """How a run's numbers were computed (part of its identity), and whether its final model collapsed
     onto one class (`diagnostics.collapsed`: the checkpoints that did; empty for records before it)."""
@@ -93,26 +122,27 @@ def execution_columns(rec: dict[str, Any]) -> dict[str, Any]:
             "collapsed": ",".join(rec.get("diagnostics", {}).get("collapsed", []))}
 
 
+def record_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    """A record's row of the runs table: identity, protocol, execution, final metrics, mean epoch time."""
+    spec = rec["spec"]
+    row = {
+        "run_id": rec["run_id"], "status": live_status(path.parent, rec["status"]), "defense": spec["defense"],
+        "dataset": spec["dataset"], "model": spec["model"], "preset": spec["preset"],
+        "seed": spec["seed"], "eps": spec["eps"], **execution_columns(rec), "epochs": len(rec["epochs"]),
+        "mean_epoch_seconds": (sum(e["train_seconds"] for e in rec["epochs"]) / len(rec["epochs"])
+                               if rec["epochs"] else None),
+        "device": rec["environment"].get("device", {}).get("name"),
+        "commit": (rec["environment"].get("git", {}).get("commit") or "")[:10],
+        "path": str(path.parent),
+    }
+    for checkpoint, metrics in rec["final"].items():
+        for metric, value in metrics.items():
+            if isinstance(value, (int, float)):
+                row[f"{checkpoint}_{metric}"] = value
+    return row
+
+
 def runs_table(results_dir: Path, status: str | None = "complete",
                on_problem: Callable[[str], None] = _warn) -> pd.DataFrame:
-    """One row per run: identity, protocol, final metrics and mean epoch time."""
-    rows = []
-    for path, rec in iter_records(results_dir, status, on_problem):
-        spec = rec["spec"]
-        row = {
-            "run_id": rec["run_id"], "status": rec["status"], "defense": spec["defense"],
-            "dataset": spec["dataset"], "model": spec["model"], "preset": spec["preset"],
-            "seed": spec["seed"], "eps": spec["eps"], "epochs": len(rec["epochs"]),
-            "mean_epoch_seconds": (sum(e["train_seconds"] for e in rec["epochs"]) / len(rec["epochs"])
-                                   if rec["epochs"] else None),
-            "device": rec["environment"].get("device", {}).get("name"),
-            "commit": (rec["environment"].get("git", {}).get("commit") or "")[:10],
-            "path": str(path.parent),
-            **execution_columns(rec),
-        }
-        for checkpoint, metrics in rec["final"].items():
-            for metric, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    row[f"{checkpoint}_{metric}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows)
+    """One row per run (`record_row`)."""
+    return pd.DataFrame([record_row(path, rec) for path, rec in iter_records(results_dir, status, on_problem)])

@@ -45,6 +45,16 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def existing_dir(path: Path, option: str, hint: str) -> Path:
+    """`path` if it is a directory; else a one-line error that says whether it is missing or a file."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise HarnessError(f"{option} {path} is a file, not a directory; pass a directory as {option}")
+    raise HarnessError(f"{option} directory {path} does not exist; {hint}")
+
+
 def ensure_writable_dir(path: Path, option: str) -> None:
     """Create `path` and prove it writable with a probe file, before long work that must end in a write.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -25,10 +26,12 @@ from harness.defense import DEFENSES
 from harness.errors import HarnessError
 from harness.evaluation.flags import FLAGS_NAME, EvaluationStore, cell_key
 from harness.integrity import CorruptFileError, read_json
-from harness.locks import hold, lock_path, remove_stale_temps
+from harness.locks import Holder, holder, hold, lock_path, remove_stale_temps
 from harness.records import CorruptRecordError, iter_records, read_record, write_record
 from harness.storage import atomic_write, load_torch, save_torch, write_json
 from harness.validation import at_least, check_seed, rules, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SYNTHETIC = DATASETS.get("synthetic")
 
@@ -255,7 +258,8 @@ def test_lock_names_the_holder_and_wait_blocks_until_release(tmp_path):
     run = tmp_path / "run"
     released = threading.Event()
     with hold(run, what="run r"):
-        assert lock_path(run).read_text().strip() == str(os.getpid())
+        assert lock_path(run).read_text().strip() == f"{os.getpid()} {socket.gethostname()}"
+        assert holder(run) == Holder(os.getpid(), socket.gethostname()) and holder(run).alive
         with pytest.raises(HarnessError, match=rf"run r is in use by another harness process \(pid {os.getpid()}\)"):
             with hold(run, what="run r"):
                 pass
@@ -273,8 +277,25 @@ def test_lock_names_the_holder_and_wait_blocks_until_release(tmp_path):
         assert not released.is_set()
     thread.join(timeout=10)
     assert released.is_set()
+    assert holder(run) is None  # a holder that let go leaves no pid behind
     with hold(run, what="run r", shared=True), hold(run, what="run r", shared=True):
         pass  # readers share
+
+
+def test_a_killed_holder_is_told_from_a_live_one(tmp_path):
+    """A SIGKILLed holder leaves its pid in the lock file; `holder` sees that pid is no longer alive."""
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.locks import hold\n"
+                              f"with hold(__import__('pathlib').Path({str(run)!r}), what='r'):\n"
+                              "    print('held', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.stdout.readline().strip() == "held"
+    assert holder(run) == Holder(child.pid, socket.gethostname()) and holder(run).alive is True
+    child.kill()
+    child.wait()
+    assert holder(run).pid == child.pid and holder(run).alive is False
+    elsewhere = Holder(child.pid, socket.gethostname() + "-other")
+    assert elsewhere.alive is None and str(elsewhere) == f"pid {child.pid} on {socket.gethostname()}-other"
 
 
 def test_stale_temps_are_removed(tmp_path):

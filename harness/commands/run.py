@@ -14,7 +14,8 @@ from harness.executor_cli import executor_options
 DEFAULT_RESULTS = Path("results")
 GRID_SETS = {"methods_": "--method", "all_methods": "--all", "dataset": "--dataset", "preset": "--preset",
              "seeds": "--seed", "epochs": "--epochs", "eps": "--eps", "model": "--model", "dropout": "--dropout",
-             "overrides": "--set"}  # what a grid file says, so not also on the command line
+             "overrides": "--set", "precision_name": "--precision",
+             "batchnorm": "--batchnorm"}  # what a grid file says, so not also on the command line
 
 
 @main.command("run")
@@ -68,7 +69,9 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
     Each (defense, data set, seed) writes <results>/<run id>/record.json with the resolved config,
     environment (thread count included), per-epoch metrics and times, and final test accuracy of the
     last and best-on-validation checkpoints. A completed identical run is skipped; an interrupted one
-    continues with --resume. A failed run does not stop the others; the command then exits with 2.
+    continues with --resume. A failed run (a bad input or a bug) does not stop the others: several runs
+    end with a summary (done / skipped / failed / still running elsewhere, each failure's reason), and
+    the command exits with 2 unless every run is complete.
 
     \b
     Examples:
@@ -78,7 +81,7 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
     from harness.environment import resolve_device
     from harness.errors import HarnessError
     from harness.executor_cli import absolute, build_executor, worker_device
-    from harness.executors import raise_failures
+    from harness.executors import execute_all
     from harness.runner import RunOptions, with_execution
     from harness.storage import ensure_writable_dir
     from harness import distributed
@@ -96,9 +99,7 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
                                f"(or write it into the grid file)")
         from harness.grid import load_grid
 
-        if precision_name != "fp32" or batchnorm != "global":
-            raise HarnessError("--precision and --batchnorm are not grid keys yet; run those with --method")
-        specs = _grid_with_seeds(load_grid(grid_path), n_seeds).specs()
+        specs = _grid_with_seeds(load_grid(grid_path), n_seeds).specs(ranks=world.size)
         resume = not force  # a grid is rerun until complete
     else:
         seeds = _seeds_option(ctx, seeds, n_seeds)
@@ -106,6 +107,9 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
                                     overrides, precision_name, batchnorm, world.size)
     specs = [with_execution(spec, compile_model, world.size) for spec in specs]  # part of each run's identity
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    if world.distributed:  # a rank's unexpected error ends every rank rather than desync them
+        chosen = replace(chosen, catch_all=False)
+    _check_paths(specs, results_dir, data_dir, force)  # before anything is created
     ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
     device_now = (distributed.start(world, resolve_device(device)) if executor == "local"
                   else _device(worker_device(device, chosen)))
@@ -113,17 +117,40 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
                          resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait,
                          world=world)
     echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
-    outcomes = []
+
+    def result_line(outcome) -> None:
+        if outcome.error is None:
+            spec, last = outcome.job.args[0], outcome.value["final"]["last"]
+            echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
+                 f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
+
     try:
-        for outcome in chosen.execute(run_jobs(specs, options), echo):
-            outcomes.append(outcome)
-            if outcome.error is None:
-                spec, last = outcome.job.args[0], outcome.value["final"]["last"]
-                echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
-                     f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
+        execute_all(chosen, run_jobs(specs, options), echo, noun="run", skipped=_complete(specs, results_dir, force),
+                    on_outcome=result_line)
     finally:
         distributed.stop()
-    raise_failures(outcomes, noun="run")
+
+
+def _complete(specs, results_dir, force: bool) -> frozenset[str]:
+    """Labels of the runs already complete before this command: the summary counts them as skipped."""
+    from harness.records import run_state
+
+    if force:
+        return frozenset()
+    return frozenset(run_label(s) for s in specs if run_state(results_dir, s.run_id)[0] == "complete")
+
+
+def _check_paths(specs, results_dir: Path, data_dir: Path | None, force: bool) -> None:
+    """One-line errors for paths that would fail later, before a results directory is created."""
+    from harness.errors import HarnessError
+    from harness.storage import existing_dir
+
+    if data_dir is not None:
+        existing_dir(data_dir, "--data-dir", hint="create it or pass an existing --data-dir")
+    linked = [Path(results_dir) / s.run_id for s in specs if (Path(results_dir) / s.run_id).is_symlink()]
+    if force and linked:
+        raise HarnessError(f"--force would delete run directory {linked[0]}, a symbolic link to "
+                           f"{linked[0].resolve()}; remove the link (or what it points to) yourself and rerun")
 
 
 def _seeds_option(ctx, seeds: tuple[int, ...], n_seeds: int | None) -> tuple[int, ...]:
@@ -148,8 +175,12 @@ def run_jobs(specs, options) -> list:
     from harness.runner import run
 
     retry = replace(options, resume=True, force=False)
-    return [Job(label=f"{s.defense}/{s.dataset}/seed{s.seed}", fn=run, args=(s, options), retry_args=(s, retry))
+    return [Job(label=run_label(s), fn=run, args=(s, options), retry_args=(s, retry))
             for s in specs]
+
+
+def run_label(spec) -> str:
+    return f"{spec.defense}/{spec.dataset}/seed{spec.seed}"
 
 
 def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides,

@@ -22,6 +22,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.integrity import CorruptFileError, read_json, sha256_file
 from harness.records import RECORD_NAME, CorruptRecordError, read_record
+from harness.storage import existing_dir
 
 EVALUATION_NAME = "evaluation.json"
 EVALUATION_SCHEMA = 1
@@ -316,6 +317,36 @@ def _load_flags(evaluation: Evaluation) -> None:
         evaluation.flags_note = f"flags file {path} is unreadable ({exc})"
 
 
+def _agrees_with_flags(evaluation: Evaluation, problems: list[str]) -> bool:
+    """Every number of the record against its per-example flags, as `harness eval` checks them
+    (`vouched_cells`), worst-case rows included: an edited number (its checksum line removed) is
+    named and left out, never shown. Flag keys are compared as exact budgets ('12/255' is '4/85')."""
+    from harness.evaluation.flags import WORST_CASE, cell_key, percent, vouched_cells
+
+    if not evaluation.flags:
+        return True
+    flags_path = evaluation.path.parent / str(evaluation.data.get("flags"))
+    try:
+        cells = {_exact_key(key): value for key, value in evaluation.flags.items()}
+        vouched_cells(evaluation.data, cells, flags_path)
+        for row in evaluation.data["results"]:
+            cell = cells.get(cell_key(row["attack"], Fraction(row["eps"])))
+            if row["attack"] == WORST_CASE and cell is not None and percent(cell) != row["robust_accuracy"]:
+                raise CorruptFileError(f"{flags_path}: worst case at eps {row['eps']} does not match its record "
+                                       f"(record {row['robust_accuracy']}%, flags {percent(cell):.4f}%)")
+    except (CorruptFileError, ValueError, ZeroDivisionError) as exc:
+        problems.append(f"skipped evaluation {evaluation.path}: {exc}")
+        return False
+    return True
+
+
+def _exact_key(key: str) -> str:
+    from harness.evaluation.flags import cell_key
+
+    attack, at, budget = key.partition("@")
+    return cell_key(attack, Fraction(budget)) if at else key
+
+
 def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[str]) -> list[Evaluation]:
     """Evaluations of other weights than the finished run's checkpoint (e.g. made mid-training) are skipped."""
     finished = {run.run_id: run.record.get("checkpoint_sha256") or {} for run in runs}
@@ -344,9 +375,7 @@ def collapse_problems(record: dict[str, Any]) -> list[str]:
 def load_results(results_dir: Path) -> Results:
     """Every run and evaluation record below `results_dir`; HarnessError when there is nothing to report."""
     root = Path(results_dir)
-    if not root.is_dir():
-        raise HarnessError(f"results directory {root} does not exist; run `harness run ... --results {root}` "
-                           f"first or pass --results DIR")
+    existing_dir(root, "--results", hint=f"run `harness run ... --results {root}` first or pass --results DIR")
     problems: list[str] = []
     runs: list[Run] = []
     incomplete: list[Run] = []
@@ -375,7 +404,8 @@ def load_results(results_dir: Path) -> Results:
         _load_flags(evaluation)
         if evaluation.flags_note and ("checksum" in evaluation.flags_note or "unreadable" in evaluation.flags_note):
             problems.append(evaluation.flags_note)  # a damaged flags file is named, not only left out
-        evaluations.append(evaluation)
+        if _agrees_with_flags(evaluation, problems):
+            evaluations.append(evaluation)
     evaluations = _drop_stale(evaluations, runs, problems)
     if not runs and not evaluations:
         detail = f" ({len(problems)} unreadable: " + "; ".join(problems) + ")" if problems else ""
