@@ -35,7 +35,7 @@ from harness.pgd import model_mode
 from harness.models import MODELS, build_model
 from harness import faults
 from harness.integrity import checkpoint_hashes
-from harness.locks import hold, remove_stale_temps
+from harness.locks import LockedError, hold, remove_stale_temps
 from harness.optim import sgd_for
 from harness.protocol import preset_model, record_field
 from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
@@ -110,6 +110,7 @@ class Decision:
     action: Literal["skip", "train", "fail"]
     resume: bool = False  # train: continue from last.pt
     message: str = ""  # fail: the one-line reason every rank raises
+    locked: bool = False  # fail: another live process holds the run (still running there, not failed)
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Run:
         with ExitStack() as held:
             decision = distributed.broadcast_from_main(self._decide_on_main(held), self.world)
             if decision.action == "fail":
-                raise HarnessError(decision.message)
+                raise (LockedError if decision.locked else HarnessError)(decision.message)
             if decision.action == "skip":
                 self._say(f"skip {self.spec.run_id}: already complete (use --force to rerun)")
                 return read_record(self.record_path)
@@ -216,7 +217,7 @@ class Run:
             remove_stale_temps(self.dir)
             return self._decide()
         except HarnessError as exc:
-            return Decision("fail", message=str(exc))
+            return Decision("fail", message=str(exc), locked=isinstance(exc, LockedError))
         except Exception as exc:
             if self.world.distributed:  # the other ranks must not wait for a decision that never comes
                 distributed.broadcast_from_main(Decision("fail", message=f"rank 0 failed: {exc!r}"), self.world)

@@ -51,7 +51,22 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 def test_missing_data_dir(tmp_path):
     result = invoke("run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "-q",
                     "--data-dir", str(tmp_path / "absent"), "--results", str(tmp_path / "r"))
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: --data-dir directory {tmp_path / 'absent'} does not exist; create it or pass an existing --data-dir")
+    assert not (tmp_path / "r").exists()  # checked before the results directory is created
+
+
+def test_a_file_given_as_a_directory_is_called_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    file = str(tmp_path / "file")
+    for args, option in ((["run", "-m", "pgd-at", "--preset", "smoke", "--data-dir", file,
+                           "--results", str(tmp_path / "r")], "--data-dir"),
+                         (["runs", "--results", file], "--results"),
+                         (["report", "--results", file, "--out", str(tmp_path / "out")], "--results")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and result.output.strip() == (
+            f"error: {option} {file} is a file, not a directory; pass a directory as {option}"), result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_unwritable_results_dir(tmp_path, data_dir):
@@ -82,6 +97,9 @@ def test_runs_table_after_a_run(tmp_path, data_dir):
     assert result.exit_code == 0
     header, row = result.output.strip().splitlines()
     assert header.startswith("defense,dataset") and row.startswith("pgd-at,synthetic")
+    columns = dict(zip(header.split(","), row.split(",")))
+    assert (columns["precision"], columns["compile"], columns["world_size"], columns["status"]) == (
+        "fp32", "none", "1", "complete")
 
 
 def test_run_records_the_allocator_setting(tmp_path, data_dir):

@@ -23,7 +23,7 @@ from harness.cli import main
 from harness.commands.run import run_jobs
 from harness.errors import HarnessError
 from harness.executor_cli import build_executor, target_jobs, worker_device
-from harness.executors import LocalExecutor, RayExecutor, raise_failures
+from harness.executors import LocalExecutor, RayExecutor, summarise
 from harness.grid import load_grid
 from harness.records import read_record
 from harness.storage import load_torch
@@ -153,7 +153,7 @@ def test_ray_grid_file_from_the_command_line_matches_local(ray_instance, local_r
     assert {seed: comparable(r) for seed, r in got.items()} == {seed: comparable(r) for seed, r in reference.items()}
 
     again = CliRunner().invoke(main, args, catch_exceptions=False)  # a rerun skips what is finished
-    assert again.exit_code == 0 and again.output.count("already complete") == 2, again.output
+    assert again.exit_code == 0 and again.output.count(": already complete (use --force") == 2, again.output
 
 
 def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path, data_dir, monkeypatch):
@@ -192,9 +192,13 @@ def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path)
     assert outcomes["good"].error is None and outcomes["good"].value.seeds == (0,)
     assert outcomes["bad"].error == f"{tmp_path / 'absent.toml'}: cannot read the grid file (No such file or directory)"
     assert outcomes["bug"].error.startswith("ValueError: invalid literal")
-    assert "[bad] failed: " + outcomes["bad"].error in lines
-    with pytest.raises(HarnessError, match=r"^2 of 3 jobs failed \(errors above\): bad, bug$"):
-        raise_failures(list(outcomes.values()))
+    assert "[bad] failed (reason in the summary at the end)" in lines
+    assert any(line.startswith("[bug] ") and 'File "' in line and "ValueError" in line
+               for line in lines)  # a bug shows its traceback (Ray's form: no "Traceback" heading)
+    lines.clear()
+    with pytest.raises(HarnessError, match=r"^2 of 3 jobs failed \(reasons in the summary above\): bad, bug$"):
+        summarise(list(outcomes.values()), jobs, lines.append)
+    assert lines[0] == "summary: 3 jobs: 1 done, 2 failed" and f"  failed   bad: {outcomes['bad'].error}" in lines
 
 
 def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp_path):
@@ -203,7 +207,31 @@ def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp
     lines = []
     outcomes = list(RayExecutor(max_retries=1).execute([Job("dies", os._exit, (3,))], lines.append))
     assert [(o.attempts, o.error) for o in outcomes] == [(2, "worker lost on each of 2 attempts (WorkerCrashedError)")]
-    assert sum("worker lost" in line for line in lines) == 2, lines
+    assert sum("worker lost" in line for line in lines) == 1, lines  # the retry; the reason goes to the summary
+    assert lines[-1] == "[dies] failed (reason in the summary at the end)", lines
+
+
+def test_a_job_no_node_can_start_is_said_in_one_line(ray_instance):
+    """--gpus-per-run 1 where no GPU is free: one line after start_warning_seconds instead of silence;
+    leaving the loop (Ctrl-C) cancels the waiting task."""
+    from harness.executors import Job
+
+    class Said(Exception):
+        pass
+
+    lines = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if line.startswith("ray: no job has started"):
+            raise Said  # as the user's Ctrl-C would, once told
+
+    with pytest.raises(Said):
+        list(RayExecutor(gpus_per_run=1, start_warning_seconds=1).execute([Job("gpu", int, ("1",))], say))
+    assert re.fullmatch(r"ray: no job has started after 1 s: each needs 1 CPU\(s\) and 1 GPU\(s\) and the cluster "
+                        r"has [\d.]+ of 2 CPU\(s\) free, 0 of 0 GPU\(s\) free; 1 job\(s\) wait for them "
+                        r"\(Ctrl-C stops\)", lines[-1]), lines
+    assert sum(line.startswith("ray: no job") for line in lines) == 1
 
 
 def test_a_worker_checks_its_node_and_sets_its_threads(tmp_path):
@@ -247,7 +275,41 @@ def test_local_executor_reports_a_failure_and_runs_the_next_job(tmp_path):
                                              Job("good", load_grid, (good,))], lines.append))
     assert outcomes[0].error.endswith("cannot read the grid file (No such file or directory)")
     assert outcomes[1].error is None and outcomes[1].value.seeds == (0,)
-    assert lines[:2] == ["[1/2] bad", f"[bad] failed: {outcomes[0].error}"]
+    assert lines == ["[1/2] bad", "[bad] failed (reason in the summary at the end)", "[2/2] good"]
+
+
+def test_local_executor_under_torchrun_lets_a_bug_end_the_process(tmp_path):
+    """catch_all=False: a rank's unexpected error must stop every rank, not leave them out of step."""
+    from harness.executors import Job
+
+    jobs = [Job("bug", int, ("x",)), Job("bad", load_grid, (tmp_path / "absent",))]
+    with pytest.raises(ValueError):
+        list(LocalExecutor(catch_all=False).execute(jobs, lambda _: None))
+    assert [o.error is not None for o in LocalExecutor(catch_all=False).execute(jobs[1:], lambda _: None)] == [True]
+
+
+class FakeRay:
+    """What RayExecutor._check_resources and StartWatch read of a cluster."""
+
+    def __init__(self, cpus: float, gpus: float, free_gpus: float):
+        self.have, self.free = {"CPU": cpus, "GPU": gpus}, {"CPU": cpus, "GPU": free_gpus}
+
+    def cluster_resources(self):
+        return self.have
+
+    def available_resources(self):
+        return self.free
+
+
+def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
+    lines = []
+    RayExecutor(address="auto")._check_resources(FakeRay(16, 2, 2), lines.append, local=False)
+    assert lines[-1] == ("ray: warning: the cluster at auto has 2 GPU(s) but --gpus-per-run is 0, so every run "
+                         "trains on a CPU; pass --gpus-per-run 1 (or a fraction such as 0.5) to train on the GPUs")
+    lines.clear()
+    RayExecutor(address="auto", gpus_per_run=1)._check_resources(FakeRay(16, 2, 2), lines.append, local=False)
+    RayExecutor(address="auto")._check_resources(FakeRay(16, 0, 0), lines.append, local=False)
+    assert not any("warning" in line for line in lines)
 
 
 def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):

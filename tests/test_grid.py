@@ -105,3 +105,68 @@ def test_grid_on_the_command_line_conflicts_and_reruns(tmp_path, data_dir):
     again = json.loads(record_path.read_text())
     assert again["status"] == "complete" and again["final"]["last"] == {**complete["final"]["last"],
                                                                         "seconds": again["final"]["last"]["seconds"]}
+
+
+def test_a_local_grid_with_a_failing_run_finishes_and_summarises(tmp_path, data_dir, monkeypatch):
+    """A bug in one run (not a HarnessError) and a run held by another process: the others still run,
+    the summary names each with its reason once, the exit status is 2, and `runs --grid` shows the state."""
+    from harness import faults
+    from harness.locks import hold
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0, 1, 2]\n')
+    results = tmp_path / "r"
+    args = ["--results", str(results)]
+    run_ids = [s.run_id for s in load_grid(grid).specs()]
+    before = CliRunner().invoke(main, ["runs", "--grid", str(grid), *args, "--csv"], catch_exceptions=False)
+    assert before.exit_code == 0 and before.output.count(",not started,") == 3, before.output
+
+    reached, seen = faults.reached, []
+
+    def bug_in_the_second_run(point: str) -> None:  # seed 1 crashes after training, its record still "running"
+        seen.append(point)
+        if point == "final-evaluation" and seen.count(point) == 2:
+            raise RuntimeError("injected bug")
+        reached(point)
+
+    monkeypatch.setattr(faults, "reached", bug_in_the_second_run)
+    with hold(results / run_ids[2], what=f"run {run_ids[2]}"):  # seed 2: another process trains it
+        first = CliRunner().invoke(main, ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir), *args])
+        during = CliRunner().invoke(main, ["runs", "--grid", str(grid), *args], catch_exceptions=False)
+    monkeypatch.setattr(faults, "reached", reached)
+    lines = first.output.splitlines()
+    assert first.exit_code == 2, first.output
+    assert "summary: 3 runs: 1 done, 1 failed, 1 still running in another process" in lines
+    assert "  failed   pgd-at/synthetic/seed1: RuntimeError: injected bug" in lines
+    assert any(line.startswith("  running  pgd-at/synthetic/seed2: run ") and "in use by another" in line
+               for line in lines)
+    # the reason once in the summary; the traceback (a bug's only trace) ends in it too
+    assert [line for line in lines if line.endswith("RuntimeError: injected bug")] == [
+        "[pgd-at/synthetic/seed1] RuntimeError: injected bug", "  failed   pgd-at/synthetic/seed1: RuntimeError: injected bug"]
+    assert lines[-1] == "error: 1 of 3 runs failed (reasons in the summary above): pgd-at/synthetic/seed1"
+    assert "[pgd-at/synthetic/seed1] Traceback (most recent call last):" in lines
+    assert "complete" in during.output.splitlines()[1] and "interrupted" in during.output.splitlines()[2]
+    assert "starting (pid" in during.output.splitlines()[3], during.output
+    assert during.output.splitlines()[-1] == f"{grid}: 3 runs: 1 complete, 1 interrupted, 1 starting"
+
+    second = CliRunner().invoke(main, ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir), *args])
+    assert second.exit_code == 0, second.output
+    assert "summary: 3 runs: 2 done, 1 skipped (already complete), 0 failed" in second.output.splitlines()
+    after = CliRunner().invoke(main, ["runs", "--grid", str(grid), *args], catch_exceptions=False)
+    assert after.output.splitlines()[-1] == f"{grid}: 3 runs: 3 complete"
+
+
+def test_precision_and_batchnorm_are_grid_keys(tmp_path):
+    specs = parse_grid({**VALID, "precision": "bf16", "batchnorm": "per-rank"}).specs(ranks=2)
+    assert all(s.precision == "bf16" and s.batchnorm == "per-rank x2" for s in specs)
+    assert parse_grid(VALID).specs()[0].precision == "fp32"
+    with pytest.raises(HarnessError, match=r"^grid: precision: must be one of 'fp32', 'bf16', 'fp16', got 'fp8'$"):
+        parse_grid({**VALID, "precision": "fp8"})
+    with pytest.raises(HarnessError, match=r"^grid: batchnorm: must be one of 'global', 'per-rank', got 1$"):
+        parse_grid({**VALID, "batchnorm": 1})
+    grid = tmp_path / "grid.toml"
+    grid.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
+    clash = CliRunner().invoke(main, ["run", "--grid", str(grid), "--precision", "bf16",
+                                      "--results", str(tmp_path / "r")])
+    assert clash.exit_code == 2 and clash.output.strip() == (
+        f"error: --grid {grid} says which runs to do; drop --precision (or write it into the grid file)")
