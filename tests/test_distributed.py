@@ -20,7 +20,7 @@ import torch
 from harness import distributed
 from harness.data import Batch
 from harness.errors import HarnessError
-from harness.runner import RunOptions, make_spec, run
+from harness.runner import RunOptions, make_spec, run, with_execution
 from harness.storage import load_torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, ar
 
     done = torchrun(["--method", method, *args], tmp_path / "two", data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = tmp_path / "two" / spec.run_id
+    run_dir = tmp_path / "two" / with_execution(spec, False, 2).run_id  # world size: part of the identity
+    assert with_execution(spec, False, 2).run_id != spec.run_id
     assert done.stdout.count("[1/1]") == 1  # rank 0 alone reports (and writes)
     from harness.records import read_record
 
