@@ -216,3 +216,13 @@ def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatc
     assert columns["collapsed"] == "last,best" and columns["precision"] == "fp32" and columns["world_size"] == 1
     problems = load_results(tmp_path).problems
     assert any(record["run_id"] in p and "collapsed" in p for p in problems)
+
+
+def test_a_near_constant_predictor_is_collapsed_too():
+    """ADES in fp16 (issue 22) ended at chance with 968 of 1000 test predictions in one class: flagged;
+    a model that learned something (its largest class a fifth of the predictions) is not."""
+    from harness.runner import collapse_diagnostics
+
+    diverged = {"predicted_classes": [0, 0, 0, 0, 0, 32, 968, 0, 0, 0]}
+    learned = {"predicted_classes": [200, 90, 110, 100, 100, 80, 120, 70, 60, 70]}
+    assert collapse_diagnostics({"last": diverged, "best": learned}, 10)["collapsed"] == ["last"]
