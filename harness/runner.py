@@ -431,7 +431,7 @@ class Run:
         }
 
 
-COLLAPSE_SHARE = 0.99  # a checkpoint that puts this share of its test predictions in one class is collapsed
+COLLAPSE_SHARE = 0.9  # this share of its test predictions in one class: collapsed (ADES fp16 quick: 96.8% in one class)
 
 
 def predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size: int, num_classes: int) -> list[int]:
