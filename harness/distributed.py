@@ -110,6 +110,23 @@ def broadcast_from_main(value: Any, world: World) -> Any:
     return box[0]
 
 
+def refuse(message: str, world: World) -> None:
+    """Stop every rank before any work: rank 0 raises the one-line HarnessError (the CLI prints it,
+    exit 2); the others, which would print the same line again, exit 2 silently. Only for decisions
+    every rank takes identically from the command line."""
+    if world.is_main:
+        raise HarnessError(message)
+    raise SystemExit(2)
+
+
+def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """A statistic summed over the process group (not differentiable); `value` outside one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
 def check_agreement(value: Any, world: World, what: str) -> None:
     """Every rank computed `value` on its own (e.g. from a checkpoint it read): a one-line error on
     every rank, together, when they differ (a results directory that is not shared, say)."""

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.distributed import any_rank
+
 BNMode = Literal["train", "eval"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
 # (logits at the current iterate, y) -> (B,) bool: which examples take this step (FAT's early stop)
@@ -165,7 +167,7 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | tor
                         break
                 if keep_stepping is not None:
                     moving = keep_stepping(logits.detach(), ys)
-                    if not moving.any():
+                    if not any_rank(moving):  # global: under torchrun a train-mode forward is a collective
                         break
                 (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), attacked)
                 if keep is not None:

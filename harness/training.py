@@ -46,6 +46,7 @@ class Execution:
 
     @staticmethod
     def check_defense(defense: Defense, world: World) -> None:
+        """The runner's guard (check_distributable refuses the command before any work)."""
         if world.distributed and not defense.distributed_ready:
             raise HarnessError(f"{defense.name} is not checked for training on several processes (its state or "
                                f"batch-level statistics are per process); run it without torchrun")
@@ -95,3 +96,17 @@ class Execution:
                 "native_precision": precision.native_support(self.precision, self.device),
                 "loss_scaling": "dynamic (GradScaler)" if self.scaler.enabled else None,
                 "distributed": distributed.describe(self.world, batchnorm, self.device)}
+
+
+def check_distributable(specs: list, world: World) -> None:
+    """Under torchrun, before any work: every defense of the command must be distributed-ready.
+    One line from rank 0, exit 2 on every rank (docs/distributed.md says why each is refused)."""
+    from harness.defense import DEFENSES
+
+    if not world.distributed:
+        return
+    refused = sorted({spec.defense for spec in specs if not DEFENSES.get(spec.defense).distributed_ready})
+    if refused:
+        distributed.refuse(f"{', '.join(refused)} cannot train on several processes (per-process state or batch "
+                           f"statistics, see docs/distributed.md); run {'it' if len(refused) == 1 else 'them'} "
+                           f"without torchrun", world)

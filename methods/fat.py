@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from harness.distributed import sum_over_processes
 from harness.pgd import pgd
 from harness.config import Schedule
 from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
@@ -103,6 +104,9 @@ class FAT(Defense):
     """FAT for AT (Zhang et al. 2020): CE on early-stopped PGD examples, tau rising over training."""
 
     Config = FATConfig
+    # harness.distributed: early stopping is per example and its loop ends on every rank together
+    # (`any_rank`); the mean-steps diagnostic is summed over ranks. Step noise is drawn per rank.
+    distributed_ready = True
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=120, batch_size=128, lr=0.1, lr_milestones=(59 / 120, 89 / 120, 109 / 120),
         lr_values=(0.01, 0.001, 0.0005), momentum=0.9, weight_decay=2e-4)
@@ -145,7 +149,9 @@ class FAT(Defense):
         return adversarial_ce_step(model, optimizer, x_adv, batch.y)
 
     def end_epoch(self, epoch):
-        return {"tau": self.tau, "mean_steps": float(self._steps_sum) / max(self._examples, 1)}
+        steps, examples = sum_over_processes(torch.as_tensor([float(self._steps_sum), float(self._examples)],
+                                                             device=self.context.device)).tolist()
+        return {"tau": self.tau, "mean_steps": steps / max(examples, 1)}
 
     def record(self) -> dict[str, Any]:
         epochs = self.context.epochs

@@ -62,6 +62,7 @@ def assert_same_run(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
 @pytest.mark.parametrize("method, args", [
     ("pgd-at", ["--set", "random_start=false"]),
     ("mma", ["--epochs", "2", "--set", "random_start=false", "--set", "steps=3", "--set", "search_steps=4"]),
+    ("fat", ["--set", "random_start=false", "--set", "omega=0", "--set", "attack_bn=train"]),  # early stop
 ])
 def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, args):
     overrides = tuple(v for k, v in zip(args, args[1:]) if k == "--set")
@@ -112,6 +113,26 @@ def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir
     # tighter than assert_same_run: the hybrid record's loss was 3.7e-3 off one process's, a true
     # two-process seed-1 run 2e-5 (one smoke pass, no random starts)
     assert record["epochs"][0]["train"]["loss"] == pytest.approx(reference["epochs"][0]["train"]["loss"], rel=5e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_defense_not_ready_is_refused_once_before_any_work(tmp_path, data_dir, monkeypatch, rank):
+    """Under torchrun (its environment, no process group yet): rank 0 prints one line and exits 2, the
+    other ranks exit 2 silently, before the process group, the data or a results directory."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "-m", "cat", "-m", "ades", "--dataset", "synthetic",
+                                    "--preset", "smoke", "--device", "cpu", "--data-dir", str(data_dir),
+                                    "--results", str(tmp_path / "results"), "-q"])
+    assert out.exit_code == 2
+    lines = out.output.strip().splitlines()
+    assert lines == ([f"error: ades, cat cannot train on several processes (per-process state or batch statistics, "
+                      f"see docs/distributed.md); run them without torchrun"] if rank == 0 else [])
+    assert not (tmp_path / "results").exists()
 
 
 def test_shards_are_contiguous_and_weighted():

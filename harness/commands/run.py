@@ -83,6 +83,7 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
     from harness.executor_cli import absolute, build_executor, worker_device
     from harness.executors import execute_all
     from harness.runner import RunOptions, with_execution
+    from harness.training import check_distributable
     from harness.storage import ensure_writable_dir
     from harness import distributed
 
@@ -105,6 +106,7 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
         seeds = _seeds_option(ctx, seeds, n_seeds)
         specs = _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
                                     overrides, precision_name, batchnorm, world.size)
+    check_distributable(specs, world)  # under torchrun: refused once, before any work
     specs = [with_execution(spec, compile_model, world.size) for spec in specs]  # part of each run's identity
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
     if world.distributed:  # a rank's unexpected error ends every rank rather than desync them
