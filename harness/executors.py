@@ -102,6 +102,8 @@ def summarise(outcomes: list[Outcome], jobs: list[Job], say: Say, noun: str = "j
         if outcomes and outcomes[0].error is not None:
             raise (LockedError if outcomes[0].in_use else HarnessError)(outcomes[0].error)
         return
+    position = {job.label: i for i, job in enumerate(jobs)}  # job order, not completion order (Ray)
+    outcomes = sorted(outcomes, key=lambda o: position.get(o.job.label, len(jobs)))
     finished = {o.job.label: o for o in outcomes}
     failed = [o for o in outcomes if o.error is not None and not o.in_use]
     busy = [o for o in outcomes if o.in_use]

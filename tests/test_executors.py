@@ -197,7 +197,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path)
                for line in lines)  # a bug shows its traceback (Ray's form: no "Traceback" heading)
     lines.clear()
     with pytest.raises(HarnessError, match=r"^2 of 3 jobs failed \(reasons in the summary above\): bad, bug$"):
-        summarise(list(outcomes.values()), jobs, lines.append)
+        summarise(list(outcomes.values())[::-1], jobs, lines.append)  # completion order must not matter
     assert lines[0] == "summary: 3 jobs: 1 done, 2 failed" and f"  failed   bad: {outcomes['bad'].error}" in lines
 
 
