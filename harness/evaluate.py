@@ -17,6 +17,11 @@ from harness.pgd import model_mode, pgd_until_fooled
 class Accuracy:
     clean: torch.Tensor  # (N,) bool: correct on the clean input
     robust: torch.Tensor  # (N,) bool: clean-correct and no iterate of any restart fools it
+    predicted: torch.Tensor  # (N,) long: the clean prediction (a constant predictor shows here, not in accuracy)
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        """How many examples the model assigns to each class (clean inputs)."""
+        return torch.bincount(self.predicted, minlength=num_classes).tolist()
 
     def summary(self, prefix: str = "") -> dict[str, float | int]:
         n = len(self.clean)
@@ -31,12 +36,13 @@ def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     The same counting as `harness eval`: a point is broken when any iterate fools it, so the run
     record's PGD accuracy and the evaluation suite's agree by construction.
     """
-    clean, robust = [], []
+    clean, robust, predicted = [], [], []
     with model_mode(model, "eval"):
         for start in range(0, len(y), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
             with torch.no_grad():
-                ok = model(xb).argmax(1) == yb
+                guess = model(xb).argmax(1)
+            ok = guess == yb
             rob = ok.clone()
             for _ in range(restarts):  # each restart attacks only the points still standing
                 alive = rob.nonzero().squeeze(1)
@@ -45,7 +51,8 @@ def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
                 _, fooled = pgd_until_fooled(model, xb[alive], yb[alive], eps, steps=steps, step_size=step_size)
                 rob[alive[fooled]] = False
             clean.append(ok.cpu())
+            predicted.append(guess.cpu())
             robust.append(rob.cpu())
             if progress is not None:
                 progress.update(len(yb))
-    return Accuracy(torch.cat(clean), torch.cat(robust))
+    return Accuracy(torch.cat(clean), torch.cat(robust), torch.cat(predicted))

@@ -31,7 +31,6 @@ from harness.distributed import World
 from harness.environment import environment, synchronize
 from harness.errors import HarnessError
 from harness.evaluate import clean_and_pgd
-from harness.pgd import model_mode
 from harness.models import MODELS, build_model
 from harness import faults
 from harness.integrity import checkpoint_hashes
@@ -405,8 +404,7 @@ class Run:
                                 restarts=spec.eval.pgd_restarts, batch_size=spec.eval.batch_size, progress=bar)
             bar.close()
             final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0,
-                            "predicted_classes": predicted_classes(model, data.test.images, spec.eval.batch_size,
-                                                                   self.info.num_classes)}
+                            "predicted_classes": acc.class_counts(self.info.num_classes)}
             self._say(f"{spec.defense} [{label}] test clean {final[label]['clean']:.2f}  "
                       f"PGD-{spec.eval.pgd_steps} {final[label]['pgd']:.2f}  (n={final[label]['n']})")
         model.load_state_dict(last_state)
@@ -436,16 +434,6 @@ class Run:
 # fp16 diverged (loss 2.1 -> 6.9) to 968 of 1000 predictions in one class, at chance accuracy; a model that
 # learned anything on a balanced 10-class test subset is far below 0.9.
 COLLAPSE_SHARE = 0.9
-
-
-def predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size: int, num_classes: int) -> list[int]:
-    """How many test examples the model (eval mode, fp32) assigns to each class: a constant predictor
-    scores chance-level clean accuracy and PGD accuracy equal to it, which no accuracy alone reveals."""
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    with model_mode(model, "eval"), torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            counts += torch.bincount(model(images[start:start + batch_size]).argmax(1).cpu(), minlength=num_classes)
-    return counts.tolist()
 
 
 def collapse_diagnostics(final: dict[str, Any], num_classes: int) -> dict[str, Any]:
