@@ -228,11 +228,12 @@ def test_device_peaks():
 
 
 def test_welch_interval_matches_scipy():
+    """The unpaired fallback of the seed comparison (no shared seeds, no test-set term) is scipy's Welch t."""
     a, b = [50.0, 52.0, 51.0], [47.0, 49.5, 48.0, 46.0]
-    est = stats.welch_difference(a, b)
+    est = stats.compare_seeds(dict(enumerate(a)), dict(enumerate(b, start=10)), 0.0, 500, "test").interval()
     ci = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    assert est.interval.low == pytest.approx(ci.low) and est.interval.high == pytest.approx(ci.high)
-    assert stats.welch_difference([50.0], b).interval is None
+    assert est.low == pytest.approx(ci.low) and est.high == pytest.approx(ci.high)
+    assert stats.compare_seeds({0: 50.0}, dict(enumerate(b, start=10)), 0.0, 500, "test").interval() is None
 
 
 def test_paired_bootstrap_covers_the_difference_and_narrows():

@@ -39,21 +39,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return float(data.mean()), (float(data.std(ddof=1)) if len(data) > 1 else None)
 
 
-def welch_difference(a: Sequence[float], b: Sequence[float]) -> Estimate:
-    """mean(a) - mean(b) with a Welch t interval; needs two seeds or more on each side."""
-    a_, b_ = np.asarray(a, float), np.asarray(b, float)
-    diff = float(a_.mean() - b_.mean())
-    if len(a_) < 2 or len(b_) < 2:
-        return Estimate(diff, None, f"{len(a_)} vs {len(b_)} seed(s): an interval over seeds needs at least 2 each")
-    va, vb = a_.var(ddof=1) / len(a_), b_.var(ddof=1) / len(b_)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Estimate(diff, Interval(diff, diff, f"over seeds ({len(a_)} vs {len(b_)}), zero spread"))
-    dof = (va + vb) ** 2 / ((va ** 2 / (len(a_) - 1)) + (vb ** 2 / (len(b_) - 1)))
-    half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, dof)) * se
-    return Estimate(diff, Interval(diff - half, diff + half, f"Welch t over seeds, {len(a_)} vs {len(b_)}"))
-
-
 def paired_bootstrap(flags_a: np.ndarray, flags_b: np.ndarray) -> Estimate:
     """Accuracy difference (percent) of two models on the same test examples, percentile bootstrap."""
     a, b = np.asarray(flags_a, float), np.asarray(flags_b, float)
