@@ -146,3 +146,15 @@ def runs_table(results_dir: Path, status: str | None = "complete",
                on_problem: Callable[[str], None] = _warn) -> pd.DataFrame:
     """One row per run (`record_row`)."""
     return pd.DataFrame([record_row(path, rec) for path, rec in iter_records(results_dir, status, on_problem)])
+
+
+def collapse_message(record: dict[str, Any]) -> str | None:
+    """The warning for a run whose final model put (almost) every test prediction in one class
+    (`diagnostics.collapsed`, set by the runner): its accuracies are a constant predictor's."""
+    diagnostics = record.get("diagnostics", {})
+    collapsed = diagnostics.get("collapsed", [])
+    if not collapsed:
+        return None
+    share = diagnostics.get("collapse_share", 0.99)
+    return (f"run {record['run_id']} collapsed: its {' and '.join(collapsed)} model puts at least {share:.0%} of its "
+            f"test predictions in one class (its accuracies are a constant predictor's)")

@@ -37,7 +37,7 @@ from harness.integrity import checkpoint_hashes
 from harness.locks import LockedError, hold, remove_stale_temps
 from harness.optim import sgd_for
 from harness.protocol import preset_model, record_field
-from harness.records import RECORD_NAME, SCHEMA_VERSION, read_record, write_record
+from harness.records import RECORD_NAME, SCHEMA_VERSION, collapse_message, read_record, write_record
 from harness.resources import EpochMeter, is_out_of_memory
 from harness.storage import ensure_writable_dir, load_torch, save_torch
 from harness.validation import check_seed, validate_config
@@ -312,9 +312,8 @@ class Run:
             faults.reached("final-evaluation")
             record["final"] = self._final_evaluation(net, data, passes)
             record["diagnostics"] = collapse_diagnostics(record["final"], self.info.num_classes)
-            if record["diagnostics"]["collapsed"]:
-                tqdm.write(f"warning: run {spec.run_id} collapsed: its {', '.join(record['diagnostics']['collapsed'])} "
-                           f"model predicts one class for the whole test subset", file=sys.stderr)
+            if (message := collapse_message(record)) is not None:
+                tqdm.write(f"warning: {message}", file=sys.stderr)
             record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
             record["status"] = "complete"
             record["finished"] = _now()

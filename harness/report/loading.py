@@ -21,7 +21,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.integrity import CorruptFileError, read_json, sha256_file
-from harness.records import RECORD_NAME, CorruptRecordError, read_record
+from harness.records import RECORD_NAME, CorruptRecordError, collapse_message, read_record
 from harness.storage import existing_dir
 
 EVALUATION_NAME = "evaluation.json"
@@ -362,16 +362,6 @@ def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[s
     return kept
 
 
-def collapse_problems(record: dict[str, Any]) -> list[str]:
-    """A run whose final model predicts one class (`diagnostics.collapsed`, set by the runner): its
-    clean and PGD accuracy are a constant predictor's, so the report names it."""
-    collapsed = record.get("diagnostics", {}).get("collapsed", [])
-    if not collapsed:
-        return []
-    return [f"run {record['run_id']} collapsed: its {' and '.join(collapsed)} model predicts one class for the "
-            f"whole test subset (its accuracies are a constant predictor's)"]
-
-
 def load_results(results_dir: Path) -> Results:
     """Every run and evaluation record below `results_dir`; HarnessError when there is nothing to report."""
     root = Path(results_dir)
@@ -387,7 +377,8 @@ def load_results(results_dir: Path) -> Results:
             problems.append(f"skipped corrupt run record {exc}")
             continue
         (runs if record["status"] == "complete" else incomplete).append(Run(path, record))
-        problems.extend(collapse_problems(record))
+        if (message := collapse_message(record)) is not None:
+            problems.append(message)
     evaluations: list[Evaluation] = []
     incomplete_evaluations: list[str] = []
     paths = sorted(root.glob(f"*/eval/*/{EVALUATION_NAME}")) + sorted(root.glob(f"external/*/eval/*/{EVALUATION_NAME}"))
