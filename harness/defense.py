@@ -14,6 +14,10 @@ calls these methods and never asks which defense it holds:
     replays                                 optimiser steps per minibatch (Free-AT's m; else 1)
     record() -> dict                        resolved choices for the run record (attack BN mode, ...)
 
+Class-level hooks (read without an instance, by the runner, the report and `harness list`) are declared
+here with their defaults: `label`, `Config` (a `DefenseConfig` with `RULES` and `validate()`),
+`reference_schedule`, `reference_protocol`, `distributed_ready`, `held_out_size`, `check_spec` and
+`step_cost`. docs/defenses.md lists every hook (tests/test_conformance.py checks the list against this class).
 See docs/defenses.md for PGD-AT as a worked example.
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,9 @@ from torch import nn
 from harness import precision
 from harness.config import Schedule, to_jsonable
 from harness.data import Batch, DatasetInfo
+from harness.protocol import ReferenceProtocol
 from harness.registry import Registry
+from harness.validation import DefenseConfig
 
 
 @dataclass(frozen=True)
@@ -61,15 +67,37 @@ StepStats = dict[str, torch.Tensor]  # batch means, detached; 'loss' always pres
 
 
 @dataclass(frozen=True)
-class NoConfig:
+class NoConfig(DefenseConfig):
     """A defense without hyperparameters."""
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """The compute model of one training step, per example (harness.report.compute turns it into a floor).
+
+    Forward-equivalents count a forward pass as 1, a backward pass to the input only as 1 and a full
+    backward (input and weights) as 2, so a clean SGD step is 3 and an attack step with input gradients
+    only is 2 (docs/recipes.md, "Compute conventions"). `assumption` states the count's reasoning; where a
+    method's cost varies, the count is a lower bound and says so."""
+
+    forward_equivalents: float
+    assumption: str
+
+
+def configured_steps(config: Mapping[str, Any], default: int = 10) -> int:
+    """A recorded config's attack steps (`steps`); `default` when the record does not hold a positive one."""
+    value = config.get("steps")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
 class Defense(abc.ABC):
-    name: ClassVar[str] = ""
-    Config: ClassVar[type] = NoConfig
+    name: ClassVar[str] = ""  # the registry name, set by `register_defense`
+    label: ClassVar[str] = ""  # the name the report shows (the paper's); default: `name`
+    Config: ClassVar[type[DefenseConfig]] = NoConfig
     replays: int = 1
     reference_schedule: ClassVar[Schedule | None] = None  # the authors' schedule (`--preset reference`)
+    # the authors' settings, compared with every run (harness.protocol); None: no published reference code
+    reference_protocol: ClassVar[ReferenceProtocol | None] = None
     # Whether one run may train on several processes (`harness.distributed`): the defense's losses are
     # batch means of per-example terms, its train-mode control flow agrees across ranks, and its only
     # cross-batch state is `per_example_state`. Opt-in, so a new defense is refused until checked.
@@ -88,6 +116,13 @@ class Defense(abc.ABC):
     def held_out_size(cls, config: Any, train_size: int) -> int:
         """Training examples the runner should withhold into `DefenseContext.held_out`; default none."""
         return 0
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost | None:
+        """The forward-equivalents of one training step per example under `config` (a run record's
+        `defense.config`, possibly missing keys), for the report's compute floor. Default None: no cost
+        model, so the report shows "?" and computes no floor."""
+        return None
 
     def setup(self, model: nn.Module) -> None:
         """Create own parameters or per-example state; called once before training or resume."""
@@ -162,6 +197,8 @@ DEFENSES: Registry[type[Defense]] = Registry("defense")
 def register_defense(name: str):
     def decorate(cls: type[Defense]) -> type[Defense]:
         cls.name = name
+        if "label" not in vars(cls):  # not inherited: ades-joint is not "ADES"
+            cls.label = name
         DEFENSES.add(name, cls)
         return cls
 

@@ -185,7 +185,7 @@ def reference_of(defense_name: str) -> ReferenceProtocol | None:
         cls = DEFENSES.get(defense_name)
     except UnknownNameError:  # an old record's defense that is no longer registered: no card, no crash
         return None
-    return getattr(cls, "reference_protocol", None)
+    return cls.reference_protocol
 
 
 def run_protocol(record: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def departures(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def record_field(defense: Any, spec_dict: dict[str, Any], defense_record: dict[str, Any]) -> dict[str, Any]:
     """The `reference_protocol` entry of a new run record."""
-    declared = getattr(type(defense), "reference_protocol", None)
+    declared = type(defense).reference_protocol
     return protocol_diff(declared, {"spec": spec_dict, "defense": defense_record})
 
 
@@ -211,7 +211,7 @@ def preset_model(preset: Any, defense_cls: Any, model_name: str) -> str:
     raw [0, 1] pixels trains the raw-input twin of the chosen model."""
     from harness.models import RAW_INPUT_SUFFIX
 
-    declared = getattr(defense_cls, "reference_protocol", None)
+    declared = defense_cls.reference_protocol
     wants_raw = declared is not None and any(
         s.path == "derived.input" and s.reference == INPUT_RAW for s in declared.settings)
     if preset.schedule_from_defense and wants_raw and not model_name.endswith(RAW_INPUT_SUFFIX):

@@ -24,7 +24,7 @@ Defaults: methods/cue_schedule.py (map, attack, cues) and methods/eps_scheduler.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from harness import precision
 from harness.config import to_jsonable
 from harness.defense import register_defense
-from methods.cue_config import require
+from harness.validation import Rule, non_negative, rules
 from methods.cue_schedule import CueScheduledDefense
 from methods.eps_scheduler import SchedulerConfig, budget_penalty, make_scheduler, through_eps
 
@@ -42,7 +42,8 @@ class ADESConfig(SchedulerConfig):
     objective: Literal["budget", "joint", "bilevel"] = "budget"
     budget_control: Literal["renormalise", "penalty"] = "renormalise"
     budget_penalty: float = 10.0  # penalty weight on ((mean eps - target) / target)^2
-    bilevel: ClassVar[bool] = False  # True only for `ades-bilevel`'s config
+    RULES = rules(SchedulerConfig.RULES, budget_penalty=non_negative,
+                  objective=Rule("budget or joint", lambda v: v != "bilevel", "bilevel is its own defense: -m ades-bilevel"))
 
     @property
     def holds_mean(self) -> bool:
@@ -51,13 +52,6 @@ class ADESConfig(SchedulerConfig):
     @property
     def renormalises(self) -> bool:
         return self.holds_mean and self.budget_control == "renormalise"
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.budget_penalty >= 0, f"budget_penalty must be non-negative, got {self.budget_penalty}")
-        require((self.objective == "bilevel") == self.bilevel,
-                "ades-bilevel's objective is always bilevel; use -m ades or -m ades-joint for the others" if self.bilevel
-                else "objective=bilevel is its own defense (-m ades-bilevel); `ades` takes budget or joint")
 
 
 @dataclass(frozen=True)
@@ -70,6 +64,7 @@ class ADES(CueScheduledDefense):
     """ADES (budget reading): learned per-sample eps, phi maximises the loss at a fixed mean budget."""
 
     Config = ADESConfig
+    label = "ADES"
 
     @property
     def objective(self) -> str:  # type: ignore[override]
@@ -135,3 +130,4 @@ class ADESJoint(ADES):
     """ADES (literal reading): phi minimises the same adversarial loss as the model (eq. 8)."""
 
     Config = ADESJointConfig
+    label = "ADES-joint"

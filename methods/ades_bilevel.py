@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from harness.defense import register_defense
 from harness.errors import HarnessError
 from harness.pgd import pgd
 from methods.ades import ADES, ADESConfig
-from methods.cue_config import require
+from harness.validation import Rule, at_least, between, rules
 from methods.cue_schedule import preserved_buffers
 from methods.eps_scheduler import through_eps
 
@@ -50,12 +50,9 @@ class ADESBilevelConfig(ADESConfig):
     scheduler_every: int = 2  # k: phi's hypergradient step every k training steps
     held_out_fraction: float = 0.1  # of the training subset, withheld for the outer loss
     held_out_batch: int = 128
-    bilevel: ClassVar[bool] = True
-
-    def validate(self) -> None:
-        super().validate()
-        require(0 < self.held_out_fraction < 1, f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
-        require(self.held_out_batch >= 1, f"held_out_batch must be at least 1, got {self.held_out_batch}")
+    RULES = rules(ADESConfig.RULES, held_out_fraction=between(0, 1, low_open=True, high_open=True),
+                  held_out_batch=at_least(1),
+                  objective=Rule("bilevel", lambda v: v == "bilevel", "use -m ades or -m ades-joint for the others"))
 
 
 @register_defense("ades-bilevel")
@@ -63,6 +60,13 @@ class ADESBilevel(ADES):
     """ADES, bi-level reading: phi minimises a held-out robust loss after a one-step look-ahead of theta."""
 
     Config = ADESBilevelConfig
+    label = "ADES-bilevel"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> None:
+        """No cost model: phi's hypergradient (a virtual SGD step and a held-out forward/backward every k
+        steps) is not counted, and the ADES count without it would be no floor of this method."""
+        return None
 
     @classmethod
     def check_spec(cls, spec) -> None:

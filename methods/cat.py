@@ -27,28 +27,24 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
-from harness.errors import HarnessError
+from harness.validation import DefenseConfig, at_least, positive, rules
 from harness.pgd import pgd
 
 
 @dataclass(frozen=True)
-class CATConfig:
+class CATConfig(DefenseConfig):
     max_steps: int = 7  # K: the last lesson attacks with PGD-K
     step_size_rel: float = 0.25  # step = step_size_rel * eps (2/255 at 8/255)
     batch_mixing: bool = True  # lesson l: parts attacked by A_0..A_l; False: the whole batch by A_l
     random_start: bool = True
     attack_bn: Literal["train", "eval"] = "train"
+    RULES = rules(max_steps=at_least(1), step_size_rel=positive)
 
-    def validate(self) -> None:
-        if self.max_steps < 1:
-            raise HarnessError(f"max_steps (K) must be at least 1, got {self.max_steps}")
-        if self.step_size_rel <= 0:
-            raise HarnessError(f"step_size_rel must be positive, got {self.step_size_rel}")
 
 
 def lesson_for(epoch: int, epochs: int, max_steps: int) -> int:
@@ -68,6 +64,13 @@ class CAT(Defense):
     """CAT (Cai et al. 2018): PGD-k adversarial training, k growing by lessons 0..K, batch mixing."""
 
     Config = CATConfig
+    label = "CAT"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> None:
+        """No cost model: the attack's steps grow lesson by lesson and, with batch mixing, differ within a
+        batch, so no single count is stated (the report shows "?")."""
+        return None
 
     def __init__(self, config: CATConfig, context):
         super().__init__(config, context)

@@ -7,15 +7,10 @@ from fractions import Fraction
 from typing import Literal
 
 from harness.config import fraction_str
-from harness.cues import CUE_NAMES, check_cue_names
+from harness.cues import CUE_NAMES
 from harness.eps_stats import COLLAPSE_FRACTION, COLLAPSE_SPREAD, COLLAPSE_TOLERANCE
-from harness.errors import HarnessError
-
-
-def require(ok: bool, message: str) -> None:
-    """One-line configuration error (exit status 2 at the CLI)."""
-    if not ok:
-        raise HarnessError(message)
+from harness.validation import (DefenseConfig, at_least, between, distinct, non_negative, not_empty, one_of,
+                                positive, require, rules)
 
 
 def _fraction(value: float) -> Fraction:
@@ -23,7 +18,7 @@ def _fraction(value: float) -> Fraction:
 
 
 @dataclass(frozen=True)
-class CueEpsConfig:
+class CueEpsConfig(DefenseConfig):
     eps_min_rel: float = 0.5  # eps_min = eps_min_rel x the run's eps (4/255 at 8/255)
     eps_max_rel: float = 1.5  # eps_max = eps_max_rel x the run's eps (12/255 at 8/255)
     eps_min: Fraction | None = None  # absolute bound (e.g. 4/255); overrides eps_min_rel when set
@@ -46,6 +41,13 @@ class CueEpsConfig:
     collapse_tolerance: float = COLLAPSE_TOLERANCE  # ... lies within this fraction of the range of a bound
     collapse_spread: float = COLLAPSE_SPREAD  # warn when eps std < this x (eps_max - eps_min)
     eps_target_rel: float = 1.0  # where the batch-mean eps is held: this x the run's eps
+    RULES = rules(
+        eps_min_rel=non_negative, eps_max_rel=non_negative, eps_min=between(0, 1), eps_max=between(0, 1),
+        steps=at_least(1), step_size_rel=positive,
+        cues=(not_empty, one_of(CUE_NAMES, "e.g. --set cues=grad_norm,entropy"), distinct),
+        mc_samples=at_least(1), mc_head_dropout=between(0, 1, high_open=True), constant_cue_value=between(0, 1),
+        probe_size=at_least(1), hist_bins=at_least(1), collapse_fraction=between(0, 1, low_open=True),
+        collapse_tolerance=non_negative, collapse_spread=non_negative, eps_target_rel=positive)
 
     @property
     def holds_mean(self) -> bool:
@@ -68,42 +70,28 @@ class CueEpsConfig:
         return self.share_first_step and self.cue_mode == self.attack_bn
 
     def validate(self) -> None:
-        check_cue_names(self.cues)
-        require(self.eps_target_rel > 0, f"eps_target_rel must be positive, got {self.eps_target_rel}")
-        require(self.mc_samples >= 1, f"mc_samples (T) must be at least 1, got {self.mc_samples}")
-        require(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
-        require(self.step_size_rel > 0, f"step_size_rel must be positive, got {self.step_size_rel}")
-        require(0 <= self.mc_head_dropout < 1, f"mc_head_dropout must be in [0, 1), got {self.mc_head_dropout}")
-        require(0 <= self.constant_cue_value <= 1,
-                f"constant_cue_value must be in [0, 1], got {self.constant_cue_value}")
-        require(self.probe_size >= 1 and self.hist_bins >= 1, "probe_size and hist_bins must be at least 1")
-        require(0 < self.collapse_fraction <= 1 and self.collapse_tolerance >= 0 and self.collapse_spread >= 0,
-                "collapse_fraction must be in (0, 1]; collapse_tolerance and collapse_spread non-negative")
-        for name in ("eps_min", "eps_max"):
-            value = getattr(self, name)
-            require(value is None or 0 <= value <= 1, f"{name} = {value} is outside [0, 1]; use e.g. 4/255")
-        for name in ("eps_min_rel", "eps_max_rel"):
-            require(getattr(self, name) >= 0, f"{name} must be non-negative, got {getattr(self, name)}")
+        """eps_min <= eps_max when both are given the same way (both absolute or both relative)."""
         if (self.eps_min is None) == (self.eps_max is None):
             lo = self.eps_min if self.eps_min is not None else self.eps_min_rel
             hi = self.eps_max if self.eps_max is not None else self.eps_max_rel
-            require(lo <= hi, f"eps_min ({lo}) > eps_max ({hi}); swap them")
+            require(lo <= hi, "eps_min", "<= eps_max (swap them)", f"{lo} > {hi}")
 
     def bounds(self, eps: Fraction) -> tuple[Fraction, Fraction]:
         """(eps_min, eps_max) for a run whose nominal budget is `eps`; HarnessError if unusable."""
         lo = self.eps_min if self.eps_min is not None else _fraction(self.eps_min_rel) * eps
         hi = self.eps_max if self.eps_max is not None else _fraction(self.eps_max_rel) * eps
         for name, value in (("eps_min", lo), ("eps_max", hi)):
-            require(0 <= value <= 1, f"{name} = {fraction_str(value)} (at run eps {fraction_str(eps)}) is "
-                                     f"outside [0, 1]; lower {name}_rel or set {name} explicitly")
-        require(lo <= hi, f"eps_min {fraction_str(lo)} > eps_max {fraction_str(hi)}; swap them")
+            require(0 <= value <= 1, name, "in [0, 1]", f"{fraction_str(value)} at run eps {fraction_str(eps)}",
+                    f"lower {name}_rel or set {name} explicitly")
+        require(lo <= hi, "eps_min", "<= eps_max (swap them)", f"{fraction_str(lo)} > {fraction_str(hi)}")
         return lo, hi
 
     def target(self, eps: Fraction) -> Fraction:
         """The held batch-mean eps; when held, it must lie strictly inside (eps_min, eps_max)."""
         lo, hi = self.bounds(eps)
         value = _fraction(self.eps_target_rel) * eps
-        require(not self.holds_mean or lo < value < hi,
-                f"target mean eps {fraction_str(value)} must lie strictly between eps_min "
-                f"{fraction_str(lo)} and eps_max {fraction_str(hi)}; widen the bounds or change eps_target_rel")
+        require(not self.holds_mean or lo < value < hi, "eps_target_rel",
+                f"such that the target mean eps lies strictly between eps_min {fraction_str(lo)} and eps_max "
+                f"{fraction_str(hi)}", f"{self.eps_target_rel} (target {fraction_str(value)})",
+                "widen the bounds or change eps_target_rel")
         return value

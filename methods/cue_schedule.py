@@ -19,7 +19,7 @@ gradient (no train-mode BatchNorm coupling); PGD then computes its own first gra
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from harness import precision
 from harness.config import fraction_str
 from harness.cues import CUE_NAMES, CleanPass, clean_pass, compute_cues, has_dropout, has_head, normalised
-from harness.defense import Defense, Perturbation, accuracy
+from harness.defense import Defense, Perturbation, StepCost, accuracy, configured_steps
 from harness.eps_stats import PassLog
 from harness.errors import HarnessError
 from harness.pgd import pgd
@@ -72,6 +72,12 @@ class CueScheduledDefense(Defense):
     """Shared pipeline: cues -> score in [0, 1] -> eps_i -> per-sample PGD -> CE training."""
 
     Config = CueEpsConfig
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        k = configured_steps(config)
+        return StepCost(2 * k + 3, f"as PGD-{k} AT: cues shared with PGD's first step, head-only MC dropout and "
+                                   f"the scheduler MLP taken as free (a lower bound)")
     objective = "static"
 
     def __init__(self, config: CueEpsConfig, context):

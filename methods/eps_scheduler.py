@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from harness.pgd import per_sample
-from methods.cue_config import CueEpsConfig, require
+from harness.validation import at_least, non_negative, rules
+from methods.cue_config import CueEpsConfig
 
 
 class EpsScheduler(nn.Module):
@@ -48,13 +49,8 @@ class SchedulerConfig(CueEpsConfig):
     scheduler_optimizer: Literal["adam", "sgd"] = "adam"
     scheduler_lr: float = 2e-2  # 0 freezes phi (the run is then PGD-AT at the held mean)
     scheduler_every: int = 1  # phi takes a step every this many training steps
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.hidden >= 1, f"hidden must be at least 1, got {self.hidden}")
-        require(self.init_scale >= 0, f"init_scale must be non-negative, got {self.init_scale}")
-        require(self.scheduler_lr >= 0, f"scheduler_lr must be non-negative, got {self.scheduler_lr}")
-        require(self.scheduler_every >= 1, f"scheduler_every must be at least 1, got {self.scheduler_every}")
+    RULES = rules(CueEpsConfig.RULES, hidden=at_least(1), init_scale=non_negative, scheduler_lr=non_negative,
+                  scheduler_every=at_least(1))
 
 
 def make_scheduler(cfg: SchedulerConfig, device: torch.device, maximise: bool

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 
@@ -43,13 +43,13 @@ from harness.distributed import sum_over_processes
 from harness.pgd import pgd
 from harness.config import Schedule
 from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
-from harness.errors import HarnessError
-from harness.validation import at_least, between, non_negative, positive, rules
+from harness.defense import (Defense, Perturbation, StepCost, adversarial_ce_step, configured_steps,
+                             register_defense)
+from harness.validation import DefenseConfig, increasing, require, at_least, between, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
-class FATConfig:
+class FATConfig(DefenseConfig):
     steps: int = 10  # K, the most steps an example takes
     step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
     taus: tuple[int, ...] = (0, 1, 2)  # tau in force before the first milestone, after it, ...
@@ -57,21 +57,14 @@ class FATConfig:
     omega: float = 0.001  # std of the noise added to every step, in pixel units
     random_start: bool = True  # uniform in the eps ball, as the reference's FAT.py
     attack_bn: Literal["train", "eval"] = "eval"
-    RULES = rules(steps=at_least(1), step_size_rel=positive, taus=non_negative, tau_milestones=between(0, 1),
+    RULES = rules(steps=at_least(1), step_size_rel=positive, taus=non_negative, tau_milestones=(between(0, 1), increasing),
                   omega=non_negative)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.step_size_rel <= 0 or self.omega < 0:
-            raise HarnessError("FAT needs steps >= 1, step_size_rel > 0 and omega >= 0")
-        if len(self.taus) != len(self.tau_milestones) + 1:
-            raise HarnessError(f"FAT needs one more tau than tau milestones, got taus={self.taus} and "
-                               f"tau_milestones={self.tau_milestones}")
-        if any(t < 0 for t in self.taus):
-            raise HarnessError(f"FAT taus must be >= 0, got {self.taus}")
-        if list(self.tau_milestones) != sorted(self.tau_milestones) or not all(
-                0 <= m <= 1 for m in self.tau_milestones):
-            raise HarnessError(f"FAT tau_milestones are increasing fractions of the run in [0, 1], "
-                               f"got {self.tau_milestones}")
+        """One tau per stretch between milestones."""
+        require(len(self.taus) == len(self.tau_milestones) + 1, "taus", "one more than tau_milestones",
+                f"taus={self.taus} and tau_milestones={self.tau_milestones}")
+
 
     def tau_at(self, epoch: int, epochs: int) -> int:
         """tau for 0-indexed `epoch` of `epochs` (120 epochs: 0 for 0..49, 1 for 50..89, 2 after)."""
@@ -104,6 +97,12 @@ class FAT(Defense):
     """FAT for AT (Zhang et al. 2020): CE on early-stopped PGD examples, tau rising over training."""
 
     Config = FATConfig
+    label = "FAT"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        return StepCost(5, "early-stopped PGD: at least one attack step + training step (a lower bound; "
+                           "at most 23 with PGD-10)")
     # harness.distributed: early stopping is per example and its loop ends on every rank together
     # (`any_rank`); the mean-steps diagnostic is summed over ranks. Step noise is drawn per rank.
     distributed_ready = True

@@ -30,7 +30,7 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +39,17 @@ from harness import precision
 from harness.pgd import pgd
 from harness.config import Schedule, to_jsonable
 from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import Defense, Perturbation, accuracy, register_defense
-from harness.errors import HarnessError
-from harness.validation import at_least, positive, rules
+from harness.defense import Defense, Perturbation, StepCost, accuracy, configured_steps, register_defense
+from harness.validation import DefenseConfig, at_least, positive, rules
 
 
 @dataclass(frozen=True)
-class FreeATConfig:
+class FreeATConfig(DefenseConfig):
     replays: int = 8  # m: optimiser steps per minibatch
     step_rel: float = 1.0  # FGSM step = step_rel * eps (free_train.py: step = eps = 8/255)
     attack_bn: Literal["train"] = "train"  # one forward pass for weights and delta: train mode
     RULES = rules(replays=at_least(1), step_rel=positive)
 
-    def validate(self) -> None:
-        if self.replays < 1:
-            raise HarnessError(f"free-at needs replays >= 1, got {self.replays}")
-        if self.step_rel <= 0:
-            raise HarnessError(f"free-at needs step_rel > 0, got {self.step_rel}")
 
 
 @register_defense("free-at")
@@ -63,6 +57,11 @@ class FreeAT(Defense):
     """Free-AT (Shafahi et al. 2019): m replays per minibatch, one backward for weights and input."""
 
     Config = FreeATConfig
+    label = "Free-AT"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        return StepCost(3, "one forward + full backward per replay; one equivalent epoch = one replay per batch")
     # ashafahi/free_adv_train config.py / free_train.py (CIFAR-10, WRN-34-10): 80k SGD steps
     # (~205 equivalent epochs of batch 128), lr 0.1 x0.1 at 40k and 60k steps, wd 2e-4.
     # Weight decay on conv/FC weights only (Madry's model decays its 'DW' variables; main_free.py likewise).

@@ -30,20 +30,20 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,), index (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 
 from harness.pgd import model_mode, pgd
 from harness.config import Schedule, to_jsonable
 from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import PerExampleEps, Perturbation, adversarial_ce_step, register_defense
-from harness.errors import HarnessError
-from harness.validation import at_least, between, non_negative, positive, rules
+from harness.defense import (PerExampleEps, Perturbation, StepCost, adversarial_ce_step, configured_steps,
+                             register_defense)
+from harness.validation import DefenseConfig, at_least, between, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
-class IAATConfig:
+class IAATConfig(DefenseConfig):
     eps_rel: float = 1.0  # warm-up budget = eps_rel * eps (attack_eps 8/255)
     gamma_rel: float = 0.2375  # eps step = 1.9/255 at 8/255
     beta: float = 0.1  # eps <- beta * proposal + (1 - beta) * eps_prev
@@ -52,16 +52,9 @@ class IAATConfig:
     step_per_eps: float = 0.2  # step = max(step_per_eps * eps_i, step_min_rel * eps); eps_i / (0.5 steps)
     step_min_rel: float = 0.25  # 2/255 at 8/255 (attack_lr)
     attack_bn: Literal["train", "eval"] = "train"
-    RULES = rules(eps_rel=positive, gamma_rel=positive, beta=between(0, 1), warmup_frac=between(0, 1),
+    RULES = rules(eps_rel=positive, gamma_rel=positive, beta=between(0, 1, low_open=True), warmup_frac=between(0, 1),
                   steps=at_least(1), step_per_eps=non_negative, step_min_rel=positive)
 
-    def validate(self) -> None:
-        if not 0 < self.beta <= 1:
-            raise HarnessError(f"iaat beta must be in (0, 1], got {self.beta}")
-        if not 0 <= self.warmup_frac <= 1:
-            raise HarnessError(f"iaat warmup_frac must be in [0, 1], got {self.warmup_frac}")
-        if self.gamma_rel <= 0 or self.eps_rel <= 0 or self.steps < 1:
-            raise HarnessError("iaat needs gamma_rel > 0, eps_rel > 0 and steps >= 1")
 
 
 @register_defense("iaat")
@@ -69,6 +62,12 @@ class IAAT(PerExampleEps):
     """IAAT (Balaji et al. 2019): per-example eps raised while robust, lowered when not, PGD-10 CE."""
 
     Config = IAATConfig
+    label = "IAAT"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        k = configured_steps(config)
+        return StepCost(3 * 2 * k + 3, f"about 3 PGD-{k} attacks per batch (docs/recipes.md) + training step")
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json and
     # trainers/trainer_adaptive.py: WRN (depth 32, width 10 as named there), 110 epochs, batch 256,

@@ -27,7 +27,7 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from harness.pgd import pgd
 from harness.config import Schedule
 from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
-                             sgd_step)
-from harness.errors import HarnessError
-from harness.validation import at_least, non_negative, positive, rules
+from harness.defense import (Defense, Perturbation, StepCost, accuracy, clean_then_adversarial_logits,
+                             configured_steps, register_defense, sgd_step)
+from harness.validation import DefenseConfig, at_least, non_negative, positive, rules
 
 LOG_FLOOR = 1e-12  # added inside logs of probabilities, as in the reference
 BOOST_OFFSET = 1.0001  # -log(1.0001 - p) stays finite when a wrong class takes all the mass
@@ -46,7 +45,7 @@ WEIGHT_OFFSET = 1.0000001  # the reference's 1 - p_y, kept strictly positive
 
 
 @dataclass(frozen=True)
-class MARTConfig:
+class MARTConfig(DefenseConfig):
     beta: float = 6.0
     steps: int = 10
     step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
@@ -54,11 +53,6 @@ class MARTConfig:
     attack_bn: Literal["train", "eval"] = "eval"
     RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=non_negative)
 
-    def validate(self) -> None:
-        if self.beta < 0:
-            raise HarnessError(f"MART beta must be >= 0, got {self.beta}")
-        if self.steps < 1 or self.step_size_rel <= 0 or self.init_noise < 0:
-            raise HarnessError("MART needs steps >= 1, step_size_rel > 0 and init_noise >= 0")
 
 
 class MARTLoss(NamedTuple):
@@ -93,6 +87,12 @@ class MART(Defense):
     """MART (Wang et al. 2020): boosted CE on PGD examples + KL weighted per example by 1 - p_y(x)."""
 
     Config = MARTConfig
+    label = "MART"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        k = configured_steps(config)
+        return StepCost(2 * k + 6, f"PGD-{k} + training forward/backward on clean and adversarial inputs")
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=90, batch_size=128, lr=0.1, lr_milestones=(74 / 90, 89 / 90), lr_decay=0.1, momentum=0.9,

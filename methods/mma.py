@@ -38,7 +38,7 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,), index (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,9 @@ from harness.pgd import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
 from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
 from harness.distributed import any_rank
-from harness.defense import PerExampleEps, Perturbation, accuracy, register_defense, sgd_step
-from harness.errors import HarnessError
-from harness.validation import at_least, between, positive, rules
+from harness.defense import (PerExampleEps, Perturbation, StepCost, accuracy, configured_steps,
+                             register_defense, sgd_step)
+from harness.validation import DefenseConfig, require, at_least, between, positive, rules
 
 
 def soft_logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ def bisect_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dire
 
 
 @dataclass(frozen=True)
-class MMAConfig:
+class MMAConfig(DefenseConfig):
     d_max_rel: float = 1.5  # hinge d_max = d_max_rel * eps (12/255 at 8/255: MMA-12)
     search_max_factor: float = 1.05  # bisection bracket [0, 1.05 * d_max] (train.py attack_maxeps)
     min_eps_rel: float = 0.159375  # eps_prev floor = 0.005 at 8/255 (config.py attack_mineps)
@@ -96,9 +96,11 @@ class MMAConfig:
     RULES = rules(d_max_rel=positive, search_max_factor=at_least(1), min_eps_rel=positive, steps=at_least(1),
                   step_scale=positive, search_steps=at_least(1), clean_loss_coeff=between(0, 1))
 
-    def validate(self) -> None:  # per-field ranges: RULES (harness.validation)
-        if self.min_eps_rel > self.d_max_rel * self.search_max_factor:
-            raise HarnessError("MMA needs min_eps_rel <= d_max_rel * search_max_factor")
+    def validate(self) -> None:
+        """The eps floor must lie inside the bisection bracket."""
+        bracket = self.d_max_rel * self.search_max_factor
+        require(self.min_eps_rel <= bracket, "min_eps_rel", "<= d_max_rel * search_max_factor",
+                f"{self.min_eps_rel:g} > {bracket:g}")
 
 
 @register_defense("mma")
@@ -106,6 +108,13 @@ class MMA(PerExampleEps):
     """MMA (Ding et al. 2020): per-example margins from AN-PGD + bisection, CE at the margin below d_max."""
 
     Config = MMAConfig
+    label = "MMA"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        k = configured_steps(config)
+        return StepCost(2 * k + 10 + 1 + 6, f"AN-PGD-{k} + 10 bisection forwards + clean forward + training on "
+                                            f"adversarial and clean inputs (rough)")
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # BorealisAI/mma_training config.py (LinfCIFAR10), train.py: WRN-28-4 on a 45k/5k split,
     # 50k SGD steps of batch 128 (~142 epochs), lr 0.3 -> 0.09 -> 0.03 -> 0.009 at 40/60/80% of

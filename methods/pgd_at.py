@@ -18,17 +18,18 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 from harness.pgd import pgd
 from harness.config import Schedule
 from harness.protocol import INPUT_MEAN_STD, ReferenceProtocol, Setting, OUR_SELECTION, PAPER_SCHEDULE, schedule_settings
-from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
-from harness.validation import at_least, positive, rules
+from harness.defense import (Defense, Perturbation, StepCost, adversarial_ce_step, configured_steps,
+                             register_defense)
+from harness.validation import DefenseConfig, at_least, positive, rules
 
 
 @dataclass(frozen=True)
-class PGDATConfig:
+class PGDATConfig(DefenseConfig):
     steps: int = 10
     step_size_rel: float = 0.25  # step = step_size_rel * eps (2/255 at 8/255)
     random_start: bool = True
@@ -41,6 +42,12 @@ class PGDAT(Defense):
     """PGD-AT (Madry et al. 2018): cross-entropy on PGD-10 examples at the run's eps."""
 
     Config = PGDATConfig
+    label = "PGD-AT"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        k = configured_steps(config)
+        return StepCost(2 * k + 3, f"PGD-{k}: {k} x (forward + input backward) + one training forward/backward")
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
     reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75),

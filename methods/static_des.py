@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 
 from harness.defense import register_defense
-from methods.cue_config import CueEpsConfig, require
+from harness.validation import Rule, non_negative, require, rules
+from methods.cue_config import CueEpsConfig
 from methods.cue_schedule import CueScheduledDefense
 
 
@@ -36,13 +37,13 @@ class StaticDESConfig(CueEpsConfig):
     def renormalises(self) -> bool:
         return self.budget_control == "renormalise"
 
+    RULES = rules(CueEpsConfig.RULES,
+                  weights=(non_negative, Rule("of positive sum", lambda w: sum(w) > 0, each=False)))
+
     def validate(self) -> None:
         super().validate()
-        require(len(self.weights) == len(self.cues),
-                f"{len(self.weights)} weights for {len(self.cues)} cues ({','.join(self.cues)}); "
-                f"give one weight per cue, e.g. --set weights=1,0,0")
-        require(all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
-                f"weights {self.weights} must be non-negative with a positive sum")
+        require(len(self.weights) == len(self.cues), "weights", f"one weight per cue ({','.join(self.cues)})",
+                f"{len(self.weights)} weights", "e.g. --set weights=1,0,0")
 
 
 @register_defense("static-des")
@@ -50,6 +51,7 @@ class StaticDES(CueScheduledDefense):
     """Static-DES (the paper's ablation): per-sample eps from fixed weights over the normalised cues."""
 
     Config = StaticDESConfig
+    label = "Static-DES"
 
     def score(self, s, track):
         w = torch.tensor(self.config.weights, dtype=s.dtype, device=s.device)

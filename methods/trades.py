@@ -30,7 +30,7 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,29 +38,21 @@ import torch.nn.functional as F
 from harness.pgd import model_mode, pgd
 from harness.config import Schedule
 from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import (Defense, Perturbation, accuracy, clean_then_adversarial_logits, register_defense,
-                             sgd_step)
-from harness.errors import HarnessError
-from harness.validation import at_least, non_negative, positive, rules
+from harness.defense import (Defense, Perturbation, StepCost, accuracy, clean_then_adversarial_logits,
+                             configured_steps, register_defense, sgd_step)
+from harness.validation import DefenseConfig, Rule, at_least, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
-class TRADESConfig:
+class TRADESConfig(DefenseConfig):
     beta: float = 6.0
     steps: int = 10
     step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
     init_noise: float = 0.001  # std of the Gaussian start in pixel units; > 0 (KL's gradient vanishes at x)
     attack_bn: Literal["train", "eval"] = "eval"
-    RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=positive)
+    RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=Rule(
+        "> 0", lambda v: v > 0, "the KL's gradient is zero at x' = x, so an attack started there never moves"))
 
-    def validate(self) -> None:
-        if self.beta < 0:
-            raise HarnessError(f"TRADES beta must be >= 0, got {self.beta}")
-        if self.steps < 1 or self.step_size_rel <= 0:
-            raise HarnessError("TRADES needs steps >= 1 and step_size_rel > 0")
-        if self.init_noise <= 0:
-            raise HarnessError("TRADES needs init_noise > 0: the KL's gradient is zero at x' = x, "
-                               "so an attack started there never moves")
 
 
 def kl_per_example(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
@@ -87,6 +79,13 @@ class TRADES(Defense):
     """TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL to a KL-maximising PGD example."""
 
     Config = TRADESConfig
+    label = "TRADES"
+
+    @classmethod
+    def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
+        k = configured_steps(config)
+        return StepCost(2 * k + 7, f"{k} KL attack steps (forward + input backward), one clean forward for the "
+                                   f"attack's target, training forward/backward on clean and adversarial inputs")
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=76, batch_size=128, lr=0.1, lr_milestones=(74 / 76,), lr_decay=0.1, momentum=0.9,

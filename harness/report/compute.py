@@ -6,8 +6,8 @@ floor = forward FLOPs of the model on one input (measured with torch's FlopCount
 
 Forward-equivalents count a forward pass as 1, a backward pass to the input only as 1 and a full
 backward (input and weights) as 2, so a clean SGD step is 3 and an attack step with input gradients
-only is 2 (METHODS.md "Compute"). Each method's count below is a stated assumption, chosen as a
-lower bound where the method's cost varies.
+only is 2 (docs/recipes.md, "Compute conventions"). Each defense states its count and the assumption
+behind it in its own file (`Defense.step_cost`), as a lower bound where the method's cost varies.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.data import DATASETS
+from harness.defense import DEFENSES, StepCost
 from harness.errors import UnknownNameError
 from harness.models import MODELS, build_model
 
@@ -52,46 +53,17 @@ def device_peak(device_name: str | None) -> DevicePeak | None:
     return None
 
 
-@dataclass(frozen=True)
-class StepCost:
-    forward_equivalents: float
-    assumption: str
-
-
-def _attack_steps(config: dict[str, Any], default: int = 10) -> int:
-    for key in ("steps", "attack_steps", "pgd_steps", "num_steps"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
 def step_cost(defense: str, config: dict[str, Any] | None = None) -> StepCost | None:
-    """Forward-equivalents per training example per (equivalent) epoch, with the assumption made."""
-    config = config or {}
-    k = _attack_steps(config)
-    base = defense.split("#")[0]
-    if base == "pgd-at":
-        return StepCost(2 * k + 3, f"PGD-{k}: {k} x (forward + input backward) + one training forward/backward")
-    if base in ("static-des", "ades", "ades-joint"):
-        return StepCost(2 * k + 3, f"as PGD-{k} AT: cues shared with PGD's first step, head-only MC dropout and "
-                                   f"the scheduler MLP taken as free (a lower bound)")
-    if base == "trades":
-        return StepCost(2 * k + 7, f"{k} KL attack steps (forward + input backward), one clean forward for the "
-                                   f"attack's target, training forward/backward on clean and adversarial inputs")
-    if base == "mart":
-        return StepCost(2 * k + 6, f"PGD-{k} + training forward/backward on clean and adversarial inputs")
-    if base == "free-at":
-        return StepCost(3, "one forward + full backward per replay; one equivalent epoch = one replay per batch")
-    if base == "mma":
-        return StepCost(2 * k + 10 + 1 + 6, f"AN-PGD-{k} + 10 bisection forwards + clean forward + training on "
-                                            f"adversarial and clean inputs (rough)")
-    if base == "fat":
-        return StepCost(5, "early-stopped PGD: at least one attack step + training step (a lower bound; "
-                           "at most 23 with PGD-10)")
-    if base == "iaat":
-        return StepCost(3 * 2 * k + 3, f"about 3 PGD-{k} attacks per batch (METHODS.md) + training step")
-    return None
+    """Forward-equivalents per training example per (equivalent) epoch, with the assumption made: the
+    defense's own `step_cost` hook (methods/<name>.py); None for a defense without a cost model or one
+    no longer registered. `defense` may carry a config digest ("trades#ab12")."""
+    import methods  # noqa: F401  (registers every defense)
+
+    try:
+        cls = DEFENSES.get(defense.split("#")[0])
+    except UnknownNameError:
+        return None
+    return cls.step_cost(config or {})
 
 
 @lru_cache(maxsize=None)

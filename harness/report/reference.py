@@ -6,8 +6,8 @@ harness/data/paper_table3.csv   the paper's seconds per epoch on a V100 (CIFAR-1
 harness/data/robustbench.csv    RobustBench's published clean / AutoAttack accuracy of the official
                                 checkpoints of the baselines (model_info JSONs, Linf)
 
-The files are copies of ../shared/reference (tests/test_report_reference.py checks they still agree),
-so the report works from an installed package without the shared folder.
+The files are the project's own copies of the published numbers (tests/test_report_reference.py checks
+their shape and that every paper row has a harness defense), so the report needs nothing outside the package.
 """
 
 from __future__ import annotations
@@ -19,12 +19,6 @@ import pandas as pd
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
-# harness defense name -> the paper's label (or the method's usual name where the paper has none)
-METHOD_LABELS: dict[str, str] = {
-    "pgd-at": "PGD-AT", "trades": "TRADES", "mma": "MMA", "free-at": "Free-AT",
-    "static-des": "Static-DES", "ades": "ADES", "ades-joint": "ADES-joint",
-    "iaat": "IAAT", "fat": "FAT", "mart": "MART", "ades-bilevel": "ADES-bilevel", "cat": "CAT",
-}
 # the paper's row a harness defense is compared with; `ades-joint` is the literal reading of the
 # paper's joint objective, `ades` the non-degenerate one: both are compared with the paper's ADES row
 PAPER_ROW: dict[str, str] = {
@@ -44,7 +38,11 @@ METHOD_ORDER = ("pgd-at", "trades", "mma", "free-at", "static-des", "ades", "ade
 
 
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    """The label a defense declares (`Defense.label`, in methods/<name>.py); an unregistered name as is."""
+    from harness.defense import DEFENSES
+    import methods  # noqa: F401  (registers every defense)
+
+    return DEFENSES.get(name).label if name in DEFENSES else name
 
 
 def method_sort_key(name: str) -> tuple[int, str]:
