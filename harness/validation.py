@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from harness.errors import HarnessError
 
@@ -128,14 +129,21 @@ def validate_config(config: DefenseConfig, owner: str | None = None) -> DefenseC
     unknown = set(type(config).RULES) - set(fields)
     if unknown:  # a typo in a declaration must not silently disable a check
         raise TypeError(f"{type(config).__name__}.RULES names no field {', '.join(sorted(unknown))}")
-    try:
+    with violations_of(owner or type(config).__name__):
         for field in fields:
             _check_field(config, field)
         config.validate()
-    except ConfigViolation as violation:
-        raise HarnessError(violation_message(owner or type(config).__name__, violation.field, violation.must,
-                                             violation.got, violation.why)) from None
     return config
+
+
+@contextmanager
+def violations_of(owner: str) -> Iterator[None]:
+    """Name `owner` in front of any `ConfigViolation` raised inside (also a defense's `check_spec`)."""
+    try:
+        yield
+    except ConfigViolation as violation:
+        raise HarnessError(violation_message(owner, violation.field, violation.must, violation.got,
+                                             violation.why)) from None
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:

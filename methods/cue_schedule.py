@@ -32,6 +32,7 @@ from harness.cues import CUE_NAMES, CleanPass, clean_pass, compute_cues, has_dro
 from harness.defense import Defense, Perturbation, StepCost, accuracy, configured_steps
 from harness.eps_stats import PassLog
 from harness.errors import HarnessError
+from harness.validation import require, violations_of
 from harness.pgd import pgd
 from methods.cue_config import CueEpsConfig
 
@@ -78,6 +79,7 @@ class CueScheduledDefense(Defense):
         k = configured_steps(config)
         return StepCost(2 * k + 3, f"as PGD-{k} AT: cues shared with PGD's first step, head-only MC dropout and "
                                    f"the scheduler MLP taken as free (a lower bound)")
+
     objective = "static"
 
     def __init__(self, config: CueEpsConfig, context):
@@ -93,10 +95,10 @@ class CueScheduledDefense(Defense):
     @classmethod
     def check_spec(cls, spec: Any) -> None:
         config = spec.defense_config
-        config.target(spec.eps)  # checks the bounds too
-        if config.mc_mode == "full" and "mc_variance" in config.cues and spec.dropout == 0:
-            raise HarnessError("mc_mode=full needs a model built with dropout: pass --dropout 0.1 "
-                               "(or use --set mc_mode=head)")
+        with violations_of(spec.defense):
+            config.target(spec.eps)  # checks the bounds too
+            require(config.mc_mode == "head" or "mc_variance" not in config.cues or spec.dropout > 0, "mc_mode",
+                    "head for a model built without dropout", "full", "pass --dropout 0.1 or use --set mc_mode=head")
 
     def setup(self, model: nn.Module) -> None:
         self.model = model

@@ -14,6 +14,7 @@ from harness.cli import main
 from harness.cues import grad_norm, mc_variance_full, mc_variance_head, minmax
 from harness.data import Batch
 from harness.defense import DEFENSES, DefenseContext
+from harness.validation import validate_config
 from harness.eps_stats import collapse_warning, eps_summary, spearman
 from harness.errors import HarnessError
 from harness.models import build_model
@@ -28,7 +29,7 @@ def make(name, info, **changes):
     cls = DEFENSES.get(name)
     changes.setdefault("steps", 3)  # PGD-3: these tests check budgets and plumbing, not attack strength
     config = dataclasses.replace(cls.Config(), **changes)
-    config.validate()
+    validate_config(config, name)
     ctx = DefenseContext(eps=info.eps, dataset=info, train_size=600, epochs=1, device=torch.device("cpu"))
     return cls(config, ctx)
 
@@ -288,23 +289,32 @@ def test_record_carries_resolved_bounds_cues_and_objective(name, objective, synt
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("overrides,dropout,message", [
-    (("eps_min=0.2", "eps_max=0.1"), 0.0, "eps_min"),
-    (("eps_min_rel=2", "eps_max_rel=1"), 0.0, "eps_min"),
-    (("eps_max_rel=20",), 0.0, "outside"),
-    (("mc_samples=0",), 0.0, "at least 1"),
-    (("mc_mode=full",), 0.0, "dropout"),
-    (("cues=grad_norm,curvature",), 0.0, "unknown cue"),
-    (("eps_target_rel=1.5",), 0.0, "strictly between"),
+    (("eps_min=0.2", "eps_max=0.1"), 0.0, r"eps_min must be <= eps_max \(swap them\), got 1/5 > 1/10"),
+    (("eps_min_rel=2", "eps_max_rel=1"), 0.0, r"eps_min must be <= eps_max \(swap them\), got 2.0 > 1.0"),
+    (("eps_max_rel=20",), 0.0, r"eps_max must be in \[0, 1\], got 2 at run eps 1/10 \(lower eps_max_rel"),
+    (("mc_samples=0",), 0.0, "mc_samples must be >= 1, got 0"),
+    (("mc_mode=full",), 0.0, r"mc_mode must be head for a model built without dropout, got full \(pass --dropout"),
+    (("cues=grad_norm,curvature",), 0.0, "cues must be one of grad_norm, entropy, mc_variance, got curvature"),
+    (("cues=entropy,entropy",), 0.0, "cues must be listed once each, got entropy,entropy"),
+    (("eps_target_rel=1.5",), 0.0, "eps_target_rel must be such that the target mean eps lies strictly between"),
+    (("objective=bilevel",), 0.0, r"objective must be budget or joint, got bilevel \(bilevel is its own defense"),
+    (("mc_head_dropout=1",), 0.0, r"mc_head_dropout must be in \[0, 1\), got 1.0"),
+    (("collapse_fraction=0",), 0.0, r"collapse_fraction must be in \(0, 1\], got 0.0"),
+    (("scheduler_every=0",), 0.0, "scheduler_every must be >= 1, got 0"),
 ])
 def test_bad_input_fails_before_training(overrides, dropout, message):
-    with pytest.raises(HarnessError, match=message):
+    """Every rule, per-field (RULES) or cross-field (validate, check_spec), in the one message format."""
+    with pytest.raises(HarnessError, match="^ades: " + message):
         make_spec("ades", "fashion-mnist", "smoke", overrides=overrides, dropout=dropout)
 
 
 def test_bad_static_weights_and_good_full_mode_spec():
-    with pytest.raises(HarnessError, match="one weight per cue"):
+    with pytest.raises(HarnessError, match=r"^static-des: weights must be one weight per cue \(grad_norm,entropy,"
+                                           r"mc_variance\), got 2 weights \(e.g. --set weights=1,0,0\)$"):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=1,0",))
-    with pytest.raises(HarnessError, match="outside"):
+    with pytest.raises(HarnessError, match="^static-des: weights must be of positive sum, got 0.0,0.0,0.0$"):
+        make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=0,0,0",))
+    with pytest.raises(HarnessError, match="is outside"):  # --set parses eps bounds as eps (harness.config)
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_max=3/2",))
     with pytest.raises(HarnessError, match="strictly between"):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_target_rel=1.5",))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from harness.cues import clean_pass, compute_cues, entropy, grad_norm, mc_variance_full, minmax
 from harness.defense import DEFENSES, DefenseContext
+from harness.validation import validate_config
 from harness.eps_stats import collapse_warning
 from harness.models import build_model
 from harness.runner import RunOptions, make_spec, run
@@ -25,7 +26,7 @@ def make(name, info, **changes):
     cls = DEFENSES.get(name)
     changes.setdefault("steps", 3)
     config = dataclasses.replace(cls.Config(), **changes)
-    config.validate()
+    validate_config(config, name)
     ctx = DefenseContext(eps=info.eps, dataset=info, train_size=600, epochs=1, device=torch.device("cpu"))
     return cls(config, ctx)
 

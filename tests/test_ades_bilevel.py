@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from harness.data import DATASETS, Split
 from harness.defense import DEFENSES, DefenseContext
+from harness.validation import validate_config
 from harness.errors import HarnessError
 from harness.runner import Run, RunOptions, make_spec, prepare_data, run
 from harness.records import read_record
@@ -22,7 +23,7 @@ from methods.eps_scheduler import through_eps
 def make_bilevel(info, held_out, **changes):
     cls = DEFENSES.get("ades-bilevel")
     config = dataclasses.replace(cls.Config(), **{"steps": 2, **changes})
-    config.validate()
+    validate_config(config, "ades-bilevel")
     ctx = DefenseContext(eps=info.eps, dataset=info, train_size=32, epochs=1, device=torch.device("cpu"),
                          held_out=held_out)
     return cls(config, ctx)

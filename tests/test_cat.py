@@ -9,6 +9,7 @@ import torch
 
 import methods.cat as cat_module
 from harness.defense import DEFENSES, DefenseContext
+from harness.validation import validate_config
 from harness.errors import HarnessError
 from harness.report import build, load_results
 from harness.runner import make_spec
@@ -19,7 +20,7 @@ import report_fixture as fx
 def make(info, epochs=8, **changes):
     cls = DEFENSES.get("cat")
     config = dataclasses.replace(cls.Config(), **changes)
-    config.validate()
+    validate_config(config, "cat")
     ctx = DefenseContext(eps=info.eps, dataset=info, train_size=32, epochs=epochs, device=torch.device("cpu"))
     return cls(config, ctx)
 

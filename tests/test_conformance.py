@@ -4,13 +4,17 @@ registry, parametrized, so a new defense is tested the moment it registers)."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from harness.data import Split
-from harness.defense import DEFENSES, DefenseContext, Perturbation
+from harness.defense import DEFENSES, Defense, DefenseContext, Perturbation
+from harness.report import compute, reference
+from harness.validation import DefenseConfig
 
 ALL = DEFENSES.names()
 
@@ -102,3 +106,60 @@ def test_documented_and_recorded(name, synthetic_info):
     assert "Reference" in module_doc or "reference" in module_doc
     record = make_defense(name, synthetic_info).record()
     assert record["name"] == name and isinstance(record["config"], dict)
+
+
+# --------------------------------------------------------------------------- declared hooks
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "defenses.md"
+
+
+def documented_hooks() -> set[str]:
+    """The hooks named in the first column of docs/defenses.md's "Hooks" tables."""
+    section = DOCS.read_text().split("\n## Hooks\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {name for cell in rows for name in re.findall(r"`(\w+)", cell)}
+
+
+def declared_hooks() -> set[str]:
+    """What a defense may override: the public attributes of `Defense` and `DefenseConfig`, and `__init__`."""
+    public = {n for cls in (Defense, DefenseConfig) for n in vars(cls) if not n.startswith("_")}
+    return public | {"__init__"}
+
+
+def test_docs_document_every_declared_hook_and_no_other():
+    documented, declared = documented_hooks(), declared_hooks()
+    assert declared - documented == set(), "declared on Defense/DefenseConfig but not in docs/defenses.md"
+    assert documented - declared == set(), "in docs/defenses.md but not declared on Defense/DefenseConfig"
+
+
+def test_every_config_subclasses_the_config_base():
+    for name in ALL:
+        assert issubclass(DEFENSES.get(name).Config, DefenseConfig), name
+
+
+# forward-equivalents per example of one training step at PGD-10 and PGD-3 (docs/recipes.md, "Compute
+# conventions"), as each defense states them; None: the defense says it has no cost model
+STEP_COSTS = {
+    "pgd-at": (23, 9), "static-des": (23, 9), "ades": (23, 9), "ades-joint": (23, 9), "trades": (27, 13),
+    "mart": (26, 12), "free-at": (3, 3), "mma": (37, 23), "fat": (5, 5), "iaat": (63, 21),
+    "cat": (None, None), "ades-bilevel": (None, None),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_defense_declares_its_step_cost_and_label(name):
+    cls = DEFENSES.get(name)
+    assert cls.step_cost.__func__ is not Defense.step_cost.__func__, f"{name} inherits the 'no cost model' default"
+    assert name in STEP_COSTS, f"{name}: state its expected cost in STEP_COSTS"
+    at_10, at_3 = (compute.step_cost(f"{name}#abc123", config) for config in ({}, {"steps": 3}))
+    got = tuple(cost.forward_equivalents if cost else None for cost in (at_10, at_3))
+    assert got == STEP_COSTS[name]
+    assert at_10 is None or at_10.assumption
+    assert cls.label and cls.label != name, f"{name} declares no report label"
+    assert reference.method_label(name) == cls.label
+
+
+def test_labels_are_distinct_and_unknown_names_stay_as_they_are():
+    assert len({DEFENSES.get(n).label for n in ALL}) == len(ALL)
+    assert reference.method_label("no-such-defense") == "no-such-defense"
+    assert compute.step_cost("no-such-defense") is None

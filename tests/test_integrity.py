@@ -29,7 +29,7 @@ from harness.integrity import CorruptFileError, read_json
 from harness.locks import Holder, holder, hold, lock_path, remove_stale_temps
 from harness.records import CorruptRecordError, iter_records, read_record, write_record
 from harness.storage import atomic_write, load_torch, save_torch, write_json
-from harness.validation import at_least, check_seed, rules, validate_config
+from harness.validation import DefenseConfig, at_least, check_seed, rules, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,7 +331,7 @@ def test_rules_naming_no_field_are_a_programming_error():
     from dataclasses import dataclass
 
     @dataclass(frozen=True)
-    class Typo:
+    class Typo(DefenseConfig):
         steps: int = 1
         RULES = rules(stpes=at_least(1))
 
