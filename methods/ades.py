@@ -1,7 +1,7 @@
 """ADES (Adaptive Dynamic Epsilon Scheduling): per-sample eps from a learned map of difficulty cues.
 
-Paper: "Adaptive Dynamic Epsilon Scheduling" (seed/ades-paper.txt); formulas reconstructed in
-shared/PAPER.md. Reference code: none published. One training step (algorithm box):
+Paper: "Adaptive Dynamic Epsilon Scheduling"; formulas reconstructed in docs/paper.md.
+Reference code: none published. One training step (algorithm box):
 
   1. s_i   = minmax_batch(grad_norm_i, entropy_i, mc_variance_i)        eq. (2)-(4), harness.cues
   2. eps_i = eps_min + (eps_max - eps_min) * g_phi(s_i)                 eq. (5)-(6), methods.eps_scheduler

@@ -1,7 +1,7 @@
 """ADES-bilevel: the paper's section-4 bi-level reading of ADES, with a held-out outer loss.
 
-Paper: "Adaptive Dynamic Epsilon Scheduling" (seed/ades-paper.txt), section 4.0.1 writes ADES as a
-bi-level problem; its formula was lost. The reading built here (shared/PAPER.md has the others):
+Paper: "Adaptive Dynamic Epsilon Scheduling", section 4.0.1, writes ADES as a
+bi-level problem; its formula was lost. The reading built here (docs/paper.md has the others):
 
   inner:  theta*(phi) = argmin_theta E_train[ CE(f_theta(x_i + eps_phi(s_i) d_i), y_i) ]
   outer:  min_phi     E_heldout[ max_{||delta||_inf <= eps} CE(f_theta*(phi)(x + delta), y) ]

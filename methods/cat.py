@@ -8,10 +8,10 @@ run's eps (A_0: the clean input). Algorithm (curriculum with batch mixing):
       train on batches whose examples are split into l + 1 equal parts, part j attacked by A_j
       (batch mixing, the paper's remedy for forgetting weaker attacks) until the lesson ends.
 
-Reference code: none found (METHODS.md: "curriculum over the number of PGD steps k (0..7), not over
+Reference code: none found (docs/recipes.md: "curriculum over the number of PGD steps k (0..7), not over
 eps; k grows when validation robustness stops improving"). Recorded choices:
 - K = 7 (`max_steps`), step 2/255 at 8/255 (eps / 4), uniform random start, BatchNorm in train mode
-  during the attack (as PGD-AT here). K and the step follow METHODS.md; the paper's own K could not be
+  during the attack (as PGD-AT here). K and the step follow docs/recipes.md; the paper's own K could not be
   re-read here.
 - Lesson boundaries: the paper moves to lesson l + 1 when the l-accuracy on validation data stops
   improving. Here the K + 1 lessons split the run's epochs evenly (lesson of epoch e =

@@ -1,7 +1,7 @@
 """The cue -> eps -> PGD pipeline that ADES, its readings and Static-DES share (not a defense itself).
 
-Paper: "Adaptive Dynamic Epsilon Scheduling" (seed/ades-paper.txt), section 3; reconstruction in
-shared/PAPER.md:
+Paper: "Adaptive Dynamic Epsilon Scheduling", section 3; reconstruction in
+docs/paper.md:
   eq. (2)-(4)  cues per sample (`harness.cues`), each min-max normalised over the batch -> s_i;
   eq. (6)      eps_i = eps_min + (eps_max - eps_min) * score(s_i), score in [0, 1];
   eq. (7)      PGD-10 inside each sample's own ball, step eps_i / 4, uniform random start in it.

@@ -1,6 +1,6 @@
 """Static-DES: the paper's ablation of ADES with a fixed weighted sum of the cues instead of the MLP.
 
-Paper: "Adaptive Dynamic Epsilon Scheduling" (seed/ades-paper.txt), section 3.3 ("instead of fixed
+Paper: "Adaptive Dynamic Epsilon Scheduling" (docs/paper.md), section 3.3 ("instead of fixed
 weighted sum") and Table 2 ("Static Weighted Fusion"): score_i = sum_k w_k s_ik over the batch-min-max
 normalised cues s_i, eps_i = eps_min + (eps_max - eps_min) * score_i, PGD-10 inside each sample's
 ball, CE on the adversarial batch.

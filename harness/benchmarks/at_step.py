@@ -1,7 +1,7 @@
 """Cost of one PGD-10 AT training step over one clean training step, same model and batch.
 
 The algorithm's floor is about 7.7 (10 x (forward + input backward) + one forward/backward, in
-forward-equivalents; METHODS.md "Compute"); an attack that also computes weight gradients is ~11.
+forward-equivalents; docs/recipes.md "Compute conventions"); an attack that also computes weight gradients is ~11.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ counts as broken, since x itself lies in the ball). The caller (`sweep`) puts th
 and freezes its parameters, and restores both afterwards; the attacks here take gradients with
 respect to the input only.
 
-- PGD-k on cross-entropy (METHODS.md "Evaluation conventions"): uniform random start, restarts
+- PGD-k on cross-entropy (docs/recipes.md "Evaluation conventions"): uniform random start, restarts
   only on the points still standing, a point broken when ANY iterate fools it (`pgd_until_fooled`).
   Step 2/255 at eps 8/255 is written `eps/4` so sweeps and Fashion-MNIST (0.1 -> 1/40) scale; an
   absolute step such as the TRADES scripts' 0.003 can be given instead and is recorded as given.

@@ -40,7 +40,7 @@ class Report:
 
     @property
     def verdict_groups(self) -> list[tuple[str, list[verdicts.Verdict]]]:
-        """Verdicts grouped by claim, in the order of PAPER.md's list."""
+        """Verdicts grouped by claim, in the order of docs/paper.md's list."""
         groups: dict[str, list[verdicts.Verdict]] = {}
         for verdict in self.verdicts:
             groups.setdefault(verdict.claim, []).append(verdict)

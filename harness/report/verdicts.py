@@ -1,4 +1,4 @@
-"""Verdicts on the claims listed in PAPER.md ("Claims worth checking"), each with a 95% interval.
+"""Verdicts on the claims listed in docs/paper.md ("Claims worth checking"), each with a 95% interval.
 
 Training seeds are the unit of evidence. A difference between two methods is the mean of per-seed
 differences (paired by seed when both sides ran the same seeds; Welch over seed means otherwise) with a
