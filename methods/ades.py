@@ -43,7 +43,8 @@ class ADESConfig(SchedulerConfig):
     budget_control: Literal["renormalise", "penalty"] = "renormalise"
     budget_penalty: float = 10.0  # penalty weight on ((mean eps - target) / target)^2
     RULES = rules(SchedulerConfig.RULES, budget_penalty=non_negative,
-                  objective=Rule("budget or joint", lambda v: v != "bilevel", "bilevel is its own defense: -m ades-bilevel"))
+                  objective=Rule("budget or joint", lambda v: v != "bilevel",
+                                 "bilevel is its own defense: -m ades-bilevel"))
 
     @property
     def holds_mean(self) -> bool:
