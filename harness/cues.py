@@ -145,17 +145,6 @@ def minmax(cue: torch.Tensor, constant_value: float = 0.5, rtol: float = 1e-5, t
     return torch.where(varies, scaled, torch.full_like(cue, constant_value)).clamp_(0, 1)
 
 
-def check_cue_names(names: tuple[str, ...]) -> None:
-    if not names:
-        raise HarnessError(f"choose at least one cue (known: {', '.join(CUE_NAMES)}), e.g. --set cues=grad_norm")
-    unknown = [n for n in names if n not in CUE_NAMES]
-    if unknown:
-        raise HarnessError(f"unknown cue {unknown[0]!r}; choose from {', '.join(CUE_NAMES)} "
-                           f"(e.g. --set cues=grad_norm,entropy)")
-    if len(set(names)) != len(names):
-        raise HarnessError(f"cue listed twice in {','.join(names)}; list each cue once")
-
-
 def compute_cues(model: nn.Module, x: torch.Tensor, clean: CleanPass, names: tuple[str, ...], *,
                  norm: GradNorm, mc_mode: MCMode, mc_samples: int, mc_head_dropout: float
                  ) -> dict[str, torch.Tensor]:

@@ -163,3 +163,19 @@ def test_labels_are_distinct_and_unknown_names_stay_as_they_are():
     assert len({DEFENSES.get(n).label for n in ALL}) == len(ALL)
     assert reference.method_label("no-such-defense") == "no-such-defense"
     assert compute.step_cost("no-such-defense") is None
+
+
+def test_defense_base_declares_the_documented_defaults():
+    from harness.defense import NoConfig
+
+    class Bare(Defense):
+        def perturb(self, model, batch):
+            raise NotImplementedError
+
+        def train_step(self, model, optimizer, batch):
+            raise NotImplementedError
+
+    assert Bare.step_cost({"steps": 10}) is None and compute.step_cost("bare") is None
+    assert Bare.reference_protocol is None and Bare.reference_schedule is None and Bare.Config is NoConfig
+    assert not Bare.distributed_ready and Bare.held_out_size(NoConfig(), 100) == 0 and Bare.replays == 1
+    assert Bare.label == "" and Bare.check_spec(None) is None

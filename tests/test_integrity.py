@@ -316,7 +316,11 @@ def test_stale_temps_are_removed(tmp_path):
     ("free-at", "replays", 0), ("free-at", "step_rel", float("nan")),
     ("iaat", "steps", 0), ("iaat", "step_min_rel", -1.0), ("iaat", "step_per_eps", float("nan")),
     ("fat", "steps", 0), ("fat", "step_size_rel", float("nan")), ("fat", "omega", -1.0),
-    ("fat", "taus", (0, -1, 2)),
+    ("fat", "taus", (0, -1, 2)), ("fat", "tau_milestones", (0.75, 0.4)), ("fat", "tau_milestones", (0.4, 1.5)),
+    ("iaat", "beta", 0.0), ("iaat", "beta", 1.5), ("iaat", "warmup_frac", -0.1), ("trades", "init_noise", 0.0),
+    ("cat", "max_steps", 0), ("cat", "step_size_rel", 0.0), ("ades-bilevel", "held_out_fraction", 1.0),
+    ("ades-bilevel", "held_out_batch", 0), ("ades", "eps_min", Fraction(3, 2)), ("ades", "hidden", 0),
+    ("ades", "budget_penalty", -1.0), ("static-des", "weights", (1.0, -1.0, 1.0)), ("static-des", "hist_bins", 0),
 ])
 def test_every_config_rejects_bad_values(defense, field, bad):
     import dataclasses
@@ -325,6 +329,44 @@ def test_every_config_rejects_bad_values(defense, field, bad):
     validate_config(config, defense)  # the defaults pass
     with pytest.raises(HarnessError, match=rf"{defense}: {field} must be"):
         validate_config(dataclasses.replace(config, **{field: bad}), defense)
+
+
+@pytest.mark.parametrize("defense, changes, message", [
+    ("fat", {"taus": (0, 1)}, "fat: taus must be one more than tau_milestones, got taus=(0, 1) and "
+                              "tau_milestones=(0.4166666666666667, 0.75)"),
+    ("mma", {"min_eps_rel": 2.0}, "mma: min_eps_rel must be <= d_max_rel * search_max_factor, got 2 > 1.575"),
+    ("trades", {"init_noise": 0.0}, "trades: init_noise must be > 0, got 0.0 (the KL's gradient is zero at "
+                                    "x' = x, so an attack started there never moves)"),
+    ("iaat", {"beta": 0.0}, "iaat: beta must be in (0, 1], got 0.0"),
+    ("pgd-at", {"steps": 0}, "pgd-at: steps must be >= 1, got 0"),
+    ("ades-bilevel", {"objective": "budget"}, "ades-bilevel: objective must be bilevel, got budget "
+                                              "(use -m ades or -m ades-joint for the others)"),
+])
+def test_one_message_format_for_per_field_and_cross_field_rules(defense, changes, message):
+    import dataclasses
+
+    config = dataclasses.replace(DEFENSES.get(defense).Config(), **changes)
+    with pytest.raises(HarnessError) as caught:
+        validate_config(config, defense)
+    assert str(caught.value) == message
+
+
+def test_config_base_defaults_declare_no_rules():
+    from harness.defense import NoConfig
+
+    assert dict(DefenseConfig.RULES) == {} and NoConfig().validate() is None
+    assert validate_config(NoConfig(), "none") == NoConfig()
+
+
+def test_validate_config_refuses_a_config_without_the_base():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Plain:
+        steps: int = 1
+
+    with pytest.raises(TypeError, match="Plain is not a DefenseConfig"):
+        validate_config(Plain())
 
 
 def test_rules_naming_no_field_are_a_programming_error():
