@@ -40,6 +40,8 @@ def test_list_shows_every_registry():
     (["run"], "nothing to run"),
     (["run", "--all", "--set", "beta=1"], "--set"),
     (["run", "-m", "pgd-at", "--resume", "--force"], "contradict"),
+    (["run", "-m", "trades", "--set", "steps=0"], "error: trades: steps must be >= 1, got 0"),  # RULES
+    (["run", "-m", "fat", "--set", "taus=0,1"], "error: fat: taus must be one more than tau_milestones"),  # validate()
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     result = invoke(*args)
