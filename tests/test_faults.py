@@ -358,3 +358,21 @@ def test_report_out_on_a_read_only_file_system(reference, tmp_path):
     result = in_namespace(f"mount -t tmpfs -o ro,size=1m none {mount}", "report", "--results",
                           str(reference[0].parent), "--out", str(mount / "report"))
     assert_one_line_error(result, "--out", "Read-only file system")
+
+
+def test_force_on_a_symlinked_run_directory_is_refused_and_keeps_both(tmp_path, data_dir):
+    """Issue 22: --force deleted the run directory to restart it; through a symbolic link that would
+    delete (or half-delete) whatever the link points to. One line, exit 2, link and target intact."""
+    from harness.runner import make_spec
+
+    results, target = tmp_path / "results", tmp_path / "elsewhere"
+    results.mkdir()
+    target.mkdir()
+    (target / "keep.txt").write_text("not the harness's")
+    link = results / make_spec("pgd-at", "synthetic", "smoke", epochs=2).run_id
+    link.symlink_to(target, target_is_directory=True)
+    result = invoke(*RUN, "--force", "--data-dir", str(data_dir), "--results", str(results))
+    assert_one_line_error(result, f"--force would delete run directory {link}, a symbolic link to {target}")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "not the harness's"
+    assert [p.name for p in results.iterdir()] == [link.name]
