@@ -376,3 +376,28 @@ def test_force_on_a_symlinked_run_directory_is_refused_and_keeps_both(tmp_path, 
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "not the harness's"
     assert [p.name for p in results.iterdir()] == [link.name]
+
+
+@pytest.mark.parametrize("edit", ["pgd-20@8/255", "autoattack-standard@8/255", "clean"])
+def test_report_refuses_an_evaluation_number_edited_against_its_flags(edit, tmp_path):
+    """Issue 22: an evaluation record edited by hand (its checksum line removed, so it loads) whose
+    number no longer matches its per-example flags is named and skipped by the report, as `harness
+    eval` refuses it (harness.evaluation.flags.vouched_cells): the edited number is never shown."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import report_fixture as fx
+    from harness.report import load_results
+
+    fx.build_results(tmp_path, runs=fx.RUNS[:1], corrupt=False)
+    path = next(tmp_path.glob("*/eval/*/evaluation.json"))
+    data = {k: v for k, v in json.loads(path.read_text()).items() if k != "sha256"}
+    if edit == "clean":
+        data["clean_accuracy"] += 5.0
+    else:
+        (row,) = [r for r in data["results"] if f"{r['attack']}@{r['eps']}" == edit]
+        row["robust_accuracy"] += 5.0
+    path.write_text(json.dumps(data))
+    results = load_results(tmp_path)
+    (problem,) = [p for p in results.problems if str(path) in p]
+    assert problem.startswith(f"skipped evaluation {path}: ") and "does not match its record" in problem, problem
+    assert edit.split("@")[0] in problem
+    assert all(e.path != path for e in results.evaluations)
