@@ -401,3 +401,12 @@ def test_report_refuses_an_evaluation_number_edited_against_its_flags(edit, tmp_
     assert problem.startswith(f"skipped evaluation {path}: ") and "does not match its record" in problem, problem
     assert edit.split("@")[0] in problem
     assert all(e.path != path for e in results.evaluations)
+
+
+def test_run_with_a_file_as_results_is_one_line_and_leaves_the_file(tmp_path, data_dir):
+    """Issue 22: --results naming a file is one line before any work; the file is left as it was."""
+    file = tmp_path / "results"
+    file.write_text("mine")
+    result = invoke(*RUN, "--data-dir", str(data_dir), "--results", str(file))
+    assert_one_line_error(result, f"directory {file} is not writable (it is a file); pass another --results")
+    assert file.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["results"]
