@@ -374,7 +374,8 @@ def test_force_on_a_symlinked_run_directory_is_refused_and_keeps_both(tmp_path, 
     result = invoke(*RUN, "--force", "--data-dir", str(data_dir), "--results", str(results))
     assert_one_line_error(result, f"--force would delete run directory {link}, a symbolic link to {target}")
     assert link.is_symlink() and link.resolve() == target.resolve()
-    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "not the harness's"
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert (target / "keep.txt").read_text() == "not the harness's"
     assert [p.name for p in results.iterdir()] == [link.name]
 
 
