@@ -41,6 +41,14 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
+def full_precision(device: torch.device) -> ContextManager:
+    """An fp32 region inside training's autocast, for small computations whose fp16 form overflows:
+    ADES's eps map and its mean-holding renormalisation divide by score spreads of ~1e-3, whose
+    gradient (~1/spread^2) exceeds fp16's 65504 on every step (issue 22: the loss scale halved
+    each step to ~5e-32 and phi never stepped)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def native_support(precision: str, device: torch.device) -> bool:
     """Whether `device` has native kernels for the precision's dtype (else autocast emulates it,
     slower than fp32). CUDA: bf16 needs compute capability 8.0 (torch.cuda.is_bf16_supported), fp16 is

@@ -121,9 +121,10 @@ class CueScheduledDefense(Defense):
         clean = clean_pass(model, x, y, cfg.cue_mode)
         cues = compute_cues(model, x, clean, cfg.cues, norm=cfg.grad_norm, mc_mode=cfg.mc_mode,
                             mc_samples=cfg.mc_samples, mc_head_dropout=cfg.mc_head_dropout)
-        g = self.score(normalised(cues, cfg.constant_cue_value), track)
-        if cfg.renormalises:
-            g = hold_mean(g, (self.eps_target - self.eps_min) / (self.eps_max - self.eps_min))
+        with precision.full_precision(x.device):  # the map and eps in fp32 (fp16 overflows, issue 22)
+            g = self.score(normalised(cues, cfg.constant_cue_value), track)
+            if cfg.renormalises:
+                g = hold_mean(g, (self.eps_target - self.eps_min) / (self.eps_max - self.eps_min))
         return Scheduled(self.eps_min + (self.eps_max - self.eps_min) * g, clean, cues)
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: Scheduled) -> torch.Tensor:

@@ -358,3 +358,56 @@ def test_report_out_on_a_read_only_file_system(reference, tmp_path):
     result = in_namespace(f"mount -t tmpfs -o ro,size=1m none {mount}", "report", "--results",
                           str(reference[0].parent), "--out", str(mount / "report"))
     assert_one_line_error(result, "--out", "Read-only file system")
+
+
+def test_force_on_a_symlinked_run_directory_is_refused_and_keeps_both(tmp_path, data_dir):
+    """Issue 22: --force deleted the run directory to restart it; through a symbolic link that would
+    delete (or half-delete) whatever the link points to. One line, exit 2, link and target intact."""
+    from harness.runner import make_spec
+
+    results, target = tmp_path / "results", tmp_path / "elsewhere"
+    results.mkdir()
+    target.mkdir()
+    (target / "keep.txt").write_text("not the harness's")
+    link = results / make_spec("pgd-at", "synthetic", "smoke", epochs=2).run_id
+    link.symlink_to(target, target_is_directory=True)
+    result = invoke(*RUN, "--force", "--data-dir", str(data_dir), "--results", str(results))
+    assert_one_line_error(result, f"--force would delete run directory {link}, a symbolic link to {target}")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert (target / "keep.txt").read_text() == "not the harness's"
+    assert [p.name for p in results.iterdir()] == [link.name]
+
+
+@pytest.mark.parametrize("edit", ["pgd-20@8/255", "autoattack-standard@8/255", "clean"])
+def test_report_refuses_an_evaluation_number_edited_against_its_flags(edit, tmp_path):
+    """Issue 22: an evaluation record edited by hand (its checksum line removed, so it loads) whose
+    number no longer matches its per-example flags is named and skipped by the report, as `harness
+    eval` refuses it (harness.evaluation.flags.vouched_cells): the edited number is never shown."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import report_fixture as fx
+    from harness.report import load_results
+
+    fx.build_results(tmp_path, runs=fx.RUNS[:1], corrupt=False)
+    path = next(tmp_path.glob("*/eval/*/evaluation.json"))
+    data = {k: v for k, v in json.loads(path.read_text()).items() if k != "sha256"}
+    if edit == "clean":
+        data["clean_accuracy"] += 5.0
+    else:
+        (row,) = [r for r in data["results"] if f"{r['attack']}@{r['eps']}" == edit]
+        row["robust_accuracy"] += 5.0
+    path.write_text(json.dumps(data))
+    results = load_results(tmp_path)
+    (problem,) = [p for p in results.problems if str(path) in p]
+    assert problem.startswith(f"skipped evaluation {path}: ") and "does not match its record" in problem, problem
+    assert edit.split("@")[0] in problem
+    assert all(e.path != path for e in results.evaluations)
+
+
+def test_run_with_a_file_as_results_is_one_line_and_leaves_the_file(tmp_path, data_dir):
+    """Issue 22: --results naming a file is one line before any work; the file is left as it was."""
+    file = tmp_path / "results"
+    file.write_text("mine")
+    result = invoke(*RUN, "--data-dir", str(data_dir), "--results", str(file))
+    assert_one_line_error(result, f"directory {file} is not writable (it is a file); pass another --results")
+    assert file.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["results"]

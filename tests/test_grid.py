@@ -81,6 +81,18 @@ def test_unreadable_or_invalid_file(tmp_path):
         load_grid(bad)
 
 
+def test_a_grid_file_that_is_not_utf8_is_one_line_and_writes_nothing(tmp_path, data_dir):
+    """Issue 22: a binary file passed as --grid was a UnicodeDecodeError traceback."""
+    grid = tmp_path / "grid.toml"
+    grid.write_bytes(b'preset = "smoke"\n\xff\xfe methods = ["pgd-at"]\n')
+    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir),
+                                       "--results", str(tmp_path / "r")], catch_exceptions=False)
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {grid}: not a text grid file (byte 0xff at offset 17 is not UTF-8); is it the TOML file?"), \
+        result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_run_that_fails_its_defense_check_names_method_data_set_and_seed():
     grid = parse_grid({**VALID, "methods": ["ades"], "overrides": {"ades": {"mc_mode": "full"}}})
     with pytest.raises(HarnessError, match=r"^grid: ades on synthetic, seed 0: .*dropout"):
