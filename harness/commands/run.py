@@ -187,7 +187,6 @@ def run_label(spec) -> str:
 
 def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides,
                         precision_name, batchnorm, ranks):
-    import methods  # noqa: F401
     from harness.defense import DEFENSES
     from harness.errors import HarnessError
     from harness.runner import make_spec
