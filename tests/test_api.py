@@ -47,6 +47,26 @@ def test_train_skips_a_complete_run_and_refuses_resume_with_force(run_dir, data_
         harness.train(results=run_dir.parent)
 
 
+def test_train_resumes_an_interrupted_run_only_when_asked(run_dir, data_dir, tmp_path, monkeypatch):
+    """Interrupted after training, before the test evaluation (the faults seam): train() refuses to
+    redo it silently, and resume=True finishes it to the record an uninterrupted run wrote."""
+    from harness import faults
+
+    def interrupt(point: str) -> None:
+        if point == "final-evaluation":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(faults, "reached", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            harness.train(**SMOKE, results=tmp_path, data_dir=data_dir)
+    assert json.loads((tmp_path / run_dir.name / "record.json").read_text())["status"] == "running"
+    with pytest.raises(HarnessError, match="--resume"):
+        harness.train(**SMOKE, results=tmp_path, data_dir=data_dir)
+    resumed = harness.train(**SMOKE, results=tmp_path, data_dir=data_dir, resume=True)
+    assert resumed.record.status == "complete" and resumed.record == api.load_run(run_dir).record
+
+
 @pytest.mark.parametrize("resume, force, grid, expected", [
     (False, False, False, False), (True, False, False, True), (False, True, False, False),
     (False, False, True, True), (False, True, True, False), (True, False, True, True),
