@@ -164,18 +164,20 @@ def train(spec: "RunSpec | None" = None, *, method: str | None = None, dataset: 
           progress: bool = False, wait: bool = False, **spec_options: Any) -> TrainResult:
     """Train one defense and evaluate it, as `harness run -m METHOD` does, writing the same record.
 
-    Give a `RunSpec` (e.g. from `harness.runner.make_spec` or a grid), or `method` with the keywords
-    of `make_spec` (epochs, eps, model, dropout, overrides, precision_name, batchnorm).
+    Give a `RunSpec` (e.g. from `harness.runner.make_spec` or a grid; `dataset`, `preset` and `seed`
+    are then its own), or `method` with the keywords of `make_spec` (epochs, eps, model, dropout,
+    overrides, precision_name, batchnorm, compile_model).
     """
     from harness.environment import resolve_device
     from harness.executor_cli import absolute
     from harness.executors import LocalExecutor
-    from harness.runner import RunOptions, make_spec, with_execution
+    from harness.runner import RunOptions, make_spec
 
     if (spec is None) == (method is None):
         raise HarnessError("give train() either a RunSpec or method=NAME, not both or neither")
+    if spec is not None and spec_options:
+        raise HarnessError(f"a RunSpec already says {', '.join(sorted(spec_options))}; build it with them instead")
     spec = spec if spec is not None else make_spec(method, dataset, preset, seed, **spec_options)
-    spec = with_execution(spec, spec_options.get("compile_model", False), 1)  # as `harness run` records it
     results_dir, data = Path(results), (Path(data_dir) if data_dir is not None else None)
     check_run_paths([spec], results_dir, data, force)
     options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data), device=resolve_device(device),

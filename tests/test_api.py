@@ -15,6 +15,7 @@ import pytest
 import harness
 from harness import api
 from harness.errors import HarnessError
+from harness.runner import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"method": "pgd-at", "dataset": "synthetic", "preset": "smoke"}
@@ -45,6 +46,10 @@ def test_train_skips_a_complete_run_and_refuses_resume_with_force(run_dir, data_
         harness.train(**SMOKE, results=run_dir.parent, data_dir=data_dir, resume=True, force=True)
     with pytest.raises(HarnessError, match="either a RunSpec or method"):
         harness.train(results=run_dir.parent)
+    spec = make_spec("pgd-at", "synthetic", "smoke")
+    assert harness.train(spec, results=run_dir.parent, data_dir=data_dir).run_dir == run_dir  # a RunSpec: the same run
+    with pytest.raises(HarnessError, match="already says epochs"):
+        harness.train(spec, results=run_dir.parent, epochs=2)
 
 
 def test_train_resumes_an_interrupted_run_only_when_asked(run_dir, data_dir, tmp_path, monkeypatch):
@@ -90,10 +95,8 @@ def test_report_reads_the_results_it_is_given(run_dir, tmp_path):
     assert not (tmp_path / "none").exists()  # nothing half-written
 
 
-def test_run_command_and_grid_retries_use_the_library(run_dir, data_dir):
-    """`harness run` goes through api.train_specs: a complete run is counted as skipped by its label."""
-    from harness.runner import make_spec
-
+def test_complete_runs_are_counted_as_skipped_unless_forced(run_dir):
+    """The label set train_specs (so `harness run`) hands the summary as "skipped (already complete)"."""
     spec = make_spec("pgd-at", "synthetic", "smoke")
     assert api.complete_labels([spec], run_dir.parent, force=False) == {"pgd-at/synthetic/seed0"}
     assert api.complete_labels([spec], run_dir.parent, force=True) == frozenset()
