@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported when the name is first used). `report` is the
 # harness.report package itself, which is callable (harness.api.report): an import of the package would
 # rebind the name `harness.report` to it anyway.
-_LAZY = {name: "harness.api" for name in ("train", "load_run", "TrainResult", "RunRecord", "Accuracy", "ReportResult")}
+__all__ = ["Accuracy", "ReportResult", "RunRecord", "TrainResult", "__version__", "load_run", "report", "train"]
 _CALLABLE_PACKAGES = ("report",)
-__all__ = ["__version__", *_LAZY, *_CALLABLE_PACKAGES]
+_LAZY = {name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,9 +9,10 @@ one, `force` redoes it, a grid resumes by default, and a retry after a lost work
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError
 
@@ -57,7 +58,7 @@ class RunRecord:
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "RunRecord":
+    def from_dict(cls, record: Mapping[str, Any]) -> RunRecord:
         spec = record["spec"]
         final = {label: Accuracy(m["clean"], m["pgd"], m["n"]) for label, m in record["final"].items()}
         return cls(run_id=record["run_id"], status=record["status"], defense=spec["defense"],
@@ -89,7 +90,7 @@ class ReportResult:
 
     html: Path
     tables: Path
-    report: "Report" = field(repr=False)
+    report: Report = field(repr=False)
 
     @property
     def verdict_counts(self) -> dict[str, int]:
@@ -112,11 +113,11 @@ def resume_mode(resume: bool, force: bool, *, grid: bool = False) -> bool:
     return not force if grid else resume
 
 
-def run_label(spec: "RunSpec") -> str:
+def run_label(spec: RunSpec) -> str:
     return f"{spec.defense}/{spec.dataset}/seed{spec.seed}"
 
 
-def run_jobs(specs: list["RunSpec"], options: "RunOptions") -> list["Job"]:
+def run_jobs(specs: list[RunSpec], options: RunOptions) -> list[Job]:
     """One job per spec, calling `harness.runner.run`; a retry after a lost worker resumes, never forces."""
     from harness.executors import Job
     from harness.runner import run
@@ -125,7 +126,7 @@ def run_jobs(specs: list["RunSpec"], options: "RunOptions") -> list["Job"]:
     return [Job(label=run_label(s), fn=run, args=(s, options), retry_args=(s, retry)) for s in specs]
 
 
-def complete_labels(specs: list["RunSpec"], results_dir: Path, force: bool) -> frozenset[str]:
+def complete_labels(specs: list[RunSpec], results_dir: Path, force: bool) -> frozenset[str]:
     """Labels of the runs already complete before this call: the summary counts them as skipped."""
     from harness.records import run_state
 
@@ -134,7 +135,7 @@ def complete_labels(specs: list["RunSpec"], results_dir: Path, force: bool) -> f
     return frozenset(run_label(s) for s in specs if run_state(results_dir, s.run_id)[0] == "complete")
 
 
-def check_run_paths(specs: list["RunSpec"], results_dir: Path, data_dir: Path | None, force: bool) -> None:
+def check_run_paths(specs: list[RunSpec], results_dir: Path, data_dir: Path | None, force: bool) -> None:
     """One-line errors for paths that would fail later, before a results directory is created."""
     from harness.storage import ensure_writable_dir, existing_dir
 
@@ -147,8 +148,8 @@ def check_run_paths(specs: list["RunSpec"], results_dir: Path, data_dir: Path | 
     ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
 
 
-def train_specs(specs: list["RunSpec"], options: "RunOptions", executor: "Executor", say: Say = _silent,
-                on_outcome: Callable[["Outcome"], None] = lambda _: None) -> list["Outcome"]:
+def train_specs(specs: list[RunSpec], options: RunOptions, executor: Executor, say: Say = _silent,
+                on_outcome: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
     """Every spec through `executor` (skip, resume or force as `options` says), then the summary;
     a HarnessError unless every run is complete (a single run's error is that run's)."""
     from harness.executors import execute_all
@@ -158,7 +159,7 @@ def train_specs(specs: list["RunSpec"], options: "RunOptions", executor: "Execut
     return execute_all(executor, run_jobs(specs, options), say, noun="run", skipped=skipped, on_outcome=on_outcome)
 
 
-def train(spec: "RunSpec | None" = None, *, method: str | None = None, dataset: str = "fashion-mnist",
+def train(spec: RunSpec | None = None, *, method: str | None = None, dataset: str = "fashion-mnist",
           preset: str = "quick", seed: int = 0, results: str | Path = "results", data_dir: str | Path | None = None,
           device: str = "auto", resume: bool = False, force: bool = False, download: bool = True,
           progress: bool = False, wait: bool = False, **spec_options: Any) -> TrainResult:
