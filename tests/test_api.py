@@ -43,7 +43,8 @@ def test_train_skips_a_complete_run_and_refuses_resume_with_force(run_dir, data_
     assert (run_dir / "record.json").read_text() == before  # skipped: nothing rewritten
     assert again.record.raw["created"] == json.loads(before)["created"] and again.run_dir == run_dir
     with pytest.raises(HarnessError, match="contradict"):
-        harness.train(**SMOKE, results=run_dir.parent, data_dir=data_dir, resume=True, force=True)
+        harness.train(**SMOKE, results=run_dir.parent / "new", data_dir=data_dir, resume=True, force=True)
+    assert not (run_dir.parent / "new").exists()  # refused before anything is created
     with pytest.raises(HarnessError, match="either a RunSpec or method"):
         harness.train(results=run_dir.parent)
     spec = make_spec("pgd-at", "synthetic", "smoke")
