@@ -179,6 +179,7 @@ def train(spec: RunSpec | None = None, *, method: str | None = None, dataset: st
     if spec is not None and spec_options:
         raise HarnessError(f"a RunSpec already says {', '.join(sorted(spec_options))}; build it with them instead")
     spec = spec if spec is not None else make_spec(method, dataset, preset, seed, **spec_options)
+    resume_mode(resume, force)  # before anything is created
     results_dir, data = Path(results), (Path(data_dir) if data_dir is not None else None)
     check_run_paths([spec], results_dir, data, force)
     options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data), device=resolve_device(device),
