@@ -120,6 +120,16 @@ def test_import_harness_is_light_and_the_registry_loads_its_plugins():
     assert (before, found, after) == ("False", "True", "True") and int(count) >= 12
 
 
+def test_no_harness_module_imports_the_plugins_for_their_side_effect():
+    """The defense registry loads methods/ on its first lookup: an `import methods` in harness/ is a
+    second, scattered way to fill it (and makes `import harness.x` pay for every defense)."""
+    sites = [f"{path.relative_to(ROOT).as_posix()}:{node.lineno}"
+             for path in sorted((ROOT / "harness").rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Import) and any(a.name == "methods" for a in node.names)]
+    assert sites == []
+
+
 def _examples(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
