@@ -1,3 +1,33 @@
-"""harness: train, attack and report adversarial-training defenses under one protocol."""
+"""harness: train, attack and report adversarial-training defenses under one protocol.
+
+The library entry points (`harness.train`, `harness.report`, their result types) load on first use,
+so `import harness` stays light: no torch, no defenses, until a call needs them. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported when the name is first used). `report` is the
+# harness.report package itself, which is callable (harness.api.report): an import of the package would
+# rebind the name `harness.report` to it anyway.
+__all__ = ["Accuracy", "ReportResult", "RunRecord", "TrainResult", "__version__", "load_run", "report", "train"]
+_CALLABLE_PACKAGES = ("report",)
+_LAZY = {name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLABLE_PACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here: the hook runs once
+    if name not in _LAZY:
+        raise AttributeError(f"module 'harness' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

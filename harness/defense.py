@@ -191,7 +191,7 @@ class PerExampleEps(Defense):
                 "frac_zero": (eps == 0).float().mean().item()}
 
 
-DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES: Registry[type[Defense]] = Registry("defense", plugins="methods")  # methods/: the plugin list
 
 
 def register_defense(name: str):

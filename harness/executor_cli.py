@@ -2,15 +2,14 @@
 
 `executor_options` adds --executor, --address, --cpus-per-run, --gpus-per-run and --max-retries
 to a command; `build_executor` checks them and returns a `LocalExecutor` or `RayExecutor`.
-`distribute_targets` wraps a command whose TARGETS are independent (`harness eval`): under
-`--executor ray` each target becomes one Ray task that calls the command's own function with that
-target alone, so a task evaluates exactly as `harness eval TARGET` would.
+`run_targets` runs a library function once per independent TARGET (`harness eval`): in turn here,
+or under `--executor ray` one Ray task per target, so a task evaluates exactly as `harness eval
+TARGET` would. No click function is called from a worker: the command parses, this module runs.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,41 +73,41 @@ def absolute(path: Path | None) -> Path | None:
     return Path(path).resolve() if path is not None else None
 
 
-# --------------------------------------------------------------------------- commands over independent targets
-
-_TARGET_COMMANDS: dict[str, Callable[..., Any]] = {}
+# --------------------------------------------------------------------------- independent targets
 
 
-def distribute_targets(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a click command function with a `targets` parameter the executor options (see the module doc)."""
-    key = f"{fn.__module__}:{fn.__qualname__}"
-    _TARGET_COMMANDS[key] = fn
+def run_targets(per_target: Callable[[str, Any, Any], Any], targets: tuple[str, ...], settings: Any, device: str,
+                executor: Executor, say: Callable[[str], None]) -> None:
+    """`per_target(target, settings, torch device)` for each target: in turn here, or one Ray task each.
 
-    @functools.wraps(fn)
-    def command(*, executor, address, cpus_per_run, gpus_per_run, max_retries, **params):
-        chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, params.get("results_dir"))
-        if isinstance(chosen, LocalExecutor):
-            with torch_threads(chosen.threads):
-                return fn(**params)
-        params = {**params, "device": worker_device(params.get("device", "auto"), chosen)}
-        execute_all(chosen, target_jobs(key, params), click.echo, noun="target")
+    `per_target` is a library function (importable in a worker), never a click command; `settings`
+    a frozen dataclass with `resume` and `force` fields, whose `*_dir` paths are made absolute for
+    the workers.
+    """
+    if isinstance(executor, LocalExecutor):
+        with torch_threads(executor.threads):
+            for target in targets:
+                on_device(per_target, target, settings, device)
+        return
+    execute_all(executor, target_jobs(per_target, targets, settings, worker_device(device, executor)), say,
+                noun="target")
 
-    return executor_options(command)
 
-
-def target_jobs(key: str, params: dict[str, Any]) -> list[Job]:
-    """One job per target, its paths absolute; a retry after a lost worker resumes, never starts over (--force)."""
-    params = {**params, **{k: absolute(v) for k, v in params.items() if k.endswith("_dir")}}
+def target_jobs(per_target: Callable[..., Any], targets: tuple[str, ...], settings: Any, device: str) -> list[Job]:
+    """One job per target, its paths absolute; a retry after a lost worker resumes, never starts over (force)."""
+    settings = dataclasses.replace(settings, **{f.name: absolute(getattr(settings, f.name))
+                                                for f in dataclasses.fields(settings) if f.name.endswith("_dir")})
+    retry = dataclasses.replace(settings, resume=True, force=False)
     jobs = []
-    for target in params["targets"]:
+    for target in targets:
         target = str(Path(target).resolve()) if Path(target).exists() else target
-        one = {**params, "targets": (target,)}
-        jobs.append(Job(label=Path(target).name or target, fn=call_target_command, args=(key, one),
-                        retry_args=(key, {**one, "resume": True, "force": False})))
+        jobs.append(Job(label=Path(target).name or target, fn=on_device, args=(per_target, target, settings, device),
+                        retry_args=(per_target, target, retry, device)))
     return jobs
 
 
-def call_target_command(key: str, params: dict[str, Any]) -> Any:
-    """In a worker: the command's own function (imported by its module) with one target."""
-    importlib.import_module(key.partition(":")[0])
-    return _TARGET_COMMANDS[key](**params)
+def on_device(per_target: Callable[..., Any], target: str, settings: Any, device: str) -> Any:
+    """In this process or a worker: the device name resolved where the work runs (auto: cuda if present)."""
+    from harness.environment import resolve_device
+
+    return per_target(target, settings, resolve_device(device))

@@ -95,8 +95,6 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     from harness.defense import DEFENSES
     from harness.models import MODELS
 
-    import methods  # noqa: F401  (registers every defense)
-
     def fail(key: str, message: str) -> GridError:
         return GridError(f"{source}: {key}: {message}")
 

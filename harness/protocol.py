@@ -179,7 +179,6 @@ def protocol_diff(reference: ReferenceProtocol | None, record: dict[str, Any]) -
 def reference_of(defense_name: str) -> ReferenceProtocol | None:
     """The declared protocol of a registered defense; None for one without (or an unknown name)."""
     from harness.defense import DEFENSES
-    import methods  # noqa: F401  (registers every defense)
 
     try:
         cls = DEFENSES.get(defense_name)

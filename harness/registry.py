@@ -2,12 +2,15 @@
 
 One `Registry` per kind of thing (defenses, data sets, models, presets, attacks, benchmarks).
 Objects register themselves with a decorator where they are defined, so adding a defense means
-adding one file and never touching a dispatcher.
+adding one file and never touching a dispatcher. A registry whose entries live in a plugin package
+(the defenses in `methods/`) names it, and imports it on its first lookup: no caller needs an
+`import methods` for its side effect, and `import harness` stays light.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from harness.errors import DuplicateNameError, UnknownNameError
@@ -16,9 +19,20 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plugins: str | None = None):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._plugins = plugins  # a package whose import registers the entries; imported on first lookup
+
+    def _load_plugins(self) -> None:
+        """Import the plugin package once; registering (`add`) during that import does not come back here."""
+        if self._plugins is not None:
+            package, self._plugins = self._plugins, None
+            try:
+                importlib.import_module(package)
+            except BaseException:
+                self._plugins = package  # a failed import is retried (and fails loudly) on the next lookup
+                raise
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: `@REGISTRY.register("name")` on a class or factory."""
@@ -35,6 +49,7 @@ class Registry(Generic[T]):
         self._entries[name] = obj
 
     def get(self, name: str) -> T:
+        self._load_plugins()
         try:
             return self._entries[name]
         except KeyError:
@@ -46,13 +61,17 @@ class Registry(Generic[T]):
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries))})"
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._entries)
 
     def items(self) -> Iterator[tuple[str, T]]:
+        self._load_plugins()
         return iter(sorted(self._entries.items()))
 
     def __contains__(self, name: object) -> bool:
+        self._load_plugins()
         return name in self._entries
 
     def __len__(self) -> int:
+        self._load_plugins()
         return len(self._entries)

@@ -43,8 +43,6 @@ from harness.storage import ensure_writable_dir, load_torch, save_torch
 from harness.validation import check_seed, validate_config
 from harness.training import Execution
 
-import methods  # noqa: F401  (registers every defense)
-
 
 @dataclass(frozen=True)
 class RunOptions:

@@ -6,6 +6,7 @@ set, compared with the local executor at the same thread count (one per run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.commands.run import run_jobs
+from harness.api import run_jobs
 from harness.errors import HarnessError
 from harness.executor_cli import build_executor, target_jobs, worker_device
 from harness.executors import LocalExecutor, RayExecutor, summarise
@@ -347,9 +348,18 @@ def test_retries_resume_and_never_force(tmp_path, data_dir):
         first, retry = job.args[1], job.retry_args[1]
         assert first.force and not first.resume and retry.resume and not retry.force
         assert job.retry_args[0] == job.args[0]
-    for job in target_jobs("harness.commands.eval:eval_command", {"targets": ("a", "b"), "force": True, "resume": False}):
-        assert job.args[1]["force"] and job.retry_args[1]["resume"] and not job.retry_args[1]["force"]
-        assert len(job.args[1]["targets"]) == 1
+    settings = TargetSettings(results_dir=Path("rel"), resume=False, force=True)
+    for job, target in zip(target_jobs(print, ("a", "b"), settings, "cpu"), ("a", "b"), strict=True):
+        first, retry = job.args[2], job.retry_args[2]
+        assert first.force and not first.resume and retry.resume and not retry.force
+        assert job.args[1] == target and first.results_dir.is_absolute()  # one target each; paths for workers
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSettings:
+    results_dir: Path
+    resume: bool
+    force: bool
 
 
 @pytest.mark.parametrize("args, message", [

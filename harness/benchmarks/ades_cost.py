@@ -27,7 +27,6 @@ from harness.defense import DEFENSES, Defense, DefenseContext
 from harness.environment import synchronize
 from harness.models import build_model
 
-import methods  # noqa: F401  (registers the defenses)
 
 FULL_MODE_DROPOUT = 0.1
 TARGETS = {"ades (head) / pgd-at": 1.05, "static-des / pgd-at": 1.03}

@@ -14,7 +14,6 @@ from harness.data import DATASETS, Batch
 from harness.defense import DEFENSES, DefenseContext, sgd_step
 from harness.models import build_model
 
-import methods  # noqa: F401  (registers the defenses)
 
 CASES = (("small-cnn", "fashion-mnist", 128), ("preact-resnet18", "cifar10", 32))
 TARGET = 8.5

@@ -24,7 +24,6 @@ from harness.data import DATASETS
 from harness.defense import DEFENSES, DefenseContext
 from harness.models import build_model
 
-import methods  # noqa: F401  (registers the defenses)
 
 EPOCH_IMAGES = 50_000
 TARGET_BF16_SECONDS = 50.0

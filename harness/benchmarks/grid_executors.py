@@ -39,7 +39,7 @@ QUICK_GRID_TARGET = 0.8
 
 def grid_call(executor: Executor, specs: list[RunSpec], data_dir: Path | None) -> Callable[[], None]:
     """One call: the whole grid into a fresh results directory, removed afterwards."""
-    from harness.commands.run import run_jobs
+    from harness.api import run_jobs
 
     def call() -> None:
         results = Path(tempfile.mkdtemp(prefix="harness-bench-grid-"))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from harness.cli import main
-from harness.executor_cli import distribute_targets
+from harness.executor_cli import executor_options
 
 if TYPE_CHECKING:
     from harness.evaluation.attacks import AttackOptions
@@ -93,10 +93,11 @@ def digest(config: dict) -> str:
               help="Skip the masking probes (Square with 200 queries, PGD-100 and CW-30 on at most 100 "
                    "points at one eps); their checks are then listed as skipped.")
 @click.option("--quiet", "-q", is_flag=True, help="One line per target: clean, worst case, failed and skipped checks.")
-@distribute_targets  # --executor ray: one Ray task per TARGET, each calling this function with that target
+@executor_options  # --executor ray: one Ray task per TARGET, each calling evaluate_target (run_targets)
 def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoattack_attacks, pgd_step,
                  pgd_restarts, seed, batch_size, model_name, dataset, results_dir, data_dir, robustbench_dir,
-                 device, resume, force, wait, no_download, nested, no_probes, quiet):
+                 device, resume, force, wait, no_download, nested, no_probes, quiet, executor, address, cpus_per_run,
+                 gpus_per_run, max_retries):
     """Evaluate checkpoints: clean accuracy, every attack at every eps, robust flags and checks.
 
     \b
@@ -131,11 +132,10 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
         nested=nested, probes=not no_probes, model_name=model_name, dataset=dataset, results_dir=results_dir,
         data_dir=data_dir, robustbench_dir=robustbench_dir, resume=resume, force=force, wait=wait,
         download=not no_download, quiet=quiet, eps_text=eps_text)
-    from harness.environment import resolve_device
+    from harness.executor_cli import build_executor, run_targets
 
-    dev = resolve_device(device)
-    for target in targets:
-        evaluate_target(target, settings, dev)
+    chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    run_targets(evaluate_target, targets, settings, device, chosen, click.echo)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ def _first_line(text: str | None) -> str:
 
 
 def registry_rows() -> dict[str, list[tuple[str, str]]]:
-    import methods  # noqa: F401  (registers defenses)
     from harness.evaluation.attacks import ATTACKS
     from harness.benchmarking import BENCHMARKS
     from harness.config import PRESETS

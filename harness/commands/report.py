@@ -9,7 +9,6 @@ import click
 from harness.cli import main
 
 DEFAULT_RESULTS = Path("results")
-DEFAULT_REPORTS = Path("reports")
 
 
 @main.command("report")
@@ -25,21 +24,16 @@ def report_command(results_dir: Path, out_dir: Path | None, checkpoint: str) -> 
     Corrupt records are named and skipped; runs of different protocols (data set, model, eps, epochs,
     test subset) get separate tables and are never averaged together.
     """
-    from harness.report import build, load_results, write
-    from harness.storage import ensure_writable_dir
+    from harness import api
 
-    out = out_dir or DEFAULT_REPORTS / (results_dir.resolve().name or "results")
-    results = load_results(results_dir)
-    ensure_writable_dir(out, "--out")  # before any work: a report that cannot be written is not built
-    ensure_writable_dir(out / "tables", "--out")
-    for problem in results.problems:
+    made = api.report(results_dir, out_dir, checkpoint)
+    for problem in made.problems:
         click.echo(f"warning: {problem}", err=True)
-    report = build(results, checkpoint)
-    html = write(report, out)
-    counts = {v: sum(x.verdict == v for x in report.verdicts) for v in ("supported", "contradicted", "inconclusive")}
-    click.echo(f"{len(results.runs)} run(s), {len(results.evaluations)} evaluation(s), "
-               f"{len(report.protocols)} protocol(s); verdicts: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    report = made.report
+    click.echo(f"{len(report.results.runs)} run(s), {len(report.results.evaluations)} evaluation(s), "
+               f"{len(report.protocols)} protocol(s); verdicts: "
+               + ", ".join(f"{n} {k}" for k, n in made.verdict_counts.items()))
     for line in report.missing:
         click.echo(f"missing: {line}")
-    click.echo(f"report: {html}")
-    click.echo(f"tables: {out / 'tables'} (CSV and LaTeX)")
+    click.echo(f"report: {made.html}")
+    click.echo(f"tables: {made.tables} (CSV and LaTeX)")

@@ -78,81 +78,77 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
       harness run -m pgd-at -m trades -d cifar10 --preset paper --seed 0 --seed 1
       harness run --grid grids/paper.toml --executor ray --address auto --gpus-per-run 0.5
     """
-    from harness.environment import resolve_device
+    from harness import api, distributed
     from harness.errors import HarnessError
-    from harness.executor_cli import absolute, build_executor, worker_device
-    from harness.executors import execute_all
-    from harness.runner import RunOptions, with_execution
-    from harness.training import check_distributable
-    from harness.storage import ensure_writable_dir
-    from harness import distributed
+    from harness.grid import load_grid
 
-    if resume and force:
-        raise HarnessError("--resume and --force contradict each other; pick one")
+    resume = api.resume_mode(resume, force, grid=grid_path is not None)
     world = distributed.world_from_env()  # torchrun: one run across its processes
     if world.distributed and executor != "local":
         raise HarnessError("under torchrun every process trains the same run; use --executor local there")
     if grid_path is not None:
-        given = [flag for name, flag in GRID_SETS.items()
-                 if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
-        if given:
-            raise HarnessError(f"--grid {grid_path} says which runs to do; drop {', '.join(given)} "
-                               f"(or write it into the grid file)")
-        from harness.grid import load_grid
-
+        _no_grid_options(ctx, grid_path)
         specs = _grid_with_seeds(load_grid(grid_path), n_seeds).specs(ranks=world.size)
-        resume = not force  # a grid is rerun until complete
     else:
-        seeds = _seeds_option(ctx, seeds, n_seeds)
-        specs = _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout,
-                                    overrides, precision_name, batchnorm, world.size)
-    check_distributable(specs, world)  # under torchrun: refused once, before any work
-    specs = [with_execution(spec, compile_model, world.size) for spec in specs]  # part of each run's identity
-    chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
-    if world.distributed:  # a rank's unexpected error ends every rank rather than desync them
-        chosen = replace(chosen, catch_all=False)
-    _check_paths(specs, results_dir, data_dir, force)  # before anything is created
-    ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
-    device_now = (distributed.start(world, resolve_device(device)) if executor == "local"
-                  else _device(worker_device(device, chosen)))
-    options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir), device=device_now,
-                         resume=resume, force=force, download=not no_download, progress=not quiet, wait=wait,
-                         world=world)
+        specs = _command_line_specs(methods_, all_methods, dataset, preset, _seeds_option(ctx, seeds, n_seeds), epochs,
+                                    eps, model, dropout, overrides, precision_name, batchnorm, world.size)
+    specs = _executed_specs(specs, compile_model, world)
+    chosen = _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    api.check_run_paths(specs, results_dir, data_dir, force)  # before anything is created
+    options = _options(results_dir, data_dir, device, chosen, world, resume=resume, force=force, wait=wait,
+                       download=not no_download, progress=not quiet)
     echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
-
-    def result_line(outcome) -> None:
-        if outcome.error is None:
-            spec, last = outcome.job.args[0], outcome.value["final"]["last"]
-            echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
-                 f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
-
     try:
-        execute_all(chosen, run_jobs(specs, options), echo, noun="run", skipped=_complete(specs, results_dir, force),
-                    on_outcome=result_line)
+        api.train_specs(specs, options, chosen, echo, on_outcome=lambda done: _result_line(done, results_dir, echo))
     finally:
         distributed.stop()
 
 
-def _complete(specs, results_dir, force: bool) -> frozenset[str]:
-    """Labels of the runs already complete before this command: the summary counts them as skipped."""
-    from harness.records import run_state
-
-    if force:
-        return frozenset()
-    return frozenset(run_label(s) for s in specs if run_state(results_dir, s.run_id)[0] == "complete")
-
-
-def _check_paths(specs, results_dir: Path, data_dir: Path | None, force: bool) -> None:
-    """One-line errors for paths that would fail later, before a results directory is created."""
+def _no_grid_options(ctx, grid_path: Path) -> None:
+    """A grid file says which runs to do: the options it sets are refused on the command line."""
     from harness.errors import HarnessError
-    from harness.storage import existing_dir
 
-    if data_dir is not None:
-        existing_dir(data_dir, "--data-dir", hint="create it or pass an existing --data-dir")
-    linked = [Path(results_dir) / s.run_id for s in specs if (Path(results_dir) / s.run_id).is_symlink()]
-    if force and linked:
-        raise HarnessError(f"--force would delete run directory {linked[0]}, a symbolic link to "
-                           f"{linked[0].resolve()}; remove the link (or what it points to) yourself and rerun")
+    given = [flag for name, flag in GRID_SETS.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given:
+        raise HarnessError(f"--grid {grid_path} says which runs to do; drop {', '.join(given)} "
+                           f"(or write it into the grid file)")
+
+
+def _executed_specs(specs, compile_model: bool, world) -> list:
+    """Refused once before any work if torchrun cannot train them; compile and world size join each identity."""
+    from harness.runner import with_execution
+    from harness.training import check_distributable
+
+    check_distributable(specs, world)
+    return [with_execution(spec, compile_model, world.size) for spec in specs]
+
+
+def _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir):
+    from harness.executor_cli import build_executor
+
+    chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    return replace(chosen, catch_all=False) if world.distributed else chosen  # one rank's bug ends every rank
+
+
+def _options(results_dir, data_dir, device: str, chosen, world, **policy):
+    """RunOptions with absolute paths and this process's device (joining torchrun's process group)."""
+    from harness import distributed
+    from harness.environment import resolve_device
+    from harness.executor_cli import absolute, worker_device
+    from harness.executors import LocalExecutor
+    from harness.runner import RunOptions
+
+    device_now = (distributed.start(world, resolve_device(device)) if isinstance(chosen, LocalExecutor)
+                  else _device(worker_device(device, chosen)))
+    return RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir), device=device_now,
+                      world=world, **policy)
+
+
+def _result_line(outcome, results_dir: Path, echo) -> None:
+    if outcome.error is None:
+        spec, last = outcome.job.args[0], outcome.value["final"]["last"]
+        echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
+             f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
 
 
 def _seeds_option(ctx, seeds: tuple[int, ...], n_seeds: int | None) -> tuple[int, ...]:
@@ -171,23 +167,8 @@ def _grid_with_seeds(grid, n_seeds: int | None):
     return grid if n_seeds is None else replace(grid, seeds=tuple(range(n_seeds)))
 
 
-def run_jobs(specs, options) -> list:
-    """One job per spec, calling `harness.runner.run`; a retry after a lost worker resumes, never forces."""
-    from harness.executors import Job
-    from harness.runner import run
-
-    retry = replace(options, resume=True, force=False)
-    return [Job(label=run_label(s), fn=run, args=(s, options), retry_args=(s, retry))
-            for s in specs]
-
-
-def run_label(spec) -> str:
-    return f"{spec.defense}/{spec.dataset}/seed{spec.seed}"
-
-
 def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides,
                         precision_name, batchnorm, ranks):
-    import methods  # noqa: F401
     from harness.defense import DEFENSES
     from harness.errors import HarnessError
     from harness.runner import make_spec
