@@ -57,8 +57,6 @@ def step_cost(defense: str, config: dict[str, Any] | None = None) -> StepCost | 
     """Forward-equivalents per training example per (equivalent) epoch, with the assumption made: the
     defense's own `step_cost` hook (methods/<name>.py); None for a defense without a cost model or one
     no longer registered. `defense` may carry a config digest ("trades#ab12")."""
-    import methods  # noqa: F401  (registers every defense)
-
     try:
         cls = DEFENSES.get(defense.split("#")[0])
     except UnknownNameError:

@@ -40,8 +40,6 @@ METHOD_ORDER = ("pgd-at", "trades", "mma", "free-at", "static-des", "ades", "ade
 def method_label(name: str) -> str:
     """The label a defense declares (`Defense.label`, in methods/<name>.py); an unregistered name as is."""
     from harness.defense import DEFENSES
-    import methods  # noqa: F401  (registers every defense)
-
     return DEFENSES.get(name).label if name in DEFENSES else name
 
 
