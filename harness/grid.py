@@ -88,16 +88,29 @@ def load_grid(path: Path) -> Grid:
 
 def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     """Check every key and value of a parsed grid file and resolve its names against the registries."""
-    from harness.config import PRESETS, apply_overrides, parse_eps
-    from harness.distributed import BATCHNORM_MODES
-    from harness.precision import PRECISIONS
+    from harness.config import PRESETS
     from harness.data import DATASETS
     from harness.defense import DEFENSES
-    from harness.models import MODELS
+    from harness.distributed import BATCHNORM_MODES
+    from harness.precision import PRECISIONS
 
     def fail(key: str, message: str) -> GridError:
         return GridError(f"{source}: {key}: {message}")
 
+    _check_keys(data, source, fail)
+    preset = _string(data["preset"], "preset", fail)
+    _resolve(PRESETS, preset, "preset", fail)
+    methods_ = (tuple(DEFENSES.names()) if data["methods"] == "all"
+                else _names(data["methods"], "methods", fail, DEFENSES, "a list of defense names or \"all\""))
+    datasets = _names(data["datasets"], "datasets", fail, DATASETS, "a list of data set names")
+    return Grid(source=source, preset=preset, methods=methods_, datasets=datasets, seeds=_seeds(data["seeds"], fail),
+                **_run_settings(data, fail), overrides=_overrides(data.get("overrides", {}), methods_, fail),
+                precision=_choice(data.get("precision", "fp32"), "precision", fail, PRECISIONS),
+                batchnorm=_choice(data.get("batchnorm", "global"), "batchnorm", fail, BATCHNORM_MODES))
+
+
+def _check_keys(data: dict[str, Any], source: str, fail) -> None:
+    """Every key known (with a "did you mean"), every required key present."""
     for key in data:
         if key not in REQUIRED + OPTIONAL:
             close = difflib.get_close_matches(key, REQUIRED + OPTIONAL, n=1)
@@ -107,18 +120,22 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
         if key not in data:
             raise GridError(f"{source}: missing key {key!r} (a grid needs {', '.join(REQUIRED)})")
 
-    preset = _string(data["preset"], "preset", fail)
-    _resolve(PRESETS, preset, "preset", fail)
-    methods_ = (tuple(DEFENSES.names()) if data["methods"] == "all"
-                else _names(data["methods"], "methods", fail, DEFENSES, "a list of defense names or \"all\""))
-    datasets = _names(data["datasets"], "datasets", fail, DATASETS, "a list of data set names")
-    seeds = data["seeds"]
+
+def _seeds(seeds: Any, fail) -> tuple[int, ...]:
+    """A list of distinct non-negative seeds, or a count N meaning seeds 0..N-1."""
     if type(seeds) is int and seeds >= 1:
-        seeds = list(range(seeds))  # a count: seeds 0..N-1
+        seeds = list(range(seeds))
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
         raise fail("seeds", f"must be a non-empty list of non-negative integers or a count N >= 1 "
                             f"(seeds 0..N-1), got {seeds!r}")
     _no_repeats(seeds, "seeds", fail)
+    return tuple(seeds)
+
+
+def _run_settings(data: dict[str, Any], fail) -> dict[str, Any]:
+    """The optional scalars every run of the grid shares: epochs, eps, model, dropout."""
+    from harness.config import parse_eps
+    from harness.models import MODELS
 
     epochs = data.get("epochs")
     if epochs is not None and (type(epochs) is not int or epochs < 1):
@@ -135,11 +152,14 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     dropout = data.get("dropout", 0.0)
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
         raise fail("dropout", f"must be a number in [0, 1), got {dropout!r}")
+    return {"epochs": epochs, "eps": eps, "model": model, "dropout": float(dropout)}
 
-    precision_ = _choice(data.get("precision", "fp32"), "precision", fail, PRECISIONS)
-    batchnorm = _choice(data.get("batchnorm", "global"), "batchnorm", fail, BATCHNORM_MODES)
 
-    overrides = data.get("overrides", {})
+def _overrides(overrides: Any, methods_: tuple[str, ...], fail) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """[overrides.<method>] tables as `--set` items per method, each checked against the method's Config."""
+    from harness.config import apply_overrides
+    from harness.defense import DEFENSES
+
     if not isinstance(overrides, dict):
         raise fail("overrides", "must be a table of tables, e.g. [overrides.trades] with beta = 6")
     sets = []
@@ -154,9 +174,7 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
             items.append(f"{name}={_set_value(value, key, fail)}")
             _check(lambda: apply_overrides(DEFENSES.get(method).Config(), items[-1:]), key, fail)
         sets.append((method, tuple(items)))
-    return Grid(source=source, preset=preset, methods=methods_, datasets=datasets, seeds=tuple(seeds), epochs=epochs,
-                eps=eps, model=model, dropout=float(dropout), overrides=tuple(sets), precision=precision_,
-                batchnorm=batchnorm)
+    return tuple(sets)
 
 
 def _choice(value: Any, key: str, fail, choices) -> str:
