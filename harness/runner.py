@@ -249,6 +249,29 @@ class Run:
         return net
 
     def _train_and_evaluate(self, resume: bool) -> dict[str, Any]:
+        world, t = self.world, self._set_up()
+        passes = t.budget.passes
+        record = self._new_record(t.defense, t.data, t.budget)
+        record["execution"] = t.execution.describe(self.spec.batchnorm)
+        warning = precision.slow_precision_warning(self.spec.precision, self.device)
+        if warning is not None and world.is_main:
+            tqdm.write(warning, file=sys.stderr)
+        start, best_val = self._resume(t, record) if resume else (0, -1.0)
+        distributed.check_agreement(start, world, f"run {self.spec.run_id}: the pass to resume after")
+        for p in range(start, passes):
+            if world.distributed:  # per rank and per pass, so a resumed run replays the same noise
+                torch.manual_seed(distributed.pass_seed(self.spec.seed, p, world.rank))
+            entry = self._train_pass(t.execution, t.optimizer, t.defense, t.data, p, t.budget)
+            if world.is_main:
+                record["epochs"].append(self._validate(t.net, t.data, entry, passes))
+                best_val = self._checkpoint(t, record, p, best_val)
+            distributed.barrier(world)
+        if world.is_main:
+            self._finish(t, record)
+        return record
+
+    def _set_up(self) -> "Training":
+        """Data (rank 0 first), the seeded model, the defense, the optimiser and how the model executes."""
         spec, world = self.spec, self.world
         if not world.is_main:  # rank 0 downloads or writes the data set first
             distributed.barrier(world)
@@ -265,58 +288,47 @@ class Run:
         defense: Defense = DEFENSES.get(spec.defense)(spec.defense_config, context)
         Execution.check_defense(defense, world)
         defense.setup(net)
-        sched = spec.schedule
-        optimizer = sgd_for(net, sched)
+        optimizer = sgd_for(net, spec.schedule)
         execution = Execution.prepare(net, spec.precision, spec.compile, world, self.device)
-        budget = MinibatchBudget(sched.epochs, len(data.train), defense.replays)
-        passes = budget.passes
-        record = self._new_record(defense, data, budget)
-        record["execution"] = execution.describe(spec.batchnorm)
-        warning = precision.slow_precision_warning(spec.precision, self.device)
-        if warning is not None and world.is_main:
-            tqdm.write(warning, file=sys.stderr)
-        start, best_val = 0, -1.0
-        if resume:
-            ckpt = load_torch(self.dir / "last.pt", self.device)
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            defense.load_state_dict(ckpt["defense"])
-            execution.scaler.load_state_dict(ckpt.get("scaler", {}))
-            _set_rng_state(ckpt["rng"])
-            start, best_val = ckpt["passes_done"], ckpt["best_val_pgd"]
-            record["epochs"] = ckpt["epochs"]
-            self._say(f"resume {spec.run_id} after pass {start}/{passes}")
-        distributed.check_agreement(start, world, f"run {spec.run_id}: the pass to resume after")
+        return Training(net, data, defense, optimizer, execution,
+                        MinibatchBudget(spec.schedule.epochs, len(data.train), defense.replays))
 
-        for p in range(start, passes):
-            if world.distributed:  # per rank and per pass, so a resumed run replays the same noise
-                torch.manual_seed(distributed.pass_seed(spec.seed, p, world.rank))
-            entry = self._train_pass(execution, optimizer, defense, data, p, budget)
-            if world.is_main:
-                entry = self._validate(net, data, entry, passes)
-                record["epochs"].append(entry)
-                if entry["val"]["pgd"] > best_val:
-                    best_val = entry["val"]["pgd"]
-                    save_torch(self.dir / "best.pt", {"model": net.state_dict(), "pass": p + 1,
-                                                      "val_pgd": best_val})
-                save_torch(self.dir / "last.pt", {
-                    "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "defense": defense.state_dict(), "rng": _rng_state(), "passes_done": p + 1,
-                    "best_val_pgd": best_val, "epochs": record["epochs"], "scaler": execution.scaler.state_dict()})
-                write_record(self.record_path, record)
-            distributed.barrier(world)
+    def _resume(self, t: "Training", record: dict[str, Any]) -> tuple[int, float]:
+        """Restore everything last.pt holds; returns (passes done, best validation PGD so far)."""
+        ckpt = load_torch(self.dir / "last.pt", self.device)
+        t.net.load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.defense.load_state_dict(ckpt["defense"])
+        t.execution.scaler.load_state_dict(ckpt.get("scaler", {}))
+        _set_rng_state(ckpt["rng"])
+        record["epochs"] = ckpt["epochs"]
+        self._say(f"resume {self.spec.run_id} after pass {ckpt['passes_done']}/{t.budget.passes}")
+        return ckpt["passes_done"], ckpt["best_val_pgd"]
 
-        if world.is_main:
-            faults.reached("final-evaluation")
-            record["final"] = self._final_evaluation(net, data, passes)
-            record["diagnostics"] = collapse_diagnostics(record["final"], self.info.num_classes)
-            if (message := collapse_message(record)) is not None:
-                tqdm.write(f"warning: {message}", file=sys.stderr)
-            record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
-            record["status"] = "complete"
-            record["finished"] = _now()
-            write_record(self.record_path, record)
-        return record
+    def _checkpoint(self, t: "Training", record: dict[str, Any], p: int, best_val: float) -> float:
+        """After pass p (rank 0): best.pt when validation PGD improved, last.pt, the record; the new best."""
+        val_pgd = record["epochs"][-1]["val"]["pgd"]
+        if val_pgd > best_val:
+            best_val = val_pgd
+            save_torch(self.dir / "best.pt", {"model": t.net.state_dict(), "pass": p + 1, "val_pgd": best_val})
+        save_torch(self.dir / "last.pt", {
+            "model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "defense": t.defense.state_dict(), "rng": _rng_state(), "passes_done": p + 1,
+            "best_val_pgd": best_val, "epochs": record["epochs"], "scaler": t.execution.scaler.state_dict()})
+        write_record(self.record_path, record)
+        return best_val
+
+    def _finish(self, t: "Training", record: dict[str, Any]) -> None:
+        """Rank 0: the final evaluation, the collapse diagnostics, checkpoint hashes, status complete."""
+        faults.reached("final-evaluation")
+        record["final"] = self._final_evaluation(t.net, t.data, t.budget.passes)
+        record["diagnostics"] = collapse_diagnostics(record["final"], self.info.num_classes)
+        if (message := collapse_message(record)) is not None:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+        record["checkpoint_sha256"] = checkpoint_hashes(self.dir)  # evaluations bind to these files
+        record["status"] = "complete"
+        record["finished"] = _now()
+        write_record(self.record_path, record)
 
     def _train_pass(self, execution: Execution, optimizer, defense: Defense, data: PreparedData, p: int,
                     budget: "MinibatchBudget") -> dict[str, Any]:
@@ -438,6 +450,18 @@ def collapse_diagnostics(final: dict[str, Any], num_classes: int) -> dict[str, A
     collapsed = [label for label, entry in final.items()
                  if max(entry["predicted_classes"]) >= COLLAPSE_SHARE * max(sum(entry["predicted_classes"]), 1)]
     return {"collapsed": collapsed, "collapse_share": COLLAPSE_SHARE, "num_classes": num_classes}
+
+
+@dataclass(frozen=True)
+class Training:
+    """What one run trains with, built once by `Run._set_up` and restored by `Run._resume`."""
+
+    net: torch.nn.Module
+    data: PreparedData
+    defense: Defense
+    optimizer: torch.optim.Optimizer
+    execution: Execution
+    budget: "MinibatchBudget"
 
 
 @dataclass(frozen=True)
