@@ -275,8 +275,6 @@ class RayExecutor:
     def execute(self, jobs: list[Job], say: Say) -> Iterator[Outcome]:
         """Outcomes in completion order, each after every line its job printed."""
         ray = import_ray()
-        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
         owned = self._connect(ray, say)
         lines = None
         pending: dict[Any, tuple[Job, int]] = {}
@@ -285,41 +283,12 @@ class RayExecutor:
             from ray.util.queue import Queue
 
             lines = Queue(actor_options={"num_cpus": 0})
-            task = ray.remote(run_job).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
-                                               max_retries=0, name="harness-job")
             with self._marker() as marker:
                 context = WorkerContext(self.cpus_per_run, code_identity(), marker)
-
-                def submit(job: Job, attempt: int) -> None:
-                    args = job.args if attempt == 1 else (job.retry_args or job.args)
-                    pending[task.remote(job.fn, args, job.label, lines, context)] = (job, attempt)
-
+                submit = self._submitter(ray, pending, lines, context)
                 for job in jobs:
                     submit(job, 1)
-                waiting = StartWatch(self.start_warning_seconds, self.cpus_per_run, self.gpus_per_run)
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds)
-                    waiting.started |= _relay(lines, say)  # a finished task's lines are all queued: they come first
-                    waiting.check(ray, say, len(pending))
-                    for ref in ready:
-                        job, attempt = pending.pop(ref)
-                        waiting.started.add(job.label)
-                        try:
-                            value = ray.get(ref)
-                        except lost as exc:
-                            if attempt <= self.max_retries:
-                                say(f"[{job.label}] worker lost ({type(exc).__name__}); attempt {attempt + 1} "
-                                    f"of {self.max_retries + 1} resumes from the last checkpoint")
-                                submit(job, attempt + 1)
-                                continue
-                            yield failure(job, f"worker lost on each of {attempt} attempts ({type(exc).__name__})",
-                                          say, attempts=attempt)
-                        except ray.exceptions.RayTaskError as exc:
-                            message, trace = task_error(exc)
-                            yield failure(job, message, say, trace, attempt,
-                                          in_use=isinstance(getattr(exc, "cause", None), LockedError))
-                        else:
-                            yield Outcome(job, value, attempts=attempt)
+                yield from self._collect(ray, pending, submit, lines, say)
         finally:
             for ref in pending:  # interrupted: a connection this process does not own keeps no orphan tasks
                 ray.cancel(ref)
@@ -327,6 +296,52 @@ class RayExecutor:
                 lines.shutdown()
             if owned:
                 ray.shutdown()
+
+    def _submitter(self, ray, pending: dict[Any, tuple[Job, int]], lines, context: WorkerContext
+                   ) -> Callable[[Job, int], None]:
+        """submit(job, attempt): one Ray task; a retry (attempt > 1) takes the job's retry arguments."""
+        task = ray.remote(run_job).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
+                                           max_retries=0, name="harness-job")
+
+        def submit(job: Job, attempt: int) -> None:
+            args = job.args if attempt == 1 else (job.retry_args or job.args)
+            pending[task.remote(job.fn, args, job.label, lines, context)] = (job, attempt)
+
+        return submit
+
+    def _collect(self, ray, pending: dict[Any, tuple[Job, int]], submit, lines, say: Say) -> Iterator[Outcome]:
+        """Wait for the tasks, relaying their lines first and warning about jobs that cannot start."""
+        waiting = StartWatch(self.start_warning_seconds, self.cpus_per_run, self.gpus_per_run)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds)
+            waiting.started |= _relay(lines, say)  # a finished task's lines are all queued: they come first
+            waiting.check(ray, say, len(pending))
+            for ref in ready:
+                job, attempt = pending.pop(ref)
+                waiting.started.add(job.label)
+                outcome = self._outcome(ray, ref, job, attempt, submit, say)
+                if outcome is not None:
+                    yield outcome
+
+    def _outcome(self, ray, ref, job: Job, attempt: int, submit, say: Say) -> Outcome | None:
+        """A finished task's outcome; None when a lost worker's job was resubmitted (it resumes)."""
+        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
+        try:
+            value = ray.get(ref)
+        except lost as exc:
+            if attempt <= self.max_retries:
+                say(f"[{job.label}] worker lost ({type(exc).__name__}); attempt {attempt + 1} "
+                    f"of {self.max_retries + 1} resumes from the last checkpoint")
+                submit(job, attempt + 1)
+                return None
+            return failure(job, f"worker lost on each of {attempt} attempts ({type(exc).__name__})",
+                           say, attempts=attempt)
+        except ray.exceptions.RayTaskError as exc:
+            message, trace = task_error(exc)
+            return failure(job, message, say, trace, attempt,
+                           in_use=isinstance(getattr(exc, "cause", None), LockedError))
+        return Outcome(job, value, attempts=attempt)
 
     def _connect(self, ray, say: Say) -> bool:
         """Join `address`, or start a local instance; False when this process was already connected."""
