@@ -127,6 +127,23 @@ def pgd_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
                    keep_stepping=None, step_noise=0.0, stop_when_fooled=True)
 
 
+def _start(x: torch.Tensor, eps_t: torch.Tensor, delta_init: torch.Tensor | None, random_start: bool
+           ) -> torch.Tensor:
+    """The first perturbation: the one given (projected), PGD's uniform random start, or zero."""
+    if delta_init is not None:
+        return project(x, delta_init.detach(), eps_t)
+    return uniform_start(x, eps_t) if random_start else torch.zeros_like(x)
+
+
+def _move(grad: torch.Tensor, step_t: torch.Tensor, step_noise: float, moving: torch.Tensor | None,
+          xs: torch.Tensor) -> torch.Tensor:
+    """A signed-gradient step, with optional Gaussian step noise, zero for points that stopped moving."""
+    move = step_t * grad.sign()
+    if step_noise:
+        move = move + step_noise * torch.randn_like(xs)
+    return move if moving is None else move * per_sample(moving, xs)
+
+
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
             steps: int, step_size: float | torch.Tensor, random_start: bool, loss_fn: LossFn,
             mode: BNMode, delta_init: torch.Tensor | None, first_grad: torch.Tensor | None,
@@ -136,12 +153,7 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | tor
     eps_t = per_sample(eps, x)
     step_t = per_sample(step_size, x)
     x = x.detach()
-    if delta_init is not None:
-        delta = project(x, delta_init.detach(), eps_t)
-    elif random_start:
-        delta = uniform_start(x, eps_t)
-    else:
-        delta = torch.zeros_like(x)
+    delta = _start(x, eps_t, delta_init, random_start)
     live = torch.arange(len(x), device=x.device) if stop_when_fooled else None
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device) if stop_when_fooled else None
     final_delta = delta.clone() if stop_when_fooled else None
@@ -172,12 +184,7 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | tor
                 (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), attacked)
                 if keep is not None:
                     grad = grad[keep]
-            move = step_t * grad.sign()
-            if step_noise:
-                move = move + step_noise * torch.randn_like(xs)
-            if moving is not None:
-                move = move * per_sample(moving, xs)
-            delta = project(xs, delta.detach() + move, eps_t)
+            delta = project(xs, delta.detach() + _move(grad, step_t, step_noise, moving, xs), eps_t)
     if not stop_when_fooled:
         return (x + delta).detach(), None
     final_delta[live] = delta.detach()
