@@ -42,3 +42,5 @@ def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):
     table = build(load_results(tmp_path)).table2[0]
     gains = table.export[table.export["method"] == "ADES - Static-DES"]
     assert gains["paper_clean"].tolist() == [1.0] and gains["paper_pgd20"].tolist() == [5.9]
+    (shown,) = [row for row in table.display if row["Method"].text == "ADES − Static-DES"]
+    assert (shown["Paper clean (CIFAR-10)"].text, shown["Paper PGD-20 (CIFAR-10)"].text) == ("+1.0", "+5.9")
