@@ -18,6 +18,7 @@ from matplotlib.figure import Figure as MplFigure
 from harness.report import reference
 from harness.report.loading import Protocol, Results, Run, eps_key
 from harness.report.tables import Groups, variant_label
+from harness.report.variant import Variant, defense_of
 
 DPI = 110
 CUES = ("grad_norm", "entropy", "mc_variance")
@@ -207,7 +208,7 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
                     + ", ".join("—" if np.isnan(v) else f"{v:.3f}" for v in spread) + ". ")
     if warnings:
         caption += "Collapse warning: " + "; ".join(warnings)
-    return Figure(f"ades_{index}_{variant.replace('#', '_')}",
+    return Figure(f"ades_{index}_{Variant.parse(variant).slug()}",
                   f"{variant_label(variant)}: eps distribution and cues — {protocol.dataset}, {protocol.model}",
                   caption, _encode(fig))
 
@@ -226,7 +227,7 @@ def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list
         if curves:
             figures.append(curves)
         for variant, runs in variants.items():
-            if variant.split("#")[0] in ("ades", "ades-joint", "ades-bilevel", "static-des"):
+            if defense_of(variant) in ("ades", "ades-joint", "ades-bilevel", "static-des"):
                 diag = ades_diagnostics(protocol, variant, runs, index)
                 if diag:
                     figures.append(diag)

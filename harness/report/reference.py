@@ -3,6 +3,7 @@
 harness/data/paper_claims.csv   the paper's Table 1 (clean, PGD-20, AutoAttack; CIFAR-10/100, WRN-34-10)
 harness/data/paper_table2.csv   the paper's ablation (static fusion vs learnable MLP, CIFAR-10)
 harness/data/paper_table3.csv   the paper's seconds per epoch on a V100 (CIFAR-10, WRN-34-10)
+harness/data/paper_text_claims.csv  numbers the paper states in its text only (the ×1.12 cost ratio)
 harness/data/robustbench.csv    RobustBench's published clean / AutoAttack accuracy of the official
                                 checkpoints of the baselines (model_info JSONs, Linf)
 
@@ -16,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+
+from harness.report.variant import defense_of
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -44,7 +47,7 @@ def method_label(name: str) -> str:
 
 
 def method_sort_key(name: str) -> tuple[int, str]:
-    base = name.split("#")[0]
+    base = defense_of(name)
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), name)
 
 
@@ -66,6 +69,21 @@ def paper_table3() -> pd.DataFrame:
     return _read("paper_table3.csv").copy()
 
 
+ABLATION_ROWS = ("Learnable MLP (ADES)", "Static Weighted Fusion")  # (learned, static) rows of paper_table2.csv
+
+
+def paper_ablation_gain() -> dict[str, float]:
+    """The paper's learned-minus-static gain of Table 2 (clean and pgd20, points), from its two rows."""
+    table = paper_table2().set_index("scheduler")
+    learned, static = (table.loc[row] for row in ABLATION_ROWS)
+    return {metric: round(float(learned[metric]) - float(static[metric]), 1) for metric in ("clean", "pgd20")}
+
+
+def paper_text_claim(claim: str) -> float:
+    """A number the paper states in its text (harness/data/paper_text_claims.csv)."""
+    return float(_read("paper_text_claims.csv").set_index("claim").loc[claim, "value"])
+
+
 def robustbench() -> pd.DataFrame:
     """dataset, threat, name, architecture, eps, clean, autoattack, reported, harness_method, note."""
     frame = _read("robustbench.csv").copy()
@@ -76,7 +94,7 @@ def robustbench() -> pd.DataFrame:
 
 def paper_claim(dataset: str, defense: str) -> dict[str, float] | None:
     """The paper's Table 1 numbers for the row a harness defense corresponds to, on that data set."""
-    row_name = PAPER_ROW.get(defense.split("#")[0])
+    row_name = PAPER_ROW.get(defense_of(defense))
     if row_name is None:
         return None
     table = paper_table1()
@@ -88,7 +106,7 @@ def paper_claim(dataset: str, defense: str) -> dict[str, float] | None:
 
 
 def paper_seconds(defense: str) -> float | None:
-    row_name = PAPER_ROW.get(defense.split("#")[0])
+    row_name = PAPER_ROW.get(defense_of(defense))
     table = paper_table3()
     hit = table[table["method"] == row_name]
     return None if hit.empty else float(hit.iloc[0]["seconds_per_epoch"])

@@ -16,6 +16,7 @@ from harness.report.loading import Results
 from harness.report.protocol_cards import ProtocolCard, protocol_cards
 from harness.report.tables import Table
 from harness.storage import atomic_write
+from harness.report.variant import defense_of
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_NAME = "report.html"
@@ -55,7 +56,7 @@ class Report:
 def build(results: Results, checkpoint: str = "last") -> Report:
     groups = tables.group_runs(results.runs)
     figures, missing = all_figures(results, groups, checkpoint)
-    present = {v.split("#")[0] for variants in groups.values() for v in variants}
+    present = {defense_of(v) for variants in groups.values() for v in variants}
     expected = list(reference.PAPER_BASELINES) + list(reference.ADES_VARIANTS)
     absent = [reference.method_label(m) for m in expected if m not in present]
     if absent:

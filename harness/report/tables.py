@@ -18,6 +18,7 @@ from harness.resources import CONTENTION_CORES, contended
 from harness.report import compute, protocol_cards, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import MIN_SEEDS, bootstrap_ratio, mean_std
+from harness.report.variant import Variant, defense_of
 
 CHECKPOINTS = ("last", "best")
 CHECKPOINT_LABELS = {"last": "last", "best": "best on validation"}
@@ -65,14 +66,14 @@ def group_runs(runs: Iterable[Run]) -> Groups:
             digests = sorted({r.config_digest() for r in members})
             for digest in digests:
                 chosen = sorted((r for r in members if r.config_digest() == digest), key=lambda r: r.seed)
-                variants[defense if len(digests) == 1 else f"{defense}#{digest}"] = chosen
+                variants[Variant(defense, "" if len(digests) == 1 else digest).format()] = chosen
         groups[protocol] = dict(sorted(variants.items(), key=lambda kv: reference.method_sort_key(kv[0])))
     return groups
 
 
 def variant_label(variant: str) -> str:
-    base, _, digest = variant.partition("#")
-    return reference.method_label(base) + (f" (config {digest})" if digest else "")
+    parsed = Variant.parse(variant)
+    return reference.method_label(parsed.defense) + (f" (config {parsed.digest})" if parsed.digest else "")
 
 
 # ----------------------------------------------------------------------------------------- values
@@ -184,7 +185,7 @@ def diff_cell(measured: list[float], claim: float | None) -> Cell:
 def _published(results: Results, dataset: str, defense: str) -> str:
     """RobustBench's numbers for the official checkpoints of this baseline, and ours where evaluated."""
     table = reference.robustbench()
-    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense.split("#")[0])]
+    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense_of(defense))]
     parts = []
     for _, r in hits.iterrows():
         text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']}" + (
@@ -340,18 +341,19 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
     """The paper's ablation (learned vs static fusion) plus two controls the paper lacks: PGD-AT (one eps)
     and CAT (dynamic over training, not per sample); with each run's eps spread and cue correlations."""
     paper = reference.paper_table2().set_index("scheduler")
+    claimed_gain = reference.paper_ablation_gain()  # learned minus static, the paper's Table 2
     tables = []
     for protocol, variants in groups.items():
-        scheduled = [v for v in variants if v.split("#")[0] in reference.TABLE2_ROWS]
+        scheduled = [v for v in variants if defense_of(v) in reference.TABLE2_ROWS]
         if not scheduled:
             continue
-        controls = [v for v in variants if v.split("#")[0] in reference.TABLE2_CONTROLS]
+        controls = [v for v in variants if defense_of(v) in reference.TABLE2_CONTROLS]
         compare = protocol.dataset == "cifar10"
         export_rows, display_rows = [], []
         for variant in scheduled + controls:
             runs = variants[variant]
             clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
-            row_name = reference.TABLE2_ROWS.get(variant.split("#")[0])
+            row_name = reference.TABLE2_ROWS.get(defense_of(variant))
             claim = paper.loc[row_name] if row_name else None
             claim_clean = None if claim is None else float(claim["clean"])
             claim_pgd = None if claim is None else float(claim["pgd20"])
@@ -375,28 +377,28 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
                 else Cell("n/a", "muted"),
                 "eps spread (last pass)": spread_cell(runs), "r(eps, cue) within batch": correlation_cell(runs),
             })
-        baselines = [v for v in scheduled if v.split("#")[0] == "static-des"][:1] + \
-            [v for v in controls if v.split("#")[0] == "cat"][:1]
+        baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1] + \
+            [v for v in controls if defense_of(v) == "cat"][:1]
         for variant in scheduled:
             for base in baselines:
-                if variant == base or variant.split("#")[0] == "static-des":
+                if variant == base or defense_of(variant) == "static-des":
                     continue
                 gain = {m: np.mean(final_values(variants[variant], checkpoint, m))
                         - np.mean(final_values(variants[base], checkpoint, m)) for m in ("clean", "pgd")}
-                paper_gain = base.split("#")[0] == "static-des"
+                paper_gain = defense_of(base) == "static-des"
                 display_rows.append({
                     "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
                     "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
                     "Seeds": "", "Clean": fmt(gain["clean"], signed=True),
-                    "Paper clean (CIFAR-10)": Cell("+0.5" if paper_gain else "—", "claim"), "Δ clean": "",
+                    "Paper clean (CIFAR-10)": Cell(fmt(claimed_gain["clean"], 1, signed=True) if paper_gain else "—", "claim"), "Δ clean": "",
                     f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
-                    "Paper PGD-20 (CIFAR-10)": Cell("+2.5" if paper_gain else "—", "claim"), "Δ PGD": "",
+                    "Paper PGD-20 (CIFAR-10)": Cell(fmt(claimed_gain["pgd20"], 1, signed=True) if paper_gain else "—", "claim"), "Δ PGD": "",
                     "eps spread (last pass)": "", "r(eps, cue) within batch": "",
                 })
                 export_rows.append({"method": f"{variant_label(variant)} - {variant_label(base)}",
                                     "clean_mean": gain["clean"], "pgd_mean": gain["pgd"],
-                                    "paper_clean": 0.5 if paper_gain else None,
-                                    "paper_pgd20": 2.5 if paper_gain else None})
+                                    "paper_clean": claimed_gain["clean"] if paper_gain else None,
+                                    "paper_pgd20": claimed_gain["pgd20"] if paper_gain else None})
         notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.", seeds_note(),
                  "ADES maximises the loss at a held mean eps, ADES-joint is the literal joint minimisation, "
                  "ADES-bilevel minimises a held-out robust loss after a one-step look-ahead (docs/ades.md); all "
@@ -406,7 +408,7 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
                  "r(eps, cue): mean of per-batch Spearman coefficients with the gradient norm (g), the softmax "
                  "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only)."]
         notes += held_out_notes(variants, scheduled + controls)
-        if not any(v.split("#")[0] == "static-des" for v in scheduled):
+        if not any(defense_of(v) == "static-des" for v in scheduled):
             notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
         tables.append(Table(f"table2_{protocol.slug()}", f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
                             protocol.label(), pd.DataFrame(export_rows), display_rows, notes))

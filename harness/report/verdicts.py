@@ -24,9 +24,10 @@ from harness.report.stats import (LEVEL, MIN_SEEDS, SEEDS_CAP, Estimate, Interva
                                   paired_bootstrap, seeds_needed, smallest_resolvable)
 from harness.resources import CONTENTION_CORES, contended
 from harness.report.tables import AUTOATTACK_PREFERENCE, Groups, best_evaluation, epoch_seconds, variant_label
+from harness.report.variant import defense_of
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
-COST_CLAIM = 1.12
+COST_CLAIM = reference.paper_text_claim("ades_cost_ratio")
 COST_TOLERANCE = 0.10  # relative: timing noise on shared machines; stated in the verdict
 ROBUSTBENCH_TEST_EXAMPLES = 10000  # RobustBench evaluates on the full CIFAR test set
 METRIC_NAMES = {"clean": "clean", "pgd": "PGD", "autoattack": "AutoAttack"}
@@ -265,8 +266,10 @@ def interval_field(judged: Judged, fallback: Interval | None) -> str:
 # ----------------------------------------------------------------------------------------- claims
 
 CLAIM_BEATS = ("ADES beats every baseline on PGD-20 and AutoAttack on both data sets, with higher clean accuracy")
-CLAIM_ABLATION = "The learnable MLP beats the static fusion (Table 2: +0.5 clean, +2.5 PGD-20)"
-CLAIM_COST = "ADES costs only ×1.12 of PGD-AT per epoch (Table 3)"
+_GAIN = reference.paper_ablation_gain()
+CLAIM_ABLATION = (f"The learnable MLP beats the static fusion "
+                  f"(Table 2: {_GAIN['clean']:+.1f} clean, {_GAIN['pgd20']:+.1f} PGD-20)")
+CLAIM_COST = f"ADES costs only ×{COST_CLAIM:.2f} of PGD-AT per epoch (Table 3)"
 CLAIM_TRADES = "The paper's TRADES is below the official TRADES checkpoint (Zhang2019Theoretically)"
 CLAIM_MMA = "The paper's MMA AutoAttack (50.5) is far above the official MMA checkpoint (Ding2020MMA, WRN-28-4)"
 CLAIM_FLOOR = "105 s per PGD-10 epoch of WRN-34-10 is below what a V100 can compute at peak fp16 throughput"
@@ -295,9 +298,9 @@ def smallest_claimed_margin(dataset: str, ades: str, baselines: list[str], metri
 def _beats_family(results: Results, variants: dict[str, list[Run]], protocol: Protocol, checkpoint: str
                   ) -> dict[tuple[str, str, str], Judged]:
     """(reading, metric, baseline) -> judged; Holm over every comparison behind the claim here."""
-    baselines = [v for v in variants if v.split("#")[0] in reference.PAPER_BASELINES]
+    baselines = [v for v in variants if defense_of(v) in reference.PAPER_BASELINES]
     keys, comps = [], []
-    for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
+    for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
         for metric in ("pgd", "autoattack", "clean"):
             for base in baselines:
                 comp = comparison(results, variants[ades], variants[base], checkpoint, metric, protocol.eps)
@@ -317,7 +320,7 @@ def _row_verdict(decisions: dict[str, str], baselines: list[str]) -> str:
 
 def _beats_row(results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str,
                ades: str, metric: str, family: dict[tuple[str, str, str], Judged]) -> Verdict | None:
-    baselines = [v for v in variants if v.split("#")[0] in reference.PAPER_BASELINES]
+    baselines = [v for v in variants if defense_of(v) in reference.PAPER_BASELINES]
     known = {b: family[(ades, metric, b)] for b in baselines if (ades, metric, b) in family}
     if not known:
         return None
@@ -360,7 +363,7 @@ def _absent_notes(variants: dict[str, list[Run]], baselines: list[str], known: d
     if missing:
         notes.append("no comparable numbers for: " + ", ".join(missing))
     absent = [reference.method_label(b) for b in reference.PAPER_BASELINES
-              if b not in {x.split("#")[0] for x in variants}]
+              if b not in {defense_of(x) for x in variants}]
     if absent:
         notes.append("baselines not run under this protocol: " + ", ".join(absent))
     return notes
@@ -370,7 +373,7 @@ def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[V
     verdicts = []
     for protocol, variants in groups.items():
         family = _beats_family(results, variants, protocol, checkpoint)
-        for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
+        for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
             for metric in ("pgd", "autoattack", "clean"):
                 row = _beats_row(results, protocol, variants, checkpoint, ades, metric, family)
                 if row is not None:
@@ -389,11 +392,11 @@ def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[V
 def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]:
     verdicts = []
     for protocol, variants in groups.items():
-        static = next((v for v in variants if v.split("#")[0] == "static-des"), None)
+        static = next((v for v in variants if defense_of(v) == "static-des"), None)
         if static is None:
             continue
         keys, comps = [], []
-        for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
+        for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
             for metric in ("pgd", "clean"):
                 comp = comparison(results, variants[ades], variants[static], checkpoint, metric, protocol.eps)
                 if comp is not None:
@@ -437,7 +440,7 @@ def cost(groups: Groups) -> list[Verdict]:
     for protocol, variants in groups.items():
         if "pgd-at" not in variants:
             continue
-        for ades in (v for v in variants if v.split("#")[0] in reference.ADES_VARIANTS):
+        for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
             for device in sorted({r.device for r in variants[ades]} & {r.device for r in variants["pgd-at"]}):
                 a = [r for r in variants[ades] if r.device == device]
                 b = [r for r in variants["pgd-at"] if r.device == device]

@@ -1,0 +1,46 @@
+"""The typed report variant ("defense#digest" spelled in one place) and the paper numbers read from harness/data."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.report import reference, tables, verdicts
+from harness.report.variant import Variant, defense_of
+
+
+@pytest.mark.parametrize("key, defense, digest", [("ades", "ades", ""), ("pgd-at#1a2b3c", "pgd-at", "1a2b3c")])
+def test_variant_parse_format_round_trip(key, defense, digest):
+    variant = Variant.parse(key)
+    assert (variant.defense, variant.digest) == (defense, digest)
+    assert variant.format() == key and defense_of(key) == defense
+    assert variant.slug() == key.replace("#", "_")
+
+
+def test_variant_label_names_the_configuration():
+    assert tables.variant_label("pgd-at#1a2b3c") == "PGD-AT (config 1a2b3c)"
+    assert tables.variant_label("pgd-at") == "PGD-AT"
+
+
+def test_ablation_gain_and_cost_ratio_come_from_the_data_files():
+    table2 = reference.paper_table2().set_index("scheduler")
+    learned, static = table2.loc["Learnable MLP (ADES)"], table2.loc["Static Weighted Fusion"]
+    assert reference.paper_ablation_gain() == {"clean": round(learned["clean"] - static["clean"], 1),
+                                               "pgd20": round(learned["pgd20"] - static["pgd20"], 1)}
+    assert reference.paper_ablation_gain() == {"clean": 0.5, "pgd20": 2.5}  # the paper's text: +0.5 / +2.5
+    assert verdicts.COST_CLAIM == 1.12
+    assert "+0.5 clean, +2.5 PGD-20" in verdicts.CLAIM_ABLATION and "×1.12" in verdicts.CLAIM_COST
+
+
+def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):
+    """The wired-up Table 2: change the paper's static row and the claimed gain in the report changes with it."""
+    import report_fixture as fx
+    from harness.report import build, load_results
+    fx.build_results(tmp_path, corrupt=False)
+    edited = reference.paper_table2()
+    edited.loc[edited["scheduler"] == "Static Weighted Fusion", ["clean", "pgd20"]] = [84.0, 50.0]
+    monkeypatch.setattr(reference, "paper_table2", lambda: edited.copy())
+    table = build(load_results(tmp_path)).table2[0]
+    gains = table.export[table.export["method"] == "ADES - Static-DES"]
+    assert gains["paper_clean"].tolist() == [1.0] and gains["paper_pgd20"].tolist() == [5.9]
+    (shown,) = [row for row in table.display if row["Method"].text == "ADES − Static-DES"]
+    assert (shown["Paper clean (CIFAR-10)"].text, shown["Paper PGD-20 (CIFAR-10)"].text) == ("+1.0", "+5.9")
