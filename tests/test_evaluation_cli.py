@@ -229,7 +229,7 @@ def test_missing_robustbench_file_hint_is_a_command_current_gdown_accepts(tmp_pa
 
 
 def test_published_eps_joins_the_default_sweep():
-    from harness.commands.eval import sweep_eps
+    from harness.evaluation.pipeline import sweep_eps
     from harness.data import DATASETS
     from harness.evaluation.checkpoints import RobustBenchName, published_eps
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.commands.eval import sweep_eps
+from harness.evaluation.pipeline import sweep_eps
 from harness.data import DATASETS
 from harness.evaluation.checkpoints import RobustBenchName, import_robustbench, published_eps
 from harness.evaluation.flags import EvaluationStore

@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from harness.cli import main
 from harness.executor_cli import executor_options
 
-if TYPE_CHECKING:
-    from harness.evaluation.attacks import AttackOptions
-
 DEFAULT_RESULTS = Path("results")
-DEFAULT_ATTACKS = ("pgd-20", "cw-inf", "autoattack")
-
-
-def parse_eps_list(text: str) -> list[Fraction]:
-    from harness.config import parse_eps
-    from harness.errors import HarnessError
-
-    items = [t for t in text.replace(" ", "").split(",") if t]
-    if not items:
-        raise HarnessError("--eps takes a comma-separated list such as 0,2/255,8/255")
-    return sorted(set(parse_eps(t) for t in items))
-
-
-def resolve_attack_names(names: tuple[str, ...], version: str) -> list[str]:
-    """'autoattack' means autoattack-<--autoattack-version>; unknown names fail with suggestions."""
-    from harness.evaluation.attacks import ATTACKS
-
-    resolved = [f"autoattack-{version}" if n == "autoattack" else n for n in (names or DEFAULT_ATTACKS)]
-    for name in resolved:
-        ATTACKS.get(name)
-    return list(dict.fromkeys(resolved))
-
-
-def digest(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @main.command("eval")
@@ -117,13 +83,10 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
     command that runs them. Rerunning the same command skips a complete evaluation; an interrupted one
     continues with --resume (AutoAttack from its own state file).
     """
-    from harness.errors import HarnessError
     from harness.evaluation.attacks import AttackOptions
+    from harness.evaluation.pipeline import EvalSettings, parse_eps_list, resolve_attack_names
+    from harness.executor_cli import build_executor, run_targets
 
-    if resume and force:
-        raise HarnessError("--resume and --force contradict each other; pick one")
-    if n is not None and n < 1:
-        raise HarnessError(f"--n must be at least 1, got {n}")
     settings = EvalSettings(
         label=label, eps_override=parse_eps_list(eps_text) if eps_text is not None else None, n=n,
         names=resolve_attack_names(attacks, autoattack_version),
@@ -132,162 +95,23 @@ def eval_command(targets, label, attacks, eps_text, n, autoattack_version, autoa
         nested=nested, probes=not no_probes, model_name=model_name, dataset=dataset, results_dir=results_dir,
         data_dir=data_dir, robustbench_dir=robustbench_dir, resume=resume, force=force, wait=wait,
         download=not no_download, quiet=quiet, eps_text=eps_text)
-    from harness.executor_cli import build_executor, run_targets
-
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
-    run_targets(evaluate_target, targets, settings, device, chosen, click.echo)
+    run_targets(evaluate_and_print, targets, settings, device, chosen, click.echo)
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """Everything `harness eval` was asked, shared by every target."""
+def evaluate_and_print(target: str, s, dev) -> None:
+    """One target through the library (harness.evaluation.pipeline), then its summary: a line with
+    --quiet, the table and the checks otherwise. Importable by a Ray worker (not a click command)."""
+    from harness.evaluation.pipeline import evaluate_target
 
-    label: str
-    eps_override: list[Fraction] | None
-    n: int | None
-    names: list[str]
-    options: AttackOptions
-    nested: bool
-    probes: bool
-    model_name: str | None
-    dataset: str | None
-    results_dir: Path
-    data_dir: Path | None
-    robustbench_dir: Path | None
-    resume: bool
-    force: bool
-    wait: bool  # for another process using the run or this evaluation, instead of failing
-    download: bool
-    quiet: bool
-    eps_text: str | None
-
-
-def evaluate_target(target: str, s: EvalSettings, dev) -> None:
-    """Load one target, open (or continue) its evaluation store, run the sweep, print its summary.
-
-    The run's shared lock and the evaluation's exclusive one are held for this target only (the
-    same target twice on one command line must not find its own lock taken)."""
-    with ExitStack() as locks:
-        _evaluate_locked(target, s, dev, locks)
-
-
-def _evaluate_locked(target: str, s: EvalSettings, dev, locks: ExitStack) -> None:
-    from harness.data import DATASETS, load_split
-    from harness.environment import environment
-    from harness.errors import HarnessError
-    from harness.evaluation.binding import bind, check_clean_accuracy, reading_run, writing_evaluation
-    from harness.evaluation.checkpoints import DEFAULT_ROBUSTBENCH_DIR, load_checkpoint
-
-    loaded = load_checkpoint(target, label=s.label, results_dir=s.results_dir, model_name=s.model_name,
-                             dataset=s.dataset, robustbench_dir=s.robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
-    locks.enter_context(reading_run(loaded, s.wait))
-    identity = bind(loaded)  # the weights' sha256; a run must be complete and its files unchanged
-    info = DATASETS.get(loaded.dataset)
-    eps_list = sweep_eps(s.eps_override, info.eps_sweep, loaded.published_eps)
-    test = load_split(info, s.data_dir, train=False, download=s.download)
-    if s.n is not None and s.n > len(test.labels):
-        raise HarnessError(f"--n {s.n} exceeds the {len(test.labels)} test examples of {info.name}")
-    count = s.n or len(test.labels)
-    x = test.images[:count].float().div(255).to(dev)
-    y = test.labels[:count].to(dev)
-    model = loaded.model.to(dev)
-    check_clean_accuracy(model, loaded, test.images, test.labels, dev, s.options.batch_size)
-
-    config, thresholds, budget = evaluation_config(s, eps_list, count)
-    directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': identity})}"
-    locks.enter_context(writing_evaluation(directory, s.wait))
-    store = _open_store(directory, s.resume, s.force, {
-        "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
-        "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
-    done_before = store.complete
-    if not done_before:
-        run_sweep(model, x, y, store, directory, s, eps_list, thresholds, budget, rerun_command(target, s, eps_list))
-    elif not s.quiet:
-        click.echo(f"already evaluated (use --force to redo): {directory}")
+    evaluated = evaluate_target(target, s, dev, (lambda _: None) if s.quiet else click.echo)
     if s.quiet:
-        click.echo(("already evaluated: " if done_before else "") + summary_line(store, eps_list, info.eps))
-    else:
-        _print_summary(store, s.names, eps_list)
-
-
-def run_sweep(model, x, y, store, directory: Path, s: EvalSettings, eps_list, thresholds, budget, rerun) -> None:
-    """The attacks of `s` over `eps_list` into `store` (the place an executor would take over)."""
-    from harness.evaluation.attacks import ATTACKS
-    from harness.evaluation.sweep import sweep
-
-    attack_objs = [ATTACKS.get(name).build(replace(s.options, state_dir=directory)) for name in s.names]
-    sweep(model, x, y, attack_objs, eps_list, store, batch_size=s.options.batch_size, thresholds=thresholds,
-          nested=s.nested, probes=budget, rerun=rerun, say=(lambda _: None) if s.quiet else click.echo)
-
-
-def sweep_eps(override: list[Fraction] | None, default: tuple[Fraction, ...], published: Fraction | None
-              ) -> list[Fraction]:
-    """--eps as given; otherwise the data set's sweep plus the target's published eps (RobustBench
-    evaluated Zhang2019Theoretically at 0.031, which no /255 sweep contains)."""
-    if override is not None:
-        return override
-    return sorted(set(default) | ({published} if published is not None else set()))
-
-
-def evaluation_config(s: EvalSettings, eps_list: list[Fraction], count: int):
-    """The recorded config (its digest names the evaluation directory), thresholds and probe budget."""
-    from harness.config import fraction_str
-    from harness.evaluation.attacks import ATTACKS
-    from harness.evaluation.checks import Thresholds
-    from harness.evaluation.masking import ProbeBudget
-    from harness.evaluation.sweep import PROBE_SIZE
-
-    thresholds, budget = Thresholds(), (ProbeBudget() if s.probes else None)
-    config = {"attacks": {name: ATTACKS.get(name).build(s.options).config() for name in s.names},
-              "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": s.options.seed,
-              "batch_size": s.options.batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
-              "nested_balls": s.nested, "masking_probes": budget.to_dict() if budget else None,
-              "eps0": "the clean pass (no attack steps)",
-              "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"
-                        + ("; broken at a smaller eps counts as broken at every larger eps" if s.nested else "")}
-    return config, thresholds, budget
-
-
-def rerun_command(target: str, s: EvalSettings, eps_list: list[Fraction]):
-    """(attack names) -> the `harness eval` command for this target with those attacks: every option
-    that shaped this evaluation (target resolution, data, points, eps, attack settings), so that pasting
-    it evaluates the same model on the same points under the same protocol."""
-    import shlex
-
-    o = s.options
-    base = ["harness", "eval", target, "--checkpoint", s.label]
-    base += [] if s.n is None else ["--n", str(s.n)]
-    base += [] if s.eps_text is None else ["--eps", s.eps_text]
-    base += ["--pgd-step", o.pgd_step, "--pgd-restarts", str(o.pgd_restarts), "--seed", str(o.seed),
-             "--batch-size", str(o.batch_size), "--autoattack-attacks", ",".join(o.autoattack_attacks)]
-    for option, value in (("--model", s.model_name), ("--dataset", s.dataset), ("--results", s.results_dir),
-                          ("--data-dir", s.data_dir), ("--robustbench-dir", s.robustbench_dir)):
-        base += [] if value is None else [option, str(value)]
-    base += [] if s.nested else ["--no-nested-balls"]
-    base += [] if s.download else ["--no-download"]
-
-    def command(names: list[str]) -> str:
-        return shlex.join(base + [part for name in names for part in ("-a", name)])
-
-    return command
-
-
-def _open_store(directory: Path, resume: bool, force: bool, header: dict):
-    """A new store, or the one on disk: complete (shown again) or interrupted (continued with --resume)."""
-    from harness.errors import HarnessError
-    from harness.evaluation.flags import EVALUATION_NAME, EvaluationStore
-
-    if force and directory.exists():
-        shutil.rmtree(directory)
-    if not (directory / EVALUATION_NAME).exists():
-        return EvaluationStore.create(directory, header)
-    store = EvaluationStore.load(directory)
-    store.check_weights(header["checkpoint"].get("sha256"))
-    if not store.complete and not resume:
-        done = len(store.record["results"])
-        raise HarnessError(f"an evaluation with this config was interrupted after {done} cell(s) in {directory}; "
-                           f"pass --resume to continue it or --force to start over")
-    return store
+        click.echo(("already evaluated: " if evaluated.already_done else "")
+                   + summary_line(evaluated.store, evaluated.eps_list, evaluated.headline_eps))
+        return
+    if evaluated.already_done:
+        click.echo(f"already evaluated (use --force to redo): {evaluated.store.dir}")
+    _print_summary(evaluated.store, s.names, evaluated.eps_list)
 
 
 def _print_summary(store, names: list[str], eps_list: list[Fraction]) -> None:

@@ -28,7 +28,7 @@ from harness.records import RECORD_NAME, read_record
 def bind(loaded) -> dict[str, Any]:
     """Add `sha256` to `loaded.checkpoint`; return the identity that names its evaluation directory."""
     path = Path(loaded.checkpoint.get("path") or "")
-    sha = sha256_file(path) if path.is_file() else None
+    sha = sha256_file(path) if path.is_file() else loaded.checkpoint.get("sha256")  # a module: its state dict's
     loaded.checkpoint["sha256"] = sha
     if loaded.checkpoint.get("source") == "harness":
         _check_finished_run(loaded, sha)

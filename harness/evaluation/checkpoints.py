@@ -12,6 +12,8 @@ allow-listed, HTML pages and code-running pickles refused in one line).
 
 from __future__ import annotations
 
+import hashlib
+
 import difflib
 import json
 import os
@@ -99,6 +101,30 @@ def check_revision(record: dict[str, Any], run_dir: Path) -> None:
         raise HarnessError(f"{run_dir} was trained on {name} revision {trained}, but this code builds revision "
                            f"{current} (same weights, different network): retrain it, or evaluate it at "
                            f"commit {commit[:12]}")
+
+
+# --------------------------------------------------------------------------- Python modules
+
+def load_module(model: nn.Module, name: str | None, dataset: str | None, results_dir: Path) -> LoadedCheckpoint:
+    """An `nn.Module` handed to `harness.evaluate`: evaluated as given (inputs in [0, 1]), named by
+    `name` (default its class name), bound to its weights by a digest of its state dict."""
+    if dataset is None:
+        raise HarnessError("evaluating an nn.Module needs dataset=NAME (see `harness list datasets`)")
+    DATASETS.get(dataset)
+    name = name or type(model).__name__
+    info = {"source": "module", "run_id": None, "label": "module", "name": name, "path": None, "defense": None,
+            "sha256": state_dict_sha256(model)}
+    return LoadedCheckpoint(model, info, dataset, name, Path(results_dir) / "external" / f"module-{name}" / "eval")
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes): the weights' identity."""
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- plain state dicts
