@@ -30,6 +30,7 @@ from harness.evaluation.flags import cell_key, percent
 from harness.evaluation.nesting import raw_key
 
 WHITE_BOX = ("pgd-20", "cw-inf")
+PROBE_SIZE = 256  # points of the model checks' probe batch
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Thresholds:
     square_extra: float = 0.5  # % of points Square breaks that no white-box attack broke
     more_steps_drop: float = 1.0  # % of points PGD-100 breaks that PGD-20 left robust: not converged
     probe_min_points: int = 2  # a subset probe fails only on at least this many points
+    gradient_ascent_fraction: float = 0.75  # a step along the input gradient must raise the loss this often
     zero_gradient_fraction: float = 0.01  # fraction of probe points with an all-zero input gradient
     vanishing_ce_fraction: float = 0.05  # fraction of clean-correct probe points with no CE gradient
     vanishing_gradient: float = 1e-30  # largest |d CE / d x| entry at or below this: vanished
@@ -144,15 +146,17 @@ def ce_gradients_not_vanishing(model: nn.Module, x: torch.Tensor, y: torch.Tenso
 # --------------------------------------------------------------------------- result checks
 
 def result_checks(flags: dict[str, np.ndarray], attacks: list[str], eps_list: list[Fraction],
-                  rows: list[dict], t: Thresholds = Thresholds()) -> tuple[list[Check], list[Skipped]]:
-    """Checks on the flags and result rows of a finished sweep; returns (checks, skipped checks)."""
+                  rows: list[dict], t: Thresholds = Thresholds(), also_verified: tuple[str, ...] = ()
+                  ) -> tuple[list[Check], list[Skipped]]:
+    """Checks on the flags and result rows of a finished sweep; returns (checks, skipped checks).
+    `also_verified`: cells beyond the attacks whose examples are checked too (the escalation's)."""
     checks: list[Check] = []
     skipped: list[Skipped] = []
     eps_sorted = sorted(eps_list)
     positive = [e for e in eps_sorted if e > 0]
 
     checks.append(_monotone(flags, attacks, eps_sorted, t))
-    checks.append(_examples_verified(rows, attacks))
+    checks.append(_examples_verified(rows, attacks + list(also_verified)))
 
     autoattacks = [a for a in attacks if a.startswith("autoattack-")]
     if autoattacks and "pgd-20" in attacks and positive:

@@ -1,0 +1,224 @@
+"""Escalation instead of FAILED where PGD-20 has not converged, and two independent lines of defence
+for every kind of masked model: each kind below is flagged by at least two checks of the README main
+job's evaluation (PGD-20 alone, default probes), and the probes that are the second line (the
+gradient-ascent check, Square off the data's grid and with few survivors) each have a model that only
+they catch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, EvalAttack
+from harness.evaluation.escalation import ESCALATED, EscalationBudget
+from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
+from harness.evaluation.masking import ProbeBudget, off_grid, probe_eps
+from harness.evaluation.sweep import sweep
+from evaluation_helpers import (LyingBackward, OffGridMasked, Quantised, Randomised, ScaledLogits, Shattered,
+                                on_grid, store_for, template_data, train_tiny, train_tiny_at)
+
+EPS = [Fraction(0), Fraction(4, 100), Fraction(6, 100), Fraction(9, 100)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return train_tiny(steps=150)
+
+
+@pytest.fixture(scope="module")
+def robust_tiny():
+    return train_tiny_at()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return template_data(160, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data400():
+    return template_data(400, seed=3)
+
+
+def pgd20(**options) -> list[EvalAttack]:
+    return [ATTACKS.get("pgd-20").build(AttackOptions(batch_size=200, **options))]
+
+
+def run(model, data, tmp_path, eps=EPS, probes=ProbeBudget(), **options):
+    x, y = data
+    return sweep(model, x, y, pgd20(**options), eps, store_for(tmp_path, len(y)), batch_size=200, probes=probes)
+
+
+def failed(result) -> set[str]:
+    return {c.name for c in result.checks if not c.passed}
+
+
+def check(result, name: str):
+    return next(c for c in result.checks if c.name == name)
+
+
+# --------------------------------------------------------------------------- escalation
+
+def test_unconverged_pgd20_is_escalated_on_every_point_still_robust_and_reported(robust_tiny, data400, tmp_path):
+    """Step 0.003: 20 steps cannot leave a ball of 0.06 around the start, 100 can. The number at the
+    probe eps is repaired (not FAILED), on every survivor (not the probe's 10), and both are kept."""
+    result = run(robust_tiny, data400, tmp_path, probes=ProbeBudget(subset=10), pgd_step="0.003")
+    more_steps = check(result, "more-steps")
+    assert more_steps.passed and "escalated" in more_steps.detail, more_steps.detail
+    record = read_evaluation(tmp_path / "evaluation.json")
+    first = record["escalations"][0]
+    assert first["eps"] == "9/100" and first["converged"]
+    flags = load_flags(tmp_path)
+    sweep_robust = flags[cell_key("pgd-20", EPS[-1])]
+    assert first["rounds"][0]["attacked"] == int(sweep_robust.sum()) > 10  # every point still robust
+    assert first["before"] == pytest.approx(100 * sweep_robust.mean())
+    worst = flags[cell_key(WORST_CASE, EPS[-1])]
+    assert np.array_equal(worst, sweep_robust & flags[cell_key(ESCALATED, EPS[-1])])
+    assert first["after"] == pytest.approx(100 * worst.mean()) and first["after"] < first["before"] - 1
+    assert result.store.accuracy("pgd-20", EPS[-1]) == pytest.approx(first["before"])  # PGD-20 kept
+    row = next(r for r in record["results"] if r["attack"] == ESCALATED)  # its examples were re-checked
+    assert row["verified"]["broken"] == sum(r["broken"] for r in first["rounds"]) and row["verified"]["failed"] == 0
+    assert "adversarial-examples-verified" not in failed(result)
+    assert len({r["seed"] for r in first["rounds"]}) == len(first["rounds"])  # each round new random starts
+
+
+def test_escalation_walks_down_the_sweep_and_keeps_the_worst_case_monotone(robust_tiny, data400, tmp_path):
+    """Step 0.001 cannot converge at any eps: every eps is escalated, largest first, and with nested
+    balls what broke at a smaller eps counts at every larger one."""
+    result = run(robust_tiny, data400, tmp_path, pgd_step="0.001")
+    escalated = [e["eps"] for e in result.store.record["escalations"]]
+    assert escalated == ["9/100", "3/50", "1/25"]
+    worst = [result.store.accuracy(WORST_CASE, e) for e in EPS]
+    assert all(a >= b for a, b in zip(worst, worst[1:])), worst
+    pgd = [result.store.accuracy("pgd-20", e) for e in EPS]
+    assert all(w < p - 1 for w, p in zip(worst[1:], pgd[1:]))
+
+
+def test_escalation_that_runs_out_of_budget_fails_and_still_reports_the_worst_case(robust_tiny, data400,
+                                                                                   tmp_path):
+    """No rounds beyond the probe's PGD-100: the number still falls by more than the limit, so the check
+    fails (an upper bound, not a repaired number), while the record has what did run."""
+    result = run(robust_tiny, data400, tmp_path, probes=ProbeBudget(escalation=EscalationBudget(rounds=())),
+                 pgd_step="0.001")
+    assert "more-steps" in failed(result)
+    first = result.store.record["escalations"][0]
+    assert not first["converged"] and [r["attack"] for r in first["rounds"]] == ["pgd-100"]
+    assert result.store.accuracy(WORST_CASE, EPS[-1]) == pytest.approx(first["after"]) < first["before"]
+
+
+# --------------------------------------------------------------------------- two lines of defence
+
+MASKED = {  # kind -> the checks that must flag it (at least two independent ones)
+    "saturated softmax": (lambda m, x, y: ScaledLogits(m), {"ce-gradients-not-vanishing", "pgd20-cw-gap"}),
+    "shattered gradients": (lambda m, x, y: Shattered(m), {"square-probe", "gradient-ascends-loss"}),
+    "negated gradient": (lambda m, x, y: LyingBackward(m, "negated"), {"square-probe", "gradient-ascends-loss"}),
+    "noise gradient": (lambda m, x, y: LyingBackward(m, "noise"), {"square-probe", "gradient-ascends-loss"}),
+    "zero gradient": (lambda m, x, y: LyingBackward(m, "zero"), {"nonzero-input-gradients", "gradient-ascends-loss"}),
+    "input quantisation": (lambda m, x, y: Quantised(m), {"nonzero-input-gradients", "gradient-ascends-loss"}),
+    "quantisation with gradient jitter": (lambda m, x, y: Quantised(m, jitter=0.5),
+                                          {"square-probe", "gradient-ascends-loss"}),
+    "randomised": (lambda m, x, y: Randomised(m), {"deterministic-outputs", "gradient-ascends-loss"}),
+    "off-grid detector": (lambda m, x, y: OffGridMasked(m, x, y), {"square-probe", "gradient-ascends-loss"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(MASKED))
+def test_every_masked_kind_is_flagged_by_two_independent_checks(tiny, data, tmp_path, kind):
+    build, expected = MASKED[kind]
+    x, y = on_grid(data[0]), data[1]  # 8-bit images, as every data set the harness reads
+    result = run(build(tiny, x, y), (x, y), tmp_path)
+    assert expected <= failed(result), (kind, {c.name: c.detail for c in result.checks if not c.passed})
+
+
+def test_a_robust_model_whose_backward_is_negated_is_caught_without_square(robust_tiny, data400, tmp_path):
+    """The issue's thin margin: only Square caught it. The gradient check is a second line on its own."""
+    result = run(LyingBackward(robust_tiny, "negated"), data400, tmp_path)
+    assert {"square-probe", "gradient-ascends-loss"} <= failed(result)
+    detail = check(result, "gradient-ascends-loss").detail
+    assert "backward pass does not describe the forward one" in detail
+
+
+def test_square_probes_off_the_data_grid_where_pgd_is(tiny, data, tmp_path):
+    """The off-grid detector answers every on-grid query by memory: Square at 23/255 (on the grid) would
+    see only that branch; at 45/510 it sees the branch PGD was misled on."""
+    x, y = on_grid(data[0]), data[1]
+    eps = [Fraction(0), Fraction(23, 255)]
+    result = run(OffGridMasked(tiny, x, y), (x, y), tmp_path, eps=eps)
+    square = check(result, "square-probe")
+    assert not square.passed and "queries at 45/510 (off the 1/255 grid)" in square.detail, square.detail
+
+
+def test_off_grid_eps():
+    assert off_grid(Fraction(51, 255), 255) == Fraction(101, 510)  # Fashion-MNIST's 1/5
+    assert off_grid(Fraction(1, 10), 255) == Fraction(1, 10)  # 25.5/255: already half-way
+    assert off_grid(Fraction(1, 40), 255) == Fraction(1, 40)  # 6.375/255: far enough from the grid
+    assert off_grid(Fraction(8, 255), 255) == Fraction(15, 510)
+
+
+@dataclass(frozen=True)
+class Lying(EvalAttack):
+    """A sweep attack that reports as broken exactly the points listed per eps (a masked PGD would)."""
+
+    name: str
+    broken: dict
+
+    def config(self):
+        return {"kind": "scripted"}
+
+    def robust(self, model, x, y, eps, candidates):
+        robust = candidates.clone()
+        robust[list(self.broken.get(eps, []))] = False
+        return AttackOutcome(x.clone(), robust)
+
+
+def test_square_probe_moves_to_an_eps_with_enough_survivors(tiny, data, tmp_path):
+    """The sweep says: nothing broken at 4/100 and 6/100, all but one point broken at 9/100. On one
+    survivor the Square probe cannot fail; at 6/100, where the sweep's claim is false, it must."""
+    x, y = data
+    with torch.no_grad():
+        correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
+    attack = Lying("lying", {EPS[-1]: correct[1:]})
+    result = sweep(tiny, x, y, [attack], EPS, store_for(tmp_path, len(y)), batch_size=200)
+    square = check(result, "square-probe")
+    assert not square.passed and "at 3/50" in square.detail, square.detail
+    assert probe_eps(result.store.flags, EPS, 1) == EPS[-1]  # the old choice: the largest with a survivor
+    assert probe_eps(result.store.flags, EPS, 20) == Fraction(6, 100)
+
+
+# --------------------------------------------------------------------------- the wired-up path
+
+def test_cli_line_record_and_report_say_which_number_was_escalated_and_by_how_much(run_dir, data_dir, tmp_path):
+    """`harness eval` (the README main job's command) on a run whose PGD-20 cannot converge (step 0.001):
+    the --quiet line names the escalated number, evaluation.json keeps both, the report shows it."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    run = shutil.copytree(run_dir, tmp_path / "results" / run_dir.name, ignore=shutil.ignore_patterns("eval"))
+    args = ["eval", str(run), "--attack", "pgd-20", "--n", "64", "--eps", "0,4/255,8/255", "--pgd-step", "0.001",
+            "--data-dir", str(data_dir)]
+    out = CliRunner().invoke(main, args + ["--quiet"])
+    assert out.exit_code == 0, out.output
+    (line,) = out.output.strip().splitlines()
+    (path,) = run.glob("eval/last-*/evaluation.json")
+    record = json.loads(path.read_text())
+    first = record["escalations"][0]
+    assert f"escalated worst-case@8/255 {first['before']:.2f}% -> {first['after']:.2f}%" in line, line
+    assert first["after"] < first["before"]
+    assert record["config"]["masking_probes"]["escalation"] == {"rounds": [[100, 2], [100, 4]]}
+    pgd = next(r for r in record["results"] if r["attack"] == "pgd-20" and r["eps"] == "8/255")
+    worst = next(r for r in record["results"] if r["attack"] == "worst-case" and r["eps"] == "8/255")
+    assert pgd["robust_accuracy"] == pytest.approx(first["before"]) and worst["robust_accuracy"] == first["after"]
+    shown = CliRunner().invoke(main, args)  # already evaluated: the full summary says it too
+    assert shown.exit_code == 0 and "escalated worst-case@8/255" in shown.output and ESCALATED in shown.output
+    report = CliRunner().invoke(main, ["report", "--results", str(run.parent), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    assert f"escalated worst-case@8/255 {first['before']:.2f} → {first['after']:.2f}" in (
+        tmp_path / "report" / "report.html").read_text()
