@@ -54,30 +54,25 @@ class Escalated:
     """What the escalation at one eps ran and found (flags over all n points)."""
 
     eps: Fraction
-    robust: torch.Tensor  # (n,) bool: the worst case at eps after every round
+    robust: torch.Tensor  # (n,) bool: what the rounds left robust at eps
     x_adv: torch.Tensor  # adversarial examples of the points the rounds broke
     before: float  # worst-case robust accuracy (%) at eps from the sweep
-    after: float
-    rounds: tuple[dict, ...]  # attack, steps, restarts, attacked, broken, broken_percent
+    rounds: tuple[dict, ...]  # attack, steps, restarts, seed, attacked, broken, broken_percent
     converged: bool
     passes_per_point: int
     seconds: float  # wall time of the rounds
 
-    def record(self, verified: dict) -> dict:
+    def record(self, after: float, verified: dict) -> dict:
+        """`after`: the reported worst case at eps once every escalation counted (nested balls)."""
         return {"eps": fraction_str(self.eps), "escalated": "worst-case", "instead_of": "pgd-20",
-                "before": self.before, "after": self.after, "drop": self.before - self.after,
+                "before": self.before, "after": after, "drop": self.before - after,
                 "rounds": list(self.rounds), "converged": self.converged,
                 "budget_passes_per_point": self.passes_per_point, "seconds": self.seconds, "verified": verified}
 
-    def rounds_text(self) -> str:
-        return (", ".join(f"{r['attack']} broke {r['broken']} of {r['attacked']}" for r in self.rounds)
-                + f" ({'converged' if self.converged else 'budget spent, still falling'}): "
-                + f"worst-case@{fraction_str(self.eps)} {self.before:.2f}% -> {self.after:.2f}%")
-
-    def summary(self) -> str:
-        """'worst-case@1/5 14.20% -> 12.00% (pgd-100, pgd-100x2; converged)' for the CLI and checks."""
-        names = ", ".join(r["attack"] for r in self.rounds)
-        return (f"worst-case@{fraction_str(self.eps)} {self.before:.2f}% -> {self.after:.2f}% ({names}; "
+    def summary(self, after: float) -> str:
+        """'worst-case@1/5 14.20% -> 12.00% (pgd-100 broke 9 of 71, pgd-100x2 broke 1 of 62; converged)'."""
+        rounds = ", ".join(f"{r['attack']} broke {r['broken']} of {r['attacked']}" for r in self.rounds)
+        return (f"worst-case@{fraction_str(self.eps)} {self.before:.2f}% -> {after:.2f}% ({rounds}; "
                 + ("converged" if self.converged else "budget spent, still falling") + ")")
 
 
@@ -121,7 +116,7 @@ def escalate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, 
             converged = True
             break
     synchronize(x.device)
-    return Escalated(eps, robust, x_adv, _percent(standing), _percent(robust), tuple(rounds), converged,
+    return Escalated(eps, robust, x_adv, percent(standing.cpu().numpy()), tuple(rounds), converged,
                      budget.passes_per_point(probe), time.perf_counter() - t0)
 
 
@@ -140,7 +135,3 @@ def _round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, at
         x_adv[from_probe] = probed[1].x_adv[from_probe]
         broken |= from_probe
     return broken
-
-
-def _percent(flags: torch.Tensor) -> float:
-    return percent(flags.cpu().numpy())  # as the record's rows compute it

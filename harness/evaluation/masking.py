@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 from harness.config import fraction_str
-from harness.evaluation.attacks import AttackOutcome, EvalAttack, PGDAttack, QuickSquare, predict_correct
+from harness.evaluation.attacks import (AttackOutcome, EvalAttack, PGDAttack, QuickSquare, predict_correct,
+                                       step_size)
 from harness.evaluation.checks import PROBE_SIZE, Check, Skipped, Thresholds, ce_gradients_not_vanishing
 from harness.evaluation.escalation import EscalationBudget, Escalated, escalate, escalated_worst_case
-from harness.evaluation.flags import WORST_CASE, cell_key
+from harness.evaluation.flags import WORST_CASE, cell_key, percent
 from harness.pgd import input_gradient
 
 
@@ -162,7 +163,7 @@ def masking_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: di
                                 for name in planned_probes(attacks)])
     checks, escalations = [], []
     if isinstance(pgd20, PGDAttack):
-        step_check, escalations = step_count_probes(model, x, y, flags, eps_list, eps, pgd20, budget, t)
+        step_check, escalations = step_count_probes(model, x, y, flags, eps_list, eps, pgd20, budget, t, nested)
         checks.append(step_check)
     worst = escalated_worst_case(flags, eps_list, escalations, nested)
     standing = Standing.of(torch.from_numpy(worst[eps]).to(x.device), eps, budget.subset)
@@ -172,7 +173,10 @@ def masking_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: di
         checks.append(_verdict("pgd20-cw-gap", *standing.attack(model, x, y, cw)[:2], cw.name, standing,
                                t.pgd_cw_gap, t, "the CW margin breaks what cross-entropy PGD cannot "
                                                 "(saturated softmax?)"))
-    checks.append(gradient_ascends(model, x[:PROBE_SIZE], y[:PROBE_SIZE], eps, budget, _seed(attacks), t))
+    attack_step = float(step_size(pgd20.step if isinstance(pgd20, PGDAttack) else "eps/4",
+                                  torch.tensor([float(eps)]))[0])
+    checks.append(gradient_ascends(model, x[:PROBE_SIZE], y[:PROBE_SIZE], eps, attack_step, budget,
+                                   _seed(attacks), t))
     skipped = [] if pgd20 is not None else [Skipped(name, "needs PGD-20 to compare with", ("pgd-20",))
                                             for name in ("more-steps", "pgd20-cw-gap")]
     return ProbeResult(checks, skipped, escalations)
@@ -204,38 +208,42 @@ def square_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, standing: S
 
 def step_count_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: dict[str, np.ndarray],
                       eps_list: list[Fraction], top: Fraction, pgd20: PGDAttack, budget: ProbeBudget,
-                      t: Thresholds) -> tuple[Check, list[Escalated]]:
+                      t: Thresholds, nested: bool) -> tuple[Check, list[Escalated]]:
     """PGD-100 from PGD-20's start on a subset at the probe eps; where it still breaks too many,
     escalate there (or fail, without an escalation budget) and probe the next smaller eps too, down
     the sweep until the probe passes (what did not converge at one eps may not have at the next)."""
     probe = replace(pgd20, name=f"pgd-{budget.more_steps}", steps=budget.more_steps)
-    parts, escalations = [], []
+    measured, escalations = [], []
     for eps in sorted((e for e in eps_list if 0 < e <= top), reverse=True):
         standing = Standing.of(torch.from_numpy(flags[cell_key(WORST_CASE, eps)]).to(x.device), eps, budget.subset)
         k, estimate, outcome = standing.attack(model, x, y, probe)
-        parts.append(_measured(probe.name, k, estimate, standing.where(), t.more_steps_drop))
+        measured.append(_measured(probe.name, k, estimate, standing.where(), t.more_steps_drop))
         if estimate <= t.more_steps_drop or k < t.probe_min_points:
             break
         if budget.escalation is None:
-            return Check("more-steps", False, parts[-1] + ": robust accuracy still falls with more steps: PGD-20 has "
-                                                          "not converged (step too small, or a hard landscape); "
-                                                          "evaluate with more steps or AutoAttack"), []
-        escalated = escalate(model, x, y, eps, standing.robust, probe, (standing.subset, outcome),
-                             budget.escalation, t)
-        escalations.append(escalated)
-        parts[-1] += f": PGD-20 had not converged, escalated on every point still robust: {escalated.rounds_text()}"
+            return Check("more-steps", False, measured[-1] + ": robust accuracy still falls with more steps: PGD-20 "
+                                                             "has not converged (step too small, or a hard landscape); "
+                                                             "evaluate with more steps or AutoAttack"), []
+        escalations.append(escalate(model, x, y, eps, standing.robust, probe, (standing.subset, outcome),
+                                    budget.escalation, t))
+    worst = escalated_worst_case(flags, eps_list, escalations, nested)
+    parts = [text + (f": PGD-20 had not converged, escalated on every point still robust: "
+                     f"{e.summary(percent(worst[e.eps]))}" if e is not None else "")
+             for text, e in zip(measured, escalations + [None])]
     converged = all(e.converged for e in escalations)
     tail = "" if converged else (f"; a last round still broke more than {t.more_steps_drop:g}% of n: the escalated "
                                  f"number is an upper bound, evaluate with AutoAttack")
     return Check("more-steps", converged, " | ".join(parts) + tail), escalations
 
 
-def gradient_ascends(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, budget: ProbeBudget,
-                     seed: int, t: Thresholds) -> Check:
+def gradient_ascends(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, attack_step: float,
+                     budget: ProbeBudget, seed: int, t: Thresholds) -> Check:
     """A backward pass that lies (noise, zero, the negated gradient, a quantised or shattered forward)
     misleads every gradient attack alike, so PGD cannot reveal it; the loss itself can. From a seeded
-    random start in the probe ball (where PGD works), one signed step of a quarter grid step along the
-    model's own margin-loss input gradient must raise that loss on most clean-correct points."""
+    random start in the probe ball (where PGD works), one signed step along the model's own
+    margin-loss input gradient must raise that loss on most clean-correct points, at two scales: a
+    quarter grid step (first order; a quantised input does not move) and PGD's own step (a shattered
+    gradient describes the function only far below that scale)."""
     correct = predict_correct(model, x, y, len(y))
     xs, ys = x[correct], y[correct]
     if len(ys) == 0:
@@ -244,14 +252,20 @@ def gradient_ascends(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fr
     noise = torch.rand(xs.shape, generator=gen, device=x.device, dtype=xs.dtype) * 2 - 1
     start = (xs + noise * float(eps)).clamp(0, 1)
     before, _, grad = input_gradient(model, start, ys, margin)
-    with torch.no_grad():
-        after = margin(model((start + grad.sign() / (4 * budget.data_grid)).clamp(0, 1)), ys)
-    rises = float((after > before).float().mean())
-    ok = rises >= t.gradient_ascent_fraction
+    rises = {}
+    for name, h in ((f"1/{4 * budget.data_grid}", 1 / (4 * budget.data_grid)), (f"{attack_step:.3g}, PGD's", attack_step)):
+        moved = (start + h * grad.sign()).clamp(0, 1)
+        with torch.no_grad():
+            after = margin(model(moved), ys)
+        predicted = (grad * (moved - start)).flatten(1).sum(1)  # first order: what the gradient promises
+        ratio = torch.where(predicted > 0, (after - before) / predicted.clamp_min(1e-30), torch.zeros_like(predicted))
+        rises[name] = float(ratio.median())
+    ok = min(rises.values()) >= t.gradient_ascent_fraction
     return Check("gradient-ascends-loss", ok,
-                 f"a step of 1/{4 * budget.data_grid} along the input gradient raises the margin loss on "
-                 f"{rises:.1%} of {len(ys)} clean-correct probe points (from a random start at "
-                 f"{fraction_str(eps)}; limit {t.gradient_ascent_fraction:.0%})"
+                 "a step along the input gradient raises the margin loss by a median "
+                 + " and ".join(f"{r:.0%} (step {name})" for name, r in rises.items())
+                 + f" of what the gradient predicts, over {len(ys)} clean-correct probe points (from a random "
+                   f"start at {fraction_str(eps)}; limit {t.gradient_ascent_fraction:.0%})"
                  + ("" if ok else ": the backward pass does not describe the forward one (noise, zero or "
                                   "negated gradients, quantised or shattered inputs); gradient attacks are "
                                   "misled, trust only black-box and AutoAttack numbers"))

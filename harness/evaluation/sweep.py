@@ -78,7 +78,8 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Eval
             model, x, y, store.flags, attacks, eps_list, probes, thresholds, nested))
         record_escalations(model, x, y, store, masking.escalations, eps_list, nested)
         for escalated in masking.escalations:
-            say(f"escalated {escalated.summary()}  ({escalated.seconds:.1f}s)")
+            say(f"escalated {escalated.summary(store.accuracy(WORST_CASE, escalated.eps))}  "
+                f"({escalated.seconds:.1f}s)")
         checks, skipped = result_checks(store.flags, names, eps_list, store.record["results"], thresholds,
                                         also_verified=(ESCALATED,))
     all_checks = probe + gradient + checks + masking.checks
@@ -110,19 +111,18 @@ def record_escalations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, store
     holds what each escalation left robust, and `escalations` says what ran."""
     if not escalations:
         return
-    records = []
+    verified = {}
     for escalated in escalations:
         standing = torch.from_numpy(store.flags[cell_key(WORST_CASE, escalated.eps)]).to(x.device)
         row = store.add_cell(ESCALATED, escalated.eps, escalated.robust.cpu().numpy(), escalated.seconds)
-        row["verified"] = verify(model, x, y, escalated.eps, AttackOutcome(escalated.x_adv, escalated.robust),
-                                 standing)
-        records.append(escalated.record(row["verified"]))
+        row["verified"] = verified[escalated.eps] = verify(
+            model, x, y, escalated.eps, AttackOutcome(escalated.x_adv, escalated.robust), standing)
     worst = escalated_worst_case(store.flags, eps_list, escalations, nested)
     for row in [r for r in store.record["results"] if r["attack"] == WORST_CASE]:
         eps = Fraction(row["eps"])
         extra = sum(e.seconds for e in escalations if e.eps == eps)
         store.add_cell(WORST_CASE, eps, worst[eps], row["seconds"] + extra)
-    store.record["escalations"] = records
+    store.record["escalations"] = [e.record(percent(worst[e.eps]), verified[e.eps]) for e in escalations]
 
 
 def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction | float, outcome: AttackOutcome,
