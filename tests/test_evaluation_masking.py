@@ -13,7 +13,7 @@ from torch import nn
 
 from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, AutoAttackEval, EvalAttack
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
-from harness.evaluation.masking import ProbeBudget
+from harness.evaluation.masking import ProbeBudget, off_grid
 from harness.evaluation.nesting import raw_key
 from harness.evaluation.sweep import sweep
 from evaluation_helpers import ScaledLogits, Shattered, store_for, template_data, train_tiny, train_tiny_at
@@ -126,7 +126,7 @@ def test_probe_cost_is_bounded_by_the_subset(tiny, data, tmp_path, monkeypatch):
     x, y = data
     sweep(Shattered(tiny), x, y, attacks("pgd-20"), EPS, store_for(tmp_path, len(y)), batch_size=200,
           probes=ProbeBudget(subset=17))
-    assert seen == [(17, EPS[-1])]
+    assert seen == [(17, off_grid(EPS[-1], 255))]  # Square queries off the data's 1/255 grid
 
 
 # --------------------------------------------------------------------------- nested balls, eps 0
@@ -256,7 +256,7 @@ def test_step_count_probe_starts_each_point_where_pgd20_started(tiny, data, tmp_
     def spy(model, x, y, eps, *, steps, delta_init, **kwargs):
         for point, delta, e in zip(x, delta_init, eps):
             if steps in starts and float(e) > 0:
-                starts[steps][point.numpy().tobytes()] = delta / e
+                starts[steps].setdefault(point.numpy().tobytes(), delta / e)  # escalation rounds restart
         return original(model, x, y, eps, steps=steps, delta_init=delta_init, **kwargs)
 
     monkeypatch.setattr(attacks_module, "pgd_until_fooled", spy)
