@@ -23,8 +23,9 @@ The probe eps is the largest of the sweep at which the sweep's worst case still 
 `min_standing` points robust (the most room to find what the attacks missed, and enough points for a
 probe to reach its limit; if no eps leaves that many, the one leaving most); the subset is the first
 `subset` of those points. A subset probe reports the % of all n points it breaks beyond the sweep,
-extrapolated from the subset, and fails above its threshold (and only on at least `probe_min_points`
-points, so one lucky point is not a verdict).
+extrapolated from the subset. `more-steps` escalates above its threshold; `square-probe` and
+`pgd20-cw-gap` fail only when the 95% lower confidence bound of that share exceeds theirs (and on at
+least `probe_min_points` points), so a few lucky points on a 100-point subset are not a verdict.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
 from harness.config import fraction_str
@@ -130,6 +132,15 @@ class Standing:
         return (f"at {fraction_str(self.eps)} on {int(self.subset.sum())} of the {int(self.robust.sum())} "
                 f"points the sweep left robust")
 
+    def lower_bound(self, k: int) -> float:
+        """95% lower confidence bound of the % of all n points a probe breaking k of the subset would
+        break on every survivor (exact binomial, so small k on a small subset is not a verdict)."""
+        size = int(self.subset.sum())
+        if k == 0 or size == 0:
+            return 0.0
+        low = binomtest(k, size).proportion_ci(0.95, method="exact").low
+        return 100.0 * low * int(self.robust.sum()) / len(self.robust)
+
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: EvalAttack,
                eps: Fraction | None = None) -> tuple[int, float, AttackOutcome]:
         """(points broken, % of all n extrapolated from the subset, outcome). All n points are passed
@@ -184,9 +195,13 @@ def masking_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: di
 
 def _verdict(name: str, k: int, estimate: float, attack: str, standing: Standing, limit: float, t: Thresholds,
              meaning: str, where: str | None = None) -> Check:
-    ok = estimate <= limit or k < t.probe_min_points
-    return Check(name, ok, _measured(attack, k, estimate, where or standing.where(), limit)
-                 + ("" if ok else f": {meaning}"))
+    """A FAILED is a verdict of masking, so it needs evidence beyond the sampling noise of a 100-point
+    subset: the 95% lower confidence bound (Clopper-Pearson) of the % of n broken must exceed the limit.
+    An honest model at 0.5% lets an extra attack break 2 of 100 survivors by luck; a masked one, tens."""
+    lower = standing.lower_bound(k)
+    ok = lower <= limit or k < t.probe_min_points
+    return Check(name, ok, _measured(attack, k, estimate, where or standing.where(), limit)[:-1]
+                 + f", 95% lower bound {lower:.2f}%)" + ("" if ok else f": {meaning}"))
 
 
 def _measured(attack: str, k: int, estimate: float, where: str, limit: float) -> str:
