@@ -228,3 +228,19 @@ def test_cli_line_record_and_report_say_which_number_was_escalated_and_by_how_mu
     assert report.exit_code == 0, report.output
     assert f"escalated worst-case@8/255 {first['before']:.2f} → {first['after']:.2f}" in (
         tmp_path / "report" / "report.html").read_text()
+
+
+def test_a_probe_fails_only_beyond_its_sampling_noise():
+    """145 of 500 points left robust, 100 probed: 2 broken by luck (≈0.58% of n, above the 0.5% limit)
+    is within the noise of a 100-point subset; 10 broken is not (an honest model's Square false alarm
+    on the README main job was the former)."""
+    from harness.evaluation.checks import Thresholds
+    from harness.evaluation.masking import Standing, _verdict
+
+    robust = torch.zeros(500, dtype=torch.bool)
+    robust[:145] = True
+    standing = Standing.of(robust, Fraction(1, 5), 100)
+    lucky = _verdict("square-probe", 2, 0.58, "square", standing, 0.5, Thresholds(), "masking")
+    masked = _verdict("square-probe", 10, 2.9, "square", standing, 0.5, Thresholds(), "masking")
+    assert lucky.passed and "95% lower bound 0.07%" in lucky.detail, lucky.detail
+    assert not masked.passed and "masking" in masked.detail, masked.detail
