@@ -75,6 +75,7 @@ def test_unconverged_pgd20_is_escalated_on_every_point_still_robust_and_reported
     flags = load_flags(tmp_path)
     sweep_robust = flags[cell_key("pgd-20", EPS[-1])]
     assert first["rounds"][0]["attacked"] == int(sweep_robust.sum()) > 10  # every point still robust
+    assert first["rounds"][0]["broken"] > 10  # PGD-100 broke more than the probe's 10 points could
     assert first["before"] == pytest.approx(100 * sweep_robust.mean())
     worst = flags[cell_key(WORST_CASE, EPS[-1])]  # what every escalation at this eps or below left robust
     escalated = [flags[cell_key(ESCALATED, Fraction(e["eps"]))] for e in record["escalations"]]
@@ -96,6 +97,10 @@ def test_escalation_walks_down_the_sweep_and_keeps_the_worst_case_monotone(robus
     assert escalated == ["9/100", "3/50"]
     last = check(result, "more-steps").detail.split(" | ")[-1]
     assert last.startswith("pgd-100 breaks") and " at 1/25 " in last and "not converged" not in last, last
+    flags = result.store.flags
+    top, below = (flags[cell_key(ESCALATED, e)] for e in (EPS[-1], EPS[-2]))
+    sweep_top = flags[cell_key("pgd-20", EPS[-1])]
+    assert np.array_equal(flags[cell_key(WORST_CASE, EPS[-1])], sweep_top & top & below)  # nested balls
     worst = [result.store.accuracy(WORST_CASE, e) for e in EPS]
     assert all(a >= b for a, b in zip(worst, worst[1:])), worst
     pgd = [result.store.accuracy("pgd-20", e) for e in EPS]
@@ -244,3 +249,20 @@ def test_a_probe_fails_only_beyond_its_sampling_noise():
     masked = _verdict("square-probe", 10, 2.9, "square", standing, 0.5, Thresholds(), "masking")
     assert lucky.passed and "95% lower bound 0.07%" in lucky.detail, lucky.detail
     assert not masked.passed and "masking" in masked.detail, masked.detail
+
+
+def test_an_escalation_counts_at_every_larger_eps_with_nested_balls():
+    """A point the escalation at 3/50 broke is broken at 9/100 too (the larger ball contains the
+    example), even where the escalation at 9/100 missed it; without nesting it counts only at 3/50."""
+    from harness.evaluation.escalation import Escalated, escalated_worst_case
+
+    flags = {cell_key(WORST_CASE, e): np.ones(4, dtype=bool) for e in EPS}
+
+    def escalated(eps, robust):
+        return Escalated(eps, torch.tensor(robust), torch.zeros(4), 100.0, (), True, 0, 0.0)
+
+    runs = [escalated(EPS[-1], [False, True, True, True]), escalated(EPS[-2], [True, False, True, True])]
+    nested = escalated_worst_case(flags, EPS, runs, nested=True)
+    assert nested[EPS[-1]].tolist() == [False, False, True, True] and nested[EPS[1]].all()
+    flat = escalated_worst_case(flags, EPS, runs, nested=False)
+    assert flat[EPS[-1]].tolist() == [False, True, True, True] and flat[EPS[-2]].tolist() == [True, False, True, True]
