@@ -231,8 +231,9 @@ def test_cli_line_record_and_report_say_which_number_was_escalated_and_by_how_mu
     assert shown.exit_code == 0 and "escalated worst-case@8/255" in shown.output and ESCALATED in shown.output
     report = CliRunner().invoke(main, ["report", "--results", str(run.parent), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
-    assert f"escalated worst-case@8/255 {first['before']:.2f} → {first['after']:.2f}" in (
-        tmp_path / "report" / "report.html").read_text()
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert f"escalated worst-case@8/255 {first['before']:.2f} → {first['after']:.2f}" in html
+    assert "skipped evaluation" not in html and "does not match" not in html  # flags vouch for the escalated cell
 
 
 def test_a_probe_fails_only_beyond_its_sampling_noise():
