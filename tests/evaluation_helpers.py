@@ -176,3 +176,20 @@ class OffGridMasked(nn.Module):
         nearest = torch.cdist(flat.detach(), self.memory_x, p=float("inf")).argmin(1)
         bonus = 30.0 * F.one_hot(self.memory_y[nearest], logits.shape[1]).to(logits.dtype)
         return logits + bonus * grid_points[:, None].to(logits.dtype)
+
+
+class ConstantWhereWrong(nn.Module):
+    """The honest model, but constant (gradient exactly zero) wherever it misclassifies (the label of
+    the nearest stored point): a small CNN's dead-ReLU region, harmless to robust accuracy."""
+
+    def __init__(self, inner: nn.Module, memory_x: torch.Tensor, memory_y: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("memory_x", memory_x.flatten(1))
+        self.register_buffer("memory_y", memory_y)
+
+    def forward(self, x):
+        logits = self.inner(x)
+        nearest = torch.cdist(x.flatten(1).detach(), self.memory_x, p=float("inf")).argmin(1)
+        wrong = logits.detach().argmax(1) != self.memory_y[nearest]
+        return torch.where(wrong[:, None], logits.detach(), logits)

@@ -18,7 +18,7 @@ from harness.evaluation.escalation import ESCALATED, EscalationBudget
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
 from harness.evaluation.masking import ProbeBudget, off_grid, probe_eps
 from harness.evaluation.sweep import sweep
-from evaluation_helpers import (LyingBackward, OffGridMasked, Quantised, Randomised, ScaledLogits, Shattered,
+from evaluation_helpers import (ConstantWhereWrong, LyingBackward, OffGridMasked, Quantised, Randomised, ScaledLogits, Shattered,
                                 on_grid, store_for, template_data, train_tiny, train_tiny_at)
 
 EPS = [Fraction(0), Fraction(4, 100), Fraction(6, 100), Fraction(9, 100)]
@@ -267,3 +267,17 @@ def test_an_escalation_counts_at_every_larger_eps_with_nested_balls():
     assert nested[EPS[-1]].tolist() == [False, False, True, True] and nested[EPS[1]].all()
     flat = escalated_worst_case(flags, EPS, runs, nested=False)
     assert flat[EPS[-1]].tolist() == [False, True, True, True] and flat[EPS[-2]].tolist() == [True, False, True, True]
+
+
+def test_zero_gradients_on_misclassified_points_are_no_alarm(tiny, data):
+    """Free-AT seed 2 of the README main job: 7 of 256 probe points had an all-zero input gradient, all
+    misclassified (a constant-output region). Only clean-correct points can hide robustness."""
+    from harness.evaluation.checks import Thresholds, nonzero_input_gradients
+
+    x, y = data[0], data[1].clone()
+    y[:40] = (y[:40] + 1) % 10  # mislabelled: the tiny model misclassifies these 40 of 160
+    model = ConstantWhereWrong(tiny, x, y)
+    with torch.no_grad():
+        assert (model(x).argmax(1) != y).float().mean() > 0.05  # many points have a zero gradient...
+    assert nonzero_input_gradients(model, x, y, Thresholds()).passed  # ...none of them correct
+    assert not nonzero_input_gradients(LyingBackward(tiny, "zero"), x, y, Thresholds()).passed

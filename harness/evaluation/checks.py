@@ -109,16 +109,21 @@ def deterministic(model: nn.Module, x: torch.Tensor, t: Thresholds) -> Check:
 
 
 def nonzero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds) -> Check:
-    """On the CW margin (CE underflows to an exact zero gradient on very confident points)."""
+    """On the CW margin (CE underflows to an exact zero gradient on very confident points), at the
+    clean-correct probe points: only there can a blind attack leave a robust number too high (a
+    misclassified point in a dead-ReLU region, constant output, is broken at eps 0 already)."""
     xg = x.detach().clone().requires_grad_(True)
-    loss = cw_margin_loss(1e6)(model(xg), y).sum()  # kappa large: the clamp never cuts the gradient
+    logits = model(xg)
+    loss = cw_margin_loss(1e6)(logits, y).sum()  # kappa large: the clamp never cuts the gradient
     (grad,) = torch.autograd.grad(loss, xg)
+    correct = logits.detach().argmax(1) == y
     per_point = grad.flatten(1).abs().sum(1)
-    zero = float((per_point == 0).float().mean())
+    zero = float((per_point[correct] == 0).float().mean()) if bool(correct.any()) else 0.0
     nan = int((~torch.isfinite(per_point)).sum())
     ok = zero <= t.zero_gradient_fraction and nan == 0
     return Check("nonzero-input-gradients", ok,
-                 f"{zero:.1%} of {len(per_point)} probe points have an all-zero input gradient, {nan} non-finite"
+                 f"{zero:.1%} of {int(correct.sum())} clean-correct probe points have an all-zero input gradient, "
+                 f"{nan} non-finite"
                  + ("" if ok else "; gradient-based attacks are blind here (masking): trust only black-box "
                                   "and AutoAttack numbers, or fix the model"))
 
