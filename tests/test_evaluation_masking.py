@@ -13,10 +13,10 @@ from torch import nn
 
 from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, AutoAttackEval, EvalAttack
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
-from harness.evaluation.masking import ProbeBudget
+from harness.evaluation.masking import ProbeBudget, off_grid
 from harness.evaluation.nesting import raw_key
 from harness.evaluation.sweep import sweep
-from evaluation_helpers import ScaledLogits, Shattered, store_for, template_data, train_tiny
+from evaluation_helpers import ScaledLogits, Shattered, store_for, template_data, train_tiny, train_tiny_at
 
 EPS = [Fraction(0), Fraction(4, 100), Fraction(6, 100), Fraction(9, 100)]
 
@@ -45,11 +45,22 @@ def pgd20_sweep(model, data, tmp_path, **options):
                  rerun=lambda names: "harness eval T " + " ".join(f"-a {n}" for n in names))
 
 
-def test_honest_model_passes_every_check_with_pgd20_alone(tiny, data, tmp_path):
-    result = pgd20_sweep(tiny, data, tmp_path)
+@pytest.fixture(scope="module")
+def robust_tiny():
+    return train_tiny_at()
+
+
+@pytest.fixture(scope="module")
+def data400():
+    return template_data(400, seed=3)
+
+
+def test_honest_model_passes_every_check_with_pgd20_alone(robust_tiny, data400, tmp_path):
+    result = pgd20_sweep(robust_tiny, data400, tmp_path)
     assert failed(result) == set()
     ran = {c.name for c in result.checks}
-    assert {"ce-gradients-not-vanishing", "square-probe", "more-steps", "pgd20-cw-gap"} <= ran
+    assert {"ce-gradients-not-vanishing", "square-probe", "more-steps", "pgd20-cw-gap",
+            "gradient-ascends-loss"} <= ran
     skipped = {s["name"]: s for s in result.skipped}
     assert skipped["pgd20-autoattack-gap"]["command"] == "harness eval T -a pgd-20 -a autoattack-standard"
     assert read_evaluation(tmp_path / "evaluation.json")["checks_skipped"] == result.skipped
@@ -76,10 +87,18 @@ def test_probes_off_leaves_masking_unflagged(tiny, data, tmp_path):
     assert failed(result) == set()
 
 
-def test_pgd20_that_has_not_converged_is_flagged(tiny, data, tmp_path):
+def test_pgd20_that_has_not_converged_is_flagged_without_an_escalation_budget(tiny, data, tmp_path):
     """An absolute step far below eps/4 (the TRADES scripts' 0.003 at a large eps) stops short."""
-    result = pgd20_sweep(tiny, data, tmp_path, pgd_step="0.001")
-    assert "more-steps" in failed(result)
+    x, y = data
+    result = sweep(tiny, x, y, attacks("pgd-20", pgd_step="0.001"), EPS, store_for(tmp_path, len(y)),
+                   batch_size=200, probes=ProbeBudget(escalation=None))
+    assert "more-steps" in failed(result) and "escalations" not in result.store.record
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_honest_model_raises_no_alarm_under_any_attack_seed(robust_tiny, data400, tmp_path, seed):
+    """Every probe draws its randomness from the attack seed: none may fail an honest model by luck."""
+    assert failed(pgd20_sweep(robust_tiny, data400, tmp_path, seed=seed)) == set()
 
 
 @pytest.mark.parametrize("wrapper, expected", [(ScaledLogits, {"pgd20-autoattack-gap", "pgd20-cw-gap"}),
@@ -107,7 +126,7 @@ def test_probe_cost_is_bounded_by_the_subset(tiny, data, tmp_path, monkeypatch):
     x, y = data
     sweep(Shattered(tiny), x, y, attacks("pgd-20"), EPS, store_for(tmp_path, len(y)), batch_size=200,
           probes=ProbeBudget(subset=17))
-    assert seen == [(17, EPS[-1])]
+    assert seen == [(17, off_grid(EPS[-1], 255))]  # Square queries off the data's 1/255 grid
 
 
 # --------------------------------------------------------------------------- nested balls, eps 0
@@ -237,7 +256,7 @@ def test_step_count_probe_starts_each_point_where_pgd20_started(tiny, data, tmp_
     def spy(model, x, y, eps, *, steps, delta_init, **kwargs):
         for point, delta, e in zip(x, delta_init, eps):
             if steps in starts and float(e) > 0:
-                starts[steps][point.numpy().tobytes()] = delta / e
+                starts[steps].setdefault(point.numpy().tobytes(), delta / e)  # escalation rounds restart
         return original(model, x, y, eps, steps=steps, delta_init=delta_init, **kwargs)
 
     monkeypatch.setattr(attacks_module, "pgd_until_fooled", spy)

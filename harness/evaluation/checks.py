@@ -30,6 +30,7 @@ from harness.evaluation.flags import cell_key, percent
 from harness.evaluation.nesting import raw_key
 
 WHITE_BOX = ("pgd-20", "cw-inf")
+PROBE_SIZE = 256  # points of the model checks' probe batch
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Thresholds:
     square_extra: float = 0.5  # % of points Square breaks that no white-box attack broke
     more_steps_drop: float = 1.0  # % of points PGD-100 breaks that PGD-20 left robust: not converged
     probe_min_points: int = 2  # a subset probe fails only on at least this many points
+    gradient_ascent_fraction: float = 0.75  # a step along the input gradient must raise the loss this often
     zero_gradient_fraction: float = 0.01  # fraction of probe points with an all-zero input gradient
     vanishing_ce_fraction: float = 0.05  # fraction of clean-correct probe points with no CE gradient
     vanishing_gradient: float = 1e-30  # largest |d CE / d x| entry at or below this: vanished
@@ -107,16 +109,21 @@ def deterministic(model: nn.Module, x: torch.Tensor, t: Thresholds) -> Check:
 
 
 def nonzero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds) -> Check:
-    """On the CW margin (CE underflows to an exact zero gradient on very confident points)."""
+    """On the CW margin (CE underflows to an exact zero gradient on very confident points), at the
+    clean-correct probe points: only there can a blind attack leave a robust number too high (a
+    misclassified point in a dead-ReLU region, constant output, is broken at eps 0 already)."""
     xg = x.detach().clone().requires_grad_(True)
-    loss = cw_margin_loss(1e6)(model(xg), y).sum()  # kappa large: the clamp never cuts the gradient
+    logits = model(xg)
+    loss = cw_margin_loss(1e6)(logits, y).sum()  # kappa large: the clamp never cuts the gradient
     (grad,) = torch.autograd.grad(loss, xg)
+    correct = logits.detach().argmax(1) == y
     per_point = grad.flatten(1).abs().sum(1)
-    zero = float((per_point == 0).float().mean())
+    zero = float((per_point[correct] == 0).float().mean()) if bool(correct.any()) else 0.0
     nan = int((~torch.isfinite(per_point)).sum())
     ok = zero <= t.zero_gradient_fraction and nan == 0
     return Check("nonzero-input-gradients", ok,
-                 f"{zero:.1%} of {len(per_point)} probe points have an all-zero input gradient, {nan} non-finite"
+                 f"{zero:.1%} of {int(correct.sum())} clean-correct probe points have an all-zero input gradient, "
+                 f"{nan} non-finite"
                  + ("" if ok else "; gradient-based attacks are blind here (masking): trust only black-box "
                                   "and AutoAttack numbers, or fix the model"))
 
@@ -144,15 +151,17 @@ def ce_gradients_not_vanishing(model: nn.Module, x: torch.Tensor, y: torch.Tenso
 # --------------------------------------------------------------------------- result checks
 
 def result_checks(flags: dict[str, np.ndarray], attacks: list[str], eps_list: list[Fraction],
-                  rows: list[dict], t: Thresholds = Thresholds()) -> tuple[list[Check], list[Skipped]]:
-    """Checks on the flags and result rows of a finished sweep; returns (checks, skipped checks)."""
+                  rows: list[dict], t: Thresholds = Thresholds(), also_verified: tuple[str, ...] = ()
+                  ) -> tuple[list[Check], list[Skipped]]:
+    """Checks on the flags and result rows of a finished sweep; returns (checks, skipped checks).
+    `also_verified`: cells beyond the attacks whose examples are checked too (the escalation's)."""
     checks: list[Check] = []
     skipped: list[Skipped] = []
     eps_sorted = sorted(eps_list)
     positive = [e for e in eps_sorted if e > 0]
 
     checks.append(_monotone(flags, attacks, eps_sorted, t))
-    checks.append(_examples_verified(rows, attacks))
+    checks.append(_examples_verified(rows, attacks + list(also_verified)))
 
     autoattacks = [a for a in attacks if a.startswith("autoattack-")]
     if autoattacks and "pgd-20" in attacks and positive:

@@ -24,12 +24,11 @@ from harness.config import fraction_str
 from harness.environment import synchronize
 from harness.errors import HarnessError
 from harness.evaluation.attacks import AttackOutcome, EvalAttack, eps_tensor, predict_correct
-from harness.evaluation.checks import Check, Skipped, Thresholds, model_checks, result_checks
+from harness.evaluation.checks import PROBE_SIZE, Check, Skipped, Thresholds, model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, percent, worst_case
-from harness.evaluation.masking import ProbeBudget, gradient_check, masking_probes, probes_skipped
+from harness.evaluation.escalation import ESCALATED, Escalated, escalated_worst_case
+from harness.evaluation.masking import ProbeBudget, ProbeResult, gradient_check, masking_probes, probes_skipped
 from harness.evaluation.nesting import nest_balls
-
-PROBE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,16 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Eval
             store.add_cell(WORST_CASE, eps, worst_case(store.flags, names, eps),
                            sum(r["seconds"] for r in store.record["results"]
                                if r["eps"] == fraction_str(eps) and r["attack"] in names))
-        checks, skipped = result_checks(store.flags, names, eps_list, store.record["results"], thresholds)
-        masking, masking_skipped = ([], probes_skipped(attacks)) if probes is None else masking_probes(
-            model, x, y, store.flags, attacks, eps_list, probes, thresholds)
-    all_checks = probe + gradient + checks + masking
-    all_skipped = [s.to_dict(_command(s, names, rerun)) for s in gradient_skipped + skipped + masking_skipped]
+        masking = (ProbeResult([], probes_skipped(attacks)) if probes is None else masking_probes(
+            model, x, y, store.flags, attacks, eps_list, probes, thresholds, nested))
+        record_escalations(model, x, y, store, masking.escalations, eps_list, nested)
+        for escalated in masking.escalations:
+            say(f"escalated {escalated.summary(store.accuracy(WORST_CASE, escalated.eps))}  "
+                f"({escalated.seconds:.1f}s)")
+        checks, skipped = result_checks(store.flags, names, eps_list, store.record["results"], thresholds,
+                                        also_verified=(ESCALATED,))
+    all_checks = probe + gradient + checks + masking.checks
+    all_skipped = [s.to_dict(_command(s, names, rerun)) for s in gradient_skipped + skipped + masking.skipped]
     store.finish([c.to_dict() for c in all_checks], all_skipped)
     return SweepResult(store, all_checks, all_skipped)
 
@@ -98,6 +102,27 @@ def _run_cell(model, x, y, attack: EvalAttack, eps: Fraction, clean: torch.Tenso
     row["verified"] = verify(model, x, y, eps, outcome, clean)
     store.save()
     say(f"{attack.name:<20} eps {fraction_str(eps):>7}  {row['robust_accuracy']:6.2f}%  ({row['seconds']:.1f}s)")
+
+
+def record_escalations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, store: EvaluationStore,
+                       escalations: list[Escalated], eps_list: list[Fraction], nested: bool) -> None:
+    """Each escalated worst case becomes the reported one at its eps (and, with nested balls, at every
+    larger eps); the sweep's cells stay, so the record keeps both numbers, a cell `pgd-escalated@<eps>`
+    holds what each escalation left robust, and `escalations` says what ran."""
+    if not escalations:
+        return
+    verified = {}
+    for escalated in escalations:
+        standing = torch.from_numpy(store.flags[cell_key(WORST_CASE, escalated.eps)]).to(x.device)
+        row = store.add_cell(ESCALATED, escalated.eps, escalated.robust.cpu().numpy(), escalated.seconds)
+        row["verified"] = verified[escalated.eps] = verify(
+            model, x, y, escalated.eps, AttackOutcome(escalated.x_adv, escalated.robust), standing)
+    worst = escalated_worst_case(store.flags, eps_list, escalations, nested)
+    for row in [r for r in store.record["results"] if r["attack"] == WORST_CASE]:
+        eps = Fraction(row["eps"])
+        extra = sum(e.seconds for e in escalations if e.eps == eps)
+        store.add_cell(WORST_CASE, eps, worst[eps], row["seconds"] + extra)
+    store.record["escalations"] = [e.record(percent(worst[e.eps]), verified[e.eps]) for e in escalations]
 
 
 def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction | float, outcome: AttackOutcome,
@@ -129,7 +154,8 @@ def _command(skipped: Skipped, names: list[str], rerun: Callable[[list[str]], st
 def accuracy_table(store: EvaluationStore, attacks: list[str], eps_list: list[Fraction]) -> list[list[str]]:
     """Rows of formatted accuracies: header, one row per attack, worst case last."""
     rows = [["attack"] + [fraction_str(e) for e in eps_list]]
-    for name in attacks + [WORST_CASE]:
+    escalated = [ESCALATED] if any(cell_key(ESCALATED, e) in store.flags for e in eps_list) else []
+    for name in attacks + escalated + [WORST_CASE]:
         rows.append([name] + [f"{percent(store.flags[cell_key(name, e)]):.2f}"
                               if cell_key(name, e) in store.flags else "-" for e in eps_list])
     return rows
