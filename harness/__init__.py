@@ -1,6 +1,6 @@
 """harness: train, attack and report adversarial-training defenses under one protocol.
 
-The library entry points (`harness.train`, `harness.report`, their result types) load on first use,
+The library entry points (`harness.train`, `harness.evaluate`, `harness.report`, their result types) load on first use,
 so `import harness` stays light: no torch, no defenses, until a call needs them. See docs/api.md.
 """
 
@@ -14,9 +14,11 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported when the name is first used). `report` is the
 # harness.report package itself, which is callable (harness.api.report): an import of the package would
 # rebind the name `harness.report` to it anyway.
-__all__ = ["Accuracy", "ReportResult", "RunRecord", "TrainResult", "__version__", "load_run", "report", "train"]
+__all__ = ["Accuracy", "EvaluationResult", "ReportResult", "RunRecord", "TrainResult", "__version__", "evaluate",
+           "load_run", "report", "train"]
 _CALLABLE_PACKAGES = ("report",)
-_LAZY = {name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")}
+_LAZY = {**{name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")},
+         "evaluate": "harness.evaluation.pipeline", "EvaluationResult": "harness.evaluation.pipeline"}
 
 
 def __getattr__(name: str) -> Any:

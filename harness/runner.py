@@ -30,7 +30,7 @@ from harness.defense import DEFENSES, Defense, DefenseContext
 from harness.distributed import World
 from harness.environment import environment, synchronize
 from harness.errors import HarnessError
-from harness.evaluate import clean_and_pgd
+from harness.final_eval import clean_and_pgd
 from harness.models import MODELS, build_model
 from harness import faults
 from harness.integrity import checkpoint_hashes

@@ -8,9 +8,11 @@ import json
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 
 import harness
 from harness import api
@@ -143,7 +145,8 @@ def test_documented_examples_run(data_dir, tmp_path, monkeypatch):
     readme = ROOT / "README.md"
     section = readme.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = _examples(ROOT / "docs" / "api.md") + re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    assert len(blocks) == 3 and all(len([line for line in b.splitlines() if line.strip()]) <= 5 for b in blocks)
+    lines = [len([line for line in b.splitlines() if line.strip()]) for b in blocks]
+    assert len(blocks) == 4 and max(lines[:3]) <= 5 and lines[3] <= 7  # five lines per entry point; the README's all three
     for block in blocks:
         exec(compile(block, "example", "exec"), {})  # noqa: S102  (the documented examples, verbatim)
     assert len(list((tmp_path / "results").glob("*/record.json"))) == 1  # the README's train() skipped it
@@ -193,3 +196,42 @@ def test_the_import_graph_check_sees_each_kind_of_arrow(tmp_path):
         path = tmp_path / "sample.py"
         path.write_text(source + "\n")
         assert any(_reaches_commands(m) for m in _imports(path)) is caught, source
+
+
+# --------------------------------------------------------------------------- harness.evaluate
+
+EVAL = {"attacks": ["pgd-20"], "eps": ["0", "8/255"], "n": 64, "batch_size": 64}
+
+
+def test_evaluate_writes_the_evaluation_harness_eval_writes(run_dir, data_dir):
+    """The same target and options through the library and the CLI: one evaluation directory (the
+    CLI finds the library's and skips it), and the result's numbers are its record's."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    result = harness.evaluate(run_dir, data_dir=data_dir, results=run_dir.parent, **EVAL)
+    record = json.loads((result.directory / "evaluation.json").read_text())
+    assert result.directory.parent == run_dir / "eval" and not result.already_done
+    assert result.clean == record["clean_accuracy"] and result.checks == record["checks"]
+    worst = {r["eps"]: r["robust_accuracy"] for r in record["results"] if r["attack"] == "worst-case"}
+    assert {str(e) if e else "0": a for e, a in result.robust.items()} == worst
+    assert result.flags["worst-case@8/255"].mean() * 100 == pytest.approx(result.robust[Fraction(8, 255)])
+    out = CliRunner().invoke(main, ["eval", str(run_dir), "-a", "pgd-20", "--eps", "0,8/255", "--n", "64",
+                                    "--batch-size", "64", "--data-dir", str(data_dir), "-q"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("already evaluated: ") and str(result.directory) in out.output
+
+
+def test_evaluate_takes_any_module_bound_by_its_weights(trained_model, data_dir, tmp_path):
+    first = harness.evaluate(trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **EVAL)
+    assert first.directory.parent == tmp_path / "external" / f"module-{type(trained_model).__name__}" / "eval"
+    assert 0 <= first.robust[Fraction(8, 255)] <= first.robust[Fraction(0)] == first.clean
+    assert harness.evaluate(trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path,
+                            **EVAL).already_done  # the same weights and config: skipped, not redone
+    with torch.no_grad():
+        next(trained_model.parameters()).add_(0.01)  # other weights: a new evaluation, never the old one
+    other = harness.evaluate(trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **EVAL)
+    assert not other.already_done and other.directory != first.directory
+    with pytest.raises(HarnessError, match="needs dataset"):
+        harness.evaluate(trained_model, results=tmp_path, **EVAL)

@@ -121,7 +121,7 @@ def state_dict_sha256(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes): the weights' identity."""
     h = hashlib.sha256()
     for key, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
