@@ -14,11 +14,24 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported when the name is first used). `report` is the
 # harness.report package itself, which is callable (harness.api.report): an import of the package would
 # rebind the name `harness.report` to it anyway.
-__all__ = ["Accuracy", "EvaluationResult", "ReportResult", "RunRecord", "TrainResult", "__version__", "evaluate",
-           "load_run", "report", "train"]
+__all__ = [
+    "Accuracy",
+    "EvaluationResult",
+    "ReportResult",
+    "RunRecord",
+    "TrainResult",
+    "__version__",
+    "evaluate",
+    "load_run",
+    "report",
+    "train",
+]
 _CALLABLE_PACKAGES = ("report",)
-_LAZY = {**{name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")},
-         "evaluate": "harness.evaluation.pipeline", "EvaluationResult": "harness.evaluation.pipeline"}
+_LAZY = {
+    **{name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")},
+    "evaluate": "harness.evaluation.pipeline",
+    "EvaluationResult": "harness.evaluation.pipeline",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -61,9 +61,19 @@ class RunRecord:
     def from_dict(cls, record: Mapping[str, Any]) -> RunRecord:
         spec = record["spec"]
         final = {label: Accuracy(m["clean"], m["pgd"], m["n"]) for label, m in record["final"].items()}
-        return cls(run_id=record["run_id"], status=record["status"], defense=spec["defense"],
-                   dataset=spec["dataset"], model=spec["model"], preset=spec["preset"], seed=spec["seed"],
-                   eps=str(spec["eps"]), epochs=len(record["epochs"]), final=final, raw=record)
+        return cls(
+            run_id=record["run_id"],
+            status=record["status"],
+            defense=spec["defense"],
+            dataset=spec["dataset"],
+            model=spec["model"],
+            preset=spec["preset"],
+            seed=spec["seed"],
+            eps=str(spec["eps"]),
+            epochs=len(record["epochs"]),
+            final=final,
+            raw=record,
+        )
 
 
 @dataclass(frozen=True)
@@ -143,13 +153,20 @@ def check_run_paths(specs: list[RunSpec], results_dir: Path, data_dir: Path | No
         existing_dir(data_dir, "--data-dir", hint="create it or pass an existing --data-dir")
     linked = [Path(results_dir) / s.run_id for s in specs if (Path(results_dir) / s.run_id).is_symlink()]
     if force and linked:
-        raise HarnessError(f"--force would delete run directory {linked[0]}, a symbolic link to "
-                           f"{linked[0].resolve()}; remove the link (or what it points to) yourself and rerun")
+        raise HarnessError(
+            f"--force would delete run directory {linked[0]}, a symbolic link to "
+            f"{linked[0].resolve()}; remove the link (or what it points to) yourself and rerun"
+        )
     ensure_writable_dir(results_dir, "--results")  # before hours of training, not after
 
 
-def train_specs(specs: list[RunSpec], options: RunOptions, executor: Executor, say: Say = _silent,
-                on_outcome: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
+def train_specs(
+    specs: list[RunSpec],
+    options: RunOptions,
+    executor: Executor,
+    say: Say = _silent,
+    on_outcome: Callable[[Outcome], None] = lambda _: None,
+) -> list[Outcome]:
     """Every spec through `executor` (skip, resume or force as `options` says), then the summary;
     a HarnessError unless every run is complete (a single run's error is that run's)."""
     from harness.executors import execute_all
@@ -159,10 +176,23 @@ def train_specs(specs: list[RunSpec], options: RunOptions, executor: Executor, s
     return execute_all(executor, run_jobs(specs, options), say, noun="run", skipped=skipped, on_outcome=on_outcome)
 
 
-def train(spec: RunSpec | None = None, *, method: str | None = None, dataset: str = "fashion-mnist",
-          preset: str = "quick", seed: int = 0, results: str | Path = "results", data_dir: str | Path | None = None,
-          device: str = "auto", resume: bool = False, force: bool = False, download: bool = True,
-          progress: bool = False, wait: bool = False, **spec_options: Any) -> TrainResult:
+def train(
+    spec: RunSpec | None = None,
+    *,
+    method: str | None = None,
+    dataset: str = "fashion-mnist",
+    preset: str = "quick",
+    seed: int = 0,
+    results: str | Path = "results",
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    force: bool = False,
+    download: bool = True,
+    progress: bool = False,
+    wait: bool = False,
+    **spec_options: Any,
+) -> TrainResult:
     """Train one defense and evaluate it, as `harness run -m METHOD` does, writing the same record.
 
     Give a `RunSpec` (e.g. from `harness.runner.make_spec` or a grid; `dataset`, `preset` and `seed`
@@ -182,8 +212,16 @@ def train(spec: RunSpec | None = None, *, method: str | None = None, dataset: st
     resume_mode(resume, force)  # before anything is created
     results_dir, data = Path(results), (Path(data_dir) if data_dir is not None else None)
     check_run_paths([spec], results_dir, data, force)
-    options = RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data), device=resolve_device(device),
-                         resume=resume, force=force, download=download, progress=progress, wait=wait)
+    options = RunOptions(
+        results_dir=absolute(results_dir),
+        data_dir=absolute(data),
+        device=resolve_device(device),
+        resume=resume,
+        force=force,
+        download=download,
+        progress=progress,
+        wait=wait,
+    )
     train_specs([spec], options, LocalExecutor(), print if progress else _silent)
     return load_run(results_dir / spec.run_id)
 

@@ -16,15 +16,14 @@ import importlib
 import pkgutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from harness.environment import synchronize
-from harness.resources import EpochMeter, contended, other_load
 from harness.registry import Registry
-
+from harness.resources import EpochMeter, contended, other_load
 
 DEFAULT_ROUNDS = 11  # the spread of a ratio needs more than a handful of rounds
 
@@ -65,10 +64,12 @@ class BenchResult:
     def lines(self) -> list[str]:
         out = [f"{self.name}" + (f"  ({self.notes})" if self.notes else "")]
         if self.machine is not None and contended(self.machine):
-            out.append(f"    machine busy: load {self.machine['load_1min']:.1f} on {self.machine['cpus']} CPUs "
-                       f"(other processes ~{other_load(self.machine):.1f} cores"
-                       + (f", {self.machine['other_cores_from']}" if self.machine.get("other_cores_from") else "")
-                       + "); no verdicts")
+            out.append(
+                f"    machine busy: load {self.machine['load_1min']:.1f} on {self.machine['cpus']} CPUs "
+                f"(other processes ~{other_load(self.machine):.1f} cores"
+                + (f", {self.machine['other_cores_from']}" if self.machine.get("other_cores_from") else "")
+                + "); no verdicts"
+            )
         for variant, sec in self.seconds.items():
             out.append(f"    {variant:<40} {sec * 1000:10.1f} ms")
         verdicts = self.verdicts
@@ -121,13 +122,24 @@ class Timings(dict):
         return spread([x / y for x, y in zip(self.rounds[a], self.rounds[b])])
 
 
-def ratio_result(name: str, timings: Timings, pairs: dict[str, tuple[str, str]],
-                 targets: dict[str, float] | None = None, notes: str = "") -> BenchResult:
+def ratio_result(
+    name: str,
+    timings: Timings,
+    pairs: dict[str, tuple[str, str]],
+    targets: dict[str, float] | None = None,
+    notes: str = "",
+) -> BenchResult:
     """A result whose ratios (label -> (variant a, variant b), a / b) are per-round spreads."""
     per_round = {label: timings.ratio(a, b) for label, (a, b) in pairs.items()}
-    return BenchResult(name=name, seconds=dict(timings), ratios={k: mid for k, (mid, _) in per_round.items()},
-                       targets=dict(targets or {}), notes=notes, machine=timings.machine,
-                       spreads={k: s for k, (_, s) in per_round.items()})
+    return BenchResult(
+        name=name,
+        seconds=dict(timings),
+        ratios={k: mid for k, (mid, _) in per_round.items()},
+        targets=dict(targets or {}),
+        notes=notes,
+        machine=timings.machine,
+        spreads={k: s for k, (_, s) in per_round.items()},
+    )
 
 
 def spread(values: list[float]) -> tuple[float, list[float]]:

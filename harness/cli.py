@@ -24,8 +24,11 @@ class HarnessGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; the last completed epoch is checkpointed: rerun the same "
-                       "command with --resume to continue", err=True)
+            click.echo(
+                "error: interrupted; the last completed epoch is checkpointed: rerun the same "
+                "command with --resume to continue",
+                err=True,
+            )
             sys.exit(2)
 
 

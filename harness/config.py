@@ -67,7 +67,7 @@ class Schedule:
         drops = sum(equivalent_epoch >= m * self.epochs for m in self.lr_milestones)
         if self.lr_values:
             return (self.lr, *self.lr_values)[drops]
-        return self.lr * self.lr_decay ** drops
+        return self.lr * self.lr_decay**drops
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ LATER_FIELDS = {"precision": "fp32", "batchnorm": "global", "compile": "none", "
 
 # --------------------------------------------------------------------------- presets
 
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -155,41 +156,50 @@ def register_preset(preset: Preset) -> Preset:
     return preset
 
 
-register_preset(Preset(
-    name="paper",
-    description="the paper's section 5.1: 100 epochs, SGD 0.9, lr 0.1 x0.1 at 75 and 90, batch 128, wd 5e-4",
-    schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
-    data=DataSpec(train_subset=None, val_size=1000),
-    eval=EvalSpec(test_examples=None),
-))
-register_preset(Preset(
-    name="reference",
-    description="each defense with its authors' schedule (`reference_schedule`: epochs, lr, weight decay and what it "
-                "decays) and input convention (raw-input model twin where the authors feed raw pixels)",
-    schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
-    data=DataSpec(train_subset=None, val_size=1000),
-    eval=EvalSpec(test_examples=None),
-    schedule_from_defense=True,
-))
-register_preset(Preset(
-    name="quick",
-    description="a real but small CPU run: Fashion-MNIST subset, small CNN, a few epochs",
-    schedule=Schedule(epochs=2, batch_size=16, lr=0.05, lr_milestones=(2 / 3,), weight_decay=5e-4),
-    data=DataSpec(train_subset=1000, val_size=100),
-    eval=EvalSpec(test_examples=500),
-    dataset_models=(("cifar10", "preact-resnet18"), ("cifar100", "preact-resnet18")),
-))
-register_preset(Preset(
-    name="smoke",
-    description="seconds: a few batches, for CI and for checking an installation",
-    schedule=Schedule(epochs=1, batch_size=64, lr=0.05, lr_milestones=()),
-    data=DataSpec(train_subset=256, val_size=64),
-    eval=EvalSpec(test_examples=64, pgd_steps=5, val_pgd_steps=3),
-    model="small-cnn",
-))
+register_preset(
+    Preset(
+        name="paper",
+        description="the paper's section 5.1: 100 epochs, SGD 0.9, lr 0.1 x0.1 at 75 and 90, batch 128, wd 5e-4",
+        schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
+        data=DataSpec(train_subset=None, val_size=1000),
+        eval=EvalSpec(test_examples=None),
+    )
+)
+register_preset(
+    Preset(
+        name="reference",
+        description="each defense with its authors' schedule (`reference_schedule`: epochs, lr, weight decay and "
+        "what it decays) and input convention (raw-input model twin where the authors feed raw pixels)",
+        schedule=Schedule(epochs=100, batch_size=128, lr=0.1, lr_milestones=(0.75, 0.9), weight_decay=5e-4),
+        data=DataSpec(train_subset=None, val_size=1000),
+        eval=EvalSpec(test_examples=None),
+        schedule_from_defense=True,
+    )
+)
+register_preset(
+    Preset(
+        name="quick",
+        description="a real but small CPU run: Fashion-MNIST subset, small CNN, a few epochs",
+        schedule=Schedule(epochs=2, batch_size=16, lr=0.05, lr_milestones=(2 / 3,), weight_decay=5e-4),
+        data=DataSpec(train_subset=1000, val_size=100),
+        eval=EvalSpec(test_examples=500),
+        dataset_models=(("cifar10", "preact-resnet18"), ("cifar100", "preact-resnet18")),
+    )
+)
+register_preset(
+    Preset(
+        name="smoke",
+        description="seconds: a few batches, for CI and for checking an installation",
+        schedule=Schedule(epochs=1, batch_size=64, lr=0.05, lr_milestones=()),
+        data=DataSpec(train_subset=256, val_size=64),
+        eval=EvalSpec(test_examples=64, pgd_steps=5, val_pgd_steps=3),
+        model="small-cnn",
+    )
+)
 
 
 # --------------------------------------------------------------------------- overrides
+
 
 def _coerce(value: str, annotation: Any, name: str) -> Any:
     """Parse a `key=value` override into the field's declared type."""
@@ -229,7 +239,6 @@ def apply_overrides(config: Any, overrides: tuple[str, ...]) -> Any:
         if not sep:
             raise HarnessError(f"--set takes key=value, got {item!r}")
         if key not in fields:
-            raise HarnessError(f"{type(config).__qualname__} has no field {key!r} "
-                               f"(fields: {', '.join(fields)})")
+            raise HarnessError(f"{type(config).__qualname__} has no field {key!r} (fields: {', '.join(fields)})")
         changes[key] = _coerce(value, fields[key], key)
     return dataclasses.replace(config, **changes)

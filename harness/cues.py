@@ -24,15 +24,16 @@ batch up to a relative tolerance (or a batch of one) carries no ranking informat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.pgd import BNMode, cross_entropy, frozen_parameters, model_mode
 from harness.errors import HarnessError
+from harness.pgd import BNMode, cross_entropy, frozen_parameters, model_mode
 
 CUE_NAMES = ("grad_norm", "entropy", "mc_variance")
 GradNorm = Literal["l2", "l1"]
@@ -78,8 +79,7 @@ def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: BNMode)
             features, logits = None, model(x)
         loss = cross_entropy(logits, y)
         (grad,) = torch.autograd.grad(loss.sum(), x)
-    return CleanPass(loss.detach(), logits.detach(), grad,
-                     None if features is None else features.detach())
+    return CleanPass(loss.detach(), logits.detach(), grad, None if features is None else features.detach())
 
 
 def grad_norm(grad: torch.Tensor, norm: GradNorm = "l2") -> torch.Tensor:
@@ -133,8 +133,7 @@ def mc_variance_full(model: nn.Module, x: torch.Tensor, samples: int) -> torch.T
     return softmax_variance(probs)
 
 
-def minmax(cue: torch.Tensor, constant_value: float = 0.5, rtol: float = 1e-5, tiny: float = 1e-12
-           ) -> torch.Tensor:
+def minmax(cue: torch.Tensor, constant_value: float = 0.5, rtol: float = 1e-5, tiny: float = 1e-12) -> torch.Tensor:
     """Batch min-max normalisation to [0, 1]; a cue whose span is below `rtol` x its magnitude (or
     `tiny`), or a batch of one, -> `constant_value`: float32 rounding noise is not a ranking."""
     cue = cue.detach().float()
@@ -145,9 +144,17 @@ def minmax(cue: torch.Tensor, constant_value: float = 0.5, rtol: float = 1e-5, t
     return torch.where(varies, scaled, torch.full_like(cue, constant_value)).clamp_(0, 1)
 
 
-def compute_cues(model: nn.Module, x: torch.Tensor, clean: CleanPass, names: tuple[str, ...], *,
-                 norm: GradNorm, mc_mode: MCMode, mc_samples: int, mc_head_dropout: float
-                 ) -> dict[str, torch.Tensor]:
+def compute_cues(
+    model: nn.Module,
+    x: torch.Tensor,
+    clean: CleanPass,
+    names: tuple[str, ...],
+    *,
+    norm: GradNorm,
+    mc_mode: MCMode,
+    mc_samples: int,
+    mc_head_dropout: float,
+) -> dict[str, torch.Tensor]:
     """Raw (un-normalised) cues, each (B,), for the cue names asked for, in that order."""
     out: dict[str, torch.Tensor] = {}
     for name in names:
@@ -157,8 +164,10 @@ def compute_cues(model: nn.Module, x: torch.Tensor, clean: CleanPass, names: tup
             out[name] = entropy(clean.logits)
         elif mc_mode == "head":
             if clean.features is None:
-                raise HarnessError("MC-dropout `head` mode needs a model split as classifier(embed(x)); "
-                                   "use a harness model or --set mc_mode=full")
+                raise HarnessError(
+                    "MC-dropout `head` mode needs a model split as classifier(embed(x)); "
+                    "use a harness model or --set mc_mode=full"
+                )
             out[name] = mc_variance_head(model, clean.features, mc_samples, mc_head_dropout)
         else:
             out[name] = mc_variance_full(model, x, mc_samples)

@@ -14,15 +14,17 @@ loaders that users run are the loaders that are tested:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -77,8 +79,10 @@ def load_split(info: DatasetInfo, data_dir: Path | None, train: bool, download: 
     split = info.reader(data_dir, train, download)
     expected = (info.channels, info.image_size, info.image_size)
     if split.images.dtype != torch.uint8 or tuple(split.images.shape[1:]) != expected:
-        raise HarnessError(f"{info.name}: expected uint8 images of shape {expected}, got "
-                           f"{split.images.dtype} {tuple(split.images.shape[1:])}")
+        raise HarnessError(
+            f"{info.name}: expected uint8 images of shape {expected}, got "
+            f"{split.images.dtype} {tuple(split.images.shape[1:])}"
+        )
     return split
 
 
@@ -87,11 +91,17 @@ def load_split(info: DatasetInfo, data_dir: Path | None, train: bool, download: 
 # What a CIFAR batch pickle may reference: numpy's array and dtype reconstruction (numpy 1 and 2
 # module paths, protocol-5 buffers) and the codec Python 2 pickles use for byte strings. A data
 # set is data: a batch naming anything else (os.system, builtins.eval, ...) is refused unread.
-_PICKLE_ALLOWED = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
+_PICKLE_ALLOWED = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float
 
 
@@ -130,11 +140,14 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             entry = _DataUnpickler(f, encoding="latin1").load()
     except _ForeignReference as exc:
-        raise HarnessError(f"{path}: refused to load this data batch ({exc}); a CIFAR batch holds only "
-                           f"dicts, lists, strings, numbers and numeric numpy arrays") from None
+        raise HarnessError(
+            f"{path}: refused to load this data batch ({exc}); a CIFAR batch holds only "
+            f"dicts, lists, strings, numbers and numeric numpy arrays"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise HarnessError(f"{path}: unreadable data batch ({type(exc).__name__}: {exc}); the file is "
-                           f"truncated or corrupt: replace it") from None
+        raise HarnessError(
+            f"{path}: unreadable data batch ({type(exc).__name__}: {exc}); the file is truncated or corrupt: replace it"
+        ) from None
     except OSError as exc:
         raise HarnessError(f"{path}: unreadable ({exc.strerror})") from None
     _check_plain(entry, path)
@@ -151,8 +164,10 @@ def read_cifar_batches(paths: list[Path], label_key: str) -> Split:
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             batch_labels = [int(v) for v in entry[label_key]]
         except (KeyError, ValueError, TypeError) as exc:
-            raise HarnessError(f"{path}: not a CIFAR batch (needs 'data' of N x 3072 bytes and "
-                               f"'{label_key}'): {type(exc).__name__} {exc}") from None
+            raise HarnessError(
+                f"{path}: not a CIFAR batch (needs 'data' of N x 3072 bytes and "
+                f"'{label_key}'): {type(exc).__name__} {exc}"
+            ) from None
         if len(batch_labels) != len(data):
             raise HarnessError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
         images.append(data)
@@ -160,8 +175,7 @@ def read_cifar_batches(paths: list[Path], label_key: str) -> Split:
     return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
 
 
-def _cifar_reader(folder: str, train_files: list[str], test_files: list[str], label_key: str,
-                  tv_class: str) -> Reader:
+def _cifar_reader(folder: str, train_files: list[str], test_files: list[str], label_key: str, tv_class: str) -> Reader:
     def read(data_dir: Path, train: bool, download: bool) -> Split:
         root = data_dir / folder
         files = [root / f for f in (train_files if train else test_files)]
@@ -169,9 +183,11 @@ def _cifar_reader(folder: str, train_files: list[str], test_files: list[str], la
             _torchvision_download(tv_class, data_dir)
         missing = [str(f) for f in files if not f.exists()]
         if missing:
-            raise HarnessError(f"{missing[0]} not found and could not be downloaded; place the "
-                               f"official python-pickle archive's '{folder}/' folder in {data_dir} "
-                               f"(or pass --data-dir)")
+            raise HarnessError(
+                f"{missing[0]} not found and could not be downloaded; place the "
+                f"official python-pickle archive's '{folder}/' folder in {data_dir} "
+                f"(or pass --data-dir)"
+            )
         return read_cifar_batches(files, label_key)
 
     return read
@@ -189,6 +205,7 @@ def _torchvision_download(tv_class: str, data_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
 
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): big-endian dims after a 4-byte magic."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -201,7 +218,7 @@ def read_idx(path: Path) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise HarnessError(f"{path} is not an unsigned-byte IDX file")
     try:
-        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
     except (struct.error, ValueError) as exc:
         raise HarnessError(f"{path} is truncated or corrupt ({exc}); replace it") from None
@@ -224,8 +241,10 @@ def _fashion_mnist_reader(data_dir: Path, train: bool, download: bool) -> Split:
         _torchvision_download("FashionMNIST", data_dir)
         found = [_find_idx(dirs, s) for s in stems]
     if None in found:
-        raise HarnessError(f"Fashion-MNIST not found: run `apt-get install dataset-fashion-mnist` or "
-                           f"place {stems[0]}.gz and {stems[1]}.gz in {data_dir / 'fashion-mnist'}")
+        raise HarnessError(
+            f"Fashion-MNIST not found: run `apt-get install dataset-fashion-mnist` or "
+            f"place {stems[0]}.gz and {stems[1]}.gz in {data_dir / 'fashion-mnist'}"
+        )
     images = torch.from_numpy(read_idx(found[0]).copy()).unsqueeze(1)
     labels = torch.from_numpy(read_idx(found[1]).astype(np.int64))
     return Split(images, labels)
@@ -253,8 +272,7 @@ def write_synthetic_cifar(root: Path, n_train: int, n_test: int, seed: int = 0) 
         return {"data": data, "labels": labels.tolist()}
 
     for name, n in (("data_batch_1", n_train), ("test_batch", n_test)):
-        batch = make(n)
-        atomic_write(root / name, lambda f: pickle.dump(batch, f))
+        atomic_write(root / name, functools.partial(pickle.dump, make(n)))
 
 
 def _synthetic_reader(data_dir: Path, train: bool, download: bool) -> Split:
@@ -263,8 +281,9 @@ def _synthetic_reader(data_dir: Path, train: bool, download: bool) -> Split:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise HarnessError(f"cannot create {root} for the synthetic data ({exc.strerror}); "
-                               f"pass a writable --data-dir") from None
+            raise HarnessError(
+                f"cannot create {root} for the synthetic data ({exc.strerror}); pass a writable --data-dir"
+            ) from None
         # Several runs may start on a fresh data directory at once: one writes, the others wait.
         with hold(root, what=f"data directory {root}", wait=True):
             remove_stale_temps(root)
@@ -277,38 +296,77 @@ def _synthetic_reader(data_dir: Path, train: bool, download: bool) -> Split:
 
 _CIFAR_SWEEP = tuple(Fraction(k, 255) for k in (0, 2, 4, 6, 8, 10, 12, 16))
 
-register_dataset(DatasetInfo(
-    name="cifar10", channels=3, image_size=32, num_classes=10,
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
-    eps=Fraction(8, 255), eval_step=Fraction(2, 255), eps_sweep=_CIFAR_SWEEP,
-    default_model="wrn-34-10", augment=True,
-    reader=_cifar_reader("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                         ["test_batch"], "labels", "CIFAR10"),
-))
-register_dataset(DatasetInfo(
-    name="cifar100", channels=3, image_size=32, num_classes=100,
-    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-    eps=Fraction(8, 255), eval_step=Fraction(2, 255), eps_sweep=_CIFAR_SWEEP,
-    default_model="wrn-34-10", augment=True,
-    reader=_cifar_reader("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"),
-))
-register_dataset(DatasetInfo(
-    name="fashion-mnist", channels=1, image_size=28, num_classes=10,
-    mean=(0.2860,), std=(0.3530,),
-    # eps 0.1 is the usual Fashion-MNIST budget; the CIFAR sweep scaled by 0.1 / (8/255).
-    eps=Fraction(1, 10), eval_step=Fraction(1, 40),
-    eps_sweep=tuple(Fraction(k, 80) for k in (0, 2, 4, 6, 8, 10, 12, 16)),
-    default_model="small-cnn", augment=False, reader=_fashion_mnist_reader,
-))
-register_dataset(DatasetInfo(
-    name="synthetic", channels=3, image_size=32, num_classes=10,
-    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-    eps=Fraction(8, 255), eval_step=Fraction(2, 255), eps_sweep=_CIFAR_SWEEP,
-    default_model="small-cnn", augment=True, reader=_synthetic_reader,
-))
+register_dataset(
+    DatasetInfo(
+        name="cifar10",
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2471, 0.2435, 0.2616),
+        eps=Fraction(8, 255),
+        eval_step=Fraction(2, 255),
+        eps_sweep=_CIFAR_SWEEP,
+        default_model="wrn-34-10",
+        augment=True,
+        reader=_cifar_reader(
+            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", "CIFAR10"
+        ),
+    )
+)
+register_dataset(
+    DatasetInfo(
+        name="cifar100",
+        channels=3,
+        image_size=32,
+        num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        eps=Fraction(8, 255),
+        eval_step=Fraction(2, 255),
+        eps_sweep=_CIFAR_SWEEP,
+        default_model="wrn-34-10",
+        augment=True,
+        reader=_cifar_reader("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"),
+    )
+)
+register_dataset(
+    DatasetInfo(
+        name="fashion-mnist",
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        mean=(0.2860,),
+        std=(0.3530,),
+        # eps 0.1 is the usual Fashion-MNIST budget; the CIFAR sweep scaled by 0.1 / (8/255).
+        eps=Fraction(1, 10),
+        eval_step=Fraction(1, 40),
+        eps_sweep=tuple(Fraction(k, 80) for k in (0, 2, 4, 6, 8, 10, 12, 16)),
+        default_model="small-cnn",
+        augment=False,
+        reader=_fashion_mnist_reader,
+    )
+)
+register_dataset(
+    DatasetInfo(
+        name="synthetic",
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        eps=Fraction(8, 255),
+        eval_step=Fraction(2, 255),
+        eps_sweep=_CIFAR_SWEEP,
+        default_model="small-cnn",
+        augment=True,
+        reader=_synthetic_reader,
+    )
+)
 
 
 # --------------------------------------------------------------------------- batching
+
 
 class Batch(NamedTuple):
     x: torch.Tensor  # float in [0, 1], NCHW, on the training device
@@ -316,8 +374,9 @@ class Batch(NamedTuple):
     index: torch.Tensor  # position in the training subset (0..n-1), for per-example defense state
 
 
-def split_train_val(n: int, val_size: int, seed: int, train_subset: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_train_val(
+    n: int, val_size: int, seed: int, train_subset: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded held-out validation split and a seeded training subset drawn from the rest.
 
     The split depends only on `seed` (not the run's seed), so every method and every run seed
@@ -326,7 +385,7 @@ def split_train_val(n: int, val_size: int, seed: int, train_subset: int | None =
     if val_size >= n:
         raise HarnessError(f"validation split of {val_size} leaves no training data (train set has {n})")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    train = perm[val_size:] if train_subset is None else perm[val_size:val_size + train_subset]
+    train = perm[val_size:] if train_subset is None else perm[val_size : val_size + train_subset]
     return train.sort().values, perm[:val_size].sort().values
 
 
@@ -349,8 +408,16 @@ class TensorLoader:
     """Batches from an in-memory split; epoch `e` is a pure function of (seed, e), so resuming
     at an epoch boundary replays exactly the batches an uninterrupted run would have seen."""
 
-    def __init__(self, split: Split, indices: torch.Tensor, batch_size: int, device: torch.device,
-                 shuffle: bool, augment: bool, seed: int = 0):
+    def __init__(
+        self,
+        split: Split,
+        indices: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        augment: bool,
+        seed: int = 0,
+    ):
         self.images = split.images[indices].to(device)
         self.labels = split.labels[indices].to(device)
         self.batch_size = batch_size
@@ -369,9 +436,11 @@ class TensorLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.labels)
-        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
+        order = (
+            torch.randperm(n, generator=gen).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
+        )
         for start in range(0, n, self.batch_size):
-            take = order[start:start + self.batch_size]
+            take = order[start : start + self.batch_size]
             x = self.images[take].float().div_(255)
             if self.augment:
                 x = crop_flip(x, gen)

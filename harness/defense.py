@@ -24,9 +24,10 @@ See docs/defenses.md for PGD-AT as a worked example.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,7 @@ class Defense(abc.ABC):
         self.config = config
         self.context = context
 
-    @classmethod
+    @classmethod  # noqa: B027  (an optional hook: default accept)
     def check_spec(cls, spec: Any) -> None:
         """Reject hyperparameters that are wrong only together with the run (its eps, the model's
         dropout): raise `HarnessError`. `make_spec` calls this before any training; default: accept."""
@@ -124,10 +125,10 @@ class Defense(abc.ABC):
         model, so the report shows "?" and computes no floor."""
         return None
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module) -> None:  # noqa: B027  (an optional hook: default nothing)
         """Create own parameters or per-example state; called once before training or resume."""
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:  # noqa: B027  (an optional hook: default nothing)
         """Called before each pass over the data."""
 
     @abc.abstractmethod
@@ -166,7 +167,7 @@ class PerExampleEps(Defense):
 
     eps_state: torch.Tensor
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module) -> None:  # noqa: B027  (an optional hook: default nothing)
         self.eps_state = torch.zeros(self.context.train_size, device=self.context.device)
 
     def per_example_state(self) -> list[torch.Tensor]:
@@ -178,8 +179,9 @@ class PerExampleEps(Defense):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         eps = state["eps"]
         if eps.shape != (self.context.train_size,):
-            raise ValueError(f"{self.name}: checkpoint eps has shape {tuple(eps.shape)}, "
-                             f"expected ({self.context.train_size},)")
+            raise ValueError(
+                f"{self.name}: checkpoint eps has shape {tuple(eps.shape)}, expected ({self.context.train_size},)"
+            )
         self.eps_state = eps.to(self.context.device).clone()
 
     def eps_statistics(self, upper: float) -> dict[str, Any]:
@@ -187,8 +189,11 @@ class PerExampleEps(Defense):
         from harness.eps_stats import eps_summary
 
         eps = self.eps_state.float()
-        return {**eps_summary(eps, 0.0, upper), "eps_max": eps.max().item(),
-                "frac_zero": (eps == 0).float().mean().item()}
+        return {
+            **eps_summary(eps, 0.0, upper),
+            "eps_max": eps.max().item(),
+            "frac_zero": (eps == 0).float().mean().item(),
+        }
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", plugins="methods")  # methods/: the plugin list
@@ -216,16 +221,18 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).float().mean().detach()
 
 
-def clean_then_adversarial_logits(model: nn.Module, x: torch.Tensor,
-                                  x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def clean_then_adversarial_logits(
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train-mode logits on x, then on x_adv: the order of TRADES' and MART's reference code, so
     BatchNorm's running statistics see the clean batch first."""
     model.train()
     return model(x), model(x_adv)
 
 
-def adversarial_ce_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_adv: torch.Tensor,
-                        y: torch.Tensor) -> StepStats:
+def adversarial_ce_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x_adv: torch.Tensor, y: torch.Tensor
+) -> StepStats:
     """The outer minimisation of PGD-AT and its relatives: CE on the adversarial batch, train mode."""
     model.train()
     logits = model(x_adv)

@@ -81,13 +81,16 @@ def start(world: World, device: torch.device) -> torch.device:
         return device
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise HarnessError(f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                               f"use --nproc-per-node {torch.cuda.device_count()} at most")
+            raise HarnessError(
+                f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                f"use --nproc-per-node {torch.cuda.device_count()} at most"
+            )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                                rank=world.rank, world_size=world.size)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT, rank=world.rank, world_size=world.size
+        )
     return device
 
 
@@ -135,25 +138,35 @@ def check_agreement(value: Any, world: World, what: str) -> None:
     values: list[Any] = [None] * world.size
     dist.all_gather_object(values, value)
     if len(set(map(repr, values))) > 1:
-        raise HarnessError(f"{what} differs between processes ({', '.join(map(repr, values))}); "
-                           f"every process must see the same --results directory")
+        raise HarnessError(
+            f"{what} differs between processes ({', '.join(map(repr, values))}); "
+            f"every process must see the same --results directory"
+        )
 
 
 def describe(world: World, batchnorm: str, device: torch.device) -> dict[str, Any]:
-    return {"world_size": world.size, "backend": dist.get_backend() if world.distributed else None,
-            "batchnorm": batchnorm, "sharding": "contiguous slice of each seeded global batch",
-            "gradient": "DDP sum of per-rank losses weighted by their share of the global batch",
-            "writer": "rank 0", "device_type": device.type}
+    return {
+        "world_size": world.size,
+        "backend": dist.get_backend() if world.distributed else None,
+        "batchnorm": batchnorm,
+        "sharding": "contiguous slice of each seeded global batch",
+        "gradient": "DDP sum of per-rank losses weighted by their share of the global batch",
+        "writer": "rank 0",
+        "device_type": device.type,
+    }
 
 
 # --------------------------------------------------------------------------- data
+
 
 def check_batches(num_examples: int, batch_size: int, world: World) -> None:
     """Every rank needs at least one example of every global batch (an empty shard has no mean loss)."""
     last = num_examples % batch_size or batch_size
     if min(batch_size, last) < world.size:
-        raise HarnessError(f"a batch of {min(batch_size, last)} examples (training set {num_examples}, batch "
-                           f"{batch_size}) cannot give each of {world.size} processes one; use fewer processes")
+        raise HarnessError(
+            f"a batch of {min(batch_size, last)} examples (training set {num_examples}, batch "
+            f"{batch_size}) cannot give each of {world.size} processes one; use fewer processes"
+        )
 
 
 def shard(batch: Batch, world: World) -> tuple[Batch, float]:
@@ -171,6 +184,7 @@ def pass_seed(seed: int, p: int, rank: int) -> int:
 
 
 # --------------------------------------------------------------------------- model
+
 
 class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with its adjoint: every rank's output depends on every rank's input, so the
@@ -229,9 +243,12 @@ def global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     def convert(module: nn.Module) -> nn.Module:
         if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
             if not isinstance(module, nn.BatchNorm2d):
-                raise HarnessError(f"global BatchNorm on the CPU supports BatchNorm2d only, found {type(module).__name__}")
-            new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats)
+                raise HarnessError(
+                    f"global BatchNorm on the CPU supports BatchNorm2d only, found {type(module).__name__}"
+                )
+            new = GlobalBatchNorm(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
             # the same Parameter and buffer objects (as convert_sync_batchnorm): an optimiser built
             # before the conversion still steps them
             for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -254,8 +271,9 @@ def sum_hook(state, bucket):  # unannotated: DDP checks annotations, and ours ar
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  forward_sync_buffers=False)
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
     ddp.register_comm_hook(None, sum_hook)
     return ddp
 
@@ -271,6 +289,7 @@ def average_buffers(model: nn.Module, world: World) -> None:
 
 
 # --------------------------------------------------------------------------- state and statistics
+
 
 def any_rank(flags: torch.Tensor) -> bool:
     """`flags.any()` over every rank's flags: control flow that must agree across ranks."""

@@ -55,12 +55,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "torch_threads": torch.get_num_threads(), **allocator_state(),
-                            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    info: dict[str, Any] = {
+        "type": device.type,
+        "torch_threads": torch.get_num_threads(),
+        **allocator_state(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
+        info.update(
+            name=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            capability=f"{props.major}.{props.minor}",
+        )
     else:
         info["name"] = f"CPU ({info['processor']})"
     return info

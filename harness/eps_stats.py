@@ -37,11 +37,16 @@ def eps_summary(eps: torch.Tensor, lo: float, hi: float, bins: int = 20) -> dict
     edges = torch.linspace(lo, top, bins + 1, dtype=torch.float64)
     std = eps.std(correction=0).item()
     width = (q[2] - q[0]).item()
-    return {"eps_mean": eps.mean().item(), "eps_std": std,
-            "eps_p05": q[0].item(), "eps_p50": q[1].item(), "eps_p95": q[2].item(),
-            "eps_std_rel": std / (hi - lo) if hi > lo else None,
-            "eps_p05_p95_rel": width / (hi - lo) if hi > lo else None,
-            "eps_hist": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}}
+    return {
+        "eps_mean": eps.mean().item(),
+        "eps_std": std,
+        "eps_p05": q[0].item(),
+        "eps_p50": q[1].item(),
+        "eps_p95": q[2].item(),
+        "eps_std_rel": std / (hi - lo) if hi > lo else None,
+        "eps_p05_p95_rel": width / (hi - lo) if hi > lo else None,
+        "eps_hist": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]},
+    }
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -71,9 +76,15 @@ def mean_or_none(values: list[float | None]) -> float | None:
     return sum(defined) / len(defined) if defined else None
 
 
-def collapse_warning(eps: torch.Tensor, lo: float, hi: float, fraction: float = COLLAPSE_FRACTION,
-                     tolerance: float = COLLAPSE_TOLERANCE, spread: float = COLLAPSE_SPREAD,
-                     held_mean: float | None = None) -> str | None:
+def collapse_warning(
+    eps: torch.Tensor,
+    lo: float,
+    hi: float,
+    fraction: float = COLLAPSE_FRACTION,
+    tolerance: float = COLLAPSE_TOLERANCE,
+    spread: float = COLLAPSE_SPREAD,
+    held_mean: float | None = None,
+) -> str | None:
     """A message when the budget map is degenerate, else None.
 
     Two ways: more than `fraction` of budgets within `tolerance` x (hi - lo) of one bound; or the
@@ -87,12 +98,17 @@ def collapse_warning(eps: torch.Tensor, lo: float, hi: float, fraction: float = 
     for name, bound in (("eps_min", lo), ("eps_max", hi)):
         share = ((eps - bound).abs() <= band).double().mean().item()
         if share > fraction:
-            return (f"eps collapsed onto {name}: {share:.1%} of samples within {tolerance:.0%} of the "
-                    f"range from {name} = {bound:.5f}")
+            return (
+                f"eps collapsed onto {name}: {share:.1%} of samples within {tolerance:.0%} of the "
+                f"range from {name} = {bound:.5f}"
+            )
     std_rel = eps.std(correction=0).item() / (hi - lo)
     if std_rel < spread:
-        onto = (f"the held mean {held_mean:.5f}: this run is PGD-AT at that eps" if held_mean is not None
-                else f"a single value ({eps.mean().item():.5f}): this run is fixed-eps AT")
+        onto = (
+            f"the held mean {held_mean:.5f}: this run is PGD-AT at that eps"
+            if held_mean is not None
+            else f"a single value ({eps.mean().item():.5f}): this run is fixed-eps AT"
+        )
         return f"eps collapsed onto {onto} (eps std = {std_rel:.2%} of eps_max - eps_min < {spread:.0%})"
     return None
 
@@ -115,8 +131,9 @@ class PassLog:
             self.cues[name].append(value.detach())
             self.batch_rho[name].append(spearman(eps, value))
 
-    def summary(self, lo: float, hi: float, all_cues: tuple[str, ...], bins: int, held_mean: float | None,
-                **collapse: float) -> dict[str, Any]:
+    def summary(
+        self, lo: float, hi: float, all_cues: tuple[str, ...], bins: int, held_mean: float | None, **collapse: float
+    ) -> dict[str, Any]:
         """Contract A: statistics over the pass; per cue the mean within-batch Spearman (`spearman`),
         its last-batch value and the pooled coefficient (None for a cue not in use or constant);
         `collapse`: fraction / tolerance / spread for `collapse_warning`."""
@@ -125,8 +142,9 @@ class PassLog:
         rho = {n: self.batch_rho.get(n) for n in all_cues}
         out["spearman"] = {n: mean_or_none(r) if r else None for n, r in rho.items()}
         out["spearman_last_batch"] = {n: r[-1] if r else None for n, r in rho.items()}
-        out["spearman_pooled"] = {n: spearman(eps, torch.cat(self.cues[n])) if self.cues.get(n) else None
-                                  for n in all_cues}
+        out["spearman_pooled"] = {
+            n: spearman(eps, torch.cat(self.cues[n])) if self.cues.get(n) else None for n in all_cues
+        }
         out["correlation"] = "spearman: mean of per-batch coefficients; spearman_pooled: over the whole pass"
         out["collapse_warning"] = collapse_warning(eps, lo, hi, held_mean=held_mean, **collapse)
         out["n"] = len(eps)

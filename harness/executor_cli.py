@@ -10,8 +10,9 @@ TARGET` would. No click function is called from a worker: the command parses, th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -19,19 +20,45 @@ from harness.errors import HarnessError
 from harness.executors import Executor, Job, LocalExecutor, RayExecutor, execute_all, torch_threads
 
 _OPTIONS = (
-    click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                 help="local: one job after another in this process; ray: each run (or eval target) a Ray "
-                      "task, retried from its last checkpoint if its worker dies (pip install 'harness[ray]')."),
-    click.option("--address", default=None, metavar="ADDR",
-                 help="Ray cluster to join, e.g. auto (the one this machine is in) or ray://head:10001. "
-                      "Default: start a local Ray instance with every core."),
-    click.option("--cpus-per-run", type=int, default=None, metavar="N",
-                 help="CPU cores, and torch threads, per run. Default: 1 under ray (one run per core), "
-                      "torch's default locally. Recorded in each record (torch_threads)."),
-    click.option("--gpus-per-run", type=float, default=0.0, show_default=True, metavar="F",
-                 help="GPUs per Ray task; a fraction packs several small runs on one GPU. 0: runs on CPUs."),
-    click.option("--max-retries", type=int, default=3, show_default=True, metavar="N",
-                 help="Times a Ray task whose worker died is resubmitted (it resumes, never restarts)."),
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="local: one job after another in this process; ray: each run (or eval target) a Ray "
+        "task, retried from its last checkpoint if its worker dies (pip install 'harness[ray]').",
+    ),
+    click.option(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join, e.g. auto (the one this machine is in) or ray://head:10001. "
+        "Default: start a local Ray instance with every core.",
+    ),
+    click.option(
+        "--cpus-per-run",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU cores, and torch threads, per run. Default: 1 under ray (one run per core), "
+        "torch's default locally. Recorded in each record (torch_threads).",
+    ),
+    click.option(
+        "--gpus-per-run",
+        type=float,
+        default=0.0,
+        show_default=True,
+        metavar="F",
+        help="GPUs per Ray task; a fraction packs several small runs on one GPU. 0: runs on CPUs.",
+    ),
+    click.option(
+        "--max-retries",
+        type=int,
+        default=3,
+        show_default=True,
+        metavar="N",
+        help="Times a Ray task whose worker died is resubmitted (it resumes, never restarts).",
+    ),
 )
 
 
@@ -41,18 +68,31 @@ def executor_options(fn: Callable) -> Callable:
     return fn
 
 
-def build_executor(executor: str, address: str | None, cpus_per_run: int | None, gpus_per_run: float,
-                   max_retries: int, shared_dir: Path | None) -> Executor:
+def build_executor(
+    executor: str,
+    address: str | None,
+    cpus_per_run: int | None,
+    gpus_per_run: float,
+    max_retries: int,
+    shared_dir: Path | None,
+) -> Executor:
     if cpus_per_run is not None and cpus_per_run < 1:
         raise HarnessError(f"--cpus-per-run must be at least 1, got {cpus_per_run}")
     if gpus_per_run < 0 or max_retries < 0:
         raise HarnessError("--gpus-per-run and --max-retries cannot be negative")
     if executor == "local":
         if address is not None or gpus_per_run:
-            raise HarnessError("--address and --gpus-per-run are for --executor ray; locally, --device picks the device")
+            raise HarnessError(
+                "--address and --gpus-per-run are for --executor ray; locally, --device picks the device"
+            )
         return LocalExecutor(threads=cpus_per_run)
-    return RayExecutor(address=address, cpus_per_run=cpus_per_run or 1, gpus_per_run=gpus_per_run,
-                       max_retries=max_retries, shared_dir=Path(shared_dir).resolve() if shared_dir else None)
+    return RayExecutor(
+        address=address,
+        cpus_per_run=cpus_per_run or 1,
+        gpus_per_run=gpus_per_run,
+        max_retries=max_retries,
+        shared_dir=Path(shared_dir).resolve() if shared_dir else None,
+    )
 
 
 def worker_device(device: str, executor: Executor) -> str:
@@ -76,8 +116,14 @@ def absolute(path: Path | None) -> Path | None:
 # --------------------------------------------------------------------------- independent targets
 
 
-def run_targets(per_target: Callable[[str, Any, Any], Any], targets: tuple[str, ...], settings: Any, device: str,
-                executor: Executor, say: Callable[[str], None]) -> None:
+def run_targets(
+    per_target: Callable[[str, Any, Any], Any],
+    targets: tuple[str, ...],
+    settings: Any,
+    device: str,
+    executor: Executor,
+    say: Callable[[str], None],
+) -> None:
     """`per_target(target, settings, torch device)` for each target: in turn here, or one Ray task each.
 
     `per_target` is a library function (importable in a worker), never a click command; `settings`
@@ -89,20 +135,31 @@ def run_targets(per_target: Callable[[str, Any, Any], Any], targets: tuple[str, 
             for target in targets:
                 on_device(per_target, target, settings, device)
         return
-    execute_all(executor, target_jobs(per_target, targets, settings, worker_device(device, executor)), say,
-                noun="target")
+    execute_all(
+        executor, target_jobs(per_target, targets, settings, worker_device(device, executor)), say, noun="target"
+    )
 
 
 def target_jobs(per_target: Callable[..., Any], targets: tuple[str, ...], settings: Any, device: str) -> list[Job]:
     """One job per target, its paths absolute; a retry after a lost worker resumes, never starts over (force)."""
-    settings = dataclasses.replace(settings, **{f.name: absolute(getattr(settings, f.name))
-                                                for f in dataclasses.fields(settings) if f.name.endswith("_dir")})
+    settings = dataclasses.replace(
+        settings,
+        **{
+            f.name: absolute(getattr(settings, f.name)) for f in dataclasses.fields(settings) if f.name.endswith("_dir")
+        },
+    )
     retry = dataclasses.replace(settings, resume=True, force=False)
     jobs = []
     for target in targets:
         target = str(Path(target).resolve()) if Path(target).exists() else target
-        jobs.append(Job(label=Path(target).name or target, fn=on_device, args=(per_target, target, settings, device),
-                        retry_args=(per_target, target, retry, device)))
+        jobs.append(
+            Job(
+                label=Path(target).name or target,
+                fn=on_device,
+                args=(per_target, target, settings, device),
+                retry_args=(per_target, target, retry, device),
+            )
+        )
     return jobs
 
 

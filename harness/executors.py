@@ -22,10 +22,11 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from harness.errors import HarnessError
 from harness.locks import LockedError
@@ -51,8 +52,9 @@ class Outcome:
     in_use: bool = False  # it failed because another live process holds it: still running there
 
 
-def failure(job: Job, reason: str, say: Say, trace: str | None = None, attempts: int = 1,
-            in_use: bool = False) -> Outcome:
+def failure(
+    job: Job, reason: str, say: Say, trace: str | None = None, attempts: int = 1, in_use: bool = False
+) -> Outcome:
     """The outcome of a failed job. Its reason is kept for the summary (printed once, there); the
     traceback of an unexpected exception (a bug) is shown now, labelled, so it can still be found."""
     if trace:
@@ -69,13 +71,20 @@ def raise_failures(outcomes: list[Outcome], noun: str = "job") -> None:
     """One line naming every failed job with its reason, for callers without a summary; nothing when all passed."""
     failed = [o for o in outcomes if o.error is not None]
     if failed:
-        raise HarnessError(f"{len(failed)} of {len(outcomes)} {noun}s failed: "
-                           + "; ".join(f"{o.job.label}: {o.error}" for o in failed))
+        raise HarnessError(
+            f"{len(failed)} of {len(outcomes)} {noun}s failed: "
+            + "; ".join(f"{o.job.label}: {o.error}" for o in failed)
+        )
 
 
-def execute_all(executor: "Executor", jobs: list[Job], say: Say, noun: str = "job",
-                skipped: frozenset[str] = frozenset(),
-                on_outcome: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
+def execute_all(
+    executor: Executor,
+    jobs: list[Job],
+    say: Say,
+    noun: str = "job",
+    skipped: frozenset[str] = frozenset(),
+    on_outcome: Callable[[Outcome], None] = lambda _: None,
+) -> list[Outcome]:
     """Every job through `executor`, then `summarise`; an interrupted command still prints its summary."""
     outcomes: list[Outcome] = []
     try:
@@ -89,8 +98,14 @@ def execute_all(executor: "Executor", jobs: list[Job], say: Say, noun: str = "jo
     return outcomes
 
 
-def summarise(outcomes: list[Outcome], jobs: list[Job], say: Say, noun: str = "job",
-              skipped: frozenset[str] = frozenset(), interrupted: bool = False) -> None:
+def summarise(
+    outcomes: list[Outcome],
+    jobs: list[Job],
+    say: Say,
+    noun: str = "job",
+    skipped: frozenset[str] = frozenset(),
+    interrupted: bool = False,
+) -> None:
     """The end-of-grid summary, and a HarnessError unless every job is done (or was skipped).
 
     Counts done / skipped (labels in `skipped`: complete before the command) / failed / still
@@ -110,10 +125,17 @@ def summarise(outcomes: list[Outcome], jobs: list[Job], say: Say, noun: str = "j
     unfinished = [j for j in jobs if j.label not in finished]
     ok = [o for o in outcomes if o.error is None]
     n_skipped = sum(o.job.label in skipped for o in ok)
-    counts = {"done": len(ok) - n_skipped, "skipped (already complete)": n_skipped, "failed": len(failed),
-              "still running in another process": len(busy), "not finished": len(unfinished)}
-    say(f"summary: {len(jobs)} {noun}s: " + ", ".join(f"{n} {what}" for what, n in counts.items()
-                                                      if n or what in ("done", "failed")))
+    counts = {
+        "done": len(ok) - n_skipped,
+        "skipped (already complete)": n_skipped,
+        "failed": len(failed),
+        "still running in another process": len(busy),
+        "not finished": len(unfinished),
+    }
+    say(
+        f"summary: {len(jobs)} {noun}s: "
+        + ", ".join(f"{n} {what}" for what, n in counts.items() if n or what in ("done", "failed"))
+    )
     for o in failed:
         say(f"  failed   {o.job.label}: {o.error}")
     for o in busy:
@@ -123,11 +145,15 @@ def summarise(outcomes: list[Outcome], jobs: list[Job], say: Say, noun: str = "j
     if interrupted:
         return
     if failed:
-        raise HarnessError(f"{len(failed)} of {len(jobs)} {noun}s failed (reasons in the summary above): "
-                           + ", ".join(o.job.label for o in failed))
+        raise HarnessError(
+            f"{len(failed)} of {len(jobs)} {noun}s failed (reasons in the summary above): "
+            + ", ".join(o.job.label for o in failed)
+        )
     if busy:
-        raise LockedError(f"{len(busy)} of {len(jobs)} {noun}s are still running in another process; "
-                          f"rerun this command once they finish (complete {noun}s are skipped)")
+        raise LockedError(
+            f"{len(busy)} of {len(jobs)} {noun}s are still running in another process; "
+            f"rerun this command once they finish (complete {noun}s are skipped)"
+        )
 
 
 @contextmanager
@@ -144,6 +170,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- local
+
 
 @dataclass(frozen=True)
 class LocalExecutor:
@@ -168,6 +195,7 @@ class LocalExecutor:
 
 
 # --------------------------------------------------------------------------- ray
+
 
 def import_ray():
     try:
@@ -199,12 +227,16 @@ class WorkerContext:
         node = socket.gethostname()
         mine = code_identity()
         if mine != self.code:
-            raise HarnessError(f"node {node} runs {mine} but the driver runs {self.code}: install the same "
-                               f"harness commit and torch on every Ray node")
+            raise HarnessError(
+                f"node {node} runs {mine} but the driver runs {self.code}: install the same "
+                f"harness commit and torch on every Ray node"
+            )
         if self.marker is not None and not self.marker.exists():
-            raise HarnessError(f"node {node} does not see {self.marker.parent} as the driver does: --results "
-                               f"must be a directory every Ray node shares (NFS or similar), or runs cannot "
-                               f"resume on another node")
+            raise HarnessError(
+                f"node {node} does not see {self.marker.parent} as the driver does: --results "
+                f"must be a directory every Ray node shares (NFS or similar), or runs cannot "
+                f"resume on another node"
+            )
         torch.set_num_threads(self.threads)
 
 
@@ -235,8 +267,7 @@ def run_job(fn: Callable[..., Any], args: tuple, label: str, lines, context: Wor
 
     context.prepare()
     out = QueueLines(lines, label)
-    out.write(f"started on {socket.gethostname()} (pid {os.getpid()}, {torch.get_num_threads()} "
-              f"torch thread(s))\n")
+    out.write(f"started on {socket.gethostname()} (pid {os.getpid()}, {torch.get_num_threads()} torch thread(s))\n")
     try:
         with redirect_stdout(out):
             return fn(*args)
@@ -297,11 +328,13 @@ class RayExecutor:
             if owned:
                 ray.shutdown()
 
-    def _submitter(self, ray, pending: dict[Any, tuple[Job, int]], lines, context: WorkerContext
-                   ) -> Callable[[Job, int], None]:
+    def _submitter(
+        self, ray, pending: dict[Any, tuple[Job, int]], lines, context: WorkerContext
+    ) -> Callable[[Job, int], None]:
         """submit(job, attempt): one Ray task; a retry (attempt > 1) takes the job's retry arguments."""
-        task = ray.remote(run_job).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
-                                           max_retries=0, name="harness-job")
+        task = ray.remote(run_job).options(
+            num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0, name="harness-job"
+        )
 
         def submit(job: Job, attempt: int) -> None:
             args = job.args if attempt == 1 else (job.retry_args or job.args)
@@ -325,22 +358,30 @@ class RayExecutor:
 
     def _outcome(self, ray, ref, job: Job, attempt: int, submit, say: Say) -> Outcome | None:
         """A finished task's outcome; None when a lost worker's job was resubmitted (it resumes)."""
-        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
+        lost = (
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.OutOfMemoryError,
+            ray.exceptions.ObjectLostError,
+        )
         try:
             value = ray.get(ref)
         except lost as exc:
             if attempt <= self.max_retries:
-                say(f"[{job.label}] worker lost ({type(exc).__name__}); attempt {attempt + 1} "
-                    f"of {self.max_retries + 1} resumes from the last checkpoint")
+                say(
+                    f"[{job.label}] worker lost ({type(exc).__name__}); attempt {attempt + 1} "
+                    f"of {self.max_retries + 1} resumes from the last checkpoint"
+                )
                 submit(job, attempt + 1)
                 return None
-            return failure(job, f"worker lost on each of {attempt} attempts ({type(exc).__name__})",
-                           say, attempts=attempt)
+            return failure(
+                job, f"worker lost on each of {attempt} attempts ({type(exc).__name__})", say, attempts=attempt
+            )
         except ray.exceptions.RayTaskError as exc:
             message, trace = task_error(exc)
-            return failure(job, message, say, trace, attempt,
-                           in_use=isinstance(getattr(exc, "cause", None), LockedError))
+            return failure(
+                job, message, say, trace, attempt, in_use=isinstance(getattr(exc, "cause", None), LockedError)
+            )
         return Outcome(job, value, attempts=attempt)
 
     def _connect(self, ray, say: Say) -> bool:
@@ -361,18 +402,24 @@ class RayExecutor:
         have = ray.cluster_resources()
         cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
         where = "a local instance" if local else f"the cluster at {self.address or 'this connection'}"
-        say(f"ray: {where} with {cpus:g} CPU(s) and {gpus:g} GPU(s); each job takes {self.cpus_per_run} "
-            f"CPU(s) (= torch threads) and {self.gpus_per_run:g} GPU(s)")
-        short = [f"{need:g} {kind} per job but {'it has' if local else 'the cluster has now'} {got:g}"
-                 for kind, need, got in (("CPU(s)", self.cpus_per_run, cpus), ("GPU(s)", self.gpus_per_run, gpus))
-                 if need > got]
+        say(
+            f"ray: {where} with {cpus:g} CPU(s) and {gpus:g} GPU(s); each job takes {self.cpus_per_run} "
+            f"CPU(s) (= torch threads) and {self.gpus_per_run:g} GPU(s)"
+        )
+        short = [
+            f"{need:g} {kind} per job but {'it has' if local else 'the cluster has now'} {got:g}"
+            for kind, need, got in (("CPU(s)", self.cpus_per_run, cpus), ("GPU(s)", self.gpus_per_run, gpus))
+            if need > got
+        ]
         if short and local:
             raise HarnessError(f"--executor ray asks for {'; '.join(short)}: lower --cpus-per-run/--gpus-per-run")
         for line in short:  # a cluster may still grow (autoscaler): wait, but say so
             say(f"ray: {line}; jobs wait until a node that has them joins")
         if gpus and not self.gpus_per_run:
-            say(f"ray: warning: {where} has {gpus:g} GPU(s) but --gpus-per-run is 0, so every run trains on a "
-                f"CPU; pass --gpus-per-run 1 (or a fraction such as 0.5) to train on the GPUs")
+            say(
+                f"ray: warning: {where} has {gpus:g} GPU(s) but --gpus-per-run is 0, so every run trains on a "
+                f"CPU; pass --gpus-per-run 1 (or a fraction such as 0.5) to train on the GPUs"
+            )
 
     @contextmanager
     def _marker(self) -> Iterator[Path | None]:
@@ -405,8 +452,10 @@ class StartWatch:
         if self.started or self.warned or time.monotonic() - self.since < self.seconds:
             return
         self.warned = True
-        say(f"ray: no job has started after {self.seconds:g} s: each needs {self.cpus} CPU(s) and {self.gpus:g} "
-            f"GPU(s) and the cluster has {cluster_line(ray)}; {waiting} job(s) wait for them (Ctrl-C stops)")
+        say(
+            f"ray: no job has started after {self.seconds:g} s: each needs {self.cpus} CPU(s) and {self.gpus:g} "
+            f"GPU(s) and the cluster has {cluster_line(ray)}; {waiting} job(s) wait for them (Ctrl-C stops)"
+        )
 
 
 def _relay(lines, say: Say) -> set[str]:

@@ -25,12 +25,25 @@ class Accuracy:
 
     def summary(self, prefix: str = "") -> dict[str, float | int]:
         n = len(self.clean)
-        return {f"{prefix}clean": self.clean.float().mean().item() * 100,
-                f"{prefix}pgd": self.robust.float().mean().item() * 100, f"{prefix}n": n}
+        return {
+            f"{prefix}clean": self.clean.float().mean().item() * 100,
+            f"{prefix}pgd": self.robust.float().mean().item() * 100,
+            f"{prefix}n": n,
+        }
 
 
-def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
-                  steps: int, restarts: int = 1, batch_size: int = 256, progress=None) -> Accuracy:
+def clean_and_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    restarts: int = 1,
+    batch_size: int = 256,
+    progress=None,
+) -> Accuracy:
     """Per-sample clean and PGD-`steps` correctness, model in eval mode, in batches.
 
     The same counting as `harness eval`: a point is broken when any iterate fools it, so the run
@@ -39,7 +52,7 @@ def clean_and_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     clean, robust, predicted = [], [], []
     with model_mode(model, "eval"):
         for start in range(0, len(y), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             with torch.no_grad():
                 guess = model(xb).argmax(1)
             ok = guess == yb

@@ -18,6 +18,7 @@ command is rerun until the grid is complete.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,22 @@ class Grid:
             for method in self.methods:
                 for seed in self.seeds:
                     try:
-                        specs.append(make_spec(method, dataset, self.preset, seed, epochs=self.epochs, eps=self.eps,
-                                               model=self.model, dropout=self.dropout,
-                                               overrides=sets.get(method, ()), precision_name=self.precision,
-                                               batchnorm=self.batchnorm, ranks=ranks))
+                        specs.append(
+                            make_spec(
+                                method,
+                                dataset,
+                                self.preset,
+                                seed,
+                                epochs=self.epochs,
+                                eps=self.eps,
+                                model=self.model,
+                                dropout=self.dropout,
+                                overrides=sets.get(method, ()),
+                                precision_name=self.precision,
+                                batchnorm=self.batchnorm,
+                                ranks=ranks,
+                            )
+                        )
                     except HarnessError as exc:
                         raise GridError(f"{self.source}: {method} on {dataset}, seed {seed}: {exc}") from None
         return specs
@@ -79,8 +92,10 @@ def load_grid(path: Path) -> Grid:
     except OSError as exc:
         raise GridError(f"{path}: cannot read the grid file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise GridError(f"{path}: not a text grid file (byte {exc.object[exc.start]:#04x} at offset {exc.start} "
-                        f"is not UTF-8); is it the TOML file?") from None
+        raise GridError(
+            f"{path}: not a text grid file (byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+            f"is not UTF-8); is it the TOML file?"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise GridError(f"{path}: not valid TOML: {exc}") from None
     return parse_grid(data, str(path))
@@ -100,13 +115,23 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     _check_keys(data, source, fail)
     preset = _string(data["preset"], "preset", fail)
     _resolve(PRESETS, preset, "preset", fail)
-    methods_ = (tuple(DEFENSES.names()) if data["methods"] == "all"
-                else _names(data["methods"], "methods", fail, DEFENSES, "a list of defense names or \"all\""))
+    methods_ = (
+        tuple(DEFENSES.names())
+        if data["methods"] == "all"
+        else _names(data["methods"], "methods", fail, DEFENSES, 'a list of defense names or "all"')
+    )
     datasets = _names(data["datasets"], "datasets", fail, DATASETS, "a list of data set names")
-    return Grid(source=source, preset=preset, methods=methods_, datasets=datasets, seeds=_seeds(data["seeds"], fail),
-                **_run_settings(data, fail), overrides=_overrides(data.get("overrides", {}), methods_, fail),
-                precision=_choice(data.get("precision", "fp32"), "precision", fail, PRECISIONS),
-                batchnorm=_choice(data.get("batchnorm", "global"), "batchnorm", fail, BATCHNORM_MODES))
+    return Grid(
+        source=source,
+        preset=preset,
+        methods=methods_,
+        datasets=datasets,
+        seeds=_seeds(data["seeds"], fail),
+        **_run_settings(data, fail),
+        overrides=_overrides(data.get("overrides", {}), methods_, fail),
+        precision=_choice(data.get("precision", "fp32"), "precision", fail, PRECISIONS),
+        batchnorm=_choice(data.get("batchnorm", "global"), "batchnorm", fail, BATCHNORM_MODES),
+    )
 
 
 def _check_keys(data: dict[str, Any], source: str, fail) -> None:
@@ -126,8 +151,10 @@ def _seeds(seeds: Any, fail) -> tuple[int, ...]:
     if type(seeds) is int and seeds >= 1:
         seeds = list(range(seeds))
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
-        raise fail("seeds", f"must be a non-empty list of non-negative integers or a count N >= 1 "
-                            f"(seeds 0..N-1), got {seeds!r}")
+        raise fail(
+            "seeds",
+            f"must be a non-empty list of non-negative integers or a count N >= 1 (seeds 0..N-1), got {seeds!r}",
+        )
     _no_repeats(seeds, "seeds", fail)
     return tuple(seeds)
 
@@ -143,7 +170,7 @@ def _run_settings(data: dict[str, Any], fail) -> dict[str, Any]:
     eps = data.get("eps")
     if eps is not None:
         if type(eps) not in (str, int, float):
-            raise fail("eps", f"must be a fraction such as \"8/255\" or a number, got {eps!r}")
+            raise fail("eps", f'must be a fraction such as "8/255" or a number, got {eps!r}')
         eps = str(eps)
         _check(lambda: parse_eps(eps), "eps", fail)
     model = _string(data["model"], "model", fail) if "model" in data else None
@@ -172,7 +199,7 @@ def _overrides(overrides: Any, methods_: tuple[str, ...], fail) -> tuple[tuple[s
         for name, value in values.items():
             key = f"overrides.{method}.{name}"
             items.append(f"{name}={_set_value(value, key, fail)}")
-            _check(lambda: apply_overrides(DEFENSES.get(method).Config(), items[-1:]), key, fail)
+            _check(functools.partial(apply_overrides, DEFENSES.get(method).Config(), items[-1:]), key, fail)
         sets.append((method, tuple(items)))
     return tuple(sets)
 

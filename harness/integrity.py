@@ -40,8 +40,10 @@ def sha256_file(path: Path) -> str:
 
 
 def mismatch(path: Path | str, expected: str, found: str, what: str = "checksum") -> CorruptFileError:
-    return CorruptFileError(f"{path}: {what} mismatch (expected sha256 {expected[:SHORT]}, found "
-                            f"{found[:SHORT]}): the file is corrupt and was not used")
+    return CorruptFileError(
+        f"{path}: {what} mismatch (expected sha256 {expected[:SHORT]}, found "
+        f"{found[:SHORT]}): the file is corrupt and was not used"
+    )
 
 
 def canonical_digest(data: dict[str, Any]) -> str:
@@ -74,7 +76,9 @@ def read_json(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise CorruptFileError(f"{path}: not UTF-8 (byte {exc.start}): the file is corrupt") from None
     except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}): the file is corrupt") from None
+        raise CorruptFileError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}): the file is corrupt"
+        ) from None
     return unseal(data, path)
 
 
@@ -83,5 +87,8 @@ CHECKPOINT_LABELS = ("last", "best")
 
 def checkpoint_hashes(run_dir: Path) -> dict[str, str]:
     """SHA-256 of each checkpoint file of a finished run, stored in its record (`checkpoint_sha256`)."""
-    return {label: sha256_file(Path(run_dir) / f"{label}.pt") for label in CHECKPOINT_LABELS
-            if (Path(run_dir) / f"{label}.pt").exists()}
+    return {
+        label: sha256_file(Path(run_dir) / f"{label}.pt")
+        for label in CHECKPOINT_LABELS
+        if (Path(run_dir) / f"{label}.pt").exists()
+    }

@@ -16,10 +16,10 @@ import errno
 import fcntl
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from harness.errors import HarnessError
 
@@ -100,8 +100,9 @@ def hold(directory: Path, *, what: str, wait: bool = False, shared: bool = False
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             if not wait:
-                raise LockedError(f"{what} is in use by another harness process ({_holder(fd)}); "
-                                   f"wait for it to finish or pass --wait") from None
+                raise LockedError(
+                    f"{what} is in use by another harness process ({_holder(fd)}); wait for it to finish or pass --wait"
+                ) from None
             fcntl.flock(fd, mode)
         if not shared:
             os.ftruncate(fd, 0)

@@ -8,12 +8,12 @@ the head alone (ADES's MC-dropout `head` mode). `dropout` > 0 adds dropout throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from harness.data import DatasetInfo
 from harness.registry import Registry
@@ -22,7 +22,7 @@ from harness.registry import Registry
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    build: Callable[[DatasetInfo, float], "Classifier"]
+    build: Callable[[DatasetInfo, float], Classifier]
     description: str
     # Bumped when a change keeps every parameter's name and shape but changes what the network
     # computes: run records carry it, so such a checkpoint is refused instead of loading silently.
@@ -37,18 +37,24 @@ RAW_INPUT_SUFFIX = "-raw"
 
 def register_model(name: str, description: str, revision: int = 1):
     """Registers `name` and its raw-input twin `name-raw` (see `without_input_normalization`)."""
+
     def decorate(build):
         MODELS.add(name, ModelInfo(name, build, description, revision))
-        MODELS.add(name + RAW_INPUT_SUFFIX, ModelInfo(
-            name + RAW_INPUT_SUFFIX, lambda dataset, dropout: without_input_normalization(build(dataset, dropout)),
-            f"{name} on raw [0, 1] input, no normalisation layer (as the TRADES, MART and FAT reference networks)",
-            revision))
+        MODELS.add(
+            name + RAW_INPUT_SUFFIX,
+            ModelInfo(
+                name + RAW_INPUT_SUFFIX,
+                lambda dataset, dropout: without_input_normalization(build(dataset, dropout)),
+                f"{name} on raw [0, 1] input, no normalisation layer (as the TRADES, MART and FAT reference networks)",
+                revision,
+            ),
+        )
         return build
 
     return decorate
 
 
-def without_input_normalization(model: "Classifier") -> "Classifier":
+def without_input_normalization(model: Classifier) -> Classifier:
     """The same network fed raw [0, 1] pixels: its Normalize layer becomes the identity (mean 0, std 1).
 
     Kept as buffers rather than removed, so the state dict has the same keys and a checkpoint carries
@@ -59,11 +65,11 @@ def without_input_normalization(model: "Classifier") -> "Classifier":
     return model
 
 
-def normalizes_input(model: "Classifier") -> bool:
+def normalizes_input(model: Classifier) -> bool:
     return not (bool((model.normalize.mean == 0).all()) and bool((model.normalize.std == 1).all()))
 
 
-def build_model(name: str, dataset: DatasetInfo, dropout: float = 0.0) -> "Classifier":
+def build_model(name: str, dataset: DatasetInfo, dropout: float = 0.0) -> Classifier:
     """Channels-last memory format: oneDNN (CPU) and cuDNN run these convolutions faster in it."""
     return MODELS.get(name).build(dataset, dropout).to(memory_format=torch.channels_last)
 
@@ -81,8 +87,7 @@ class Normalize(nn.Module):
 class Classifier(nn.Module):
     """normalize -> features -> classifier; `logits = classifier(features(normalize(x)))`."""
 
-    def __init__(self, normalize: Normalize, features: nn.Module, feature_dim: int, num_classes: int,
-                 dropout: float):
+    def __init__(self, normalize: Normalize, features: nn.Module, feature_dim: int, num_classes: int, dropout: float):
         super().__init__()
         self.normalize = normalize
         self.features = features
@@ -110,6 +115,7 @@ def he_init(model: Classifier) -> Classifier:
 
 # --------------------------------------------------------------------------- small CNN
 
+
 class FlattenChannelsLast(nn.Module):
     """Flatten (B, C, H, W) in (H, W, C) order: a view of a channels-last tensor, not a copy.
 
@@ -123,9 +129,12 @@ class FlattenChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1).flatten(1)
 
 
-@register_model("small-cnn", "TRADES' MNIST SmallCNN at half width (conv 16-16-32-32, FC 128) with "
-                             "BatchNorm after the 2nd-4th convolutions, so a CPU trains every defense in minutes",
-                revision=2)  # 2: features flattened in (H, W, C) order
+@register_model(
+    "small-cnn",
+    "TRADES' MNIST SmallCNN at half width (conv 16-16-32-32, FC 128) with "
+    "BatchNorm after the 2nd-4th convolutions, so a CPU trains every defense in minutes",
+    revision=2,
+)  # 2: features flattened in (H, W, C) order
 def small_cnn(dataset: DatasetInfo, dropout: float) -> Classifier:
     """conv-ReLU, conv-pool-BN-ReLU (28x28 -> 14x14), conv-BN-ReLU, conv-pool-BN-ReLU (-> 7x7), 4x4 average,
     FC 128.
@@ -153,17 +162,29 @@ def small_cnn(dataset: DatasetInfo, dropout: float) -> Classifier:
 
     drop = [nn.Dropout(dropout)] if dropout > 0 else []
     features = nn.Sequential(
-        conv(c, w, bias=True), nn.ReLU(inplace=True),
-        conv(w, w), nn.MaxPool2d(2), *norm_relu(w), *drop,
-        conv(w, 2 * w), *norm_relu(2 * w),
-        conv(2 * w, 2 * w), nn.MaxPool2d(2), *norm_relu(2 * w), *drop,
-        nn.AdaptiveAvgPool2d(4), FlattenChannelsLast(),
-        nn.Linear(2 * w * 16, 128), nn.ReLU(inplace=True), *drop,
+        conv(c, w, bias=True),
+        nn.ReLU(inplace=True),
+        conv(w, w),
+        nn.MaxPool2d(2),
+        *norm_relu(w),
+        *drop,
+        conv(w, 2 * w),
+        *norm_relu(2 * w),
+        conv(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        *norm_relu(2 * w),
+        *drop,
+        nn.AdaptiveAvgPool2d(4),
+        FlattenChannelsLast(),
+        nn.Linear(2 * w * 16, 128),
+        nn.ReLU(inplace=True),
+        *drop,
     )
     return he_init(Classifier(Normalize(dataset.mean, dataset.std), features, 128, dataset.num_classes, dropout))
 
 
 # --------------------------------------------------------------------------- PreAct-ResNet-18
+
 
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, dropout: float):
@@ -173,8 +194,7 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                         if stride != 1 or cin != cout else None)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -192,11 +212,11 @@ def preact_resnet18(dataset: DatasetInfo, dropout: float) -> Classifier:
         layers += [PreActBlock(cin, cout, stride, dropout), PreActBlock(cout, cout, 1, dropout)]
         cin = cout
     layers += [nn.BatchNorm2d(512), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return Classifier(Normalize(dataset.mean, dataset.std), nn.Sequential(*layers), 512,
-                      dataset.num_classes, dropout)
+    return Classifier(Normalize(dataset.mean, dataset.std), nn.Sequential(*layers), 512, dataset.num_classes, dropout)
 
 
 # --------------------------------------------------------------------------- WideResNet
+
 
 class WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, dropout: float):
@@ -228,8 +248,9 @@ def wide_resnet(dataset: DatasetInfo, depth: int, widen: int, dropout: float) ->
             layers.append(WideBlock(cin, cout, stride if i == 0 else 1, dropout))
             cin = cout
     layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return he_init(Classifier(Normalize(dataset.mean, dataset.std), nn.Sequential(*layers), cin,
-                              dataset.num_classes, dropout))
+    return he_init(
+        Classifier(Normalize(dataset.mean, dataset.std), nn.Sequential(*layers), cin, dataset.num_classes, dropout)
+    )
 
 
 @register_model("wrn-34-10", "WideResNet-34-10, 46.2M parameters (the paper's; Madry's 'WRN-32-10')")

@@ -25,6 +25,8 @@ def sgd_for(model: nn.Module, schedule: Schedule) -> torch.optim.SGD:
         groups = [{"params": list(model.parameters()), "weight_decay": schedule.weight_decay}]
     else:
         decayed, undecayed = decayed_and_undecayed(model)
-        groups = [{"params": decayed, "weight_decay": schedule.weight_decay},
-                  {"params": undecayed, "weight_decay": 0.0}]
+        groups = [
+            {"params": decayed, "weight_decay": schedule.weight_decay},
+            {"params": undecayed, "weight_decay": 0.0},
+        ]
     return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)

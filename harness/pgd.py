@@ -8,8 +8,9 @@ model's train/eval flags are restored afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,9 @@ def uniform_start(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return project(x, (torch.rand_like(x) * 2 - 1) * eps, eps)
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   loss_fn: LossFn = cross_entropy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def input_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = cross_entropy
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-sample loss, logits, d loss / d x) at x, parameters untouched."""
     x = x.detach().requires_grad_(True)
     logits = model(x)
@@ -80,11 +82,22 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return loss.detach(), logits.detach(), grad
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
-        steps: int, step_size: float | torch.Tensor, random_start: bool = True,
-        loss_fn: LossFn = cross_entropy, mode: BNMode = "eval",
-        delta_init: torch.Tensor | None = None, first_grad: torch.Tensor | None = None,
-        keep_stepping: StepFilter | None = None, step_noise: float = 0.0) -> torch.Tensor:
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    steps: int,
+    step_size: float | torch.Tensor,
+    random_start: bool = True,
+    loss_fn: LossFn = cross_entropy,
+    mode: BNMode = "eval",
+    delta_init: torch.Tensor | None = None,
+    first_grad: torch.Tensor | None = None,
+    keep_stepping: StepFilter | None = None,
+    step_noise: float = 0.0,
+) -> torch.Tensor:
     """L-inf PGD (Madry et al. 2018, eq. 2.1): `steps` signed-gradient ascent steps on `loss_fn`.
 
     Args:
@@ -104,16 +117,37 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.T
     """
     if first_grad is not None and keep_stepping is not None:
         raise ValueError("keep_stepping needs the logits of every step, so it cannot reuse first_grad")
-    x_adv, _ = _ascend(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
-                       loss_fn=loss_fn, mode=mode, delta_init=delta_init, first_grad=first_grad,
-                       keep_stepping=keep_stepping, step_noise=step_noise, stop_when_fooled=False)
+    x_adv, _ = _ascend(
+        model,
+        x,
+        y,
+        eps,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        loss_fn=loss_fn,
+        mode=mode,
+        delta_init=delta_init,
+        first_grad=first_grad,
+        keep_stepping=keep_stepping,
+        step_noise=step_noise,
+        stop_when_fooled=False,
+    )
     return x_adv
 
 
-def pgd_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
-                     steps: int, step_size: float | torch.Tensor, random_start: bool = True,
-                     loss_fn: LossFn = cross_entropy, delta_init: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def pgd_until_fooled(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    steps: int,
+    step_size: float | torch.Tensor,
+    random_start: bool = True,
+    loss_fn: LossFn = cross_entropy,
+    delta_init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same PGD for evaluation: a point leaves the batch at the first iterate that fools the model.
 
     Counting a point as broken when any iterate (the start, every step, the last) is misclassified
@@ -122,21 +156,34 @@ def pgd_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     Returns: (x_adv, fooled): x_adv is the fooling iterate where one exists, else the last;
     fooled (B,) bool says which points some iterate fooled.
     """
-    return _ascend(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
-                   loss_fn=loss_fn, mode="eval", delta_init=delta_init, first_grad=None,
-                   keep_stepping=None, step_noise=0.0, stop_when_fooled=True)
+    return _ascend(
+        model,
+        x,
+        y,
+        eps,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        loss_fn=loss_fn,
+        mode="eval",
+        delta_init=delta_init,
+        first_grad=None,
+        keep_stepping=None,
+        step_noise=0.0,
+        stop_when_fooled=True,
+    )
 
 
-def _start(x: torch.Tensor, eps_t: torch.Tensor, delta_init: torch.Tensor | None, random_start: bool
-           ) -> torch.Tensor:
+def _start(x: torch.Tensor, eps_t: torch.Tensor, delta_init: torch.Tensor | None, random_start: bool) -> torch.Tensor:
     """The first perturbation: the one given (projected), PGD's uniform random start, or zero."""
     if delta_init is not None:
         return project(x, delta_init.detach(), eps_t)
     return uniform_start(x, eps_t) if random_start else torch.zeros_like(x)
 
 
-def _move(grad: torch.Tensor, step_t: torch.Tensor, step_noise: float, moving: torch.Tensor | None,
-          xs: torch.Tensor) -> torch.Tensor:
+def _move(
+    grad: torch.Tensor, step_t: torch.Tensor, step_noise: float, moving: torch.Tensor | None, xs: torch.Tensor
+) -> torch.Tensor:
     """A signed-gradient step, with optional Gaussian step noise, zero for points that stopped moving."""
     move = step_t * grad.sign()
     if step_noise:
@@ -144,11 +191,23 @@ def _move(grad: torch.Tensor, step_t: torch.Tensor, step_noise: float, moving: t
     return move if moving is None else move * per_sample(moving, xs)
 
 
-def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
-            steps: int, step_size: float | torch.Tensor, random_start: bool, loss_fn: LossFn,
-            mode: BNMode, delta_init: torch.Tensor | None, first_grad: torch.Tensor | None,
-            keep_stepping: StepFilter | None, step_noise: float,
-            stop_when_fooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _ascend(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    steps: int,
+    step_size: float | torch.Tensor,
+    random_start: bool,
+    loss_fn: LossFn,
+    mode: BNMode,
+    delta_init: torch.Tensor | None,
+    first_grad: torch.Tensor | None,
+    keep_stepping: StepFilter | None,
+    step_noise: float,
+    stop_when_fooled: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The one PGD loop; with `stop_when_fooled` it also checks every iterate and shrinks the batch."""
     eps_t = per_sample(eps, x)
     step_t = per_sample(step_size, x)

@@ -15,9 +15,9 @@ model, and the record says `eval_precision: fp32`.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -34,14 +34,14 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def autocast(precision: str, device: torch.device) -> ContextManager:
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """The autocast region of training steps (a no-op for fp32)."""
     if check_precision(precision) == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
-def full_precision(device: torch.device) -> ContextManager:
+def full_precision(device: torch.device) -> AbstractContextManager:
     """An fp32 region inside training's autocast, for small computations whose fp16 form overflows:
     ADES's eps map and its mean-holding renormalisation divide by score spreads of ~1e-3, whose
     gradient (~1/spread^2) exceeds fp16's 65504 on every step (issue 22: the loss scale halved
@@ -70,8 +70,10 @@ def slow_precision_warning(precision: str, device: torch.device) -> str | None:
     """The one-line warning for a dtype the device emulates; None when it is native."""
     if native_support(precision, device):
         return None
-    return (f"warning: this {device.type} has no native {precision} kernels (torch's capability check); "
-            f"{precision} training will be emulated and slower than fp32")
+    return (
+        f"warning: this {device.type} has no native {precision} kernels (torch's capability check); "
+        f"{precision} training will be emulated and slower than fp32"
+    )
 
 
 class LossScaling:

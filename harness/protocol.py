@@ -18,9 +18,10 @@ record saying so, not an empty diff.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 from harness.config import Schedule, to_jsonable
 from harness.errors import UnknownNameError
@@ -72,6 +73,7 @@ def label(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------ derived values
 
+
 def lr_profile(schedule: Schedule | dict[str, Any]) -> str:
     """'0.1; 0.01 from 50%; 0.001 from 75%': the lr and where it changes, in fractions of the run."""
     s = schedule if isinstance(schedule, dict) else to_jsonable(schedule)
@@ -96,8 +98,9 @@ def _input(record: dict[str, Any]) -> str:
 
 
 DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "lr_profile": lambda record: (lr_profile(record["spec"]["schedule"])
-                                  if "lr" in record["spec"].get("schedule", {}) else _MISSING),
+    "lr_profile": lambda record: (
+        lr_profile(record["spec"]["schedule"]) if "lr" in record["spec"].get("schedule", {}) else _MISSING
+    ),
     "input": _input,
     "architecture": _architecture,
     "checkpoint": lambda record: OUR_CHECKPOINTS,
@@ -106,19 +109,23 @@ DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 def schedule_settings(schedule: Schedule, why: str = "") -> tuple[Setting, ...]:
     """The settings of an authors' schedule (`reference_schedule`), compared with the run's schedule."""
-    return (Setting("spec.schedule.epochs", schedule.epochs, why),
-            Setting("spec.schedule.batch_size", schedule.batch_size, why),
-            Setting("derived.lr_profile", lr_profile(schedule), why),
-            Setting("spec.schedule.weight_decay", schedule.weight_decay, why),
-            Setting("spec.schedule.weight_decay_on", schedule.weight_decay_on,
-                    "torch decays every parameter it is given; --preset reference uses the authors' choice"))
+    return (
+        Setting("spec.schedule.epochs", schedule.epochs, why),
+        Setting("spec.schedule.batch_size", schedule.batch_size, why),
+        Setting("derived.lr_profile", lr_profile(schedule), why),
+        Setting("spec.schedule.weight_decay", schedule.weight_decay, why),
+        Setting(
+            "spec.schedule.weight_decay_on",
+            schedule.weight_decay_on,
+            "torch decays every parameter it is given; --preset reference uses the authors' choice",
+        ),
+    )
 
 
 PAPER_SCHEDULE = "the paper under test trains every method on its own 100-epoch schedule (--preset paper)"
 PAPER_EPS = "the paper under test reports every method at 8/255; 0.031 is about 7.9/255"
 PAPER_INPUT = "ours normalise inside the model; --preset reference uses the raw-input twin (<model>-raw)"
 OUR_SELECTION = "the harness reports the last and the best-on-validation checkpoint, never selects on test"
-
 
 
 # What a record written before a field existed ran with (the only behaviour there was then).
@@ -160,6 +167,7 @@ def same(ours: Any, reference: Any) -> bool:
 
 # ------------------------------------------------------------------------------------------ the diff
 
+
 def protocol_diff(reference: ReferenceProtocol | None, record: dict[str, Any]) -> dict[str, Any]:
     """{source, settings: [{path, setting, reference, ours, departs, why}], deviations} for one run
     record (needs its `spec` and `defense.config`)."""
@@ -169,11 +177,17 @@ def protocol_diff(reference: ReferenceProtocol | None, record: dict[str, Any]) -
     for s in reference.settings:
         ours = value_at(record, s.path)
         known = ours is not _MISSING
-        rows.append({"path": s.path, "setting": label(s.path), "reference": to_jsonable(s.reference),
-                     "ours": to_jsonable(ours) if known else None,
-                     "departs": (not same(ours, s.reference)) if known else None, "why": s.why})
-    return {"source": reference.source, "settings": rows,
-            "deviations": sum(bool(r["departs"]) for r in rows)}
+        rows.append(
+            {
+                "path": s.path,
+                "setting": label(s.path),
+                "reference": to_jsonable(s.reference),
+                "ours": to_jsonable(ours) if known else None,
+                "departs": (not same(ours, s.reference)) if known else None,
+                "why": s.why,
+            }
+        )
+    return {"source": reference.source, "settings": rows, "deviations": sum(bool(r["departs"]) for r in rows)}
 
 
 def reference_of(defense_name: str) -> ReferenceProtocol | None:
@@ -212,7 +226,8 @@ def preset_model(preset: Any, defense_cls: Any, model_name: str) -> str:
 
     declared = defense_cls.reference_protocol
     wants_raw = declared is not None and any(
-        s.path == "derived.input" and s.reference == INPUT_RAW for s in declared.settings)
+        s.path == "derived.input" and s.reference == INPUT_RAW for s in declared.settings
+    )
     if preset.schedule_from_defense and wants_raw and not model_name.endswith(RAW_INPUT_SUFFIX):
         return model_name + RAW_INPUT_SUFFIX
     return model_name

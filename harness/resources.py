@@ -17,8 +17,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -68,8 +69,11 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """Peak device memory since the last reset on a GPU; the process's peak resident set on the CPU."""
     if device.type == "cuda":
-        return {"kind": "device", "bytes": int(torch.cuda.max_memory_allocated(device)),
-                "reserved_bytes": int(torch.cuda.max_memory_reserved(device))}
+        return {
+            "kind": "device",
+            "bytes": int(torch.cuda.max_memory_allocated(device)),
+            "reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+        }
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"kind": "resident", "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
 
@@ -83,7 +87,7 @@ class EpochMeter:
     cpu0: float = 0.0
     load0: float | None = None
 
-    def start(self) -> "EpochMeter":
+    def start(self) -> EpochMeter:
         reset_peak_memory(self.device)
         self.load0 = load_average()
         self.cpu0 = time.process_time()
@@ -94,8 +98,13 @@ class EpochMeter:
         wall = time.perf_counter() - self.wall0
         cpu = time.process_time() - self.cpu0
         loads = [v for v in (self.load0, load_average()) if v is not None]
-        return {"wall_seconds": wall, "cpu_seconds": cpu, "load_1min": max(loads) if loads else None,
-                "cpus": os.cpu_count(), "peak_memory": peak_memory(self.device)}
+        return {
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "load_1min": max(loads) if loads else None,
+            "cpus": os.cpu_count(),
+            "peak_memory": peak_memory(self.device),
+        }
 
 
 def other_load(resources: dict[str, Any]) -> float | None:
@@ -123,6 +132,7 @@ def contended(resources: dict[str, Any] | None) -> bool | None:
 
 # --------------------------------------------------------------------------- out of memory
 
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
@@ -146,9 +156,13 @@ def out_of_memory_message(device: torch.device, per_device: int, global_batch: i
     """One line: what ran out, what fits, and the command that keeps the algorithm's global batch."""
     where = f"{device.type} device" if device.type != "cuda" else torch.cuda.get_device_name(device)
     if fits is None:
-        return (f"out of memory on {where}: not even 1 example per device fits a training step of this "
-                f"defense and model; use a smaller --model")
+        return (
+            f"out of memory on {where}: not even 1 example per device fits a training step of this "
+            f"defense and model; use a smaller --model"
+        )
     gpus = math.ceil(global_batch / fits)
-    return (f"out of memory on {where} training {per_device} examples per device; a batch of {fits} fits, "
-            f"so run on {gpus} GPUs (`torchrun --nproc-per-node {gpus} -m harness run ...`) to keep the "
-            f"global batch of {global_batch}")
+    return (
+        f"out of memory on {where} training {per_device} examples per device; a batch of {fits} fits, "
+        f"so run on {gpus} GPUs (`torchrun --nproc-per-node {gpus} -m harness run ...`) to keep the "
+        f"global batch of {global_batch}"
+    )

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from harness import distributed, precision
+from harness import distributed, faults, precision
 from harness.config import PRESETS, RunSpec, apply_overrides, parse_eps
 from harness.data import DATASETS, DatasetInfo, Split, TensorLoader, load_split, split_train_val
 from harness.defense import DEFENSES, Defense, DefenseContext
@@ -31,17 +31,16 @@ from harness.distributed import World
 from harness.environment import environment, synchronize
 from harness.errors import HarnessError
 from harness.final_eval import clean_and_pgd
-from harness.models import MODELS, build_model
-from harness import faults
 from harness.integrity import checkpoint_hashes
 from harness.locks import LockedError, hold, remove_stale_temps
+from harness.models import MODELS, build_model
 from harness.optim import sgd_for
 from harness.protocol import preset_model, record_field
 from harness.records import RECORD_NAME, SCHEMA_VERSION, collapse_message, read_record, write_record
 from harness.resources import EpochMeter, is_out_of_memory
 from harness.storage import ensure_writable_dir, load_torch, save_torch
-from harness.validation import check_seed, validate_config
 from harness.training import Execution
+from harness.validation import check_seed, validate_config
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,22 @@ class RunOptions:
     world: World = distributed.SINGLE  # this process's place in a torchrun launch
 
 
-def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, *, epochs: int | None = None,
-              eps: str | None = None, model: str | None = None, dropout: float = 0.0,
-              overrides: tuple[str, ...] = (), precision_name: str = "fp32", batchnorm: str = "global",
-              ranks: int = 1, compile_model: bool = False) -> RunSpec:
+def make_spec(
+    defense: str,
+    dataset: str,
+    preset: str = "quick",
+    seed: int = 0,
+    *,
+    epochs: int | None = None,
+    eps: str | None = None,
+    model: str | None = None,
+    dropout: float = 0.0,
+    overrides: tuple[str, ...] = (),
+    precision_name: str = "fp32",
+    batchnorm: str = "global",
+    ranks: int = 1,
+    compile_model: bool = False,
+) -> RunSpec:
     """Resolve names, preset and overrides into a complete RunSpec (unknown names fail here)."""
     defense_cls = DEFENSES.get(defense)
     info = DATASETS.get(dataset)
@@ -81,13 +92,23 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
     precision.check_precision(precision_name)
     if batchnorm not in distributed.BATCHNORM_MODES:
         raise HarnessError(f"unknown --batchnorm {batchnorm!r}; use one of {', '.join(distributed.BATCHNORM_MODES)}")
-    spec = RunSpec(defense=defense, defense_config=config, dataset=dataset, model=model_name,
-                   model_revision=MODELS.get(model_name).revision, dropout=dropout, preset=preset,
-                   eps=parse_eps(eps) if eps is not None else info.eps,
-                   eval_step=info.eval_step, schedule=schedule,
-                   data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
-                   eval=p.eval, seed=seed, precision=precision_name,
-                   batchnorm=f"per-rank x{ranks}" if batchnorm == "per-rank" and ranks > 1 else "global")
+    spec = RunSpec(
+        defense=defense,
+        defense_config=config,
+        dataset=dataset,
+        model=model_name,
+        model_revision=MODELS.get(model_name).revision,
+        dropout=dropout,
+        preset=preset,
+        eps=parse_eps(eps) if eps is not None else info.eps,
+        eval_step=info.eval_step,
+        schedule=schedule,
+        data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
+        eval=p.eval,
+        seed=seed,
+        precision=precision_name,
+        batchnorm=f"per-rank x{ranks}" if batchnorm == "per-rank" and ranks > 1 else "global",
+    )
     spec = with_execution(spec, compile_model, ranks)
     defense_cls.check_spec(spec)
     return spec
@@ -96,8 +117,9 @@ def make_spec(defense: str, dataset: str, preset: str = "quick", seed: int = 0, 
 def with_execution(spec: RunSpec, compile_model: bool, world_size: int) -> RunSpec:
     """`spec` as this command executes it: compile backend and process count are part of its identity
     (a grid file's specs get them here too). fp32 eager single-process specs keep their run ids."""
-    return dataclasses.replace(spec, compile=precision.compile_backend() if compile_model else "none",
-                               world_size=world_size)
+    return dataclasses.replace(
+        spec, compile=precision.compile_backend() if compile_model else "none", world_size=world_size
+    )
 
 
 @dataclass(frozen=True)
@@ -122,23 +144,38 @@ class PreparedData:
 def prepare_data(spec: RunSpec, info: DatasetInfo, options: RunOptions) -> PreparedData:
     train_split = load_split(info, options.data_dir, train=True, download=options.download)
     test_split = load_split(info, options.data_dir, train=False, download=options.download)
-    train_idx, val_idx = split_train_val(len(train_split.labels), spec.data.val_size, spec.data.val_seed,
-                                         spec.data.train_subset)
+    train_idx, val_idx = split_train_val(
+        len(train_split.labels), spec.data.val_size, spec.data.val_seed, spec.data.train_subset
+    )
     n_held = DEFENSES.get(spec.defense).held_out_size(spec.defense_config, len(train_idx))
     if n_held:  # a seeded random share of the training subset, as the validation split is drawn
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(spec.data.val_seed + 1))
         train_idx, held_idx = train_idx[order[n_held:]].sort().values, train_idx[order[:n_held]].sort().values
-    loader = TensorLoader(train_split, train_idx, spec.schedule.batch_size, options.device, shuffle=True,
-                          augment=spec.data.augment, seed=spec.seed)
-    n_test = len(test_split.labels) if spec.eval.test_examples is None else min(
-        spec.eval.test_examples, len(test_split.labels))
+    loader = TensorLoader(
+        train_split,
+        train_idx,
+        spec.schedule.batch_size,
+        options.device,
+        shuffle=True,
+        augment=spec.data.augment,
+        seed=spec.seed,
+    )
+    n_test = (
+        len(test_split.labels)
+        if spec.eval.test_examples is None
+        else min(spec.eval.test_examples, len(test_split.labels))
+    )
 
     def to_device(split: Split, idx: torch.Tensor) -> Split:
         return Split(split.images[idx].float().div(255).to(options.device), split.labels[idx].to(options.device))
 
-    return PreparedData(loader, to_device(train_split, val_idx),
-                        to_device(test_split, torch.arange(n_test)), list(range(n_test)),
-                        to_device(train_split, held_idx) if n_held else None)
+    return PreparedData(
+        loader,
+        to_device(train_split, val_idx),
+        to_device(test_split, torch.arange(n_test)),
+        list(range(n_test)),
+        to_device(train_split, held_idx) if n_held else None,
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -190,8 +227,10 @@ class Run:
         """Rank 0 alone takes the run's lock and decides (skip, train, resume, or fail with a reason);
         every rank then does what it was told, so no rank can train a run the others skipped."""
         if self.spec.world_size != self.world.size:
-            raise HarnessError(f"run {self.spec.run_id} is specified for {self.spec.world_size} process(es) but "
-                               f"{self.world.size} are running it (world size is part of a run's identity)")
+            raise HarnessError(
+                f"run {self.spec.run_id} is specified for {self.spec.world_size} process(es) but "
+                f"{self.world.size} are running it (world size is part of a run's identity)"
+            )
         with ExitStack() as held:
             decision = distributed.broadcast_from_main(self._decide_on_main(held), self.world)
             if decision.action == "fail":
@@ -204,7 +243,7 @@ class Run:
             distributed.barrier(self.world)
             return record if self.world.is_main else read_record(self.record_path)
 
-    def _decide_on_main(self, held: ExitStack) -> "Decision | None":
+    def _decide_on_main(self, held: ExitStack) -> Decision | None:
         """Rank 0's decision, taken under the run's lock (kept in `held` while the ranks train)."""
         if not self.world.is_main:
             return None
@@ -220,15 +259,18 @@ class Run:
                 distributed.broadcast_from_main(Decision("fail", message=f"rank 0 failed: {exc!r}"), self.world)
             raise
 
-    def _decide(self) -> "Decision":
+    def _decide(self) -> Decision:
         existing = self._existing_record()
         if existing is not None and existing["status"] == "complete" and not self.options.force:
             return Decision("skip")
         resuming = existing is not None and not self.options.force
         if resuming and not self.options.resume:
             done = len(existing["epochs"])
-            return Decision("fail", message=f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
-                                            f"pass --resume to continue it or --force to start over")
+            return Decision(
+                "fail",
+                message=f"run {self.spec.run_id} was interrupted after {done} epoch(s); "
+                f"pass --resume to continue it or --force to start over",
+            )
         if self.world.is_main and self.options.force and self.dir.exists():
             shutil.rmtree(self.dir)
         return Decision("train", resume=resuming)
@@ -270,7 +312,7 @@ class Run:
             self._finish(t, record)
         return record
 
-    def _set_up(self) -> "Training":
+    def _set_up(self) -> Training:
         """Data (rank 0 first), the seeded model, the defense, the optimiser and how the model executes."""
         spec, world = self.spec, self.world
         if not world.is_main:  # rank 0 downloads or writes the data set first
@@ -283,17 +325,29 @@ class Run:
         torch.manual_seed(spec.seed)
         random.seed(spec.seed)
         net = self._build_model()
-        context = DefenseContext(eps=spec.eps, dataset=self.info, train_size=data.train.num_examples,
-                                 epochs=spec.schedule.epochs, device=self.device, held_out=data.held_out)
+        context = DefenseContext(
+            eps=spec.eps,
+            dataset=self.info,
+            train_size=data.train.num_examples,
+            epochs=spec.schedule.epochs,
+            device=self.device,
+            held_out=data.held_out,
+        )
         defense: Defense = DEFENSES.get(spec.defense)(spec.defense_config, context)
         Execution.check_defense(defense, world)
         defense.setup(net)
         optimizer = sgd_for(net, spec.schedule)
         execution = Execution.prepare(net, spec.precision, spec.compile, world, self.device)
-        return Training(net, data, defense, optimizer, execution,
-                        MinibatchBudget(spec.schedule.epochs, len(data.train), defense.replays))
+        return Training(
+            net,
+            data,
+            defense,
+            optimizer,
+            execution,
+            MinibatchBudget(spec.schedule.epochs, len(data.train), defense.replays),
+        )
 
-    def _resume(self, t: "Training", record: dict[str, Any]) -> tuple[int, float]:
+    def _resume(self, t: Training, record: dict[str, Any]) -> tuple[int, float]:
         """Restore everything last.pt holds; returns (passes done, best validation PGD so far)."""
         ckpt = load_torch(self.dir / "last.pt", self.device)
         t.net.load_state_dict(ckpt["model"])
@@ -305,20 +359,29 @@ class Run:
         self._say(f"resume {self.spec.run_id} after pass {ckpt['passes_done']}/{t.budget.passes}")
         return ckpt["passes_done"], ckpt["best_val_pgd"]
 
-    def _checkpoint(self, t: "Training", record: dict[str, Any], p: int, best_val: float) -> float:
+    def _checkpoint(self, t: Training, record: dict[str, Any], p: int, best_val: float) -> float:
         """After pass p (rank 0): best.pt when validation PGD improved, last.pt, the record; the new best."""
         val_pgd = record["epochs"][-1]["val"]["pgd"]
         if val_pgd > best_val:
             best_val = val_pgd
             save_torch(self.dir / "best.pt", {"model": t.net.state_dict(), "pass": p + 1, "val_pgd": best_val})
-        save_torch(self.dir / "last.pt", {
-            "model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "defense": t.defense.state_dict(), "rng": _rng_state(), "passes_done": p + 1,
-            "best_val_pgd": best_val, "epochs": record["epochs"], "scaler": t.execution.scaler.state_dict()})
+        save_torch(
+            self.dir / "last.pt",
+            {
+                "model": t.net.state_dict(),
+                "optimizer": t.optimizer.state_dict(),
+                "defense": t.defense.state_dict(),
+                "rng": _rng_state(),
+                "passes_done": p + 1,
+                "best_val_pgd": best_val,
+                "epochs": record["epochs"],
+                "scaler": t.execution.scaler.state_dict(),
+            },
+        )
         write_record(self.record_path, record)
         return best_val
 
-    def _finish(self, t: "Training", record: dict[str, Any]) -> None:
+    def _finish(self, t: Training, record: dict[str, Any]) -> None:
         """Rank 0: the final evaluation, the collapse diagnostics, checkpoint hashes, status complete."""
         faults.reached("final-evaluation")
         record["final"] = self._final_evaluation(t.net, t.data, t.budget.passes)
@@ -330,18 +393,26 @@ class Run:
         record["finished"] = _now()
         write_record(self.record_path, record)
 
-    def _train_pass(self, execution: Execution, optimizer, defense: Defense, data: PreparedData, p: int,
-                    budget: "MinibatchBudget") -> dict[str, Any]:
+    def _train_pass(
+        self, execution: Execution, optimizer, defense: Defense, data: PreparedData, p: int, budget: MinibatchBudget
+    ) -> dict[str, Any]:
         """One pass over the data. Nothing here reads the device per step: the meter's sums stay on
         it until the pass ends (the progress bar shows them at most every PROGRESS_SECONDS)."""
         spec, loader, world = self.spec, data.train, self.world
         n_batches = budget.minibatches_in_pass(p)
         defense.start_epoch(p)
         meter = Meter()
-        visited = (torch.zeros(data.train.num_examples, dtype=torch.bool, device=self.device)
-                   if world.distributed else None)
-        bar = tqdm(total=n_batches, desc=f"{spec.defense} {p + 1}/{budget.passes}", unit="batch",
-                   disable=None if (self.options.progress and world.is_main) else True, leave=False, dynamic_ncols=True)
+        visited = (
+            torch.zeros(data.train.num_examples, dtype=torch.bool, device=self.device) if world.distributed else None
+        )
+        bar = tqdm(
+            total=n_batches,
+            desc=f"{spec.defense} {p + 1}/{budget.passes}",
+            unit="batch",
+            disable=None if (self.options.progress and world.is_main) else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
         execution.train_model.train()
         synchronize(self.device)
         timer = EpochMeter(self.device).start()
@@ -371,10 +442,17 @@ class Run:
         execution.end_pass(defense, visited, spec.batchnorm)
         diagnostics = defense.end_epoch(p)
         train = meter.means()
-        entry = {"pass": p + 1, "minibatches": n_batches, "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
-                 "lr": optimizer.param_groups[0]["lr"], "train_seconds": resources["wall_seconds"],
-                 "cpu_seconds": resources["cpu_seconds"], "resources": resources, "train": train,
-                 "defense": diagnostics}
+        entry = {
+            "pass": p + 1,
+            "minibatches": n_batches,
+            "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_seconds": resources["wall_seconds"],
+            "cpu_seconds": resources["cpu_seconds"],
+            "resources": resources,
+            "train": train,
+            "defense": diagnostics,
+        }
         if execution.scaler.enabled:
             entry["loss_scale"] = execution.scaler.scale
         return entry
@@ -383,14 +461,23 @@ class Run:
         """PGD on the validation split (fp32, eval mode, the plain model) to choose `best`."""
         spec = self.spec
         t1 = time.perf_counter()
-        val = clean_and_pgd(net, data.val.images, data.val.labels, eps=float(spec.eps),
-                            step_size=float(spec.eval_step), steps=spec.eval.val_pgd_steps,
-                            batch_size=spec.eval.batch_size).summary()
+        val = clean_and_pgd(
+            net,
+            data.val.images,
+            data.val.labels,
+            eps=float(spec.eps),
+            step_size=float(spec.eval_step),
+            steps=spec.eval.val_pgd_steps,
+            batch_size=spec.eval.batch_size,
+        ).summary()
         synchronize(self.device)
         entry = {**entry, "val_seconds": time.perf_counter() - t1, "val": val}
-        self._say(f"{spec.defense} pass {entry['pass']}/{passes}: "
-                  f"{entry['train_seconds']:.1f}s  " + "  ".join(f"{k} {v:.3f}" for k, v in entry["train"].items())
-                  + f"  val clean {val['clean']:.1f}  val pgd{spec.eval.val_pgd_steps} {val['pgd']:.1f}")
+        self._say(
+            f"{spec.defense} pass {entry['pass']}/{passes}: "
+            f"{entry['train_seconds']:.1f}s  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in entry["train"].items())
+            + f"  val clean {val['clean']:.1f}  val pgd{spec.eval.val_pgd_steps} {val['pgd']:.1f}"
+        )
         return entry
 
     def _final_evaluation(self, model, data: PreparedData, passes: int) -> dict[str, Any]:
@@ -405,37 +492,70 @@ class Run:
                 continue
             model.load_state_dict(state)
             torch.manual_seed(spec.seed + 1)  # the same attack randomness for every checkpoint
-            bar = tqdm(total=len(data.test.labels), desc=f"eval {label}", unit="img",
-                       disable=None if self.options.progress else True, leave=False)
+            bar = tqdm(
+                total=len(data.test.labels),
+                desc=f"eval {label}",
+                unit="img",
+                disable=None if self.options.progress else True,
+                leave=False,
+            )
             t0 = time.perf_counter()
-            acc = clean_and_pgd(model, data.test.images, data.test.labels, eps=float(spec.eps),
-                                step_size=float(spec.eval_step), steps=spec.eval.pgd_steps,
-                                restarts=spec.eval.pgd_restarts, batch_size=spec.eval.batch_size, progress=bar)
+            acc = clean_and_pgd(
+                model,
+                data.test.images,
+                data.test.labels,
+                eps=float(spec.eps),
+                step_size=float(spec.eval_step),
+                steps=spec.eval.pgd_steps,
+                restarts=spec.eval.pgd_restarts,
+                batch_size=spec.eval.batch_size,
+                progress=bar,
+            )
             bar.close()
-            final[label] = {**acc.summary(), "pass": chosen_pass, "seconds": time.perf_counter() - t0,
-                            "predicted_classes": acc.class_counts(self.info.num_classes)}
-            self._say(f"{spec.defense} [{label}] test clean {final[label]['clean']:.2f}  "
-                      f"PGD-{spec.eval.pgd_steps} {final[label]['pgd']:.2f}  (n={final[label]['n']})")
+            final[label] = {
+                **acc.summary(),
+                "pass": chosen_pass,
+                "seconds": time.perf_counter() - t0,
+                "predicted_classes": acc.class_counts(self.info.num_classes),
+            }
+            self._say(
+                f"{spec.defense} [{label}] test clean {final[label]['clean']:.2f}  "
+                f"PGD-{spec.eval.pgd_steps} {final[label]['pgd']:.2f}  (n={final[label]['n']})"
+            )
         model.load_state_dict(last_state)
         return final
 
-    def _new_record(self, defense: Defense, data: PreparedData, budget: "MinibatchBudget") -> dict[str, Any]:
+    def _new_record(self, defense: Defense, data: PreparedData, budget: MinibatchBudget) -> dict[str, Any]:
         return {
-            "schema": SCHEMA_VERSION, "run_id": self.spec.run_id, "status": "running",
-            "spec": self.spec.to_dict(), "defense": defense.record(),
+            "schema": SCHEMA_VERSION,
+            "run_id": self.spec.run_id,
+            "status": "running",
+            "spec": self.spec.to_dict(),
+            "defense": defense.record(),
             "reference_protocol": record_field(defense, self.spec.to_dict(), defense.record()),
-            "environment": environment(self.device), "created": _now(),
-            "protocol": {"passes": budget.passes, "minibatches": budget.total,
-                         "sgd_steps": budget.total * budget.replays, "equivalent_epochs": budget.epochs,
-                         "train_examples": data.train.num_examples, "val_examples": len(data.val.labels),
-                         "held_out_examples": 0 if data.held_out is None else len(data.held_out.labels),
-                         "test_indices": f"0..{len(data.test_indices) - 1}",
-                         "eval_attack": {"name": "pgd", "steps": self.spec.eval.pgd_steps,
-                                         "step_size": f"{self.spec.eval_step}",
-                                         "restarts": self.spec.eval.pgd_restarts, "bn": "eval",
-                                         "random_start": True}},
-            "epochs": [], "final": {}, "checkpoints": {"last": str(self.dir / "last.pt"),
-                                                       "best": str(self.dir / "best.pt")},
+            "environment": environment(self.device),
+            "created": _now(),
+            "protocol": {
+                "passes": budget.passes,
+                "minibatches": budget.total,
+                "sgd_steps": budget.total * budget.replays,
+                "equivalent_epochs": budget.epochs,
+                "train_examples": data.train.num_examples,
+                "val_examples": len(data.val.labels),
+                "held_out_examples": 0 if data.held_out is None else len(data.held_out.labels),
+                "test_indices": f"0..{len(data.test_indices) - 1}",
+                "eval_attack": {
+                    "name": "pgd",
+                    "steps": self.spec.eval.pgd_steps,
+                    "step_size": f"{self.spec.eval_step}",
+                    "restarts": self.spec.eval.pgd_restarts,
+                    "bn": "eval",
+                    "random_start": True,
+                },
+            },
+            "epochs": [],
+            "final": {},
+            "checkpoints": {"last": str(self.dir / "last.pt"), "best": str(self.dir / "best.pt")},
         }
 
 
@@ -447,8 +567,11 @@ COLLAPSE_SHARE = 0.9
 
 def collapse_diagnostics(final: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """`collapsed`: the checkpoints ('last', 'best') whose predictions fall (almost) all in one class."""
-    collapsed = [label for label, entry in final.items()
-                 if max(entry["predicted_classes"]) >= COLLAPSE_SHARE * max(sum(entry["predicted_classes"]), 1)]
+    collapsed = [
+        label
+        for label, entry in final.items()
+        if max(entry["predicted_classes"]) >= COLLAPSE_SHARE * max(sum(entry["predicted_classes"]), 1)
+    ]
     return {"collapsed": collapsed, "collapse_share": COLLAPSE_SHARE, "num_classes": num_classes}
 
 
@@ -461,7 +584,7 @@ class Training:
     defense: Defense
     optimizer: torch.optim.Optimizer
     execution: Execution
-    budget: "MinibatchBudget"
+    budget: MinibatchBudget
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any
 
 import torch
 
@@ -83,8 +84,11 @@ def save_torch(path: Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     payload = buffer.getvalue()
-    wrapper = {"format": CHECKPOINT_FORMAT, "sha256": sha256_bytes(payload),
-               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    wrapper = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": sha256_bytes(payload),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
     buffer = io.BytesIO()
     torch.save(wrapper, buffer)  # in memory: torch turns a failed file write into a RuntimeError
     data = buffer.getvalue()
@@ -101,7 +105,11 @@ def load_torch(path: Path, map_location: str | torch.device = "cpu") -> Any:
     if not (isinstance(outer, dict) and ("payload" in outer or outer.get("format") == CHECKPOINT_FORMAT)):
         return outer
     payload, expected = outer.get("payload"), outer.get("sha256")
-    if outer.get("format") != CHECKPOINT_FORMAT or not isinstance(payload, torch.Tensor) or not isinstance(expected, str):
+    if (
+        outer.get("format") != CHECKPOINT_FORMAT
+        or not isinstance(payload, torch.Tensor)
+        or not isinstance(expected, str)
+    ):
         raise CorruptFileError(f"{path}: damaged checkpoint wrapper: the file is corrupt and was not used")
     data = payload.numpy().tobytes()
     found = sha256_bytes(data)
@@ -117,5 +125,7 @@ def _torch_load(source: Any, path: Path, map_location: Any) -> Any:
         raise HarnessError(f"{path} does not exist") from None
     except Exception as exc:  # zip, unpickling and torch errors come in many types; all mean "not usable"
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CorruptFileError(f"{path}: unreadable checkpoint ({detail}): the file is corrupt or not a "
-                               f"weights-only PyTorch checkpoint, and was not used") from None
+        raise CorruptFileError(
+            f"{path}: unreadable checkpoint ({detail}): the file is corrupt or not a "
+            f"weights-only PyTorch checkpoint, and was not used"
+        ) from None

@@ -9,9 +9,10 @@ the run record as `execution`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,21 +36,31 @@ class Execution:
     scaler: precision.LossScaling
 
     @classmethod
-    def prepare(cls, net: nn.Module, precision_name: str, compile_backend: str, world: World,
-                device: torch.device) -> "Execution":
+    def prepare(
+        cls, net: nn.Module, precision_name: str, compile_backend: str, world: World, device: torch.device
+    ) -> Execution:
         """`net` must already be on `device` with global BatchNorm where the spec asks for it."""
         train_model = precision.compiled(net, compile_backend)
         if world.distributed:
             train_model = distributed.data_parallel(train_model, device)
-        return cls(net, train_model, precision_name, compile_backend, world, device,
-                   precision.LossScaling(precision_name, device))
+        return cls(
+            net,
+            train_model,
+            precision_name,
+            compile_backend,
+            world,
+            device,
+            precision.LossScaling(precision_name, device),
+        )
 
     @staticmethod
     def check_defense(defense: Defense, world: World) -> None:
         """The runner's guard (check_distributable refuses the command before any work)."""
         if world.distributed and not defense.distributed_ready:
-            raise HarnessError(f"{defense.name} is not checked for training on several processes (its state or "
-                               f"batch-level statistics are per process); run it without torchrun")
+            raise HarnessError(
+                f"{defense.name} is not checked for training on several processes (its state or "
+                f"batch-level statistics are per process); run it without torchrun"
+            )
 
     @contextmanager
     def training_steps(self) -> Iterator[None]:
@@ -80,22 +91,29 @@ class Execution:
         if batchnorm != "global":
             distributed.average_buffers(self.net, self.world)
 
-    def out_of_memory(self, defense: Defense, optimizer: torch.optim.Optimizer, batch: Batch,
-                      global_batch: int) -> HarnessError:
+    def out_of_memory(
+        self, defense: Defense, optimizer: torch.optim.Optimizer, batch: Batch, global_batch: int
+    ) -> HarnessError:
         """The one-line error for an OOM in a training step; single-process runs measure what fits
         (with the run's own defense, model and precision: the run is abandoned anyway)."""
         fits = None
         if not self.world.distributed:
+
             def try_step(n: int) -> None:
                 self.train_step(defense, optimizer, Batch(batch.x[:n], batch.y[:n], batch.index[:n]))
+
             fits = largest_fitting_batch(try_step, len(batch.y))
         return HarnessError(out_of_memory_message(self.device, len(batch.y), global_batch, fits))
 
     def describe(self, batchnorm: str) -> dict[str, Any]:
-        return {"precision": self.precision, "eval_precision": "fp32", "compile": self.compile if self.compile != "none" else False,
-                "native_precision": precision.native_support(self.precision, self.device),
-                "loss_scaling": "dynamic (GradScaler)" if self.scaler.enabled else None,
-                "distributed": distributed.describe(self.world, batchnorm, self.device)}
+        return {
+            "precision": self.precision,
+            "eval_precision": "fp32",
+            "compile": self.compile if self.compile != "none" else False,
+            "native_precision": precision.native_support(self.precision, self.device),
+            "loss_scaling": "dynamic (GradScaler)" if self.scaler.enabled else None,
+            "distributed": distributed.describe(self.world, batchnorm, self.device),
+        }
 
 
 def check_distributable(specs: list, world: World) -> None:
@@ -107,6 +125,9 @@ def check_distributable(specs: list, world: World) -> None:
         return
     refused = sorted({spec.defense for spec in specs if not DEFENSES.get(spec.defense).distributed_ready})
     if refused:
-        distributed.refuse(f"{', '.join(refused)} cannot train on several processes (per-process state or batch "
-                           f"statistics, see docs/distributed.md); run {'it' if len(refused) == 1 else 'them'} "
-                           f"without torchrun", world)
+        distributed.refuse(
+            f"{', '.join(refused)} cannot train on several processes (per-process state or batch "
+            f"statistics, see docs/distributed.md); run {'it' if len(refused) == 1 else 'them'} "
+            f"without torchrun",
+            world,
+        )

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 from harness.errors import HarnessError
 
@@ -67,8 +68,10 @@ def at_least(low: float) -> Rule:
 def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
     """low <= v <= high; an open end excludes its bound ("in (0, 1]")."""
     left, right = "(" if low_open else "[", ")" if high_open else "]"
-    return Rule(f"in {left}{low:g}, {high:g}{right}",
-                lambda v: (low < v if low_open else low <= v) and (v < high if high_open else v <= high))
+    return Rule(
+        f"in {left}{low:g}, {high:g}{right}",
+        lambda v: (low < v if low_open else low <= v) and (v < high if high_open else v <= high),
+    )
 
 
 def one_of(choices: tuple[str, ...], why: str = "") -> Rule:
@@ -82,8 +85,9 @@ distinct = Rule("listed once each", lambda v: len(set(v)) == len(v), each=False)
 not_empty = Rule("not empty", lambda v: len(v) > 0, each=False)
 
 
-def rules(*inherited: Mapping[str, tuple[Rule, ...]],
-          **by_field: Rule | tuple[Rule, ...]) -> Mapping[str, tuple[Rule, ...]]:
+def rules(
+    *inherited: Mapping[str, tuple[Rule, ...]], **by_field: Rule | tuple[Rule, ...]
+) -> Mapping[str, tuple[Rule, ...]]:
     """Declare `RULES`: one rule or a tuple of rules per field, on top of a parent config's `RULES`
     (`rules(CueEpsConfig.RULES, hidden=at_least(1))`); a field named again replaces its parent's rules."""
     merged = {k: v for parent in inherited for k, v in parent.items()}
@@ -142,8 +146,9 @@ def violations_of(owner: str) -> Iterator[None]:
     try:
         yield
     except ConfigViolation as violation:
-        raise HarnessError(violation_message(owner, violation.field, violation.must, violation.got,
-                                             violation.why)) from None
+        raise HarnessError(
+            violation_message(owner, violation.field, violation.must, violation.got, violation.why)
+        ) from None
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:

@@ -42,9 +42,11 @@ class ADESConfig(SchedulerConfig):
     objective: Literal["budget", "joint", "bilevel"] = "budget"
     budget_control: Literal["renormalise", "penalty"] = "renormalise"
     budget_penalty: float = 10.0  # penalty weight on ((mean eps - target) / target)^2
-    RULES = rules(SchedulerConfig.RULES, budget_penalty=non_negative,
-                  objective=Rule("budget or joint", lambda v: v != "bilevel",
-                                 "bilevel is its own defense: -m ades-bilevel"))
+    RULES = rules(
+        SchedulerConfig.RULES,
+        budget_penalty=non_negative,
+        objective=Rule("budget or joint", lambda v: v != "bilevel", "bilevel is its own defense: -m ades-bilevel"),
+    )
 
     @property
     def holds_mean(self) -> bool:
@@ -74,7 +76,8 @@ class ADES(CueScheduledDefense):
     def setup(self, model):
         super().setup(model)
         self.scheduler, self.scheduler_optimizer = make_scheduler(
-            self.config, next(model.parameters()).device, maximise=self.config.objective == "budget")
+            self.config, next(model.parameters()).device, maximise=self.config.objective == "budget"
+        )
 
     def score(self, s, track):
         with torch.set_grad_enabled(track):
@@ -108,8 +111,11 @@ class ADES(CueScheduledDefense):
         return -budget_penalty(eps, self.eps_target, cfg.budget_penalty)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scheduler_optimizer": self.scheduler_optimizer.state_dict()}
+        return {
+            **super().state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scheduler_optimizer": self.scheduler_optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -118,12 +124,25 @@ class ADES(CueScheduledDefense):
 
     def record(self) -> dict[str, Any]:
         cfg = self.config
-        direction = {"budget": "maximise loss", "joint": "minimise loss",
-                     "bilevel": "minimise held-out robust loss after a one-step look-ahead"}[cfg.objective]
-        return {**super().record(), "budget_control": cfg.budget_control if cfg.holds_mean else None,
-                "scheduler": to_jsonable({"layers": [len(cfg.cues), cfg.hidden, 1], "init_scale": cfg.init_scale,
-                                          "optimizer": cfg.scheduler_optimizer, "lr": cfg.scheduler_lr,
-                                          "every": cfg.scheduler_every, "direction": direction})}
+        direction = {
+            "budget": "maximise loss",
+            "joint": "minimise loss",
+            "bilevel": "minimise held-out robust loss after a one-step look-ahead",
+        }[cfg.objective]
+        return {
+            **super().record(),
+            "budget_control": cfg.budget_control if cfg.holds_mean else None,
+            "scheduler": to_jsonable(
+                {
+                    "layers": [len(cfg.cues), cfg.hidden, 1],
+                    "init_scale": cfg.init_scale,
+                    "optimizer": cfg.scheduler_optimizer,
+                    "lr": cfg.scheduler_lr,
+                    "every": cfg.scheduler_every,
+                    "direction": direction,
+                }
+            ),
+        }
 
 
 @register_defense("ades-joint")

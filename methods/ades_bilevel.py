@@ -28,8 +28,9 @@ trained on, distinct from the validation split that picks `best`); phi steps eve
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,8 @@ from torch.func import functional_call
 from harness.defense import register_defense
 from harness.errors import HarnessError
 from harness.pgd import pgd
-from methods.ades import ADES, ADESConfig
 from harness.validation import Rule, at_least, between, rules
+from methods.ades import ADES, ADESConfig
 from methods.cue_schedule import preserved_buffers
 from methods.eps_scheduler import through_eps
 
@@ -50,9 +51,12 @@ class ADESBilevelConfig(ADESConfig):
     scheduler_every: int = 2  # k: phi's hypergradient step every k training steps
     held_out_fraction: float = 0.1  # of the training subset, withheld for the outer loss
     held_out_batch: int = 128
-    RULES = rules(ADESConfig.RULES, held_out_fraction=between(0, 1, low_open=True, high_open=True),
-                  held_out_batch=at_least(1),
-                  objective=Rule("bilevel", lambda v: v == "bilevel", "use -m ades or -m ades-joint for the others"))
+    RULES = rules(
+        ADESConfig.RULES,
+        held_out_fraction=between(0, 1, low_open=True, high_open=True),
+        held_out_batch=at_least(1),
+        objective=Rule("bilevel", lambda v: v == "bilevel", "use -m ades or -m ades-joint for the others"),
+    )
 
 
 @register_defense("ades-bilevel")
@@ -72,8 +76,10 @@ class ADESBilevel(ADES):
     def check_spec(cls, spec) -> None:
         super().check_spec(spec)
         if getattr(spec, "precision", "fp32") == "fp16":  # the hypergradient bypasses the loss scaler
-            raise HarnessError("ades-bilevel trains in fp32 or bf16; fp16's loss scaling does not reach its "
-                               "second-order step (use --precision bf16)")
+            raise HarnessError(
+                "ades-bilevel trains in fp32 or bf16; fp16's loss scaling does not reach its "
+                "second-order step (use --precision bf16)"
+            )
 
     @classmethod
     def held_out_size(cls, config: ADESBilevelConfig, train_size: int) -> int:
@@ -81,8 +87,10 @@ class ADESBilevel(ADES):
 
     def setup(self, model):
         if self.context.held_out is None or len(self.context.held_out.labels) == 0:
-            raise HarnessError("ades-bilevel needs a held-out split (DefenseContext.held_out); the runner carves "
-                               "it from the training subset")
+            raise HarnessError(
+                "ades-bilevel needs a held-out split (DefenseContext.held_out); the runner carves "
+                "it from the training subset"
+            )
         super().setup(model)  # phi's optimiser minimises (objective != budget)
 
     def train_step(self, model, optimizer, batch):
@@ -108,7 +116,7 @@ class ADESBilevel(ADES):
     def held_out_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         held = self.context.held_out
         n = len(held.labels)
-        idx = torch.randperm(n, device=held.labels.device)[:self.config.held_out_batch]
+        idx = torch.randperm(n, device=held.labels.device)[: self.config.held_out_batch]
         return held.images[idx], held.labels[idx]
 
     def held_out_adversarial(self, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +126,21 @@ class ADESBilevel(ADES):
         x, y = self.held_out_batch()
         eps = self.context.eps_float
         with preserved_buffers(model):
-            x_adv = pgd(model, x, y, eps, steps=cfg.steps, step_size=cfg.step_size_rel * eps,
-                        random_start=cfg.random_start, mode=cfg.attack_bn)
+            x_adv = pgd(
+                model,
+                x,
+                y,
+                eps,
+                steps=cfg.steps,
+                step_size=cfg.step_size_rel * eps,
+                random_start=cfg.random_start,
+                mode=cfg.attack_bn,
+            )
         return x_adv, y
 
-    def lookahead_outer_loss(self, model, params: dict[str, torch.Tensor], grads, lr: float,
-                             held_out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def lookahead_outer_loss(
+        self, model, params: dict[str, torch.Tensor], grads, lr: float, held_out: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """CE(f_{theta - lr g(phi)}(x'_h), y_h): differentiable in phi through g (second order)."""
         lookahead = {name: p.detach() - lr * g for (name, p), g in zip(params.items(), grads)}
         # train-mode forward on copies of the buffers: the saved graph of theta's step stays valid
@@ -132,8 +149,9 @@ class ADESBilevel(ADES):
         x_adv, y = held_out
         return F.cross_entropy(functional_call(model, {**lookahead, **buffers}, (x_adv,)), y)
 
-    def hypergradient_step(self, model, params: dict[str, torch.Tensor], grads, lr: float,
-                           held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def hypergradient_step(
+        self, model, params: dict[str, torch.Tensor], grads, lr: float, held_out: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         """phi <- Adam step minimising the held-out robust loss after the look-ahead."""
         outer = self.lookahead_outer_loss(model, params, grads, lr, held_out)
         phi = list(self.scheduler.parameters())
@@ -144,6 +162,9 @@ class ADESBilevel(ADES):
 
     def record(self) -> dict[str, Any]:
         cfg = self.config
-        return {**super().record(), "held_out_examples": len(self.context.held_out.labels),
-                "outer_loss": f"CE of PGD-{cfg.steps} at the run's eps on {cfg.held_out_batch} held-out examples "
-                              f"after a one-step SGD look-ahead (second order, no momentum / weight decay)"}
+        return {
+            **super().record(),
+            "held_out_examples": len(self.context.held_out.labels),
+            "outer_loss": f"CE of PGD-{cfg.steps} at the run's eps on {cfg.held_out_batch} held-out examples "
+            f"after a one-step SGD look-ahead (second order, no momentum / weight decay)",
+        }

@@ -26,14 +26,15 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
 from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
-from harness.validation import DefenseConfig, at_least, positive, rules
 from harness.pgd import pgd
+from harness.validation import DefenseConfig, at_least, positive, rules
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class CATConfig(DefenseConfig):
     random_start: bool = True
     attack_bn: Literal["train", "eval"] = "train"
     RULES = rules(max_steps=at_least(1), step_size_rel=positive)
-
 
 
 def lesson_for(epoch: int, epochs: int, max_steps: int) -> int:
@@ -87,9 +87,16 @@ class CAT(Defense):
         for k in steps.unique().tolist():
             part = steps == k
             if k > 0:  # A_0 is the clean input
-                x_adv[part] = pgd(model, batch.x[part], batch.y[part], eps, steps=k,
-                                  step_size=cfg.step_size_rel * eps, random_start=cfg.random_start,
-                                  mode=cfg.attack_bn)
+                x_adv[part] = pgd(
+                    model,
+                    batch.x[part],
+                    batch.y[part],
+                    eps,
+                    steps=k,
+                    step_size=cfg.step_size_rel * eps,
+                    random_start=cfg.random_start,
+                    mode=cfg.attack_bn,
+                )
         return Perturbation(x_adv, eps * (steps > 0).to(batch.x.dtype))  # A_0's part is not attacked: eps 0
 
     def train_step(self, model, optimizer, batch):

@@ -9,8 +9,18 @@ from typing import Literal
 from harness.config import fraction_str
 from harness.cues import CUE_NAMES
 from harness.eps_stats import COLLAPSE_FRACTION, COLLAPSE_SPREAD, COLLAPSE_TOLERANCE
-from harness.validation import (DefenseConfig, at_least, between, distinct, non_negative, not_empty, one_of,
-                                positive, require, rules)
+from harness.validation import (
+    DefenseConfig,
+    at_least,
+    between,
+    distinct,
+    non_negative,
+    not_empty,
+    one_of,
+    positive,
+    require,
+    rules,
+)
 
 
 def _fraction(value: float) -> Fraction:
@@ -42,12 +52,23 @@ class CueEpsConfig(DefenseConfig):
     collapse_spread: float = COLLAPSE_SPREAD  # warn when eps std < this x (eps_max - eps_min)
     eps_target_rel: float = 1.0  # where the batch-mean eps is held: this x the run's eps
     RULES = rules(
-        eps_min_rel=non_negative, eps_max_rel=non_negative, eps_min=between(0, 1), eps_max=between(0, 1),
-        steps=at_least(1), step_size_rel=positive,
+        eps_min_rel=non_negative,
+        eps_max_rel=non_negative,
+        eps_min=between(0, 1),
+        eps_max=between(0, 1),
+        steps=at_least(1),
+        step_size_rel=positive,
         cues=(not_empty, one_of(CUE_NAMES, "e.g. --set cues=grad_norm,entropy"), distinct),
-        mc_samples=at_least(1), mc_head_dropout=between(0, 1, high_open=True), constant_cue_value=between(0, 1),
-        probe_size=at_least(1), hist_bins=at_least(1), collapse_fraction=between(0, 1, low_open=True),
-        collapse_tolerance=non_negative, collapse_spread=non_negative, eps_target_rel=positive)
+        mc_samples=at_least(1),
+        mc_head_dropout=between(0, 1, high_open=True),
+        constant_cue_value=between(0, 1),
+        probe_size=at_least(1),
+        hist_bins=at_least(1),
+        collapse_fraction=between(0, 1, low_open=True),
+        collapse_tolerance=non_negative,
+        collapse_spread=non_negative,
+        eps_target_rel=positive,
+    )
 
     @property
     def holds_mean(self) -> bool:
@@ -81,8 +102,13 @@ class CueEpsConfig(DefenseConfig):
         lo = self.eps_min if self.eps_min is not None else _fraction(self.eps_min_rel) * eps
         hi = self.eps_max if self.eps_max is not None else _fraction(self.eps_max_rel) * eps
         for name, value in (("eps_min", lo), ("eps_max", hi)):
-            require(0 <= value <= 1, name, "in [0, 1]", f"{fraction_str(value)} at run eps {fraction_str(eps)}",
-                    f"lower {name}_rel or set {name} explicitly")
+            require(
+                0 <= value <= 1,
+                name,
+                "in [0, 1]",
+                f"{fraction_str(value)} at run eps {fraction_str(eps)}",
+                f"lower {name}_rel or set {name} explicitly",
+            )
         require(lo <= hi, "eps_min", "<= eps_max (swap them)", f"{fraction_str(lo)} > {fraction_str(hi)}")
         return lo, hi
 
@@ -90,8 +116,12 @@ class CueEpsConfig(DefenseConfig):
         """The held batch-mean eps; when held, it must lie strictly inside (eps_min, eps_max)."""
         lo, hi = self.bounds(eps)
         value = _fraction(self.eps_target_rel) * eps
-        require(not self.holds_mean or lo < value < hi, "eps_target_rel",
-                f"such that the target mean eps lies strictly between eps_min {fraction_str(lo)} and eps_max "
-                f"{fraction_str(hi)}", f"{self.eps_target_rel} (target {fraction_str(value)})",
-                "widen the bounds or change eps_target_rel")
+        require(
+            not self.holds_mean or lo < value < hi,
+            "eps_target_rel",
+            f"such that the target mean eps lies strictly between eps_min {fraction_str(lo)} and eps_max "
+            f"{fraction_str(hi)}",
+            f"{self.eps_target_rel} (target {fraction_str(value)})",
+            "widen the bounds or change eps_target_rel",
+        )
         return value

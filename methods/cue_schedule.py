@@ -18,8 +18,9 @@ gradient (no train-mode BatchNorm coupling); PGD then computes its own first gra
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ from harness.cues import CUE_NAMES, CleanPass, clean_pass, compute_cues, has_dro
 from harness.defense import Defense, Perturbation, StepCost, accuracy, configured_steps
 from harness.eps_stats import PassLog
 from harness.errors import HarnessError
-from harness.validation import require, violations_of
 from harness.pgd import pgd
+from harness.validation import require, violations_of
 from methods.cue_config import CueEpsConfig
 
 
@@ -77,8 +78,11 @@ class CueScheduledDefense(Defense):
     @classmethod
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         k = configured_steps(config)
-        return StepCost(2 * k + 3, f"as PGD-{k} AT: cues shared with PGD's first step, head-only MC dropout and "
-                                   f"the scheduler MLP taken as free (a lower bound)")
+        return StepCost(
+            2 * k + 3,
+            f"as PGD-{k} AT: cues shared with PGD's first step, head-only MC dropout and "
+            f"the scheduler MLP taken as free (a lower bound)",
+        )
 
     objective = "static"
 
@@ -97,16 +101,22 @@ class CueScheduledDefense(Defense):
         config = spec.defense_config
         with violations_of(spec.defense):
             config.target(spec.eps)  # checks the bounds too
-            require(config.mc_mode == "head" or "mc_variance" not in config.cues or spec.dropout > 0, "mc_mode",
-                    "head for a model built without dropout", "full", "pass --dropout 0.1 or use --set mc_mode=head")
+            require(
+                config.mc_mode == "head" or "mc_variance" not in config.cues or spec.dropout > 0,
+                "mc_mode",
+                "head for a model built without dropout",
+                "full",
+                "pass --dropout 0.1 or use --set mc_mode=head",
+            )
 
     def setup(self, model: nn.Module) -> None:
         self.model = model
         if "mc_variance" not in self.config.cues:
             return
         if self.config.mc_mode == "full" and not has_dropout(model):
-            raise HarnessError("mc_mode=full needs a model built with dropout (--dropout 0.1); "
-                               "or use --set mc_mode=head")
+            raise HarnessError(
+                "mc_mode=full needs a model built with dropout (--dropout 0.1); or use --set mc_mode=head"
+            )
         if self.config.mc_mode == "head" and not has_head(model):
             raise HarnessError("mc_mode=head needs a model split as classifier(embed(x)); use --set mc_mode=full")
 
@@ -119,8 +129,16 @@ class CueScheduledDefense(Defense):
     def schedule(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, track: bool = False) -> Scheduled:
         cfg = self.config
         clean = clean_pass(model, x, y, cfg.cue_mode)
-        cues = compute_cues(model, x, clean, cfg.cues, norm=cfg.grad_norm, mc_mode=cfg.mc_mode,
-                            mc_samples=cfg.mc_samples, mc_head_dropout=cfg.mc_head_dropout)
+        cues = compute_cues(
+            model,
+            x,
+            clean,
+            cfg.cues,
+            norm=cfg.grad_norm,
+            mc_mode=cfg.mc_mode,
+            mc_samples=cfg.mc_samples,
+            mc_head_dropout=cfg.mc_head_dropout,
+        )
         with precision.full_precision(x.device):  # the map and eps in fp32 (fp16 overflows, issue 22)
             g = self.score(normalised(cues, cfg.constant_cue_value), track)
             if cfg.renormalises:
@@ -130,9 +148,17 @@ class CueScheduledDefense(Defense):
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: Scheduled) -> torch.Tensor:
         cfg = self.config
         eps = scheduled.eps.detach()
-        return pgd(model, x, y, eps, steps=cfg.steps, step_size=cfg.step_size_rel * eps,
-                   random_start=cfg.random_start, mode=cfg.attack_bn,
-                   first_grad=scheduled.clean.grad if cfg.shares_first_step else None)
+        return pgd(
+            model,
+            x,
+            y,
+            eps,
+            steps=cfg.steps,
+            step_size=cfg.step_size_rel * eps,
+            random_start=cfg.random_start,
+            mode=cfg.attack_bn,
+            first_grad=scheduled.clean.grad if cfg.shares_first_step else None,
+        )
 
     def perturb(self, model, batch):
         scheduled = self.schedule(model, batch.x, batch.y)
@@ -181,9 +207,16 @@ class CueScheduledDefense(Defense):
         if not len(self.log):
             return {}
         cfg = self.config
-        out = self.log.summary(self.eps_min, self.eps_max, CUE_NAMES, cfg.hist_bins,
-                               self.eps_target if cfg.holds_mean else None, fraction=cfg.collapse_fraction,
-                               tolerance=cfg.collapse_tolerance, spread=cfg.collapse_spread)
+        out = self.log.summary(
+            self.eps_min,
+            self.eps_max,
+            CUE_NAMES,
+            cfg.hist_bins,
+            self.eps_target if cfg.holds_mean else None,
+            fraction=cfg.collapse_fraction,
+            tolerance=cfg.collapse_tolerance,
+            spread=cfg.collapse_spread,
+        )
         out["probe_eps"] = self.probe_eps()
         out.update(eps_min=self.eps_min, eps_max=self.eps_max, scheduler_steps=self.steps_done)
         if out["collapse_warning"]:
@@ -205,13 +238,25 @@ class CueScheduledDefense(Defense):
     def record(self) -> dict[str, Any]:
         cfg = self.config
         lo, hi = cfg.bounds(self.context.eps)
-        grad_cue = ("each example's own gradient (eval-mode BatchNorm)" if cfg.cue_mode == "eval"
-                    else "d(sum of the batch's CE)/dx_i under train-mode BatchNorm (batch-coupled)")
-        return {**super().record(), "objective": self.objective, "eps_min": fraction_str(lo),
-                "eps_max": fraction_str(hi),
-                "eps_target": fraction_str(cfg.target(self.context.eps)) if cfg.holds_mean else None,
-                "cues": list(cfg.cues), "attack_bn": cfg.attack_bn, "cue_pass": f"BatchNorm {cfg.cue_mode}, dropout off",
-                "grad_norm_cue": grad_cue if "grad_norm" in cfg.cues else None,
-                "mc_mode": cfg.mc_mode if "mc_variance" in cfg.cues else None,
-                "first_step": ("clean-input gradient applied at the random start" if cfg.shares_first_step
-                               else "own gradient at the start point")}
+        grad_cue = (
+            "each example's own gradient (eval-mode BatchNorm)"
+            if cfg.cue_mode == "eval"
+            else "d(sum of the batch's CE)/dx_i under train-mode BatchNorm (batch-coupled)"
+        )
+        return {
+            **super().record(),
+            "objective": self.objective,
+            "eps_min": fraction_str(lo),
+            "eps_max": fraction_str(hi),
+            "eps_target": fraction_str(cfg.target(self.context.eps)) if cfg.holds_mean else None,
+            "cues": list(cfg.cues),
+            "attack_bn": cfg.attack_bn,
+            "cue_pass": f"BatchNorm {cfg.cue_mode}, dropout off",
+            "grad_norm_cue": grad_cue if "grad_norm" in cfg.cues else None,
+            "mc_mode": cfg.mc_mode if "mc_variance" in cfg.cues else None,
+            "first_step": (
+                "clean-input gradient applied at the random start"
+                if cfg.shares_first_step
+                else "own gradient at the start point"
+            ),
+        }

@@ -49,12 +49,18 @@ class SchedulerConfig(CueEpsConfig):
     scheduler_optimizer: Literal["adam", "sgd"] = "adam"
     scheduler_lr: float = 2e-2  # 0 freezes phi (the run is then PGD-AT at the held mean)
     scheduler_every: int = 1  # phi takes a step every this many training steps
-    RULES = rules(CueEpsConfig.RULES, hidden=at_least(1), init_scale=non_negative, scheduler_lr=non_negative,
-                  scheduler_every=at_least(1))
+    RULES = rules(
+        CueEpsConfig.RULES,
+        hidden=at_least(1),
+        init_scale=non_negative,
+        scheduler_lr=non_negative,
+        scheduler_every=at_least(1),
+    )
 
 
-def make_scheduler(cfg: SchedulerConfig, device: torch.device, maximise: bool
-                   ) -> tuple[EpsScheduler, torch.optim.Optimizer]:
+def make_scheduler(
+    cfg: SchedulerConfig, device: torch.device, maximise: bool
+) -> tuple[EpsScheduler, torch.optim.Optimizer]:
     scheduler = EpsScheduler(len(cfg.cues), cfg.hidden, cfg.init_scale).to(device)
     params = scheduler.parameters()
     if cfg.scheduler_optimizer == "adam":

@@ -34,18 +34,27 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from harness.config import Schedule
+from harness.defense import Defense, Perturbation, StepCost, adversarial_ce_step, register_defense
 from harness.distributed import sum_over_processes
 from harness.pgd import pgd
-from harness.config import Schedule
-from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import (Defense, Perturbation, StepCost, adversarial_ce_step, configured_steps,
-                             register_defense)
-from harness.validation import DefenseConfig, increasing, require, at_least, between, non_negative, positive, rules
+from harness.protocol import (
+    INPUT_RAW,
+    OUR_SELECTION,
+    PAPER_EPS,
+    PAPER_INPUT,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
+from harness.validation import DefenseConfig, at_least, between, increasing, non_negative, positive, require, rules
 
 
 @dataclass(frozen=True)
@@ -57,14 +66,22 @@ class FATConfig(DefenseConfig):
     omega: float = 0.001  # std of the noise added to every step, in pixel units
     random_start: bool = True  # uniform in the eps ball, as the reference's FAT.py
     attack_bn: Literal["train", "eval"] = "eval"
-    RULES = rules(steps=at_least(1), step_size_rel=positive, taus=non_negative, tau_milestones=(between(0, 1), increasing),
-                  omega=non_negative)
+    RULES = rules(
+        steps=at_least(1),
+        step_size_rel=positive,
+        taus=non_negative,
+        tau_milestones=(between(0, 1), increasing),
+        omega=non_negative,
+    )
 
     def validate(self) -> None:
         """One tau per stretch between milestones."""
-        require(len(self.taus) == len(self.tau_milestones) + 1, "taus", "one more than tau_milestones",
-                f"taus={self.taus} and tau_milestones={self.tau_milestones}")
-
+        require(
+            len(self.taus) == len(self.tau_milestones) + 1,
+            "taus",
+            "one more than tau_milestones",
+            f"taus={self.taus} and tau_milestones={self.tau_milestones}",
+        )
 
     def tau_at(self, epoch: int, epochs: int) -> int:
         """tau for 0-indexed `epoch` of `epochs` (120 epochs: 0 for 0..49, 1 for 50..89, 2 after)."""
@@ -101,27 +118,39 @@ class FAT(Defense):
 
     @classmethod
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
-        return StepCost(5, "early-stopped PGD: at least one attack step + training step (a lower bound; "
-                           "at most 23 with PGD-10)")
+        return StepCost(
+            5, "early-stopped PGD: at least one attack step + training step (a lower bound; at most 23 with PGD-10)"
+        )
+
     # harness.distributed: early stopping is per example and its loop ends on every rank together
     # (`any_rank`); the mean-steps diagnostic is summed over ranks. Step noise is drawn per rank.
     distributed_ready = True
     reference_schedule: ClassVar[Schedule] = Schedule(
-        epochs=120, batch_size=128, lr=0.1, lr_milestones=(59 / 120, 89 / 120, 109 / 120),
-        lr_values=(0.01, 0.001, 0.0005), momentum=0.9, weight_decay=2e-4)
+        epochs=120,
+        batch_size=128,
+        lr=0.1,
+        lr_milestones=(59 / 120, 89 / 120, 109 / 120),
+        lr_values=(0.01, 0.001, 0.0005),
+        momentum=0.9,
+        weight_decay=2e-4,
+    )
     reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
-        "zjfheart/Friendly-Adversarial-Training FAT.py, earlystop.py", (
+        "zjfheart/Friendly-Adversarial-Training FAT.py, earlystop.py",
+        (
             Setting("spec.eps", "0.031", PAPER_EPS),
-            Setting("config.steps", 10), Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
+            Setting("config.steps", 10),
+            Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
             Setting("config.random_start", True, "uniform_randominit, clamped to [0, 1]"),
             Setting("config.omega", 0.001),
-            Setting("config.taus", (0, 1, 2)), Setting("config.tau_milestones", (50 / 120, 90 / 120)),
+            Setting("config.taus", (0, 1, 2)),
+            Setting("config.tau_milestones", (50 / 120, 90 / 120)),
             Setting("config.attack_bn", "eval", "model.eval() in earlystop"),
             *schedule_settings(reference_schedule, PAPER_SCHEDULE),
             Setting("derived.input", INPUT_RAW, PAPER_INPUT),
             Setting("derived.architecture", "wrn-34-10", "WRN_madry depth 32 (Madry's name for WRN-34-10)"),
             Setting("derived.checkpoint", "last", OUR_SELECTION),
-        ))
+        ),
+    )
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -136,9 +165,18 @@ class FAT(Defense):
     def perturb(self, model, batch):
         cfg, eps = self.config, self.context.eps_float
         stopper = EarlyStop(batch.y, self.tau)
-        x_adv = pgd(model, batch.x, batch.y, eps, steps=cfg.steps, step_size=cfg.step_size_rel * eps,
-                    random_start=cfg.random_start, mode=cfg.attack_bn, keep_stepping=stopper,
-                    step_noise=cfg.omega)
+        x_adv = pgd(
+            model,
+            batch.x,
+            batch.y,
+            eps,
+            steps=cfg.steps,
+            step_size=cfg.step_size_rel * eps,
+            random_start=cfg.random_start,
+            mode=cfg.attack_bn,
+            keep_stepping=stopper,
+            step_noise=cfg.omega,
+        )
         self._steps_sum = self._steps_sum + stopper.steps_taken.sum()
         self._examples += len(batch.y)
         return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
@@ -148,12 +186,16 @@ class FAT(Defense):
         return adversarial_ce_step(model, optimizer, x_adv, batch.y)
 
     def end_epoch(self, epoch):
-        steps, examples = sum_over_processes(torch.as_tensor([float(self._steps_sum), float(self._examples)],
-                                                             device=self.context.device)).tolist()
+        steps, examples = sum_over_processes(
+            torch.as_tensor([float(self._steps_sum), float(self._examples)], device=self.context.device)
+        ).tolist()
         return {"tau": self.tau, "mean_steps": steps / max(examples, 1)}
 
     def record(self) -> dict[str, Any]:
         epochs = self.context.epochs
         first = [1] + [math.ceil(m * epochs) + 1 for m in self.config.tau_milestones]  # 1-indexed
-        return {**super().record(), "epochs": epochs,
-                "tau_schedule": [{"from_epoch": e, "tau": t} for e, t in zip(first, self.config.taus)]}
+        return {
+            **super().record(),
+            "epochs": epochs,
+            "tau_schedule": [{"from_epoch": e, "tau": t} for e, t in zip(first, self.config.taus)],
+        }

@@ -29,17 +29,25 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from harness import precision
-from harness.pgd import pgd
 from harness.config import Schedule, to_jsonable
-from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import Defense, Perturbation, StepCost, accuracy, configured_steps, register_defense
+from harness.defense import Defense, Perturbation, StepCost, accuracy, register_defense
+from harness.pgd import pgd
+from harness.protocol import (
+    INPUT_PER_IMAGE,
+    OUR_SELECTION,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
 from harness.validation import DefenseConfig, at_least, positive, rules
 
 
@@ -49,7 +57,6 @@ class FreeATConfig(DefenseConfig):
     step_rel: float = 1.0  # FGSM step = step_rel * eps (free_train.py: step = eps = 8/255)
     attack_bn: Literal["train"] = "train"  # one forward pass for weights and delta: train mode
     RULES = rules(replays=at_least(1), step_rel=positive)
-
 
 
 @register_defense("free-at")
@@ -62,22 +69,31 @@ class FreeAT(Defense):
     @classmethod
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         return StepCost(3, "one forward + full backward per replay; one equivalent epoch = one replay per batch")
+
     # ashafahi/free_adv_train config.py / free_train.py (CIFAR-10, WRN-34-10): 80k SGD steps
     # (~205 equivalent epochs of batch 128), lr 0.1 x0.1 at 40k and 60k steps, wd 2e-4.
     # Weight decay on conv/FC weights only (Madry's model decays its 'DW' variables; main_free.py likewise).
-    reference_schedule: ClassVar[Schedule] = Schedule(epochs=205, batch_size=128, lr=0.1,
-                                                      lr_milestones=(0.5, 0.75), weight_decay=2e-4,
-                                                      weight_decay_on="conv-linear-weights")
+    reference_schedule: ClassVar[Schedule] = Schedule(
+        epochs=205,
+        batch_size=128,
+        lr=0.1,
+        lr_milestones=(0.5, 0.75),
+        weight_decay=2e-4,
+        weight_decay_on="conv-linear-weights",
+    )
     reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
-        "ashafahi/free_adv_train free_train.py (CIFAR); mahyarnajibi/FreeAdversarialTraining main_free.py", (
+        "ashafahi/free_adv_train free_train.py (CIFAR); mahyarnajibi/FreeAdversarialTraining main_free.py",
+        (
             Setting("spec.eps", "8/255"),
-            Setting("config.replays", 8), Setting("config.step_rel", 1.0, "FGSM step = eps"),
+            Setting("config.replays", 8),
+            Setting("config.step_rel", 1.0, "FGSM step = eps"),
             Setting("config.attack_bn", "train", "one forward serves weights and noise"),
             *schedule_settings(reference_schedule, PAPER_SCHEDULE),
             Setting("derived.input", INPUT_PER_IMAGE, "Madry's CIFAR model standardises each image; not offered here"),
             Setting("derived.architecture", "wrn-34-10", "Madry's WRN-32-10 (= WRN-34-10)"),
             Setting("derived.checkpoint", "last", OUR_SELECTION),
-        ))
+        ),
+    )
 
     def __init__(self, config: FreeATConfig, context):
         super().__init__(config, context)
@@ -93,15 +109,16 @@ class FreeAT(Defense):
         if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
             self.delta = torch.zeros_like(x)
         elif len(x) > len(self.delta):
-            extra = torch.zeros_like(x[len(self.delta):])
+            extra = torch.zeros_like(x[len(self.delta) :])
             self.delta = torch.cat([self.delta, extra]).contiguous(memory_format=torch.channels_last)
-        return self.delta[:len(x)]
+        return self.delta[: len(x)]
 
     def perturb(self, model, batch):
         eps = self.context.eps_float
         delta = self._delta_for(batch.x).clone()
-        x_adv = pgd(model, batch.x, batch.y, eps, steps=1, step_size=self.step, delta_init=delta,
-                    mode=self.config.attack_bn)
+        x_adv = pgd(
+            model, batch.x, batch.y, eps, steps=1, step_size=self.step, delta_init=delta, mode=self.config.attack_bn
+        )
         return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
 
     def train_step(self, model, optimizer, batch):
@@ -120,8 +137,11 @@ class FreeAT(Defense):
             losses.append(loss.detach())
             accs.append(accuracy(logits, batch.y))
         self.delta[:n] = delta
-        return {"loss": torch.stack(losses).mean(), "adv_acc": torch.stack(accs).mean(),
-                "delta_linf": delta.abs().flatten(1).max(1).values.mean()}
+        return {
+            "loss": torch.stack(losses).mean(),
+            "adv_acc": torch.stack(accs).mean(),
+            "delta_linf": delta.abs().flatten(1).max(1).values.mean(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"delta": None if self.delta is None else self.delta.detach().clone()}
@@ -131,5 +151,9 @@ class FreeAT(Defense):
         self.delta = None if delta is None else delta.to(self.context.device).clone()
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "attack_bn": self.config.attack_bn, "fgsm_step": self.step,
-                "reference_schedule": to_jsonable(self.reference_schedule)}
+        return {
+            **super().record(),
+            "attack_bn": self.config.attack_bn,
+            "fgsm_step": self.step,
+            "reference_schedule": to_jsonable(self.reference_schedule),
+        }

@@ -29,16 +29,31 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,), index (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from harness.pgd import model_mode, pgd
 from harness.config import Schedule, to_jsonable
-from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import (PerExampleEps, Perturbation, StepCost, adversarial_ce_step, configured_steps,
-                             register_defense)
+from harness.defense import (
+    PerExampleEps,
+    Perturbation,
+    StepCost,
+    adversarial_ce_step,
+    configured_steps,
+    register_defense,
+)
+from harness.pgd import model_mode, pgd
+from harness.protocol import (
+    INPUT_RAW,
+    OUR_SELECTION,
+    PAPER_INPUT,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
 from harness.validation import DefenseConfig, at_least, between, non_negative, positive, rules
 
 
@@ -52,9 +67,15 @@ class IAATConfig(DefenseConfig):
     step_per_eps: float = 0.2  # step = max(step_per_eps * eps_i, step_min_rel * eps); eps_i / (0.5 steps)
     step_min_rel: float = 0.25  # 2/255 at 8/255 (attack_lr)
     attack_bn: Literal["train", "eval"] = "train"
-    RULES = rules(eps_rel=positive, gamma_rel=positive, beta=between(0, 1, low_open=True), warmup_frac=between(0, 1),
-                  steps=at_least(1), step_per_eps=non_negative, step_min_rel=positive)
-
+    RULES = rules(
+        eps_rel=positive,
+        gamma_rel=positive,
+        beta=between(0, 1, low_open=True),
+        warmup_frac=between(0, 1),
+        steps=at_least(1),
+        step_per_eps=non_negative,
+        step_min_rel=positive,
+    )
 
 
 @register_defense("iaat")
@@ -68,25 +89,34 @@ class IAAT(PerExampleEps):
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         k = configured_steps(config)
         return StepCost(3 * 2 * k + 3, f"about 3 PGD-{k} attacks per batch (docs/recipes.md) + training step")
+
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json and
     # trainers/trainer_adaptive.py: WRN (depth 32, width 10 as named there), 110 epochs, batch 256,
     # lr 0.1 x0.2 at epochs 70, 90 and 100, wd 5e-4.
-    reference_schedule: ClassVar[Schedule] = Schedule(epochs=110, batch_size=256, lr=0.1,
-                                                      lr_milestones=(70 / 110, 90 / 110, 100 / 110),
-                                                      lr_decay=0.2, weight_decay=5e-4)
+    reference_schedule: ClassVar[Schedule] = Schedule(
+        epochs=110,
+        batch_size=256,
+        lr=0.1,
+        lr_milestones=(70 / 110, 90 / 110, 100 / 110),
+        lr_decay=0.2,
+        weight_decay=5e-4,
+    )
     reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
-        "yogeshbalaji/Instance_Adaptive_Adversarial_Training trainers/trainer_adaptive.py, "
-        "configs/train_adaptive.json", (
+        "yogeshbalaji/Instance_Adaptive_Adversarial_Training trainers/trainer_adaptive.py, configs/train_adaptive.json",
+        (
             Setting("spec.eps", "8/255"),
-            Setting("config.gamma_rel", 0.2375, "gamma 1.9/255"), Setting("config.beta", 0.1),
-            Setting("config.warmup_frac", 10 / 110), Setting("config.steps", 10),
+            Setting("config.gamma_rel", 0.2375, "gamma 1.9/255"),
+            Setting("config.beta", 0.1),
+            Setting("config.warmup_frac", 10 / 110),
+            Setting("config.steps", 10),
             Setting("config.attack_bn", "train", "the model is never switched to eval while training"),
             *schedule_settings(reference_schedule, PAPER_SCHEDULE),
             Setting("derived.input", INPUT_RAW, PAPER_INPUT + " (the reference transforms add no Normalize)"),
             Setting("derived.architecture", "wrn-34-10", "models.WRN(depth=32, width=10)"),
             Setting("derived.checkpoint", "last", OUR_SELECTION),
-        ))
+        ),
+    )
 
     def __init__(self, config: IAATConfig, context):
         super().__init__(config, context)
@@ -131,8 +161,7 @@ class IAAT(PerExampleEps):
         high = prev + self.gamma
         robust_cur = self._correct(model, self._attack(model, x, y, prev), y)
         robust_high = self._correct(model, self._attack(model, x, y, high), y)
-        proposal = torch.where(robust_high.bool(), high,
-                               torch.where(robust_cur.bool(), prev, prev - self.gamma))
+        proposal = torch.where(robust_high.bool(), high, torch.where(robust_cur.bool(), prev, prev - self.gamma))
         proposal = (proposal * correct).clamp(min=0)
         return self.config.beta * proposal + (1 - self.config.beta) * prev
 
@@ -155,6 +184,11 @@ class IAAT(PerExampleEps):
         return {**self.eps_statistics(upper=upper), "warmup": epoch < self.warmup_epochs}
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "attack_bn": self.config.attack_bn, "warmup_epochs": self.warmup_epochs,
-                "gamma": self.gamma, "warmup_eps": self.config.eps_rel * self.context.eps_float,
-                "reference_schedule": to_jsonable(self.reference_schedule)}
+        return {
+            **super().record(),
+            "attack_bn": self.config.attack_bn,
+            "warmup_epochs": self.warmup_epochs,
+            "gamma": self.gamma,
+            "warmup_eps": self.config.eps_rel * self.context.eps_float,
+            "reference_schedule": to_jsonable(self.reference_schedule),
+        }

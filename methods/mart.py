@@ -26,17 +26,35 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from harness.pgd import pgd
 from harness.config import Schedule
-from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import (Defense, Perturbation, StepCost, accuracy, clean_then_adversarial_logits,
-                             configured_steps, register_defense, sgd_step)
+from harness.defense import (
+    Defense,
+    Perturbation,
+    StepCost,
+    accuracy,
+    clean_then_adversarial_logits,
+    configured_steps,
+    register_defense,
+    sgd_step,
+)
+from harness.pgd import pgd
+from harness.protocol import (
+    INPUT_RAW,
+    OUR_SELECTION,
+    PAPER_EPS,
+    PAPER_INPUT,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
 from harness.validation import DefenseConfig, at_least, non_negative, positive, rules
 
 LOG_FLOOR = 1e-12  # added inside logs of probabilities, as in the reference
@@ -52,7 +70,6 @@ class MARTConfig(DefenseConfig):
     init_noise: float = 0.001  # std of the Gaussian start, in pixel units (not scaled with eps)
     attack_bn: Literal["train", "eval"] = "eval"
     RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=non_negative)
-
 
 
 class MARTLoss(NamedTuple):
@@ -93,14 +110,23 @@ class MART(Defense):
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         k = configured_steps(config)
         return StepCost(2 * k + 6, f"PGD-{k} + training forward/backward on clean and adversarial inputs")
+
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
-        epochs=90, batch_size=128, lr=0.1, lr_milestones=(74 / 90, 89 / 90), lr_decay=0.1, momentum=0.9,
-        weight_decay=7e-4)
+        epochs=90,
+        batch_size=128,
+        lr=0.1,
+        lr_milestones=(74 / 90, 89 / 90),
+        lr_decay=0.1,
+        momentum=0.9,
+        weight_decay=7e-4,
+    )
     reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
-        "YisenWang/MART train_wideresnet.py, mart.py", (
+        "YisenWang/MART train_wideresnet.py, mart.py",
+        (
             Setting("spec.eps", "0.031", PAPER_EPS),
-            Setting("config.steps", 10), Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
+            Setting("config.steps", 10),
+            Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
             Setting("config.init_noise", 0.001, "x + 0.001 N(0, 1)"),
             Setting("config.attack_bn", "eval", "model.eval() in mart_loss"),
             Setting("config.beta", 6.0),
@@ -108,12 +134,21 @@ class MART(Defense):
             Setting("derived.input", INPUT_RAW, PAPER_INPUT),
             Setting("derived.architecture", "wrn-34-10"),
             Setting("derived.checkpoint", "last", OUR_SELECTION),
-        ))
+        ),
+    )
 
     def perturb(self, model, batch):
         cfg, eps = self.config, self.context.eps_float
-        x_adv = pgd(model, batch.x, batch.y, eps, steps=cfg.steps, step_size=cfg.step_size_rel * eps,
-                    mode=cfg.attack_bn, delta_init=cfg.init_noise * torch.randn_like(batch.x))
+        x_adv = pgd(
+            model,
+            batch.x,
+            batch.y,
+            eps,
+            steps=cfg.steps,
+            step_size=cfg.step_size_rel * eps,
+            mode=cfg.attack_bn,
+            delta_init=cfg.init_noise * torch.randn_like(batch.x),
+        )
         return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
 
     def train_step(self, model, optimizer, batch):
@@ -121,6 +156,10 @@ class MART(Defense):
         clean_logits, adv_logits = clean_then_adversarial_logits(model, batch.x, x_adv)
         loss = mart_loss(clean_logits, adv_logits, batch.y, self.config.beta)
         sgd_step(optimizer, loss.total)
-        return {"loss": loss.total.detach(), "boosted_ce": loss.boosted_ce.detach(),
-                "weighted_kl": loss.weighted_kl.detach(), "clean_acc": accuracy(clean_logits, batch.y),
-                "adv_acc": accuracy(adv_logits, batch.y)}
+        return {
+            "loss": loss.total.detach(),
+            "boosted_ce": loss.boosted_ce.detach(),
+            "weighted_kl": loss.weighted_kl.detach(),
+            "clean_acc": accuracy(clean_logits, batch.y),
+            "adv_acc": accuracy(adv_logits, batch.y),
+        }

@@ -37,19 +37,34 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,), index (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from harness.pgd import model_mode, pgd, per_sample
 from harness.config import Schedule, to_jsonable
-from harness.protocol import INPUT_PER_IMAGE, OUR_SELECTION, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
+from harness.defense import (
+    PerExampleEps,
+    Perturbation,
+    StepCost,
+    accuracy,
+    configured_steps,
+    register_defense,
+    sgd_step,
+)
 from harness.distributed import any_rank
-from harness.defense import (PerExampleEps, Perturbation, StepCost, accuracy, configured_steps,
-                             register_defense, sgd_step)
-from harness.validation import DefenseConfig, require, at_least, between, positive, rules
+from harness.pgd import model_mode, per_sample, pgd
+from harness.protocol import (
+    INPUT_PER_IMAGE,
+    OUR_SELECTION,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
+from harness.validation import DefenseConfig, at_least, between, positive, require, rules
 
 
 def soft_logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,9 +75,17 @@ def soft_logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bisect_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor,
-                  eps_start: torch.Tensor, margin_start: torch.Tensor, eps_max: float, steps: int,
-                  margin_fn=soft_logit_margin) -> torch.Tensor:
+def bisect_margin(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    direction: torch.Tensor,
+    eps_start: torch.Tensor,
+    margin_start: torch.Tensor,
+    eps_max: float,
+    steps: int,
+    margin_fn=soft_logit_margin,
+) -> torch.Tensor:
     """Smallest eps along `direction` at which `margin_fn` turns non-negative, by bisection.
 
     The bracket starts as [0, eps_max]; each step first narrows it with the margin at the current
@@ -93,14 +116,25 @@ class MMAConfig(DefenseConfig):
     random_start: bool = True
     attack_bn: Literal["train", "eval"] = "eval"  # PGD in eval mode (ctx_noparamgrad_and_eval)
     search_bn: Literal["train", "eval"] = "train"  # bisection outside that context in the reference
-    RULES = rules(d_max_rel=positive, search_max_factor=at_least(1), min_eps_rel=positive, steps=at_least(1),
-                  step_scale=positive, search_steps=at_least(1), clean_loss_coeff=between(0, 1))
+    RULES = rules(
+        d_max_rel=positive,
+        search_max_factor=at_least(1),
+        min_eps_rel=positive,
+        steps=at_least(1),
+        step_scale=positive,
+        search_steps=at_least(1),
+        clean_loss_coeff=between(0, 1),
+    )
 
     def validate(self) -> None:
         """The eps floor must lie inside the bisection bracket."""
         bracket = self.d_max_rel * self.search_max_factor
-        require(self.min_eps_rel <= bracket, "min_eps_rel", "<= d_max_rel * search_max_factor",
-                f"{self.min_eps_rel:g} > {bracket:g}")
+        require(
+            self.min_eps_rel <= bracket,
+            "min_eps_rel",
+            "<= d_max_rel * search_max_factor",
+            f"{self.min_eps_rel:g} > {bracket:g}",
+        )
 
 
 @register_defense("mma")
@@ -113,29 +147,41 @@ class MMA(PerExampleEps):
     @classmethod
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         k = configured_steps(config)
-        return StepCost(2 * k + 10 + 1 + 6, f"AN-PGD-{k} + 10 bisection forwards + clean forward + training on "
-                                            f"adversarial and clean inputs (rough)")
+        return StepCost(
+            2 * k + 10 + 1 + 6,
+            f"AN-PGD-{k} + 10 bisection forwards + clean forward + training on adversarial and clean inputs (rough)",
+        )
+
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # BorealisAI/mma_training config.py (LinfCIFAR10), train.py: WRN-28-4 on a 45k/5k split,
     # 50k SGD steps of batch 128 (~142 epochs), lr 0.3 -> 0.09 -> 0.03 -> 0.009 at 40/60/80% of
     # training, wd 2e-4; the reference keeps the checkpoint with the highest mean validation eps.
-    reference_schedule: ClassVar[Schedule] = Schedule(epochs=142, batch_size=128, lr=0.3,
-                                                      lr_milestones=(0.4, 0.6, 0.8),
-                                                      lr_values=(0.09, 0.03, 0.009), weight_decay=2e-4)
+    reference_schedule: ClassVar[Schedule] = Schedule(
+        epochs=142,
+        batch_size=128,
+        lr=0.3,
+        lr_milestones=(0.4, 0.6, 0.8),
+        lr_values=(0.09, 0.03, 0.009),
+        weight_decay=2e-4,
+    )
     reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
-        "BorealisAI/mma_training train.py, config.py, trainer.py, anpgd.py", (
+        "BorealisAI/mma_training train.py, config.py, trainer.py, anpgd.py",
+        (
             Setting("spec.eps", "8/255"),
             Setting("config.d_max_rel", 1.5, "MMA-12 (hinge 12/255); the paper also trains MMA-20 and MMA-32"),
-            Setting("config.steps", 10), Setting("config.step_scale", 2.5),
+            Setting("config.steps", 10),
+            Setting("config.step_scale", 2.5),
             Setting("config.attack_bn", "eval", "ctx_noparamgrad_and_eval around the PGD"),
             Setting("config.search_bn", "train", "the bisection runs outside that context"),
             Setting("config.clean_loss_coeff", 1 / 3),
             *schedule_settings(reference_schedule, PAPER_SCHEDULE + "; the reference counts 50k SGD steps"),
-            Setting("derived.input", INPUT_PER_IMAGE, "advertorch's CIFAR WRN standardises each image; "
-                    "not offered here"),
+            Setting(
+                "derived.input", INPUT_PER_IMAGE, "advertorch's CIFAR WRN standardises each image; not offered here"
+            ),
             Setting("derived.architecture", "wrn-28-4"),
             Setting("derived.checkpoint", "best mean validation eps", OUR_SELECTION),
-        ))
+        ),
+    )
 
     # ---------------------------------------------------------------- resolved budgets
 
@@ -153,20 +199,31 @@ class MMA(PerExampleEps):
 
     # ---------------------------------------------------------------- AN-PGD
 
-    def an_pgd(self, model, x: torch.Tensor, y: torch.Tensor, eps_prev: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def an_pgd(
+        self, model, x: torch.Tensor, y: torch.Tensor, eps_prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x at the estimated margin along the PGD direction, that margin eps*) for correct examples."""
         cfg = self.config
-        x_pgd = pgd(model, x, y, eps_prev, steps=cfg.steps, step_size=cfg.step_scale * eps_prev / cfg.steps,
-                    random_start=cfg.random_start, loss_fn=soft_logit_margin, mode=cfg.attack_bn)
+        x_pgd = pgd(
+            model,
+            x,
+            y,
+            eps_prev,
+            steps=cfg.steps,
+            step_size=cfg.step_scale * eps_prev / cfg.steps,
+            random_start=cfg.random_start,
+            loss_fn=soft_logit_margin,
+            mode=cfg.attack_bn,
+        )
         direction = (x_pgd - x) / per_sample(eps_prev + 1e-12, x)
         with model_mode(model, cfg.search_bn), torch.no_grad():
             margin = soft_logit_margin(model(x_pgd), y)
             eps_star = bisect_margin(model, x, y, direction, eps_prev, margin, self.search_max, cfg.search_steps)
         return (x + per_sample(eps_star, x) * direction).clamp(0, 1).detach(), eps_star
 
-    def _perturb_correct(self, model, batch, clean_logits: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _perturb_correct(
+        self, model, batch, clean_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mixed inputs: adversarial where correct, clean elsewhere; eps per example; correct mask)."""
         correct = soft_logit_margin(clean_logits.detach(), batch.y) < 0
         x_mix = batch.x.clone()
@@ -199,18 +256,33 @@ class MMA(PerExampleEps):
         loss = cfg.clean_loss_coeff * clean_loss + (1 - cfg.clean_loss_coeff) * mma_loss
         sgd_step(optimizer, loss)
         self.eps_state[batch.index] = eps.detach()
-        return {"loss": loss.detach(), "clean_loss": clean_loss.detach(), "mma_loss": mma_loss.detach(),
-                "adv_acc": accuracy(logits, batch.y), "clean_acc": accuracy(clean_logits, batch.y),
-                "margin_correct": correct.float().mean(), "in_hinge": in_hinge.float().mean(),
-                "eps_mean": eps.mean()}
+        return {
+            "loss": loss.detach(),
+            "clean_loss": clean_loss.detach(),
+            "mma_loss": mma_loss.detach(),
+            "adv_acc": accuracy(logits, batch.y),
+            "clean_acc": accuracy(clean_logits, batch.y),
+            "margin_correct": correct.float().mean(),
+            "in_hinge": in_hinge.float().mean(),
+            "eps_mean": eps.mean(),
+        }
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Statistics of the remembered eps over the training set (0 = misclassified at last visit)."""
         eps = self.eps_state
-        return {**self.eps_statistics(upper=self.search_max),
-                "frac_at_hinge": (eps >= self.d_max).float().mean().item(), "d_max": self.d_max}
+        return {
+            **self.eps_statistics(upper=self.search_max),
+            "frac_at_hinge": (eps >= self.d_max).float().mean().item(),
+            "d_max": self.d_max,
+        }
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "attack_bn": self.config.attack_bn, "search_bn": self.config.search_bn,
-                "d_max": self.d_max, "search_max": self.search_max, "min_eps": self.min_eps,
-                "reference_schedule": to_jsonable(self.reference_schedule)}
+        return {
+            **super().record(),
+            "attack_bn": self.config.attack_bn,
+            "search_bn": self.config.search_bn,
+            "d_max": self.d_max,
+            "search_max": self.search_max,
+            "min_eps": self.min_eps,
+            "reference_schedule": to_jsonable(self.reference_schedule),
+        }

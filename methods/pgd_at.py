@@ -17,14 +17,21 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
-from harness.pgd import pgd
 from harness.config import Schedule
-from harness.protocol import INPUT_MEAN_STD, ReferenceProtocol, Setting, OUR_SELECTION, PAPER_SCHEDULE, schedule_settings
-from harness.defense import (Defense, Perturbation, StepCost, adversarial_ce_step, configured_steps,
-                             register_defense)
+from harness.defense import Defense, Perturbation, StepCost, adversarial_ce_step, configured_steps, register_defense
+from harness.pgd import pgd
+from harness.protocol import (
+    INPUT_MEAN_STD,
+    OUR_SELECTION,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
 from harness.validation import DefenseConfig, at_least, positive, rules
 
 
@@ -48,26 +55,37 @@ class PGDAT(Defense):
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         k = configured_steps(config)
         return StepCost(2 * k + 3, f"PGD-{k}: {k} x (forward + input backward) + one training forward/backward")
+
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
-    reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75),
-                                  weight_decay=5e-4)
-    reference_protocol = ReferenceProtocol("locuslab/robust_overfitting train_cifar.py", (
-        Setting("spec.eps", "8/255"),
-        Setting("config.steps", 10), Setting("config.step_size_rel", 0.25),
-        Setting("config.random_start", True, "uniform in the ball, clamped to [0, 1]"),
-        Setting("config.attack_bn", "train", "model.train() for the whole epoch, attack included"),
-        *schedule_settings(reference_schedule, PAPER_SCHEDULE),
-        Setting("derived.input", INPUT_MEAN_STD, "normalize(X) with the CIFAR-10 mean/std"),
-        Setting("derived.architecture", "preact-resnet18", "--model default (the paper's WRN-34-20 runs)"),
-        Setting("derived.checkpoint", "best test PGD-10 (model_best.pth)", OUR_SELECTION),
-    ))
+    reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75), weight_decay=5e-4)
+    reference_protocol = ReferenceProtocol(
+        "locuslab/robust_overfitting train_cifar.py",
+        (
+            Setting("spec.eps", "8/255"),
+            Setting("config.steps", 10),
+            Setting("config.step_size_rel", 0.25),
+            Setting("config.random_start", True, "uniform in the ball, clamped to [0, 1]"),
+            Setting("config.attack_bn", "train", "model.train() for the whole epoch, attack included"),
+            *schedule_settings(reference_schedule, PAPER_SCHEDULE),
+            Setting("derived.input", INPUT_MEAN_STD, "normalize(X) with the CIFAR-10 mean/std"),
+            Setting("derived.architecture", "preact-resnet18", "--model default (the paper's WRN-34-20 runs)"),
+            Setting("derived.checkpoint", "best test PGD-10 (model_best.pth)", OUR_SELECTION),
+        ),
+    )
 
     def perturb(self, model, batch):
         eps = self.context.eps_float
-        x_adv = pgd(model, batch.x, batch.y, eps, steps=self.config.steps,
-                    step_size=self.config.step_size_rel * eps, random_start=self.config.random_start,
-                    mode=self.config.attack_bn)
+        x_adv = pgd(
+            model,
+            batch.x,
+            batch.y,
+            eps,
+            steps=self.config.steps,
+            step_size=self.config.step_size_rel * eps,
+            random_start=self.config.random_start,
+            mode=self.config.attack_bn,
+        )
         return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
 
     def train_step(self, model, optimizer, batch):

@@ -37,13 +37,17 @@ class StaticDESConfig(CueEpsConfig):
     def renormalises(self) -> bool:
         return self.budget_control == "renormalise"
 
-    RULES = rules(CueEpsConfig.RULES,
-                  weights=(non_negative, Rule("of positive sum", lambda w: sum(w) > 0, each=False)))
+    RULES = rules(CueEpsConfig.RULES, weights=(non_negative, Rule("of positive sum", lambda w: sum(w) > 0, each=False)))
 
     def validate(self) -> None:
         super().validate()
-        require(len(self.weights) == len(self.cues), "weights", f"one weight per cue ({','.join(self.cues)})",
-                f"{len(self.weights)} weights", "e.g. --set weights=1,0,0")
+        require(
+            len(self.weights) == len(self.cues),
+            "weights",
+            f"one weight per cue ({','.join(self.cues)})",
+            f"{len(self.weights)} weights",
+            "e.g. --set weights=1,0,0",
+        )
 
 
 @register_defense("static-des")

@@ -29,17 +29,35 @@ Shapes: x (B, C, H, W) in [0, 1], y (B,).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from harness.pgd import model_mode, pgd
 from harness.config import Schedule
-from harness.protocol import INPUT_RAW, OUR_SELECTION, PAPER_EPS, PAPER_INPUT, PAPER_SCHEDULE, ReferenceProtocol, Setting, schedule_settings
-from harness.defense import (Defense, Perturbation, StepCost, accuracy, clean_then_adversarial_logits,
-                             configured_steps, register_defense, sgd_step)
+from harness.defense import (
+    Defense,
+    Perturbation,
+    StepCost,
+    accuracy,
+    clean_then_adversarial_logits,
+    configured_steps,
+    register_defense,
+    sgd_step,
+)
+from harness.pgd import model_mode, pgd
+from harness.protocol import (
+    INPUT_RAW,
+    OUR_SELECTION,
+    PAPER_EPS,
+    PAPER_INPUT,
+    PAPER_SCHEDULE,
+    ReferenceProtocol,
+    Setting,
+    schedule_settings,
+)
 from harness.validation import DefenseConfig, Rule, at_least, non_negative, positive, rules
 
 
@@ -50,9 +68,14 @@ class TRADESConfig(DefenseConfig):
     step_size_rel: float = 0.007 / 0.031  # step = step_size_rel * eps (0.007 at eps 0.031)
     init_noise: float = 0.001  # std of the Gaussian start in pixel units; > 0 (KL's gradient vanishes at x)
     attack_bn: Literal["train", "eval"] = "eval"
-    RULES = rules(beta=non_negative, steps=at_least(1), step_size_rel=positive, init_noise=Rule(
-        "> 0", lambda v: v > 0, "the KL's gradient is zero at x' = x, so an attack started there never moves"))
-
+    RULES = rules(
+        beta=non_negative,
+        steps=at_least(1),
+        step_size_rel=positive,
+        init_noise=Rule(
+            "> 0", lambda v: v > 0, "the KL's gradient is zero at x' = x, so an attack started there never moves"
+        ),
+    )
 
 
 def kl_per_example(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
@@ -84,16 +107,22 @@ class TRADES(Defense):
     @classmethod
     def step_cost(cls, config: Mapping[str, Any]) -> StepCost:
         k = configured_steps(config)
-        return StepCost(2 * k + 7, f"{k} KL attack steps (forward + input backward), one clean forward for the "
-                                   f"attack's target, training forward/backward on clean and adversarial inputs")
+        return StepCost(
+            2 * k + 7,
+            f"{k} KL attack steps (forward + input backward), one clean forward for the "
+            f"attack's target, training forward/backward on clean and adversarial inputs",
+        )
+
     distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
-        epochs=76, batch_size=128, lr=0.1, lr_milestones=(74 / 76,), lr_decay=0.1, momentum=0.9,
-        weight_decay=2e-4)
+        epochs=76, batch_size=128, lr=0.1, lr_milestones=(74 / 76,), lr_decay=0.1, momentum=0.9, weight_decay=2e-4
+    )
     reference_protocol: ClassVar[ReferenceProtocol] = ReferenceProtocol(
-        "yaodongyu/TRADES train_trades_cifar10.py, trades.py", (
+        "yaodongyu/TRADES train_trades_cifar10.py, trades.py",
+        (
             Setting("spec.eps", "0.031", PAPER_EPS),
-            Setting("config.steps", 10), Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
+            Setting("config.steps", 10),
+            Setting("config.step_size_rel", 0.007 / 0.031, "0.007 at 0.031"),
             Setting("config.init_noise", 0.001, "x + 0.001 N(0, 1)"),
             Setting("config.attack_bn", "eval", "model.eval() in trades_loss"),
             Setting("config.beta", 6.0),
@@ -101,7 +130,8 @@ class TRADES(Defense):
             Setting("derived.input", INPUT_RAW, PAPER_INPUT),
             Setting("derived.architecture", "wrn-34-10"),
             Setting("derived.checkpoint", "last", OUR_SELECTION),
-        ))
+        ),
+    )
 
     def perturb(self, model, batch):
         cfg, eps = self.config, self.context.eps_float
@@ -111,9 +141,17 @@ class TRADES(Defense):
         def kl_to_clean(adv_logits, _y):
             return kl_per_example(clean_logits, adv_logits)
 
-        x_adv = pgd(model, batch.x, batch.y, eps, steps=cfg.steps, step_size=cfg.step_size_rel * eps,
-                    loss_fn=kl_to_clean, mode=cfg.attack_bn,
-                    delta_init=cfg.init_noise * torch.randn_like(batch.x))
+        x_adv = pgd(
+            model,
+            batch.x,
+            batch.y,
+            eps,
+            steps=cfg.steps,
+            step_size=cfg.step_size_rel * eps,
+            loss_fn=kl_to_clean,
+            mode=cfg.attack_bn,
+            delta_init=cfg.init_noise * torch.randn_like(batch.x),
+        )
         return Perturbation(x_adv, batch.x.new_full((len(batch.y),), eps))
 
     def train_step(self, model, optimizer, batch):
@@ -121,6 +159,10 @@ class TRADES(Defense):
         clean_logits, adv_logits = clean_then_adversarial_logits(model, batch.x, x_adv)
         loss = trades_loss(clean_logits, adv_logits, batch.y, self.config.beta)
         sgd_step(optimizer, loss.total)
-        return {"loss": loss.total.detach(), "natural_loss": loss.natural.detach(),
-                "kl": loss.robust.detach(), "clean_acc": accuracy(clean_logits, batch.y),
-                "adv_acc": accuracy(adv_logits, batch.y)}
+        return {
+            "loss": loss.total.detach(),
+            "natural_loss": loss.natural.detach(),
+            "kl": loss.robust.detach(),
+            "clean_acc": accuracy(clean_logits, batch.y),
+            "adv_acc": accuracy(adv_logits, batch.y),
+        }

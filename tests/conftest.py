@@ -74,8 +74,23 @@ def run_dir(data_dir, tmp_path_factory):
     from harness.cli import main
 
     results = tmp_path_factory.mktemp("results")
-    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
-                                    "--data-dir", str(data_dir), "--results", str(results), "-q"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "-m",
+            "pgd-at",
+            "--dataset",
+            "synthetic",
+            "--preset",
+            "smoke",
+            "--data-dir",
+            str(data_dir),
+            "--results",
+            str(results),
+            "-q",
+        ],
+    )
     assert out.exit_code == 0, out.output
     (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
     return run

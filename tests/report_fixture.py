@@ -48,11 +48,17 @@ def _flags(n: int, accuracy: float, seed: int) -> np.ndarray:
 
 def ades_diagnostics(epoch: int) -> dict[str, Any]:
     base = 8 / 255
-    return {"eps_mean": base, "eps_std": 0.004 + 0.001 * epoch, "eps_p05": base - 0.008, "eps_p50": base,
-            "eps_p95": base + 0.008, "eps_hist": {"edges": [4 / 255, 6 / 255, 8 / 255, 10 / 255, 12 / 255],
-                                                 "counts": [10, 40 + epoch, 35, 15]},
-            "spearman": {"grad_norm": 0.2 * epoch, "entropy": 0.5, "mc_variance": -0.1},
-            "probe_eps": [base] * 8, "collapse_warning": None}
+    return {
+        "eps_mean": base,
+        "eps_std": 0.004 + 0.001 * epoch,
+        "eps_p05": base - 0.008,
+        "eps_p50": base,
+        "eps_p95": base + 0.008,
+        "eps_hist": {"edges": [4 / 255, 6 / 255, 8 / 255, 10 / 255, 12 / 255], "counts": [10, 40 + epoch, 35, 15]},
+        "spearman": {"grad_norm": 0.2 * epoch, "entropy": 0.5, "mc_variance": -0.1},
+        "probe_eps": [base] * 8,
+        "collapse_warning": None,
+    }
 
 
 def run_record(run: FakeRun, results: Path) -> dict[str, Any]:
@@ -61,51 +67,109 @@ def run_record(run: FakeRun, results: Path) -> dict[str, Any]:
     directory = results / run_id
     epochs = []
     for p in range(run.epochs):
-        entry = {"pass": p + 1, "equivalent_epoch": p + 1, "lr": 0.1,
-                 "train_seconds": run.epoch_seconds * (1 + 0.02 * ((p + run.seed) % 3)), "val_seconds": 1.0,
-                 "train": {"loss": 2.0 - 0.3 * p, "adv_acc": 0.2 + 0.1 * p},
-                 "val": {"clean": run.clean - 5 + 2 * p, "pgd": run.pgd - 5 + 2 * p, "n": 100},
-                 "defense": ades_diagnostics(p) if run.defense in ("ades", "ades-joint", "static-des") else {}}
+        entry = {
+            "pass": p + 1,
+            "equivalent_epoch": p + 1,
+            "lr": 0.1,
+            "train_seconds": run.epoch_seconds * (1 + 0.02 * ((p + run.seed) % 3)),
+            "val_seconds": 1.0,
+            "train": {"loss": 2.0 - 0.3 * p, "adv_acc": 0.2 + 0.1 * p},
+            "val": {"clean": run.clean - 5 + 2 * p, "pgd": run.pgd - 5 + 2 * p, "n": 100},
+            "defense": ades_diagnostics(p) if run.defense in ("ades", "ades-joint", "static-des") else {},
+        }
         epochs.append(entry)
-    final = {label: {"clean": run.clean - shift, "pgd": run.pgd - shift, "n": run.n_test, "pass": run.epochs,
-                     "seconds": 3.0} for label, shift in (("last", 0.0), ("best", 0.5))}
+    final = {
+        label: {"clean": run.clean - shift, "pgd": run.pgd - shift, "n": run.n_test, "pass": run.epochs, "seconds": 3.0}
+        for label, shift in (("last", 0.0), ("best", 0.5))
+    }
     return {
-        "schema": SCHEMA_VERSION, "run_id": run_id, "status": "complete",
-        "spec": {"defense": run.defense, "dataset": run.dataset, "model": run.model, "eps": run.eps,
-                 "preset": "quick", "seed": run.seed, "dropout": 0.0, "eval_step": "2/255",
-                 "defense_config": {"steps": 10}, "schedule": {"epochs": run.epochs},
-                 "eval": {"pgd_steps": 20, "pgd_restarts": 1, "test_examples": run.n_test}},
+        "schema": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": "complete",
+        "spec": {
+            "defense": run.defense,
+            "dataset": run.dataset,
+            "model": run.model,
+            "eps": run.eps,
+            "preset": "quick",
+            "seed": run.seed,
+            "dropout": 0.0,
+            "eval_step": "2/255",
+            "defense_config": {"steps": 10},
+            "schedule": {"epochs": run.epochs},
+            "eval": {"pgd_steps": 20, "pgd_restarts": 1, "test_examples": run.n_test},
+        },
         "defense": {"name": run.defense, "config": {"steps": 10}, "replays": 1},
         "environment": {"device": {"name": run.device, "type": "cuda"}, "git": {"commit": "0" * 40}},
-        "protocol": {"passes": run.epochs, "equivalent_epochs": run.epochs, "train_examples": 5000 - run.held_out,
-                     "held_out_examples": run.held_out, "val_examples": 500, "test_indices": f"0..{run.n_test - 1}",
-                     "eval_attack": {"name": "pgd", "steps": 20, "step_size": "2/255", "restarts": 1}},
-        "epochs": epochs, "final": final,
+        "protocol": {
+            "passes": run.epochs,
+            "equivalent_epochs": run.epochs,
+            "train_examples": 5000 - run.held_out,
+            "held_out_examples": run.held_out,
+            "val_examples": 500,
+            "test_indices": f"0..{run.n_test - 1}",
+            "eval_attack": {"name": "pgd", "steps": 20, "step_size": "2/255", "restarts": 1},
+        },
+        "epochs": epochs,
+        "final": final,
         "checkpoints": {"last": str(directory / "last.pt"), "best": str(directory / "best.pt")},
         "created": "2026-01-01T00:00:00+00:00",
     }
 
 
-def evaluation_record(directory: Path, checkpoint: dict[str, Any], dataset: str, model: str, n: int,
-                      clean: float, robust: dict[tuple[str, str], float], seed: int, failed_check: bool = False
-                      ) -> None:
+def evaluation_record(
+    directory: Path,
+    checkpoint: dict[str, Any],
+    dataset: str,
+    model: str,
+    n: int,
+    clean: float,
+    robust: dict[tuple[str, str], float],
+    seed: int,
+    failed_check: bool = False,
+) -> None:
     """evaluation.json + flags.npz (contract B); `robust` maps (attack, eps) -> accuracy %."""
     flags = {"clean": _flags(n, clean, seed)}
     results = []
     for i, ((attack, eps), acc) in enumerate(sorted(robust.items())):
         flags[f"{attack}@{eps}"] = _flags(n, acc, seed * 100 + i)
-        results.append({"attack": attack, "eps": eps, "robust_accuracy": float(flags[f"{attack}@{eps}"].mean() * 100),
-                        "n": n, "seconds": 1.0})
-    checks = [{"name": "robust_le_clean", "passed": True, "detail": "ok"},
-              {"name": "monotone_in_eps", "passed": not failed_check,
-               "detail": "accuracy rose from 4/255 to 8/255" if failed_check else "ok"}]
+        results.append(
+            {
+                "attack": attack,
+                "eps": eps,
+                "robust_accuracy": float(flags[f"{attack}@{eps}"].mean() * 100),
+                "n": n,
+                "seconds": 1.0,
+            }
+        )
+    checks = [
+        {"name": "robust_le_clean", "passed": True, "detail": "ok"},
+        {
+            "name": "monotone_in_eps",
+            "passed": not failed_check,
+            "detail": "accuracy rose from 4/255 to 8/255" if failed_check else "ok",
+        },
+    ]
     directory.mkdir(parents=True, exist_ok=True)
     np.savez(directory / "flags.npz", **flags)
-    write_json(directory / "evaluation.json", {
-        "schema": 1, "kind": "evaluation", "checkpoint": checkpoint, "dataset": dataset, "model": model, "n": n,
-        "test_indices": f"0..{n - 1}", "config": {"attacks": sorted({a for a, _ in robust})},
-        "environment": {"device": {"name": V100}}, "clean_accuracy": float(flags["clean"].mean() * 100),
-        "results": results, "checks": checks, "flags": "flags.npz"})
+    write_json(
+        directory / "evaluation.json",
+        {
+            "schema": 1,
+            "kind": "evaluation",
+            "checkpoint": checkpoint,
+            "dataset": dataset,
+            "model": model,
+            "n": n,
+            "test_indices": f"0..{n - 1}",
+            "config": {"attacks": sorted({a for a, _ in robust})},
+            "environment": {"device": {"name": V100}},
+            "clean_accuracy": float(flags["clean"].mean() * 100),
+            "results": results,
+            "checks": checks,
+            "flags": "flags.npz",
+        },
+    )
 
 
 def write_run(results: Path, run: FakeRun) -> dict[str, Any]:
@@ -113,15 +177,30 @@ def write_run(results: Path, run: FakeRun) -> dict[str, Any]:
     write_record(results / record["run_id"] / "record.json", record)
     if run.autoattack is not None:
         n = run.aa_n or run.n_test
-        robust = {("pgd-20", eps): max(run.pgd * (1 - 0.08 * (k - 3)), 0.0) if eps != "0" else run.clean
-                  for k, eps in enumerate(SWEEP)}
+        robust = {
+            ("pgd-20", eps): max(run.pgd * (1 - 0.08 * (k - 3)), 0.0) if eps != "0" else run.clean
+            for k, eps in enumerate(SWEEP)
+        }
         robust[("pgd-20", run.eps)] = run.pgd
         robust[("autoattack-standard", run.eps)] = run.autoattack
-        evaluation_record(results / record["run_id"] / "eval" / "last-abc123",
-                          {"source": "harness", "run_id": record["run_id"], "label": "last", "name": record["run_id"],
-                           "path": record["checkpoints"]["last"], "defense": run.defense},
-                          run.dataset, run.model, n, run.clean, robust, seed=run.seed + len(run.defense),
-                          failed_check=run.failed_check)
+        evaluation_record(
+            results / record["run_id"] / "eval" / "last-abc123",
+            {
+                "source": "harness",
+                "run_id": record["run_id"],
+                "label": "last",
+                "name": record["run_id"],
+                "path": record["checkpoints"]["last"],
+                "defense": run.defense,
+            },
+            run.dataset,
+            run.model,
+            n,
+            run.clean,
+            robust,
+            seed=run.seed + len(run.defense),
+            failed_check=run.failed_check,
+        )
     return record
 
 
@@ -134,17 +213,41 @@ RUNS = (
     FakeRun("ades", 1, 82.5, 50.5, 47.5, epoch_seconds=10.7),
     FakeRun("ades-joint", 0, 81.0, 46.0, None, epoch_seconds=10.6),
     # a second protocol: never averaged with the first
-    FakeRun("pgd-at", 0, 70.0, 30.0, None, dataset="fashion-mnist", model="small-cnn", eps="1/10", n_test=100,
-            device="CPU (x86_64)", epoch_seconds=2.0),
+    FakeRun(
+        "pgd-at",
+        0,
+        70.0,
+        30.0,
+        None,
+        dataset="fashion-mnist",
+        model="small-cnn",
+        eps="1/10",
+        n_test=100,
+        device="CPU (x86_64)",
+        epoch_seconds=2.0,
+    ),
 )
 
 
 def build_results(results: Path, runs: tuple[FakeRun, ...] = RUNS, corrupt: bool = True) -> list[dict[str, Any]]:
     records = [write_run(results, run) for run in runs]
-    evaluation_record(results / "external" / "robustbench-cifar10-Linf-Zhang2019Theoretically" / "eval" / "published-x1",
-                      {"source": "robustbench", "run_id": None, "label": "published",
-                       "name": "cifar10-Linf-Zhang2019Theoretically", "path": None, "defense": "trades"},
-                      "cifar10", "WideResNet-34-10", 500, 85.0, {("autoattack-standard", "0.031"): 53.0}, seed=7)
+    evaluation_record(
+        results / "external" / "robustbench-cifar10-Linf-Zhang2019Theoretically" / "eval" / "published-x1",
+        {
+            "source": "robustbench",
+            "run_id": None,
+            "label": "published",
+            "name": "cifar10-Linf-Zhang2019Theoretically",
+            "path": None,
+            "defense": "trades",
+        },
+        "cifar10",
+        "WideResNet-34-10",
+        500,
+        85.0,
+        {("autoattack-standard", "0.031"): 53.0},
+        seed=7,
+    )
     if corrupt:
         (results / "broken_run").mkdir(parents=True, exist_ok=True)
         (results / "broken_run" / "record.json").write_text("{not json")

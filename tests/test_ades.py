@@ -9,16 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harness.pgd import input_gradient, model_mode, pgd
 from harness.cli import main
 from harness.cues import grad_norm, mc_variance_full, mc_variance_head, minmax
 from harness.data import Batch
 from harness.defense import DEFENSES, DefenseContext
-from harness.validation import validate_config
 from harness.eps_stats import collapse_warning, eps_summary, spearman
 from harness.errors import HarnessError
 from harness.models import build_model
+from harness.pgd import input_gradient, model_mode, pgd
 from harness.runner import make_spec
+from harness.validation import validate_config
 from methods.cue_schedule import hold_mean
 from methods.eps_scheduler import through_eps
 
@@ -201,8 +201,16 @@ def test_shared_first_gradient_is_pgds_own_first_gradient(trained_model, train_b
     scheduled = defense.schedule(trained_model, train_batch.x, train_batch.y)
     shared = defense.attack(trained_model, train_batch.x, train_batch.y, scheduled)
     eps = scheduled.eps.detach()
-    own = pgd(trained_model, train_batch.x, train_batch.y, eps, steps=3, step_size=0.25 * eps,
-              random_start=False, mode=defense.config.attack_bn)
+    own = pgd(
+        trained_model,
+        train_batch.x,
+        train_batch.y,
+        eps,
+        steps=3,
+        step_size=0.25 * eps,
+        random_start=False,
+        mode=defense.config.attack_bn,
+    )
     assert torch.allclose(shared, own, atol=1e-6)
 
 
@@ -225,8 +233,21 @@ def test_full_mode_on_a_model_without_dropout_fails_at_setup(trained_model, synt
 
 # --------------------------------------------------------------------------- diagnostics
 
-CONTRACT_A = {"eps_mean", "eps_std", "eps_p05", "eps_p50", "eps_p95", "eps_hist", "spearman", "probe_eps",
-              "collapse_warning", "eps_std_rel", "eps_p05_p95_rel", "spearman_pooled", "spearman_last_batch"}
+CONTRACT_A = {
+    "eps_mean",
+    "eps_std",
+    "eps_p05",
+    "eps_p50",
+    "eps_p95",
+    "eps_hist",
+    "spearman",
+    "probe_eps",
+    "collapse_warning",
+    "eps_std_rel",
+    "eps_p05_p95_rel",
+    "spearman_pooled",
+    "spearman_last_batch",
+}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -267,7 +288,7 @@ def test_eps_statistics_helpers():
     assert s["eps_p50"] == pytest.approx(0.2) and s["eps_mean"] == pytest.approx(0.2)
     assert sum(s["eps_hist"]["counts"]) == 101 and s["eps_hist"]["edges"][0] == pytest.approx(0.1)
     a = torch.tensor([1.0, 2.0, 2.0, 5.0, 7.0])
-    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    assert spearman(a, a**3) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(a, torch.ones(5)) is None
     assert 0 < spearman(a, torch.tensor([1.0, 3.0, 2.0, 4.0, 5.0])) < 1
@@ -288,20 +309,24 @@ def test_record_carries_resolved_bounds_cues_and_objective(name, objective, synt
 
 # --------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("overrides,dropout,message", [
-    (("eps_min=0.2", "eps_max=0.1"), 0.0, r"eps_min must be <= eps_max \(swap them\), got 1/5 > 1/10"),
-    (("eps_min_rel=2", "eps_max_rel=1"), 0.0, r"eps_min must be <= eps_max \(swap them\), got 2.0 > 1.0"),
-    (("eps_max_rel=20",), 0.0, r"eps_max must be in \[0, 1\], got 2 at run eps 1/10 \(lower eps_max_rel"),
-    (("mc_samples=0",), 0.0, "mc_samples must be >= 1, got 0"),
-    (("mc_mode=full",), 0.0, r"mc_mode must be head for a model built without dropout, got full \(pass --dropout"),
-    (("cues=grad_norm,curvature",), 0.0, "cues must be one of grad_norm, entropy, mc_variance, got curvature"),
-    (("cues=entropy,entropy",), 0.0, "cues must be listed once each, got entropy,entropy"),
-    (("eps_target_rel=1.5",), 0.0, "eps_target_rel must be such that the target mean eps lies strictly between"),
-    (("objective=bilevel",), 0.0, r"objective must be budget or joint, got bilevel \(bilevel is its own defense"),
-    (("mc_head_dropout=1",), 0.0, r"mc_head_dropout must be in \[0, 1\), got 1.0"),
-    (("collapse_fraction=0",), 0.0, r"collapse_fraction must be in \(0, 1\], got 0.0"),
-    (("scheduler_every=0",), 0.0, "scheduler_every must be >= 1, got 0"),
-])
+
+@pytest.mark.parametrize(
+    "overrides,dropout,message",
+    [
+        (("eps_min=0.2", "eps_max=0.1"), 0.0, r"eps_min must be <= eps_max \(swap them\), got 1/5 > 1/10"),
+        (("eps_min_rel=2", "eps_max_rel=1"), 0.0, r"eps_min must be <= eps_max \(swap them\), got 2.0 > 1.0"),
+        (("eps_max_rel=20",), 0.0, r"eps_max must be in \[0, 1\], got 2 at run eps 1/10 \(lower eps_max_rel"),
+        (("mc_samples=0",), 0.0, "mc_samples must be >= 1, got 0"),
+        (("mc_mode=full",), 0.0, r"mc_mode must be head for a model built without dropout, got full \(pass --dropout"),
+        (("cues=grad_norm,curvature",), 0.0, "cues must be one of grad_norm, entropy, mc_variance, got curvature"),
+        (("cues=entropy,entropy",), 0.0, "cues must be listed once each, got entropy,entropy"),
+        (("eps_target_rel=1.5",), 0.0, "eps_target_rel must be such that the target mean eps lies strictly between"),
+        (("objective=bilevel",), 0.0, r"objective must be budget or joint, got bilevel \(bilevel is its own defense"),
+        (("mc_head_dropout=1",), 0.0, r"mc_head_dropout must be in \[0, 1\), got 1.0"),
+        (("collapse_fraction=0",), 0.0, r"collapse_fraction must be in \(0, 1\], got 0.0"),
+        (("scheduler_every=0",), 0.0, "scheduler_every must be >= 1, got 0"),
+    ],
+)
 def test_bad_input_fails_before_training(overrides, dropout, message):
     """Every rule, per-field (RULES) or cross-field (validate, check_spec), in the one message format."""
     with pytest.raises(HarnessError, match="^ades: " + message):
@@ -309,8 +334,11 @@ def test_bad_input_fails_before_training(overrides, dropout, message):
 
 
 def test_bad_static_weights_and_good_full_mode_spec():
-    with pytest.raises(HarnessError, match=r"^static-des: weights must be one weight per cue \(grad_norm,entropy,"
-                                           r"mc_variance\), got 2 weights \(e.g. --set weights=1,0,0\)$"):
+    with pytest.raises(
+        HarnessError,
+        match=r"^static-des: weights must be one weight per cue \(grad_norm,entropy,"
+        r"mc_variance\), got 2 weights \(e.g. --set weights=1,0,0\)$",
+    ):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=1,0",))
     with pytest.raises(HarnessError, match="^static-des: weights must be of positive sum, got 0.0,0.0,0.0$"):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=0,0,0",))
@@ -324,8 +352,10 @@ def test_bad_static_weights_and_good_full_mode_spec():
 
 
 def test_cli_reports_bad_input_with_exit_status_2(tmp_path):
-    result = CliRunner().invoke(main, ["run", "--method", "ades-joint", "--preset", "smoke", "--set",
-                                       "mc_samples=0", "--results", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        ["run", "--method", "ades-joint", "--preset", "smoke", "--set", "mc_samples=0", "--results", str(tmp_path)],
+    )
     assert result.exit_code == 2 and "mc_samples" in result.output
     assert not any(tmp_path.iterdir())
 
@@ -334,7 +364,7 @@ def test_penalty_control_only_acts_on_the_budget_scheduler(synthetic_info):
     target = float(synthetic_info.eps)
     off = torch.full((8,), 1.2 * target)
     penalised = make("ades", synthetic_info, budget_control="penalty", budget_penalty=10.0)
-    assert float(penalised.scheduler_penalty(off)) == pytest.approx(-10.0 * 0.2 ** 2, rel=1e-4)
+    assert float(penalised.scheduler_penalty(off)) == pytest.approx(-10.0 * 0.2**2, rel=1e-4)
     assert float(penalised.scheduler_penalty(torch.full((8,), target))) == pytest.approx(0.0, abs=1e-9)
     assert make("ades", synthetic_info).scheduler_penalty(off) == 0.0
     assert make("ades-joint", synthetic_info, budget_control="penalty").scheduler_penalty(off) == 0.0

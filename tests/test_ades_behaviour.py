@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from harness.cues import clean_pass, compute_cues, entropy, grad_norm, mc_variance_full, minmax
 from harness.defense import DEFENSES, DefenseContext
-from harness.validation import validate_config
 from harness.eps_stats import collapse_warning
 from harness.models import build_model
 from harness.runner import RunOptions, make_spec, run
+from harness.validation import validate_config
 from methods.cue_schedule import hold_mean, preserved_buffers
 from methods.eps_scheduler import through_eps
 
@@ -33,6 +33,7 @@ def make(name, info, **changes):
 
 # --------------------------------------------------------------------------- the scheduler's direction
 
+
 def surrogate(defense, model, x, y, direction):
     """CE at x + eps_i * d_i for the defense's current map, PGD direction d fixed."""
     eps = defense.schedule(model, x, y).eps.detach()  # the cue pass needs input gradients
@@ -42,8 +43,7 @@ def surrogate(defense, model, x, y, direction):
 
 
 @pytest.mark.parametrize("name,rises", [("ades", True), ("ades-joint", False)])
-def test_scheduler_steps_move_the_surrogate_loss_the_right_way(name, rises, trained_model, train_batch,
-                                                               synthetic_info):
+def test_scheduler_steps_move_the_surrogate_loss_the_right_way(name, rises, trained_model, train_batch, synthetic_info):
     """Model frozen (lr 0, BN statistics restored after each step), cues deterministic: `ades` (maximise
     at a held mean) raises the loss at the fixed PGD directions, keeping the mean; `ades-joint` lowers it."""
     defense = make(name, synthetic_info, cues=DETERMINISTIC_CUES, attack_bn="eval", scheduler_lr=0.05)
@@ -66,8 +66,14 @@ def test_scheduler_steps_move_the_surrogate_loss_the_right_way(name, rises, trai
 
 # --------------------------------------------------------------------------- budget control
 
-@pytest.mark.parametrize("scores", [torch.tensor([0.45, 0.5, 0.52, 0.6, 0.55]),  # no shrink needed
-                                    torch.tensor([0.05, 0.9, 0.95, 0.99, 0.7])])  # shrunk to stay in [0, 1]
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        torch.tensor([0.45, 0.5, 0.52, 0.6, 0.55]),  # no shrink needed
+        torch.tensor([0.05, 0.9, 0.95, 0.99, 0.7]),
+    ],
+)  # shrunk to stay in [0, 1]
 def test_hold_mean_jacobian_columns_sum_to_zero(scores):
     """Every gradient through hold_mean is mean-preserving: d(sum of outputs)/d(each score) = 0."""
     out = hold_mean(scores, 0.5)
@@ -88,6 +94,7 @@ def test_through_eps_gradient_is_the_direction():
 
 # --------------------------------------------------------------------------- cues
 
+
 def test_entropy_of_uniform_and_confident_logits():
     k = 10
     assert entropy(torch.zeros(3, k)) == pytest.approx(torch.full((3,), math.log(k)), rel=1e-6)
@@ -102,8 +109,9 @@ def test_grad_norm_cue_is_the_asked_norm_of_the_input_gradient(norm, order, trai
     clean = clean_pass(trained_model, x, y, "eval")
     expected = torch.linalg.vector_norm(clean.grad.flatten(1), ord=order, dim=1)
     assert torch.allclose(grad_norm(clean.grad, norm), expected)
-    cues = compute_cues(trained_model, x, clean, ("grad_norm",), norm=norm, mc_mode="head", mc_samples=2,
-                        mc_head_dropout=0.5)
+    cues = compute_cues(
+        trained_model, x, clean, ("grad_norm",), norm=norm, mc_mode="head", mc_samples=2, mc_head_dropout=0.5
+    )
     assert torch.allclose(cues["grad_norm"], expected)
 
 
@@ -146,6 +154,7 @@ def test_minmax_treats_rounding_noise_as_constant():
 
 # --------------------------------------------------------------------------- PGD's shared first step
 
+
 def test_shared_first_step_still_starts_at_the_seeds_random_point(trained_model, train_batch, synthetic_info):
     x, y = train_batch.x[:8], train_batch.y[:8]
     outputs = {}
@@ -161,6 +170,7 @@ def test_shared_first_step_still_starts_at_the_seeds_random_point(trained_model,
 
 
 # --------------------------------------------------------------------------- diagnostics
+
 
 def test_collapse_onto_the_held_mean_is_a_warning():
     flat = torch.full((100,), 0.2) + 1e-4 * torch.randn(100)

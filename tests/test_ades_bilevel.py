@@ -12,11 +12,11 @@ from torch.func import functional_call
 
 from harness.data import DATASETS, Split
 from harness.defense import DEFENSES, DefenseContext
-from harness.validation import validate_config
 from harness.errors import HarnessError
-from harness.runner import Run, RunOptions, make_spec, prepare_data, run
-from harness.records import read_record
 from harness.pgd import per_sample
+from harness.records import read_record
+from harness.runner import Run, RunOptions, make_spec, prepare_data, run
+from harness.validation import validate_config
 from methods.eps_scheduler import through_eps
 
 
@@ -24,8 +24,9 @@ def make_bilevel(info, held_out, **changes):
     cls = DEFENSES.get("ades-bilevel")
     config = dataclasses.replace(cls.Config(), **{"steps": 2, **changes})
     validate_config(config, "ades-bilevel")
-    ctx = DefenseContext(eps=info.eps, dataset=info, train_size=32, epochs=1, device=torch.device("cpu"),
-                         held_out=held_out)
+    ctx = DefenseContext(
+        eps=info.eps, dataset=info, train_size=32, epochs=1, device=torch.device("cpu"), held_out=held_out
+    )
     return cls(config, ctx)
 
 
@@ -65,8 +66,14 @@ def test_held_out_split_is_carved_from_training_and_disjoint(tmp_path, data_dir)
     assert len(data.held_out.labels) == 25 and data.train.num_examples == 256 - 25
 
     def rows(images):
-        return {bytes(r) for r in (images.float() * (255 if images.is_floating_point() else 1)).round()
-                .to(torch.uint8).flatten(1).numpy()}
+        return {
+            bytes(r)
+            for r in (images.float() * (255 if images.is_floating_point() else 1))
+            .round()
+            .to(torch.uint8)
+            .flatten(1)
+            .numpy()
+        }
 
     held = rows(data.held_out.images)
     assert not held & rows(data.train.images) and not held & rows(data.val.images)
@@ -75,8 +82,10 @@ def test_held_out_split_is_carved_from_training_and_disjoint(tmp_path, data_dir)
 
 
 def strip_times(record):
-    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"}  # wall, CPU, load
-              for e in record["epochs"]]
+    epochs = [
+        {k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"}  # wall, CPU, load
+        for e in record["epochs"]
+    ]
     final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
     return epochs, final
 
@@ -85,8 +94,9 @@ def test_bilevel_run_resumes_exactly(tmp_path, data_dir, monkeypatch):
     spec = make_spec("ades-bilevel", "synthetic", "smoke", epochs=2, overrides=("steps=2",))
 
     def options(sub, **kw):
-        return RunOptions(results_dir=tmp_path / sub, data_dir=data_dir, device=torch.device("cpu"),
-                          progress=False, **kw)
+        return RunOptions(
+            results_dir=tmp_path / sub, data_dir=data_dir, device=torch.device("cpu"), progress=False, **kw
+        )
 
     reference = run(spec, options("a"))
     assert reference["protocol"]["held_out_examples"] == 25
@@ -107,8 +117,7 @@ def test_bilevel_run_resumes_exactly(tmp_path, data_dir, monkeypatch):
     assert strip_times(resumed) == strip_times(reference)
 
 
-def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(trained_model, train_batch,
-                                                                           synthetic_info):
+def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(trained_model, train_batch, synthetic_info):
     """Direction: phi's own optimiser step lowers the held-out loss after the look-ahead (a maximising
     scheduler raises it) by about the first-order prediction (Adam's first step is lr * sign(g), so
     the drop is lr * sum|g|). The training input is x + eps_i(phi) d_i with the PGD directions d_i
@@ -118,8 +127,15 @@ def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(train
     model = trained_model.double()
     x, y = train_batch.x[:16].double(), train_batch.y[:16]
     held = Split(train_batch.x[16:].double(), train_batch.y[16:])
-    defense = make_bilevel(synthetic_info, held, cues=("grad_norm", "entropy"), held_out_batch=16, init_scale=1.0,
-                           attack_bn="train", cue_bn="attack")
+    defense = make_bilevel(
+        synthetic_info,
+        held,
+        cues=("grad_norm", "entropy"),
+        held_out_batch=16,
+        init_scale=1.0,
+        attack_bn="train",
+        cue_bn="attack",
+    )
     defense.setup(model)
     lr_phi = 1e-6  # small enough for the first-order prediction (1e-4 already leaves the linear regime)
     for group in defense.scheduler_optimizer.param_groups:
@@ -193,8 +209,7 @@ def test_train_step_takes_every_outer_example_from_the_held_out_split(trained_mo
         assert bool((held_y[near_held] == y).all())
 
 
-def test_held_out_attack_in_train_step_leaves_batchnorm_statistics_alone(trained_model, train_batch,
-                                                                          synthetic_info):
+def test_held_out_attack_in_train_step_leaves_batchnorm_statistics_alone(trained_model, train_batch, synthetic_info):
     spy: dict = {}
     one_train_step(trained_model, train_batch, synthetic_info, spy)
     assert any(b.is_floating_point() for b in spy["buffers_before"])  # the model has BN statistics

@@ -30,12 +30,16 @@ def test_train_writes_the_record_harness_run_writes(run_dir, data_dir, tmp_path)
     assert made.run_dir == tmp_path / run_dir.name and made.record.run_id == cli["run_id"]
     assert ours["spec"] == cli["spec"] and ours.keys() == cli.keys()  # same identity, same fields
     for label in ("last", "best"):  # same (seeded) result; only the measured seconds differ
-        assert {k: v for k, v in ours["final"][label].items() if k != "seconds"} == \
-            {k: v for k, v in cli["final"][label].items() if k != "seconds"}
+        assert {k: v for k, v in ours["final"][label].items() if k != "seconds"} == {
+            k: v for k, v in cli["final"][label].items() if k != "seconds"
+        }
     assert made.record.status == "complete" and made.checkpoint.is_file() and made.best_checkpoint.is_file()
     last = made.record.final["last"]
-    assert (last.clean, last.pgd, last.n) == (cli["final"]["last"]["clean"], cli["final"]["last"]["pgd"],
-                                              cli["final"]["last"]["n"])
+    assert (last.clean, last.pgd, last.n) == (
+        cli["final"]["last"]["clean"],
+        cli["final"]["last"]["pgd"],
+        cli["final"]["last"]["n"],
+    )
     assert api.load_run(run_dir).record == made.record  # the typed view compares by its fields
 
 
@@ -75,10 +79,17 @@ def test_train_resumes_an_interrupted_run_only_when_asked(run_dir, data_dir, tmp
     assert resumed.record.status == "complete" and resumed.record == api.load_run(run_dir).record
 
 
-@pytest.mark.parametrize("resume, force, grid, expected", [
-    (False, False, False, False), (True, False, False, True), (False, True, False, False),
-    (False, False, True, True), (False, True, True, False), (True, False, True, True),
-])
+@pytest.mark.parametrize(
+    "resume, force, grid, expected",
+    [
+        (False, False, False, False),
+        (True, False, False, True),
+        (False, True, False, False),
+        (False, False, True, True),
+        (False, True, True, False),
+        (True, False, True, True),
+    ],
+)
 def test_resume_policy(resume, force, grid, expected):
     """Resume as asked; a grid resumes unless forced (it is rerun until complete)."""
     assert api.resume_mode(resume, force, grid=grid) is expected
@@ -106,16 +117,24 @@ def test_complete_runs_are_counted_as_skipped_unless_forced(run_dir):
 
 
 def _fresh_python(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     return out.stdout.strip()
 
 
 def test_import_harness_is_light_and_the_registry_loads_its_plugins():
-    code = ("import sys, harness\n"
-            "print('torch' in sys.modules, 'methods' in sys.modules, callable(harness.train))\n"
-            "from harness.defense import DEFENSES\n"
-            "print('methods' in sys.modules, 'ades' in DEFENSES, 'methods' in sys.modules, len(DEFENSES))")
+    code = (
+        "import sys, harness\n"
+        "print('torch' in sys.modules, 'methods' in sys.modules, callable(harness.train))\n"
+        "from harness.defense import DEFENSES\n"
+        "print('methods' in sys.modules, 'ades' in DEFENSES, 'methods' in sys.modules, len(DEFENSES))"
+    )
     light, registry = _fresh_python(code).splitlines()
     assert light == "False False True"
     before, found, after, count = registry.split()
@@ -125,10 +144,12 @@ def test_import_harness_is_light_and_the_registry_loads_its_plugins():
 def test_no_harness_module_imports_the_plugins_for_their_side_effect():
     """The defense registry loads methods/ on its first lookup: an `import methods` in harness/ is a
     second, scattered way to fill it (and makes `import harness.x` pay for every defense)."""
-    sites = [f"{path.relative_to(ROOT).as_posix()}:{node.lineno}"
-             for path in sorted((ROOT / "harness").rglob("*.py"))
-             for node in ast.walk(ast.parse(path.read_text()))
-             if isinstance(node, ast.Import) and any(a.name == "methods" for a in node.names)]
+    sites = [
+        f"{path.relative_to(ROOT).as_posix()}:{node.lineno}"
+        for path in sorted((ROOT / "harness").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import) and any(a.name == "methods" for a in node.names)
+    ]
     assert sites == []
 
 
@@ -146,7 +167,9 @@ def test_documented_examples_run(data_dir, tmp_path, monkeypatch):
     section = readme.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = _examples(ROOT / "docs" / "api.md") + re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     lines = [len([line for line in b.splitlines() if line.strip()]) for b in blocks]
-    assert len(blocks) == 4 and max(lines[:3]) <= 5 and lines[3] <= 7  # five lines per entry point; the README's all three
+    assert (
+        len(blocks) == 4 and max(lines[:3]) <= 5 and lines[3] <= 7
+    )  # five lines per entry point; the README's all three
     for block in blocks:
         exec(compile(block, "example", "exec"), {})  # noqa: S102  (the documented examples, verbatim)
     assert len(list((tmp_path / "results").glob("*/record.json"))) == 1  # the README's train() skipped it
@@ -189,9 +212,14 @@ def test_nothing_below_the_commands_imports_them():
 
 def test_the_import_graph_check_sees_each_kind_of_arrow(tmp_path):
     """The rule catches `import`, `from ... import` and a module named in a string (a job key)."""
-    samples = {"from harness.commands.run import run_jobs": True, "import harness.commands.eval": True,
-               "from harness import cli": True, "KEY = 'harness.commands.eval:eval_command'": True,
-               "from harness.api import run_jobs": False, "import harness.commandsx": False}
+    samples = {
+        "from harness.commands.run import run_jobs": True,
+        "import harness.commands.eval": True,
+        "from harness import cli": True,
+        "KEY = 'harness.commands.eval:eval_command'": True,
+        "from harness.api import run_jobs": False,
+        "import harness.commandsx": False,
+    }
     for source, caught in samples.items():
         path = tmp_path / "sample.py"
         path.write_text(source + "\n")
@@ -217,8 +245,24 @@ def test_evaluate_writes_the_evaluation_harness_eval_writes(run_dir, data_dir):
     worst = {r["eps"]: r["robust_accuracy"] for r in record["results"] if r["attack"] == "worst-case"}
     assert {str(e) if e else "0": a for e, a in result.robust.items()} == worst
     assert result.flags["worst-case@8/255"].mean() * 100 == pytest.approx(result.robust[Fraction(8, 255)])
-    out = CliRunner().invoke(main, ["eval", str(run_dir), "-a", "pgd-20", "--eps", "0,8/255", "--n", "64",
-                                    "--batch-size", "64", "--data-dir", str(data_dir), "-q"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(run_dir),
+            "-a",
+            "pgd-20",
+            "--eps",
+            "0,8/255",
+            "--n",
+            "64",
+            "--batch-size",
+            "64",
+            "--data-dir",
+            str(data_dir),
+            "-q",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert out.output.startswith("already evaluated: ") and str(result.directory) in out.output
 
@@ -227,8 +271,9 @@ def test_evaluate_takes_any_module_bound_by_its_weights(trained_model, data_dir,
     first = harness.evaluate(trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **EVAL)
     assert first.directory.parent == tmp_path / "external" / f"module-{type(trained_model).__name__}" / "eval"
     assert 0 <= first.robust[Fraction(8, 255)] <= first.robust[Fraction(0)] == first.clean
-    assert harness.evaluate(trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path,
-                            **EVAL).already_done  # the same weights and config: skipped, not redone
+    assert harness.evaluate(
+        trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **EVAL
+    ).already_done  # the same weights and config: skipped, not redone
     with torch.no_grad():
         next(trained_model.parameters()).add_(0.01)  # other weights: a new evaluation, never the old one
     other = harness.evaluate(trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **EVAL)

@@ -23,8 +23,7 @@ def test_ratios_are_taken_round_by_round():
     timings = Timings({"a": [2.0, 4.0, 3.0], "b": [1.0, 1.0, 2.0]}, IDLE)
     median, spread = timings.ratio("a", "b")
     assert spread == [1.5, 2.0, 4.0] and median == 2.0  # per round, not median(a) / median(b) = 3.0
-    result = BenchResult("x", dict(timings), {"a / b": median}, {"a / b": 3.0}, spreads={"a / b": spread},
-                         machine=IDLE)
+    result = BenchResult("x", dict(timings), {"a / b": median}, {"a / b": 3.0}, spreads={"a / b": spread}, machine=IDLE)
     assert result.verdicts == {"a / b": "undecided"}
     assert any("[1.500 .. 4.000]" in line and "undecided" in line for line in result.lines())
 

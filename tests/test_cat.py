@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import report_fixture as fx
 import torch
 
 import methods.cat as cat_module
 from harness.defense import DEFENSES, DefenseContext
-from harness.validation import validate_config
 from harness.errors import HarnessError
 from harness.report import build, load_results
 from harness.runner import make_spec
+from harness.validation import validate_config
 from methods.cat import lesson_for, mixed_steps
-import report_fixture as fx
 
 
 def make(info, epochs=8, **changes):
@@ -72,8 +72,12 @@ def test_bad_config_fails_before_training():
 
 
 def test_cat_is_in_table1_and_table2_as_a_control(tmp_path):
-    runs = (fx.FakeRun("pgd-at", 0, 80, 45, 40), fx.FakeRun("cat", 0, 81, 46, 41),
-            fx.FakeRun("static-des", 0, 80, 45, 40), fx.FakeRun("ades", 0, 81, 47, 42))
+    runs = (
+        fx.FakeRun("pgd-at", 0, 80, 45, 40),
+        fx.FakeRun("cat", 0, 81, 46, 41),
+        fx.FakeRun("static-des", 0, 80, 45, 40),
+        fx.FakeRun("ades", 0, 81, 47, 42),
+    )
     fx.build_results(tmp_path, runs=runs, corrupt=False)
     report = build(load_results(tmp_path))
     assert any(str(row["Method"].text) == "CAT" for row in report.table1[0].display)

@@ -24,10 +24,13 @@ def make_defense(name, info, train_size=600):
     held_out = None
     if cls.held_out_size(cls.Config(), train_size):  # e.g. ADES-bilevel's outer loss: random stand-in data
         generator = torch.Generator().manual_seed(0)
-        held_out = Split(torch.rand(16, info.channels, info.image_size, info.image_size, generator=generator),
-                         torch.randint(0, info.num_classes, (16,), generator=generator))
-    ctx = DefenseContext(eps=info.eps, dataset=info, train_size=train_size, epochs=10, device=torch.device("cpu"),
-                         held_out=held_out)
+        held_out = Split(
+            torch.rand(16, info.channels, info.image_size, info.image_size, generator=generator),
+            torch.randint(0, info.num_classes, (16,), generator=generator),
+        )
+    ctx = DefenseContext(
+        eps=info.eps, dataset=info, train_size=train_size, epochs=10, device=torch.device("cpu"), held_out=held_out
+    )
     return cls(cls.Config(), ctx)
 
 
@@ -140,9 +143,18 @@ def test_every_config_subclasses_the_config_base():
 # forward-equivalents per example of one training step at PGD-10 and PGD-3 (docs/recipes.md, "Compute
 # conventions"), as each defense states them; None: the defense says it has no cost model
 STEP_COSTS = {
-    "pgd-at": (23, 9), "static-des": (23, 9), "ades": (23, 9), "ades-joint": (23, 9), "trades": (27, 13),
-    "mart": (26, 12), "free-at": (3, 3), "mma": (37, 23), "fat": (5, 5), "iaat": (63, 21),
-    "cat": (None, None), "ades-bilevel": (None, None),
+    "pgd-at": (23, 9),
+    "static-des": (23, 9),
+    "ades": (23, 9),
+    "ades-joint": (23, 9),
+    "trades": (27, 13),
+    "mart": (26, 12),
+    "free-at": (3, 3),
+    "mma": (37, 23),
+    "fat": (5, 5),
+    "iaat": (63, 21),
+    "cat": (None, None),
+    "ades-bilevel": (None, None),
 }
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.pgd import model_mode, pgd
 from harness.config import parse_eps
 from harness.errors import DuplicateNameError, HarnessError, UnknownNameError
+from harness.pgd import model_mode, pgd
 from harness.records import CorruptRecordError, iter_records, validate
 from harness.registry import Registry
 from harness.storage import write_json
@@ -29,8 +29,9 @@ def test_registry_duplicates_and_suggestions():
     assert "did you mean" not in str(info.value) and "known: alpha" in str(info.value)
 
 
-@pytest.mark.parametrize("text, value", [("8/255", Fraction(8, 255)), ("0.031", Fraction(31, 1000)),
-                                         ("0", Fraction(0)), ("1", Fraction(1))])
+@pytest.mark.parametrize(
+    "text, value", [("8/255", Fraction(8, 255)), ("0.031", Fraction(31, 1000)), ("0", Fraction(0)), ("1", Fraction(1))]
+)
 def test_eps_is_kept_exact(text, value):
     assert parse_eps(text) == value
 
@@ -42,8 +43,18 @@ def test_eps_rejects_bad_values(text):
 
 
 def minimal_record(**changes):
-    record = {"schema": 1, "run_id": "r", "status": "complete", "spec": {}, "defense": {}, "environment": {},
-              "epochs": [{"train_seconds": 1.0}], "final": {}, "checkpoints": {}, "created": "now"}
+    record = {
+        "schema": 1,
+        "run_id": "r",
+        "status": "complete",
+        "spec": {},
+        "defense": {},
+        "environment": {},
+        "epochs": [{"train_seconds": 1.0}],
+        "final": {},
+        "checkpoints": {},
+        "created": "now",
+    }
     return record | changes
 
 

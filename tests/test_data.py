@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import (DATASETS, TensorLoader, crop_flip, load_split, read_idx, split_train_val)
+from harness.data import DATASETS, TensorLoader, crop_flip, load_split, read_idx, split_train_val
 from harness.errors import HarnessError
 
 
@@ -78,8 +78,9 @@ def test_cifar100_reader_uses_fine_labels(tmp_path):
     root.mkdir()
     for name in ("train", "test"):
         with open(root / name, "wb") as f:
-            pickle.dump({"data": np.zeros((3, 3072), np.uint8), "fine_labels": [97, 5, 42],
-                         "coarse_labels": [1, 2, 3]}, f)
+            pickle.dump(
+                {"data": np.zeros((3, 3072), np.uint8), "fine_labels": [97, 5, 42], "coarse_labels": [1, 2, 3]}, f
+            )
     split = load_split(DATASETS.get("cifar100"), tmp_path, train=True, download=False)
     assert split.labels.tolist() == [97, 5, 42]
 

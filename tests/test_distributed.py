@@ -34,9 +34,32 @@ def free_port() -> int:
 
 def torchrun(args: list[str], results: Path, data_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "harness", "run", "--dataset", "synthetic", "--preset", "smoke",
-           "--device", "cpu", "--data-dir", str(data_dir), "--results", str(results), "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "harness",
+        "run",
+        "--dataset",
+        "synthetic",
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--results",
+        str(results),
+        "--quiet",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -59,11 +82,14 @@ def assert_same_run(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
     assert set(wa) == set(wb)  # the plain model's keys: global BatchNorm leaves checkpoints interchangeable
 
 
-@pytest.mark.parametrize("method, args", [
-    ("pgd-at", ["--set", "random_start=false"]),
-    ("mma", ["--epochs", "2", "--set", "random_start=false", "--set", "steps=3", "--set", "search_steps=4"]),
-    ("fat", ["--set", "random_start=false", "--set", "omega=0", "--set", "attack_bn=train"]),  # early stop
-])
+@pytest.mark.parametrize(
+    "method, args",
+    [
+        ("pgd-at", ["--set", "random_start=false"]),
+        ("mma", ["--epochs", "2", "--set", "random_start=false", "--set", "steps=3", "--set", "search_steps=4"]),
+        ("fat", ["--set", "random_start=false", "--set", "omega=0", "--set", "attack_bn=train"]),  # early stop
+    ],
+)
 def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, args):
     overrides = tuple(v for k, v in zip(args, args[1:]) if k == "--set")
     epochs = int(args[args.index("--epochs") + 1]) if "--epochs" in args else None
@@ -97,8 +123,10 @@ def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir
     from harness.records import read_record
 
     args = ["--method", "pgd-at", "--seed", "0", "--seed", "1", "--set", "random_start=false"]
-    held, trained = (make_spec("pgd-at", "synthetic", "smoke", seed=seed, ranks=2, overrides=("random_start=false",))
-                     for seed in (0, 1))
+    held, trained = (
+        make_spec("pgd-at", "synthetic", "smoke", seed=seed, ranks=2, overrides=("random_start=false",))
+        for seed in (0, 1)
+    )
     with hold(tmp_path / "two" / held.run_id, what="a test's run"):
         done = torchrun(args, tmp_path / "two", data_dir)
     output = done.stdout + done.stderr
@@ -125,13 +153,39 @@ def test_a_defense_not_ready_is_refused_once_before_any_work(tmp_path, data_dir,
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
-    out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "-m", "cat", "-m", "ades", "--dataset", "synthetic",
-                                    "--preset", "smoke", "--device", "cpu", "--data-dir", str(data_dir),
-                                    "--results", str(tmp_path / "results"), "-q"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "-m",
+            "pgd-at",
+            "-m",
+            "cat",
+            "-m",
+            "ades",
+            "--dataset",
+            "synthetic",
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data_dir),
+            "--results",
+            str(tmp_path / "results"),
+            "-q",
+        ],
+    )
     assert out.exit_code == 2
     lines = out.output.strip().splitlines()
-    assert lines == ([f"error: ades, cat cannot train on several processes (per-process state or batch statistics, "
-                      f"see docs/distributed.md); run them without torchrun"] if rank == 0 else [])
+    assert lines == (
+        [
+            "error: ades, cat cannot train on several processes (per-process state or batch statistics, "
+            "see docs/distributed.md); run them without torchrun"
+        ]
+        if rank == 0
+        else []
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -145,9 +199,9 @@ def test_shards_are_contiguous_and_weighted():
 
 
 def test_defense_not_checked_for_ranks_is_refused():
+    import methods  # noqa: F401
     from harness.defense import DEFENSES
     from harness.training import Execution
-    import methods  # noqa: F401
 
     ades = DEFENSES.get("ades")
     assert not ades.distributed_ready and DEFENSES.get("pgd-at").distributed_ready
@@ -157,6 +211,7 @@ def test_defense_not_checked_for_ranks_is_refused():
 
 
 # --------------------------------------------------------------------------- float64: the arithmetic itself
+
 
 def _exact_worker(rank: int, port: int, n: int, out: str) -> None:
     """Two gloo ranks: global-BatchNorm DDP training steps of PGD-AT and MMA on shards of one global
@@ -185,11 +240,13 @@ def _exact_worker(rank: int, port: int, n: int, out: str) -> None:
                 defense.train_step(model, opt, local)
         for table in defense.per_example_state():
             distributed.merge_rows(table, visited, world)
-        results[name] = ({k: v.clone() for k, v in net.state_dict().items()},
-                         [t.clone() for t in defense.per_example_state()])
+        results[name] = (
+            {k: v.clone() for k, v in net.state_dict().items()},
+            [t.clone() for t in defense.per_example_state()],
+        )
     table = torch.full((n, 2), -1.0, dtype=torch.float64)
     mine = torch.zeros(n, dtype=torch.bool)
-    mine[rank * 10:rank * 10 + 10] = True  # rank 0 rows 0-9, rank 1 rows 10-19, nobody the rest
+    mine[rank * 10 : rank * 10 + 10] = True  # rank 0 rows 0-9, rank 1 rows 10-19, nobody the rest
     table[mine] = rank + 1.0
     distributed.merge_rows(table, mine, world)
     results["merged"] = table

@@ -6,11 +6,11 @@ from fractions import Fraction
 
 import pytest
 import torch
+from evaluation_helpers import template_data, train_tiny
 from torch import nn
 
-from harness.pgd import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
-from evaluation_helpers import template_data, train_tiny
+from harness.pgd import frozen_parameters, model_mode, pgd
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,13 @@ def test_autoattack_resumes_from_its_own_state_file(tiny, test_set, tmp_path):
     with pytest.raises(Exception, match="another AutoAttack configuration"):
         from pyautoattack import AutoAttack
 
-        run_autoattack(AutoAttack(tiny, attacks=["apgd-ce"], device="cpu", eps=eps, seed=0, version="custom"),
-                       x, y, batch_size=32, state_path=state_path)
+        run_autoattack(
+            AutoAttack(tiny, attacks=["apgd-ce"], device="cpu", eps=eps, seed=0, version="custom"),
+            x,
+            y,
+            batch_size=32,
+            state_path=state_path,
+        )
 
 
 class Band(nn.Module):

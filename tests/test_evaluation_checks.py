@@ -7,15 +7,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import store_for, template_data, train_tiny
 from torch import nn
 
-from harness.evaluation.attacks import AttackOptions, ATTACKS
+from harness.errors import HarnessError
+from harness.evaluation.attacks import ATTACKS, AttackOptions
 from harness.evaluation.checks import model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, percent, read_evaluation
 from harness.evaluation.nesting import raw_key
 from harness.evaluation.sweep import sweep
-from harness.errors import HarnessError
-from evaluation_helpers import store_for, template_data, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,14 @@ def test_good_model_passes_model_checks(tiny, data):
     assert failed(model_checks(tiny, *data)) == set()
 
 
-@pytest.mark.parametrize("wrapper, expected", [(Probabilities, "outputs-are-logits"),
-                                               (Randomized, "deterministic-outputs"),
-                                               (Quantized, "nonzero-input-gradients")])
+@pytest.mark.parametrize(
+    "wrapper, expected",
+    [
+        (Probabilities, "outputs-are-logits"),
+        (Randomized, "deterministic-outputs"),
+        (Quantized, "nonzero-input-gradients"),
+    ],
+)
 def test_bad_models_are_flagged(tiny, data, wrapper, expected):
     assert expected in failed(model_checks(wrapper(tiny), *data))
 
@@ -101,8 +106,14 @@ def test_result_checks_pass_on_consistent_results():
     table = {"pgd-20": [80, 60, 40], "cw-inf": [80, 62, 41], "autoattack-standard": [80, 58, 37]}
     checks, skipped = result_checks(cells(80, table, EPS), list(table), EPS, rows(table))
     assert failed(checks) == set()
-    assert {c.name for c in checks} >= {"monotone-in-eps", "adversarial-examples-verified", "autoattack-le-pgd20",
-                                        "pgd20-autoattack-gap", "pgd20-cw-gap", "autoattack-warnings"}
+    assert {c.name for c in checks} >= {
+        "monotone-in-eps",
+        "adversarial-examples-verified",
+        "autoattack-le-pgd20",
+        "pgd20-autoattack-gap",
+        "pgd20-cw-gap",
+        "autoattack-warnings",
+    }
     assert [s.name for s in skipped] == ["square-vs-white-box"] and skipped[0].needs == ("square",)
 
 
@@ -114,12 +125,15 @@ def test_pgd20_alone_lists_what_it_skips_and_which_attacks_would_run_it():
     assert needs["square-vs-white-box"] == ("square",) and needs["autoattack-warnings"] == ("autoattack-standard",)
 
 
-@pytest.mark.parametrize("table, expected", [
-    ({"pgd-20": [80, 40, 45], "autoattack-standard": [80, 38, 37]}, "monotone-in-eps"),
-    ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 65, 37]}, "autoattack-le-pgd20"),
-    ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 30, 20]}, "pgd20-autoattack-gap"),
-    ({"pgd-20": [80, 60, 40], "cw-inf": [80, 45, 40]}, "pgd20-cw-gap"),  # 15 points > the 10-point gap
-])
+@pytest.mark.parametrize(
+    "table, expected",
+    [
+        ({"pgd-20": [80, 40, 45], "autoattack-standard": [80, 38, 37]}, "monotone-in-eps"),
+        ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 65, 37]}, "autoattack-le-pgd20"),
+        ({"pgd-20": [80, 60, 40], "autoattack-standard": [80, 30, 20]}, "pgd20-autoattack-gap"),
+        ({"pgd-20": [80, 60, 40], "cw-inf": [80, 45, 40]}, "pgd20-cw-gap"),  # 15 points > the 10-point gap
+    ],
+)
 def test_result_checks_trigger(table, expected):
     checks, _ = result_checks(cells(80, table, EPS), list(table), EPS, rows(table))
     assert expected in failed(checks)
@@ -141,8 +155,12 @@ def test_square_beating_white_box_is_flagged():
 
 def test_autoattack_warnings_become_a_failed_check():
     table = {"pgd-20": [80, 60, 40], "autoattack-standard": [80, 58, 37]}
-    checks, _ = result_checks(cells(80, table, EPS), list(table), EPS,
-                              rows(table, {"autoattack-standard": ["Square Attack has decreased the robust accuracy"]}))
+    checks, _ = result_checks(
+        cells(80, table, EPS),
+        list(table),
+        EPS,
+        rows(table, {"autoattack-standard": ["Square Attack has decreased the robust accuracy"]}),
+    )
     assert "autoattack-warnings" in failed(checks)
 
 

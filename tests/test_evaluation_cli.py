@@ -17,8 +17,21 @@ from harness.models import build_model
 
 
 def eval_args(data_dir, *extra):
-    return ["eval", *extra, "--n", "48", "-a", "pgd-20", "-a", "cw-inf", "--eps", "0,4/255,8/255",
-            "--data-dir", str(data_dir), "-q"]
+    return [
+        "eval",
+        *extra,
+        "--n",
+        "48",
+        "-a",
+        "pgd-20",
+        "-a",
+        "cw-inf",
+        "--eps",
+        "0,4/255,8/255",
+        "--data-dir",
+        str(data_dir),
+        "-q",
+    ]
 
 
 def test_eval_writes_the_contract_record_and_flags(run_dir, data_dir):
@@ -31,11 +44,12 @@ def test_eval_writes_the_contract_record_and_flags(run_dir, data_dir):
     assert record["checkpoint"]["defense"] == "pgd-at" and record["test_indices"] == "0..47"
     assert record["config"]["eps"] == ["0", "4/255", "8/255"]
     assert {(r["attack"], r["eps"]) for r in record["results"]} == {
-        (a, e) for a in ("pgd-20", "cw-inf", "worst-case") for e in ("0", "4/255", "8/255")}
+        (a, e) for a in ("pgd-20", "cw-inf", "worst-case") for e in ("0", "4/255", "8/255")
+    }
     flags = load_flags(path.parent)
-    assert set(flags) == {"clean"} | {f"{a}@{e}" for a in ("pgd-20", "cw-inf", "worst-case")
-                                      for e in ("0", "4/255", "8/255")} | {
-        f"raw:{a}@{e}" for a in ("pgd-20", "cw-inf") for e in ("0", "4/255", "8/255")}  # nested balls keep raw
+    assert set(flags) == {"clean"} | {
+        f"{a}@{e}" for a in ("pgd-20", "cw-inf", "worst-case") for e in ("0", "4/255", "8/255")
+    } | {f"raw:{a}@{e}" for a in ("pgd-20", "cw-inf") for e in ("0", "4/255", "8/255")}  # nested balls keep raw
     assert all(v.shape == (48,) and v.dtype == bool for v in flags.values())
     assert record["clean_accuracy"] == pytest.approx(flags["clean"].mean() * 100)
     assert all(c["passed"] for c in record["checks"]), record["checks"]
@@ -49,12 +63,14 @@ def test_interrupted_eval_resumes_and_keeps_completed_cells(run_dir, data_dir):
     runner = CliRunner()
     args = eval_args(data_dir, str(run_dir), "--seed", "7")
     assert runner.invoke(main, args).exit_code == 0
-    (path,) = [p for p in run_dir.glob("eval/last-*/evaluation.json")
-               if json.loads(p.read_text())["config"]["seed"] == 7]
+    (path,) = [
+        p for p in run_dir.glob("eval/last-*/evaluation.json") if json.loads(p.read_text())["config"]["seed"] == 7
+    ]
     record = json.loads(path.read_text())
     # simulate an interruption before the last cell: drop it and mark the record running
-    record["results"] = [r for r in record["results"] if (r["attack"], r["eps"]) != ("cw-inf", "8/255")
-                         and r["attack"] != "worst-case"]
+    record["results"] = [
+        r for r in record["results"] if (r["attack"], r["eps"]) != ("cw-inf", "8/255") and r["attack"] != "worst-case"
+    ]
     record["status"] = "running"
     del record["sha256"]  # edited by hand: no longer sealed (a sealed record would fail its checksum)
     kept = {(r["attack"], r["eps"]): r["seconds"] for r in record["results"]}
@@ -95,8 +111,9 @@ def test_eps_outside_unit_interval_or_malformed(run_dir, eps):
 def test_state_dict_that_does_not_match_the_architecture(tmp_path, data_dir):
     path = tmp_path / "weights.pt"
     torch.save(build_model("small-cnn", DATASETS.get("synthetic")).state_dict(), path)
-    line = one_line_error(["eval", str(path), "--model", "small-cnn", "--dataset", "fashion-mnist",
-                           "--data-dir", str(data_dir)])
+    line = one_line_error(
+        ["eval", str(path), "--model", "small-cnn", "--dataset", "fashion-mnist", "--data-dir", str(data_dir)]
+    )
     assert "does not match architecture small-cnn" in line and "features.0.weight" in line
     state = build_model("small-cnn", DATASETS.get("synthetic")).state_dict()
     state["extra.weight"] = torch.zeros(1)
@@ -132,8 +149,9 @@ def test_robustbench_model_loads_through_robustbench_offline(tmp_path):
     target = tmp_path / "cifar10" / "Linf" / "Wong2020Fast.pt"
     target.parent.mkdir(parents=True)
     torch.save(architecture.state_dict(), target)
-    loaded = load_checkpoint("robustbench:cifar10/Linf/Wong2020Fast", results_dir=tmp_path / "results",
-                             robustbench_dir=tmp_path)
+    loaded = load_checkpoint(
+        "robustbench:cifar10/Linf/Wong2020Fast", results_dir=tmp_path / "results", robustbench_dir=tmp_path
+    )
     assert loaded.dataset == "cifar10" and loaded.checkpoint["label"] == "published"
     assert loaded.eval_root == tmp_path / "results" / "external" / "robustbench-cifar10-Linf-Wong2020Fast" / "eval"
     with torch.no_grad():
@@ -193,11 +211,18 @@ def test_robustbench_legacy_checkpoint_with_extra_objects_loads(tmp_path):
     from harness.evaluation.checkpoints import load_checkpoint
 
     architecture = wong_architecture()
-    torch.save({"state_dict": {f"module.{k}": v for k, v in architecture.state_dict().items()},
-                "args": argparse.Namespace(lr=0.1, epochs=15), "best_acc": np.float64(0.83), "epoch": np.int64(15)},
-               wong_path(tmp_path))
-    loaded = load_checkpoint("robustbench:cifar10/Linf/Wong2020Fast", results_dir=tmp_path / "r",
-                             robustbench_dir=tmp_path)
+    torch.save(
+        {
+            "state_dict": {f"module.{k}": v for k, v in architecture.state_dict().items()},
+            "args": argparse.Namespace(lr=0.1, epochs=15),
+            "best_acc": np.float64(0.83),
+            "epoch": np.int64(15),
+        },
+        wong_path(tmp_path),
+    )
+    loaded = load_checkpoint(
+        "robustbench:cifar10/Linf/Wong2020Fast", results_dir=tmp_path / "r", robustbench_dir=tmp_path
+    )
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), architecture.eval()(x), atol=1e-5)
@@ -207,8 +232,9 @@ def test_robustbench_legacy_checkpoint_with_extra_objects_loads(tmp_path):
 def test_robustbench_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
     import functools
 
-    torch.save({"state_dict": wong_architecture().state_dict(), "hook": functools.partial(print, "pwned")},
-               wong_path(tmp_path))
+    torch.save(
+        {"state_dict": wong_architecture().state_dict(), "hook": functools.partial(print, "pwned")}, wong_path(tmp_path)
+    )
     line = one_line_error(["eval", "robustbench:cifar10/Linf/Wong2020Fast", "--robustbench-dir", str(tmp_path)])
     assert "functools.partial" in line and "refused" in line
 
@@ -229,9 +255,9 @@ def test_missing_robustbench_file_hint_is_a_command_current_gdown_accepts(tmp_pa
 
 
 def test_published_eps_joins_the_default_sweep():
-    from harness.evaluation.pipeline import sweep_eps
     from harness.data import DATASETS
     from harness.evaluation.checkpoints import RobustBenchName, published_eps
+    from harness.evaluation.pipeline import sweep_eps
 
     zhang = published_eps(RobustBenchName("cifar10", "Linf", "Zhang2019Theoretically"))
     assert zhang == Fraction(31, 1000)

@@ -9,32 +9,49 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import report_fixture as fx
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.evaluation.pipeline import sweep_eps
 from harness.data import DATASETS
 from harness.evaluation.checkpoints import RobustBenchName, import_robustbench, published_eps
 from harness.evaluation.flags import EvaluationStore
-from harness.report import build, load_results, render
-from harness.report import tables
-
-import report_fixture as fx
+from harness.evaluation.pipeline import sweep_eps
+from harness.report import build, load_results, render, tables
 
 # two published model_info JSONs (RobustBench, cifar10/Linf), between them every field the published files use
 PUBLISHED_MODEL_INFO = Path(__file__).resolve().parent / "data" / "robustbench_model_info"
 
 
-def external_evaluation(results: Path, eps_list: list[Fraction], checks: list[dict], skipped: list[dict],
-                        name: str = "cifar10-Linf-Zhang2019Theoretically") -> Path:
+def external_evaluation(
+    results: Path,
+    eps_list: list[Fraction],
+    checks: list[dict],
+    skipped: list[dict],
+    name: str = "cifar10-Linf-Zhang2019Theoretically",
+) -> Path:
     import numpy as np
 
     directory = results / "external" / f"robustbench-{name}" / "eval" / "published-abc"
-    store = EvaluationStore.create(directory, {
-        "checkpoint": {"source": "robustbench", "run_id": None, "label": "published", "name": name, "path": "x",
-                       "defense": None}, "dataset": "cifar10", "model": "WideResNet", "n": 100,
-        "test_indices": "0..99", "config": {"eps": [str(e) for e in eps_list], "nested_balls": True},
-        "environment": {}})
+    store = EvaluationStore.create(
+        directory,
+        {
+            "checkpoint": {
+                "source": "robustbench",
+                "run_id": None,
+                "label": "published",
+                "name": name,
+                "path": "x",
+                "defense": None,
+            },
+            "dataset": "cifar10",
+            "model": "WideResNet",
+            "n": 100,
+            "test_indices": "0..99",
+            "config": {"eps": [str(e) for e in eps_list], "nested_balls": True},
+            "environment": {},
+        },
+    )
     store.set_clean(np.arange(100) < 85)
     for e in eps_list:
         store.add_cell("autoattack-standard", e, np.arange(100) < (85 if e == 0 else 53), 1.0)
@@ -43,8 +60,11 @@ def external_evaluation(results: Path, eps_list: list[Fraction], checks: list[di
 
 
 def test_zhang2019_is_evaluated_at_its_published_eps_and_the_report_fills_the_cell(tmp_path):
-    eps_list = sweep_eps(None, DATASETS.get("cifar10").eps_sweep,
-                         published_eps(RobustBenchName("cifar10", "Linf", "Zhang2019Theoretically")))
+    eps_list = sweep_eps(
+        None,
+        DATASETS.get("cifar10").eps_sweep,
+        published_eps(RobustBenchName("cifar10", "Linf", "Zhang2019Theoretically")),
+    )
     external_evaluation(tmp_path, eps_list, [{"name": "square-probe", "passed": True, "detail": "ok"}], [])
     table = tables.robustbench_table(load_results(tmp_path))
     row = next(r for r in table.display if str(r["RobustBench model"].text) == "Zhang2019Theoretically")
@@ -54,14 +74,20 @@ def test_zhang2019_is_evaluated_at_its_published_eps_and_the_report_fills_the_ce
 def test_failed_and_skipped_checks_are_shown_with_the_command(tmp_path):
     fx.build_results(tmp_path, corrupt=False)
     command = "harness eval robustbench:cifar10/Linf/Zhang2019Theoretically -a pgd-20 -a autoattack-standard"
-    external_evaluation(tmp_path, [Fraction(0), Fraction(8, 255)],
-                        [{"name": "square-probe", "passed": False, "detail": "square-200q breaks 40 at 8/255"}],
-                        [{"name": "pgd20-autoattack-gap", "reason": "needs pgd-20", "needs": ["pgd-20"],
-                          "command": command}])
+    external_evaluation(
+        tmp_path,
+        [Fraction(0), Fraction(8, 255)],
+        [{"name": "square-probe", "passed": False, "detail": "square-200q breaks 40 at 8/255"}],
+        [{"name": "pgd20-autoattack-gap", "reason": "needs pgd-20", "needs": ["pgd-20"], "command": command}],
+    )
     wong = "harness eval robustbench:cifar10/Linf/Wong2020Fast -a square"  # all passed, one not run
-    external_evaluation(tmp_path, [Fraction(0), Fraction(8, 255)], [{"name": "more-steps", "passed": True, "detail": ""}],
-                        [{"name": "square-vs-white-box", "reason": "needs square", "needs": ["square"], "command": wong}],
-                        name="cifar10-Linf-Wong2020Fast")
+    external_evaluation(
+        tmp_path,
+        [Fraction(0), Fraction(8, 255)],
+        [{"name": "more-steps", "passed": True, "detail": ""}],
+        [{"name": "square-vs-white-box", "reason": "needs square", "needs": ["square"], "command": wong}],
+        name="cifar10-Linf-Wong2020Fast",
+    )
     report = build(load_results(tmp_path))
     html = render.render_html(report)
     assert f"<code>{wong}</code>" in html
@@ -74,12 +100,28 @@ def test_failed_and_skipped_checks_are_shown_with_the_command(tmp_path):
 
 # --------------------------------------------------------------------------- export
 
+
 @pytest.fixture(scope="module")
 def evaluated_run(data_dir, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     runner = CliRunner()
-    out = runner.invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
-                               "--data-dir", str(data_dir), "--results", str(results), "-q"])
+    out = runner.invoke(
+        main,
+        [
+            "run",
+            "-m",
+            "pgd-at",
+            "--dataset",
+            "synthetic",
+            "--preset",
+            "smoke",
+            "--data-dir",
+            str(data_dir),
+            "--results",
+            str(results),
+            "-q",
+        ],
+    )
     assert out.exit_code == 0, out.output
     (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
     return results, run
@@ -87,8 +129,9 @@ def evaluated_run(data_dir, tmp_path_factory):
 
 def test_export_without_autoattack_says_which_command_to_run(evaluated_run, data_dir, tmp_path):
     results, run = evaluated_run
-    out = CliRunner().invoke(main, ["export", "--format", "robustbench", "--results", str(results),
-                                    "--out", str(tmp_path / "mi")])
+    out = CliRunner().invoke(
+        main, ["export", "--format", "robustbench", "--results", str(results), "--out", str(tmp_path / "mi")]
+    )
     assert out.exit_code == 2 and "no run" in out.output
     assert f"harness eval {run} --checkpoint last -a autoattack --eps 0,8/255" in out.output
 
@@ -99,11 +142,30 @@ def test_export_writes_model_info_that_robustbench_reads(evaluated_run, data_dir
 
     results, run = evaluated_run
     runner = CliRunner()
-    out = runner.invoke(main, ["eval", str(run), "--n", "24", "-a", "pgd-20", "-a", "autoattack-custom",
-                               "--autoattack-attacks", "apgd-ce", "--eps", "0,8/255", "--data-dir", str(data_dir), "-q"])
+    out = runner.invoke(
+        main,
+        [
+            "eval",
+            str(run),
+            "--n",
+            "24",
+            "-a",
+            "pgd-20",
+            "-a",
+            "autoattack-custom",
+            "--autoattack-attacks",
+            "apgd-ce",
+            "--eps",
+            "0,8/255",
+            "--data-dir",
+            str(data_dir),
+            "-q",
+        ],
+    )
     assert out.exit_code == 0, out.output
-    out = runner.invoke(main, ["export", "--format", "robustbench", "--results", str(results),
-                               "--out", str(tmp_path / "mi")])
+    out = runner.invoke(
+        main, ["export", "--format", "robustbench", "--results", str(results), "--out", str(tmp_path / "mi")]
+    )
     assert out.exit_code == 0, out.output
     (path,) = (tmp_path / "mi" / "synthetic" / "Linf").glob("*.json")
     info = json.loads(path.read_text())
@@ -123,13 +185,27 @@ def test_model_info_has_the_fields_robustbench_ranks_by(tmp_path):
     from harness.evaluation.model_info import model_info
 
     utils, _, _, ThreatModel = import_robustbench()
-    run = {"run_id": "cifar10_trades_wrn_seed0_x", "spec": {"defense": "trades", "model": "wrn-34-10",
-           "dataset": "cifar10", "seed": 0, "eps": "8/255", "preset": "paper", "schedule": {"epochs": 100}},
-           "environment": {"git": {"commit": "abc", "dirty": False}}}
-    evaluation = {"checkpoint": {"label": "last"}, "checks": [{"name": "square-probe", "passed": False, "detail": ""}],
-                  "test_indices": "0..9999", "clean_accuracy": 84.9,
-                  "config": {"attacks": {"autoattack-standard": {"version": "standard"}}},
-                  "results": [{"attack": "autoattack-standard", "eps": "8/255", "robust_accuracy": 53.1, "n": 10000}]}
+    run = {
+        "run_id": "cifar10_trades_wrn_seed0_x",
+        "spec": {
+            "defense": "trades",
+            "model": "wrn-34-10",
+            "dataset": "cifar10",
+            "seed": 0,
+            "eps": "8/255",
+            "preset": "paper",
+            "schedule": {"epochs": 100},
+        },
+        "environment": {"git": {"commit": "abc", "dirty": False}},
+    }
+    evaluation = {
+        "checkpoint": {"label": "last"},
+        "checks": [{"name": "square-probe", "passed": False, "detail": ""}],
+        "test_indices": "0..9999",
+        "clean_accuracy": 84.9,
+        "config": {"attacks": {"autoattack-standard": {"version": "standard"}}},
+        "results": [{"attack": "autoattack-standard", "eps": "8/255", "robust_accuracy": 53.1, "n": 10000}],
+    }
     item = model_info(run, evaluation, "8/255")
     info = json.loads(json.dumps(item.info))
     utils.ModelInfo(**info)

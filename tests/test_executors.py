@@ -20,15 +20,15 @@ import ray
 import torch
 from click.testing import CliRunner
 
-from harness.cli import main
 from harness.api import run_jobs
+from harness.cli import main
 from harness.errors import HarnessError
 from harness.executor_cli import build_executor, target_jobs, worker_device
 from harness.executors import LocalExecutor, RayExecutor, summarise
 from harness.grid import load_grid
 from harness.records import read_record
-from harness.storage import load_torch
 from harness.runner import RunOptions, make_spec
+from harness.storage import load_torch
 
 EPOCHS = 3
 SEEDS = (0, 1)
@@ -39,8 +39,9 @@ VOLATILE = ("seconds", "created", "finished", "checkpoints", "load", "memory", "
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             object_store_memory=100 * 2**20)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", object_store_memory=100 * 2**20
+    )
     yield
     ray.shutdown()
 
@@ -87,7 +88,8 @@ def local_records(tmp_path_factory, data_dir):
 
 
 def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
-        ray_instance, local_records, data_dir, tmp_path):
+    ray_instance, local_records, data_dir, tmp_path
+):
     results = tmp_path / "results"
     seed0 = specs()[0]
     killed_label = f"pgd-at/synthetic/seed{seed0.seed}"
@@ -112,8 +114,9 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
     outcomes = {}
     for outcome in executor.execute(run_jobs(specs(), options(results, data_dir)), say):
         label = outcome.job.label  # its last line came before its outcome
-        assert outcome.error is not None or any(line.startswith(f"[{label}] pgd-at [last] test clean")
-                                                for line in lines), lines
+        assert outcome.error is not None or any(
+            line.startswith(f"[{label}] pgd-at [last] test clean") for line in lines
+        ), lines
         outcomes[label] = outcome
     text = "\n".join(lines)
 
@@ -138,12 +141,14 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
     assert not list(results.glob(".harness-driver-*"))  # the driver's marker is gone
 
 
-def test_ray_grid_file_from_the_command_line_matches_local(ray_instance, local_records, data_dir, tmp_path,
-                                                           monkeypatch):
+def test_ray_grid_file_from_the_command_line_matches_local(
+    ray_instance, local_records, data_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # not the workers' working directory: relative paths must be resolved
     grid = Path("grid.toml")
-    grid.write_text(f'preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = {list(SEEDS)}\n'
-                    f'epochs = {EPOCHS}\n')
+    grid.write_text(
+        f'preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = {list(SEEDS)}\nepochs = {EPOCHS}\n'
+    )
     assert [s.run_id for s in load_grid(grid).specs()] == [s.run_id for s in specs()]
     results = tmp_path / "results"
     args = ["run", "--grid", "grid.toml", "--executor", "ray", "--data-dir", str(data_dir), "--results", "results"]
@@ -163,19 +168,26 @@ def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path
     for name in ("local", "ray"):
         roots[name] = tmp_path / name
         shutil.copytree(local_records[0], roots[name])
-    run_ids = sorted(p.name for p in roots["local"].iterdir() if p.is_dir() and not p.name.startswith("."))  # not .locks
+    run_ids = sorted(
+        p.name for p in roots["local"].iterdir() if p.is_dir() and not p.name.startswith(".")
+    )  # not .locks
     common = ["--attack", "pgd-20", "--eps", "0,8/255", "--n", "32", "--data-dir", str(data_dir), "--cpus-per-run", "1"]
     out = {}
     for name, extra in (("local", []), ("ray", ["--executor", "ray"])):
-        targets = run_ids if name == "ray" else [f"{name}/{run_id}" for run_id in run_ids]  # ids in a relative --results
-        result = CliRunner().invoke(main, ["eval", *targets, "--results", name, *common, *extra],
-                                    catch_exceptions=False)
+        targets = (
+            run_ids if name == "ray" else [f"{name}/{run_id}" for run_id in run_ids]
+        )  # ids in a relative --results
+        result = CliRunner().invoke(
+            main, ["eval", *targets, "--results", name, *common, *extra], catch_exceptions=False
+        )
         assert result.exit_code == 0, result.output
         out[name] = result.output
     for run_id in run_ids:
         assert f"[{run_id}] clean" in out["ray"]  # each target's lines reach the driver, labelled
-        evaluations = [json.loads(next((roots[name] / run_id / "eval").glob("*/evaluation.json")).read_text())
-                       for name in ("local", "ray")]
+        evaluations = [
+            json.loads(next((roots[name] / run_id / "eval").glob("*/evaluation.json")).read_text())
+            for name in ("local", "ray")
+        ]
         assert comparable(evaluations[0]["results"]) == comparable(evaluations[1]["results"])
         assert evaluations[0]["clean_accuracy"] == evaluations[1]["clean_accuracy"]
         assert [e["environment"]["device"]["torch_threads"] for e in evaluations] == [1, 1]
@@ -194,8 +206,9 @@ def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path)
     assert outcomes["bad"].error == f"{tmp_path / 'absent.toml'}: cannot read the grid file (No such file or directory)"
     assert outcomes["bug"].error.startswith("ValueError: invalid literal")
     assert "[bad] failed (reason in the summary at the end)" in lines
-    assert any(line.startswith("[bug] ") and 'File "' in line and "ValueError" in line
-               for line in lines)  # a bug shows its traceback (Ray's form: no "Traceback" heading)
+    assert any(
+        line.startswith("[bug] ") and 'File "' in line and "ValueError" in line for line in lines
+    )  # a bug shows its traceback (Ray's form: no "Traceback" heading)
     lines.clear()
     with pytest.raises(HarnessError, match=r"^2 of 3 jobs failed \(reasons in the summary above\): bad, bug$"):
         summarise(list(outcomes.values())[::-1], jobs, lines.append)  # completion order must not matter
@@ -235,9 +248,12 @@ def test_a_job_no_node_can_start_is_said_in_one_line(ray_instance, monkeypatch):
         list(RayExecutor(gpus_per_run=1, start_warning_seconds=1).execute([Job("gpu", int, ("1",))], lines.append))
     said = [line for line in lines if line.startswith("ray: no job")]
     assert len(said) == 1, lines
-    assert re.fullmatch(r"ray: no job has started after 1 s: each needs 1 CPU\(s\) and 1 GPU\(s\) and the cluster "
-                        r"has [\d.]+ of 2 CPU\(s\) free, 0 of 0 GPU\(s\) free; 1 job\(s\) wait for them "
-                        r"\(Ctrl-C stops\)", said[0]), lines
+    assert re.fullmatch(
+        r"ray: no job has started after 1 s: each needs 1 CPU\(s\) and 1 GPU\(s\) and the cluster "
+        r"has [\d.]+ of 2 CPU\(s\) free, 0 of 0 GPU\(s\) free; 1 job\(s\) wait for them "
+        r"\(Ctrl-C stops\)",
+        said[0],
+    ), lines
 
 
 def test_a_worker_checks_its_node_and_sets_its_threads(tmp_path):
@@ -277,8 +293,11 @@ def test_local_executor_reports_a_failure_and_runs_the_next_job(tmp_path):
     good = tmp_path / "grid.toml"
     good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
     lines = []
-    outcomes = list(LocalExecutor().execute([Job("bad", load_grid, (tmp_path / "absent",)),
-                                             Job("good", load_grid, (good,))], lines.append))
+    outcomes = list(
+        LocalExecutor().execute(
+            [Job("bad", load_grid, (tmp_path / "absent",)), Job("good", load_grid, (good,))], lines.append
+        )
+    )
     assert outcomes[0].error.endswith("cannot read the grid file (No such file or directory)")
     assert outcomes[1].error is None and outcomes[1].value.seeds == (0,)
     assert lines == ["[1/2] bad", "[bad] failed (reason in the summary at the end)", "[2/2] good"]
@@ -325,8 +344,10 @@ class FakeRay:
 def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
     lines = []
     RayExecutor(address="auto")._check_resources(FakeRay(16, 2, 2), lines.append, local=False)
-    assert lines[-1] == ("ray: warning: the cluster at auto has 2 GPU(s) but --gpus-per-run is 0, so every run "
-                         "trains on a CPU; pass --gpus-per-run 1 (or a fraction such as 0.5) to train on the GPUs")
+    assert lines[-1] == (
+        "ray: warning: the cluster at auto has 2 GPU(s) but --gpus-per-run is 0, so every run "
+        "trains on a CPU; pass --gpus-per-run 1 (or a fraction such as 0.5) to train on the GPUs"
+    )
     lines.clear()
     RayExecutor(address="auto", gpus_per_run=1)._check_resources(FakeRay(16, 2, 2), lines.append, local=False)
     RayExecutor(address="auto")._check_resources(FakeRay(16, 0, 0), lines.append, local=False)
@@ -362,13 +383,16 @@ class TargetSettings:
     force: bool
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--executor", "local", "--gpus-per-run", "1"], "for --executor ray"),
-    (["--executor", "local", "--address", "auto"], "for --executor ray"),
-    (["--executor", "ray", "--cpus-per-run", "0"], "at least 1"),
-    (["--executor", "ray", "--device", "cuda"], "--gpus-per-run"),
-    (["--executor", "ray", "--device", "cpu", "--gpus-per-run", "0.5"], "hold GPUs"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--executor", "local", "--gpus-per-run", "1"], "for --executor ray"),
+        (["--executor", "local", "--address", "auto"], "for --executor ray"),
+        (["--executor", "ray", "--cpus-per-run", "0"], "at least 1"),
+        (["--executor", "ray", "--device", "cuda"], "--gpus-per-run"),
+        (["--executor", "ray", "--device", "cpu", "--gpus-per-run", "0.5"], "hold GPUs"),
+    ],
+)
 def test_bad_executor_options_are_one_line_errors(args, message, tmp_path):
     result = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--preset", "smoke", "--results", str(tmp_path), *args])
     assert result.exit_code == 2, result.output

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.pgd import pgd
 from harness.defense import DefenseContext
 from harness.errors import HarnessError
+from harness.pgd import pgd
 from harness.runner import make_spec
 from methods.fat import FAT, EarlyStop, FATConfig
 
@@ -90,9 +90,15 @@ def test_tau_schedule_scales_with_the_run_and_is_recorded(synthetic_info):
     assert [cfg.tau_at(e, 12) for e in range(12)] == [0] * 5 + [1] * 4 + [2] * 3
     assert cfg.tau_at(0, 1) == 0
     assert make_fat(synthetic_info, epochs=120).record()["tau_schedule"] == [
-        {"from_epoch": 1, "tau": 0}, {"from_epoch": 51, "tau": 1}, {"from_epoch": 91, "tau": 2}]
+        {"from_epoch": 1, "tau": 0},
+        {"from_epoch": 51, "tau": 1},
+        {"from_epoch": 91, "tau": 2},
+    ]
     assert make_fat(synthetic_info, epochs=3).record()["tau_schedule"] == [
-        {"from_epoch": 1, "tau": 0}, {"from_epoch": 3, "tau": 1}, {"from_epoch": 4, "tau": 2}]
+        {"from_epoch": 1, "tau": 0},
+        {"from_epoch": 3, "tau": 1},
+        {"from_epoch": 4, "tau": 2},
+    ]
 
 
 def test_fixed_tau_via_overrides():
@@ -101,8 +107,9 @@ def test_fixed_tau_via_overrides():
     assert spec.defense_config.tau_at(7, 10) == 1
 
 
-@pytest.mark.parametrize("overrides", [("taus=0,1",), ("tau_milestones=0.9,0.5", "taus=0,1,2"),
-                                       ("taus=-1,0,1",), ("steps=0",)])
+@pytest.mark.parametrize(
+    "overrides", [("taus=0,1",), ("tau_milestones=0.9,0.5", "taus=0,1,2"), ("taus=-1,0,1",), ("steps=0",)]
+)
 def test_bad_hyperparameters_are_refused(overrides):
     with pytest.raises(HarnessError):
         make_spec("fat", "synthetic", "smoke", overrides=overrides)

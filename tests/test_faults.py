@@ -41,8 +41,13 @@ def harness(*args: str, env: dict | None = None, wait: bool = True):
 def assert_one_line_error(proc_or_result, *fragments: str) -> str:
     """Exit 2, one line on stderr starting with 'error:', no traceback."""
     code = getattr(proc_or_result, "returncode", getattr(proc_or_result, "exit_code", None))
-    text = proc_or_result.stderr if hasattr(proc_or_result, "stderr") and isinstance(proc_or_result.stderr, str) \
-        and not hasattr(proc_or_result, "exit_code") else proc_or_result.output
+    text = (
+        proc_or_result.stderr
+        if hasattr(proc_or_result, "stderr")
+        and isinstance(proc_or_result.stderr, str)
+        and not hasattr(proc_or_result, "exit_code")
+        else proc_or_result.output
+    )
     lines = [line for line in text.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) >= 1 and lines[-1].startswith("error: "), text
     errors = [line for line in lines if line.startswith("error: ") or "Traceback" in line]
@@ -58,8 +63,10 @@ def invoke(*args: str):
 
 def comparable(record: dict) -> dict:
     """A run record without wall-clock fields, paths and environment."""
-    epochs = [{k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"}  # wall, CPU, load
-              for e in record["epochs"]]
+    epochs = [
+        {k: v for k, v in e.items() if not k.endswith("seconds") and k != "resources"}  # wall, CPU, load
+        for e in record["epochs"]
+    ]
     final = {label: {k: v for k, v in m.items() if k != "seconds"} for label, m in record["final"].items()}
     return {"epochs": epochs, "final": final, "status": record["status"], "spec": record["spec"]}
 
@@ -68,8 +75,9 @@ def comparable_eval(directory: Path) -> tuple[dict, dict]:
     record = json.loads((directory / "evaluation.json").read_text())
     rows = sorted((r["attack"], r["eps"], r["robust_accuracy"], r["n"]) for r in record["results"])
     checks = [(c["name"], c["passed"]) for c in record["checks"]]
-    return {"rows": rows, "checks": checks, "status": record["status"],
-            "clean": record["clean_accuracy"]}, load_flags(directory)
+    return {"rows": rows, "checks": checks, "status": record["status"], "clean": record["clean_accuracy"]}, load_flags(
+        directory
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +105,7 @@ TRAINING_KILLS = [
 
 @pytest.mark.parametrize("point", TRAINING_KILLS)
 def test_killed_run_resumes_to_the_uninterrupted_record(point, reference, data_dir, tmp_path):
-    killed = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path),
-                     env={"HARNESS_TEST_KILL_AT": point})
+    killed = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path), env={"HARNESS_TEST_KILL_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -133,6 +140,7 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(point, reference,
 
 # --------------------------------------------------------------------------- two processes
 
+
 def _stopped(proc: subprocess.Popen, lock: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -145,8 +153,15 @@ def _stopped(proc: subprocess.Popen, lock: Path, timeout: float = 300) -> None:
 
 
 def test_two_identical_runs_train_once(data_dir, tmp_path):
-    first = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path),
-                    env={"HARNESS_TEST_STOP_AT": "train-batch:6"}, wait=False)  # in pass 2: a record exists
+    first = harness(
+        *RUN,
+        "--data-dir",
+        str(data_dir),
+        "--results",
+        str(tmp_path),
+        env={"HARNESS_TEST_STOP_AT": "train-batch:6"},
+        wait=False,
+    )  # in pass 2: a record exists
     try:
         _stopped(first, tmp_path / ".locks")
         second = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path))
@@ -173,6 +188,7 @@ def test_two_identical_runs_train_once(data_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- damaged files (in process)
+
 
 @pytest.fixture
 def run_copy(reference, tmp_path):
@@ -208,8 +224,9 @@ def interrupted(run_dir: Path) -> None:
 def test_damaged_checkpoint_is_named_by_eval(label, damage, run_copy, data_dir):
     damage(run_copy / f"{label}.pt")
     before = sorted(p.name for p in (run_copy / "eval").glob("*"))
-    line = assert_one_line_error(invoke(*EVAL, str(run_copy), "--checkpoint", label, "--data-dir", str(data_dir)),
-                                 f"{label}.pt")
+    line = assert_one_line_error(
+        invoke(*EVAL, str(run_copy), "--checkpoint", label, "--data-dir", str(data_dir)), f"{label}.pt"
+    )
     assert "corrupt" in line
     assert sorted(p.name for p in (run_copy / "eval").glob("*")) == before  # nothing evaluated from it
 
@@ -243,15 +260,26 @@ def test_crafted_checkpoint_pickle_is_refused(tmp_path, data_dir):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    result = invoke(*EVAL, str(tmp_path / "evil.pt"), "--model", "small-cnn", "--dataset", "synthetic",
-                    "--results", str(tmp_path / "r"), "--data-dir", str(data_dir))
+    result = invoke(
+        *EVAL,
+        str(tmp_path / "evil.pt"),
+        "--model",
+        "small-cnn",
+        "--dataset",
+        "synthetic",
+        "--results",
+        str(tmp_path / "r"),
+        "--data-dir",
+        str(data_dir),
+    )
     assert_one_line_error(result, "evil.pt")
     assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("damage", [bad_utf8, truncate, flip])
-def test_damaged_record_is_skipped_by_runs_and_report_and_named_by_eval(damage, run_copy, reference, data_dir,
-                                                                        tmp_path):
+def test_damaged_record_is_skipped_by_runs_and_report_and_named_by_eval(
+    damage, run_copy, reference, data_dir, tmp_path
+):
     results = run_copy.parent
     healthy = results / "healthy"
     shutil.copytree(reference[0], healthy)
@@ -264,9 +292,16 @@ def test_damaged_record_is_skipped_by_runs_and_report_and_named_by_eval(damage, 
     assert_one_line_error(invoke(*RUN, "--data-dir", str(data_dir), "--results", str(results)), "record.json")
 
 
-@pytest.mark.parametrize("name, damage", [("flags.npz", truncate), ("flags.npz", flip),
-                                          ("evaluation.json", bad_utf8), ("evaluation.json", truncate),
-                                          ("evaluation.json", flip)])
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("flags.npz", truncate),
+        ("flags.npz", flip),
+        ("evaluation.json", bad_utf8),
+        ("evaluation.json", truncate),
+        ("evaluation.json", flip),
+    ],
+)
 def test_damaged_evaluation_files_are_named(name, damage, run_copy, data_dir, tmp_path):
     (eval_dir,) = run_copy.glob("eval/last-*")
     damage(eval_dir / name)
@@ -289,8 +324,9 @@ def test_invalid_pgd_at_settings_are_refused(setting, tmp_path, data_dir):
 
 
 def test_huge_seed_is_refused_before_anything_is_written(tmp_path, data_dir):
-    result = invoke(*RUN, "--seed", "99999999999999999999", "--data-dir", str(data_dir),
-                    "--results", str(tmp_path / "r"))
+    result = invoke(
+        *RUN, "--seed", "99999999999999999999", "--data-dir", str(data_dir), "--results", str(tmp_path / "r")
+    )
     assert_one_line_error(result, "--seed must be in 0..4294967295")
     assert not (tmp_path / "r").exists()
 
@@ -304,28 +340,35 @@ def test_report_out_at_a_file(reference, tmp_path):
 def _namespaces_work() -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=16k none /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=16k none /mnt"], capture_output=True)
     return probe.returncode == 0
 
 
-needs_namespaces = pytest.mark.skipif(not _namespaces_work(), reason="unshare -rm (user+mount namespaces) "
-                                      "unavailable: read-only and full file systems cannot be mounted")
+needs_namespaces = pytest.mark.skipif(
+    not _namespaces_work(),
+    reason="unshare -rm (user+mount namespaces) unavailable: read-only and full file systems cannot be mounted",
+)
 
 
 def in_namespace(setup: str, *args: str) -> subprocess.CompletedProcess:
     """Run `harness ARGS` after the shell `setup` (mounts) in a private user+mount namespace."""
     command = " ".join(f"'{a}'" for a in [sys.executable, "-m", "harness", *args])
-    return subprocess.run(["unshare", "-rm", "sh", "-c", f"set -e; {setup}; exec {command}"],
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"set -e; {setup}; exec {command}"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @needs_namespaces
 def test_read_only_data_dir_when_data_must_be_written(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    result = in_namespace(f"mount -t tmpfs -o ro,size=1m none {data}", *RUN, "--data-dir", str(data),
-                          "--results", str(tmp_path / "r"))
+    result = in_namespace(
+        f"mount -t tmpfs -o ro,size=1m none {data}", *RUN, "--data-dir", str(data), "--results", str(tmp_path / "r")
+    )
     assert_one_line_error(result, str(data))
     assert not list((tmp_path / "r").glob("*/record.json"))
 
@@ -334,8 +377,9 @@ def test_read_only_data_dir_when_data_must_be_written(tmp_path):
 def test_disk_full_mid_run(tmp_path, data_dir):
     results = tmp_path / "r"
     results.mkdir()
-    result = in_namespace(f"mount -t tmpfs -o size=96k none {results}", *RUN, "--data-dir", str(data_dir),
-                          "--results", str(results))
+    result = in_namespace(
+        f"mount -t tmpfs -o size=96k none {results}", *RUN, "--data-dir", str(data_dir), "--results", str(results)
+    )
     assert_one_line_error(result, "No space left on device", "nothing was changed")
     # nothing half-written: in the namespace's tmpfs, gone with it; here, the directory is untouched
     assert not list(results.rglob("*.pt")) and not list(results.rglob("*.tmp"))
@@ -345,8 +389,10 @@ def test_disk_full_mid_run(tmp_path, data_dir):
 def test_eval_on_a_read_only_file_system(reference, tmp_path, data_dir):
     mount = tmp_path / "ro"
     mount.mkdir()
-    setup = (f"mount -t tmpfs -o size=64m none {mount}; cp -r {reference[0]} {mount}/; "
-             f"rm -rf {mount}/{reference[0].name}/eval; mount -o remount,ro {mount}")
+    setup = (
+        f"mount -t tmpfs -o size=64m none {mount}; cp -r {reference[0]} {mount}/; "
+        f"rm -rf {mount}/{reference[0].name}/eval; mount -o remount,ro {mount}"
+    )
     result = in_namespace(setup, *EVAL, str(mount / reference[0].name), "--data-dir", str(data_dir))
     assert_one_line_error(result, "Read-only file system")
 
@@ -355,8 +401,14 @@ def test_eval_on_a_read_only_file_system(reference, tmp_path, data_dir):
 def test_report_out_on_a_read_only_file_system(reference, tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()
-    result = in_namespace(f"mount -t tmpfs -o ro,size=1m none {mount}", "report", "--results",
-                          str(reference[0].parent), "--out", str(mount / "report"))
+    result = in_namespace(
+        f"mount -t tmpfs -o ro,size=1m none {mount}",
+        "report",
+        "--results",
+        str(reference[0].parent),
+        "--out",
+        str(mount / "report"),
+    )
     assert_one_line_error(result, "--out", "Read-only file system")
 
 
@@ -386,6 +438,7 @@ def test_report_refuses_an_evaluation_number_edited_against_its_flags(edit, tmp_
     eval` refuses it (harness.evaluation.flags.vouched_cells): the edited number is never shown."""
     sys.path.insert(0, str(Path(__file__).parent))
     import report_fixture as fx
+
     from harness.report import load_results
 
     fx.build_results(tmp_path, runs=fx.RUNS[:1], corrupt=False)

@@ -19,7 +19,7 @@ M = 3
 
 def linear_model(info) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(info.channels * info.image_size ** 2, info.num_classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(info.channels * info.image_size**2, info.num_classes))
 
 
 def free_at(info, replays: int = M) -> FreeAT:
@@ -84,8 +84,9 @@ def test_runner_matches_sgd_steps_and_keeps_the_lr_schedule(tmp_path, data_dir):
     half the run (1.5 equivalent epochs) falls at the 4th minibatch of the first pass."""
     spec = make_spec("free-at", "synthetic", "smoke", epochs=3, overrides=("replays=2",))
     spec = dataclasses.replace(spec, schedule=dataclasses.replace(spec.schedule, lr_milestones=(0.5,)))
-    options = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"),
-                         download=False, progress=False)
+    options = RunOptions(
+        results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), download=False, progress=False
+    )
     record = run(spec, options)
     protocol = record["protocol"]
     assert (protocol["passes"], protocol["minibatches"], protocol["sgd_steps"]) == (2, 6, 12)

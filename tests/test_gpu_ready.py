@@ -9,8 +9,15 @@ from torch.overrides import TorchFunctionMode
 from harness.errors import HarnessError
 from harness.runner import Run, RunOptions, make_spec, run
 
-HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-              torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
+HOST_READS = {
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+}
 
 
 class HostReads(TorchFunctionMode):
@@ -37,8 +44,10 @@ def test_a_training_pass_reads_the_device_once_per_statistic_not_per_step(tmp_pa
         return entry
 
     monkeypatch.setattr(Run, "_train_pass", counted)
-    record = run(make_spec("pgd-at", "synthetic", "smoke"),
-                 RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False))
+    record = run(
+        make_spec("pgd-at", "synthetic", "smoke"),
+        RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False),
+    )
     ((reads, batches, stats),) = counts
     assert batches == 4 and reads <= stats  # the epoch means, read once at the end of the pass
     resources = record["epochs"][0]["resources"]
@@ -60,8 +69,10 @@ def test_out_of_memory_in_training_becomes_one_line_naming_a_batch_that_fits(tmp
 
     monkeypatch.setattr(cls, "train_step", tight_memory)
     with pytest.raises(HarnessError) as err:
-        run(make_spec("pgd-at", "synthetic", "smoke"),
-            RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False))
+        run(
+            make_spec("pgd-at", "synthetic", "smoke"),
+            RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False),
+        )
     message = str(err.value)
     assert "\n" not in message and "64 examples per device" in message and "a batch of 16 fits" in message
     assert "--nproc-per-node 4" in message and "global batch of 64" in message

@@ -35,8 +35,16 @@ def test_every_shipped_grid_loads():
 
 
 def test_grid_expands_in_order_with_options_and_overrides():
-    grid = parse_grid({**VALID, "epochs": 2, "eps": "4/255", "dropout": 0.1, "model": "small-cnn",
-                       "overrides": {"trades": {"beta": 3, "attack_bn": "eval"}}})
+    grid = parse_grid(
+        {
+            **VALID,
+            "epochs": 2,
+            "eps": "4/255",
+            "dropout": 0.1,
+            "model": "small-cnn",
+            "overrides": {"trades": {"beta": 3, "attack_bn": "eval"}},
+        }
+    )
     specs = grid.specs()
     assert [(s.defense, s.seed) for s in specs] == [("pgd-at", 0), ("pgd-at", 1), ("trades", 0), ("trades", 1)]
     assert all(s.schedule.epochs == 2 and str(s.eps) == "4/255" and s.dropout == 0.1 for s in specs)
@@ -44,27 +52,30 @@ def test_grid_expands_in_order_with_options_and_overrides():
     assert specs[0].defense_config == DEFENSES.get("pgd-at").Config()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"seed": [0]}, "grid: seed: unknown key; did you mean 'seeds'?"),
-    ({"preset": None}, "grid: missing key 'preset'"),
-    ({"preset": "slow"}, "grid: preset: unknown preset 'slow'"),
-    ({"methods": ["pgd-at", "trade"]}, "grid: methods: unknown defense 'trade'; did you mean 'trades'"),
-    ({"methods": "pgd-at"}, "grid: methods: must be a list of defense names or \"all\""),
-    ({"methods": []}, "grid: methods: must be"),
-    ({"datasets": ["mnist"]}, "grid: datasets: unknown data set 'mnist'"),
-    ({"seeds": [0, 0]}, "grid: seeds: lists 0 more than once"),
-    ({"seeds": [True]}, "grid: seeds: must be a non-empty list of non-negative integers"),
-    ({"seeds": [-1]}, "grid: seeds: must be"),
-    ({"epochs": 0}, "grid: epochs: must be a positive integer"),
-    ({"eps": "2"}, "grid: eps: eps 2 is outside [0, 1]"),
-    ({"model": "vgg"}, "grid: model: unknown model 'vgg'"),
-    ({"dropout": 1.5}, "grid: dropout: must be a number in [0, 1)"),
-    ({"overrides": {"mart": {"beta": 6}}}, "grid: overrides.mart: 'mart' is not one of the grid's methods"),
-    ({"overrides": {"trades": {"betta": 6}}}, "grid: overrides.trades.betta: TRADES"),
-    ({"overrides": {"trades": {"beta": "x"}}}, "grid: overrides.trades.beta: cannot set beta=x"),
-    ({"overrides": {"trades": {"beta": {"a": 1}}}}, "grid: overrides.trades.beta: must be a number"),
-    ({"overrides": {"trades": 6}}, "grid: overrides.trades: must be a table"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seed": [0]}, "grid: seed: unknown key; did you mean 'seeds'?"),
+        ({"preset": None}, "grid: missing key 'preset'"),
+        ({"preset": "slow"}, "grid: preset: unknown preset 'slow'"),
+        ({"methods": ["pgd-at", "trade"]}, "grid: methods: unknown defense 'trade'; did you mean 'trades'"),
+        ({"methods": "pgd-at"}, 'grid: methods: must be a list of defense names or "all"'),
+        ({"methods": []}, "grid: methods: must be"),
+        ({"datasets": ["mnist"]}, "grid: datasets: unknown data set 'mnist'"),
+        ({"seeds": [0, 0]}, "grid: seeds: lists 0 more than once"),
+        ({"seeds": [True]}, "grid: seeds: must be a non-empty list of non-negative integers"),
+        ({"seeds": [-1]}, "grid: seeds: must be"),
+        ({"epochs": 0}, "grid: epochs: must be a positive integer"),
+        ({"eps": "2"}, "grid: eps: eps 2 is outside [0, 1]"),
+        ({"model": "vgg"}, "grid: model: unknown model 'vgg'"),
+        ({"dropout": 1.5}, "grid: dropout: must be a number in [0, 1)"),
+        ({"overrides": {"mart": {"beta": 6}}}, "grid: overrides.mart: 'mart' is not one of the grid's methods"),
+        ({"overrides": {"trades": {"betta": 6}}}, "grid: overrides.trades.betta: TRADES"),
+        ({"overrides": {"trades": {"beta": "x"}}}, "grid: overrides.trades.beta: cannot set beta=x"),
+        ({"overrides": {"trades": {"beta": {"a": 1}}}}, "grid: overrides.trades.beta: must be a number"),
+        ({"overrides": {"trades": 6}}, "grid: overrides.trades: must be a table"),
+    ],
+)
 def test_errors_name_the_bad_key(change, message):
     data = {k: v for k, v in {**VALID, **change}.items() if v is not None}
     with pytest.raises(HarnessError) as caught:
@@ -85,11 +96,14 @@ def test_a_grid_file_that_is_not_utf8_is_one_line_and_writes_nothing(tmp_path, d
     """Issue 22: a binary file passed as --grid was a UnicodeDecodeError traceback."""
     grid = tmp_path / "grid.toml"
     grid.write_bytes(b'preset = "smoke"\n\xff\xfe methods = ["pgd-at"]\n')
-    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir),
-                                       "--results", str(tmp_path / "r")], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main,
+        ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir), "--results", str(tmp_path / "r")],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 2 and result.output.strip() == (
-        f"error: {grid}: not a text grid file (byte 0xff at offset 17 is not UTF-8); is it the TOML file?"), \
-        result.output
+        f"error: {grid}: not a text grid file (byte 0xff at offset 17 is not UTF-8); is it the TOML file?"
+    ), result.output
     assert not (tmp_path / "r").exists()
 
 
@@ -102,11 +116,15 @@ def test_a_run_that_fails_its_defense_check_names_method_data_set_and_seed():
 def test_grid_on_the_command_line_conflicts_and_reruns(tmp_path, data_dir):
     grid = tmp_path / "grid.toml"
     grid.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [3]\n')
-    invoke = lambda *args: CliRunner().invoke(main, ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir),  # noqa: E731
-                                                     "--results", str(tmp_path / "r"), *args], catch_exceptions=False)
+
+    def invoke(*args):
+        command = ["run", "--grid", str(grid), "-q", "--data-dir", str(data_dir), "--results", str(tmp_path / "r")]
+        return CliRunner().invoke(main, [*command, *args], catch_exceptions=False)
+
     clash = invoke("-m", "trades", "--seed", "1")
     assert clash.exit_code == 2 and clash.output.strip() == (
-        f"error: --grid {grid} says which runs to do; drop --method, --seed (or write it into the grid file)")
+        f"error: --grid {grid} says which runs to do; drop --method, --seed (or write it into the grid file)"
+    )
     assert invoke().exit_code == 0
     record_path = next((tmp_path / "r").glob("*/record.json"))
     complete = json.loads(record_path.read_text())
@@ -115,8 +133,10 @@ def test_grid_on_the_command_line_conflicts_and_reruns(tmp_path, data_dir):
     rerun = invoke()  # no --resume needed: a grid is rerun until complete
     assert rerun.exit_code == 0, rerun.output
     again = json.loads(record_path.read_text())
-    assert again["status"] == "complete" and again["final"]["last"] == {**complete["final"]["last"],
-                                                                        "seconds": again["final"]["last"]["seconds"]}
+    assert again["status"] == "complete" and again["final"]["last"] == {
+        **complete["final"]["last"],
+        "seconds": again["final"]["last"]["seconds"],
+    }
 
 
 def test_a_local_grid_with_a_failing_run_finishes_and_summarises(tmp_path, data_dir, monkeypatch):
@@ -150,11 +170,14 @@ def test_a_local_grid_with_a_failing_run_finishes_and_summarises(tmp_path, data_
     assert first.exit_code == 2, first.output
     assert "summary: 3 runs: 1 done, 1 failed, 1 still running in another process" in lines
     assert "  failed   pgd-at/synthetic/seed1: RuntimeError: injected bug" in lines
-    assert any(line.startswith("  running  pgd-at/synthetic/seed2: run ") and "in use by another" in line
-               for line in lines)
+    assert any(
+        line.startswith("  running  pgd-at/synthetic/seed2: run ") and "in use by another" in line for line in lines
+    )
     # the reason once in the summary; the traceback (a bug's only trace) ends in it too
     assert [line for line in lines if line.endswith("RuntimeError: injected bug")] == [
-        "[pgd-at/synthetic/seed1] RuntimeError: injected bug", "  failed   pgd-at/synthetic/seed1: RuntimeError: injected bug"]
+        "[pgd-at/synthetic/seed1] RuntimeError: injected bug",
+        "  failed   pgd-at/synthetic/seed1: RuntimeError: injected bug",
+    ]
     assert lines[-1] == "error: 1 of 3 runs failed (reasons in the summary above): pgd-at/synthetic/seed1"
     assert "[pgd-at/synthetic/seed1] Traceback (most recent call last):" in lines
     assert "complete" in during.output.splitlines()[1] and "interrupted" in during.output.splitlines()[2]
@@ -178,7 +201,9 @@ def test_precision_and_batchnorm_are_grid_keys(tmp_path):
         parse_grid({**VALID, "batchnorm": 1})
     grid = tmp_path / "grid.toml"
     grid.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
-    clash = CliRunner().invoke(main, ["run", "--grid", str(grid), "--precision", "bf16",
-                                      "--results", str(tmp_path / "r")])
+    clash = CliRunner().invoke(
+        main, ["run", "--grid", str(grid), "--precision", "bf16", "--results", str(tmp_path / "r")]
+    )
     assert clash.exit_code == 2 and clash.output.strip() == (
-        f"error: --grid {grid} says which runs to do; drop --precision (or write it into the grid file)")
+        f"error: --grid {grid} says which runs to do; drop --precision (or write it into the grid file)"
+    )

@@ -27,8 +27,9 @@ def threshold_model(k: float = 50.0) -> nn.Module:
 
 
 def iaat(epochs: int = 10, **overrides) -> IAAT:
-    ctx = DefenseContext(eps=EPS, dataset=DATASETS.get("fashion-mnist"), train_size=8, epochs=epochs,
-                         device=torch.device("cpu"))
+    ctx = DefenseContext(
+        eps=EPS, dataset=DATASETS.get("fashion-mnist"), train_size=8, epochs=epochs, device=torch.device("cpu")
+    )
     defense = IAAT(IAATConfig(**overrides), ctx)
     defense.setup(None)
     return defense
@@ -56,8 +57,9 @@ def test_eps_moves_with_robustness_after_warmup():
     defense.eps_state[:] = prev
     defense.start_epoch(defense.warmup_epochs)
     eps = train_once(defense, model, batch)
-    expected = torch.tensor([beta * (prev + gamma) + (1 - beta) * prev, prev,
-                             beta * (prev - gamma) + (1 - beta) * prev, (1 - beta) * prev])
+    expected = torch.tensor(
+        [beta * (prev + gamma) + (1 - beta) * prev, prev, beta * (prev - gamma) + (1 - beta) * prev, (1 - beta) * prev]
+    )
     assert torch.allclose(eps, expected, atol=1e-7)
     assert eps[0] > prev and eps[2] < prev and eps[3] < eps[2]
 

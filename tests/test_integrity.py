@@ -26,7 +26,7 @@ from harness.defense import DEFENSES
 from harness.errors import HarnessError
 from harness.evaluation.flags import FLAGS_NAME, EvaluationStore, cell_key
 from harness.integrity import CorruptFileError, read_json
-from harness.locks import Holder, holder, hold, lock_path, remove_stale_temps
+from harness.locks import Holder, hold, holder, lock_path, remove_stale_temps
 from harness.records import CorruptRecordError, iter_records, read_record, write_record
 from harness.storage import atomic_write, load_torch, save_torch, write_json
 from harness.validation import DefenseConfig, at_least, check_seed, rules, validate_config
@@ -49,6 +49,7 @@ def truncate(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- safe data loading
+
 
 class _RunsCode:
     def __init__(self, marker: Path):
@@ -74,12 +75,15 @@ def test_crafted_data_batch_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"data": np.array([object()], dtype=object), "labels": [0]}, "references builtins.object"),
-    ({"data": np.array([1, "x"], dtype=object), "labels": [0]}, "refused: numpy array of dtype object"),
-    ({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "extra": {1, 2}}, "refused: a data batch holds a set"),
-    ([1, 2, 3], "a CIFAR batch is a dict"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"data": np.array([object()], dtype=object), "labels": [0]}, "references builtins.object"),
+        ({"data": np.array([1, "x"], dtype=object), "labels": [0]}, "refused: numpy array of dtype object"),
+        ({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "extra": {1, 2}}, "refused: a data batch holds a set"),
+        ([1, 2, 3], "a CIFAR batch is a dict"),
+    ],
+)
 def test_data_batch_with_foreign_types_is_refused(tmp_path, payload, message):
     data_dir = _synthetic_dir(tmp_path)
     batch = data_dir / "synthetic-batches-py" / "test_batch"
@@ -99,8 +103,12 @@ def test_python2_style_and_numpy_batches_still_load(tmp_path):
     """The official CIFAR batches are protocol-2 pickles: the allowlist must admit them."""
     data_dir = _synthetic_dir(tmp_path)
     batch = data_dir / "synthetic-batches-py" / "test_batch"
-    data = {"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072), "labels": [3, 4],
-            "batch_label": b"testing batch 1 of 1", "filenames": ["a.png", "b.png"]}
+    data = {
+        "data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072),
+        "labels": [3, 4],
+        "batch_label": b"testing batch 1 of 1",
+        "filenames": ["a.png", "b.png"],
+    }
     for protocol in (2, 4, 5):
         batch.write_bytes(pickle.dumps(data, protocol=protocol))
         split = load_split(SYNTHETIC, data_dir, train=False)
@@ -109,11 +117,21 @@ def test_python2_style_and_numpy_batches_still_load(tmp_path):
 
 def test_concurrent_synthetic_preparation(tmp_path):
     """Two processes creating the synthetic set in one fresh directory: both succeed, same data."""
-    code = ("import sys; from pathlib import Path; from harness.data import DATASETS, load_split; "
-            "s = load_split(DATASETS.get('synthetic'), Path(sys.argv[1]), train=False); print(int(s.images.sum()))")
+    code = (
+        "import sys; from pathlib import Path; from harness.data import DATASETS, load_split; "
+        "s = load_split(DATASETS.get('synthetic'), Path(sys.argv[1]), train=False); print(int(s.images.sum()))"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert outs[0][0] == outs[1][0]
@@ -121,6 +139,7 @@ def test_concurrent_synthetic_preparation(tmp_path):
 
 
 # --------------------------------------------------------------------------- checksums
+
 
 def test_checkpoint_round_trip_and_flipped_or_truncated_bytes(tmp_path):
     path = tmp_path / "last.pt"
@@ -152,9 +171,18 @@ def test_plain_state_dict_still_loads(tmp_path):
 
 
 def record(**changes):
-    base = {"schema": 1, "run_id": "r", "status": "complete", "spec": {}, "defense": {}, "environment": {},
-            "epochs": [{"train_seconds": 1.0}], "final": {"last": {"clean": 12.5}}, "checkpoints": {},
-            "created": "now"}
+    base = {
+        "schema": 1,
+        "run_id": "r",
+        "status": "complete",
+        "spec": {},
+        "defense": {},
+        "environment": {},
+        "epochs": [{"train_seconds": 1.0}],
+        "final": {"last": {"clean": 12.5}},
+        "checkpoints": {},
+        "created": "now",
+    }
     return base | changes
 
 
@@ -179,9 +207,18 @@ def test_invalid_utf8_record_is_skipped_not_fatal(tmp_path):
 
 
 def _store(tmp_path: Path) -> EvaluationStore:
-    store = EvaluationStore.create(tmp_path / "ev", {
-        "checkpoint": {"name": "x", "label": "last", "sha256": "a" * 64}, "dataset": "synthetic", "model": "m",
-        "n": 8, "test_indices": "0..7", "config": {}, "environment": {}})
+    store = EvaluationStore.create(
+        tmp_path / "ev",
+        {
+            "checkpoint": {"name": "x", "label": "last", "sha256": "a" * 64},
+            "dataset": "synthetic",
+            "model": "m",
+            "n": 8,
+            "test_indices": "0..7",
+            "config": {},
+            "environment": {},
+        },
+    )
     store.set_clean(np.array([1, 1, 1, 1, 1, 1, 0, 0], bool))
     store.save()
     store.add_cell("pgd-20", Fraction(8, 255), np.array([1, 1, 0, 0, 0, 0, 0, 0], bool), 1.0)
@@ -204,8 +241,9 @@ def test_flags_ahead_of_the_record_keep_only_vouched_cells(tmp_path):
 def test_complete_evaluation_with_other_flags_is_refused(tmp_path):
     store = _store(tmp_path)
     store.finish([], [])
-    np.savez_compressed(store.dir / FLAGS_NAME, clean=np.ones(8, bool),
-                        **{cell_key("pgd-20", Fraction(8, 255)): np.zeros(8, bool)})
+    np.savez_compressed(
+        store.dir / FLAGS_NAME, clean=np.ones(8, bool), **{cell_key("pgd-20", Fraction(8, 255)): np.zeros(8, bool)}
+    )
     with pytest.raises(CorruptFileError, match="flags.npz: checksum mismatch"):
         EvaluationStore.load(store.dir)
 
@@ -243,6 +281,7 @@ def test_unreadable_json_kinds(tmp_path):
 
 
 # --------------------------------------------------------------------------- writes and locks
+
 
 def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     def full(fd):
@@ -285,10 +324,18 @@ def test_lock_names_the_holder_and_wait_blocks_until_release(tmp_path):
 def test_a_killed_holder_is_told_from_a_live_one(tmp_path):
     """A SIGKILLed holder leaves its pid in the lock file; `holder` sees that pid is no longer alive."""
     run = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.locks import hold\n"
-                              f"with hold(__import__('pathlib').Path({str(run)!r}), what='r'):\n"
-                              "    print('held', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from harness.locks import hold\n"
+            f"with hold(__import__('pathlib').Path({str(run)!r}), what='r'):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert child.stdout.readline().strip() == "held"
     assert holder(run) == Holder(child.pid, socket.gethostname()) and holder(run).alive is True
     child.kill()
@@ -307,21 +354,50 @@ def test_stale_temps_are_removed(tmp_path):
 
 # --------------------------------------------------------------------------- config rules
 
-@pytest.mark.parametrize("defense, field, bad", [
-    ("pgd-at", "steps", 0), ("pgd-at", "steps", -5), ("pgd-at", "step_size_rel", float("nan")),
-    ("pgd-at", "step_size_rel", -1.0), ("pgd-at", "step_size_rel", float("inf")),
-    ("trades", "steps", 0), ("trades", "step_size_rel", float("nan")), ("trades", "beta", -1.0),
-    ("mart", "steps", 0), ("mart", "step_size_rel", float("nan")), ("mart", "init_noise", -0.1),
-    ("mma", "steps", 0), ("mma", "step_scale", 0.0), ("mma", "clean_loss_coeff", float("nan")),
-    ("free-at", "replays", 0), ("free-at", "step_rel", float("nan")),
-    ("iaat", "steps", 0), ("iaat", "step_min_rel", -1.0), ("iaat", "step_per_eps", float("nan")),
-    ("fat", "steps", 0), ("fat", "step_size_rel", float("nan")), ("fat", "omega", -1.0),
-    ("fat", "taus", (0, -1, 2)), ("fat", "tau_milestones", (0.75, 0.4)), ("fat", "tau_milestones", (0.4, 1.5)),
-    ("iaat", "beta", 0.0), ("iaat", "beta", 1.5), ("iaat", "warmup_frac", -0.1), ("trades", "init_noise", 0.0),
-    ("cat", "max_steps", 0), ("cat", "step_size_rel", 0.0), ("ades-bilevel", "held_out_fraction", 1.0),
-    ("ades-bilevel", "held_out_batch", 0), ("ades", "eps_min", Fraction(3, 2)), ("ades", "hidden", 0),
-    ("ades", "budget_penalty", -1.0), ("static-des", "weights", (1.0, -1.0, 1.0)), ("static-des", "hist_bins", 0),
-])
+
+@pytest.mark.parametrize(
+    "defense, field, bad",
+    [
+        ("pgd-at", "steps", 0),
+        ("pgd-at", "steps", -5),
+        ("pgd-at", "step_size_rel", float("nan")),
+        ("pgd-at", "step_size_rel", -1.0),
+        ("pgd-at", "step_size_rel", float("inf")),
+        ("trades", "steps", 0),
+        ("trades", "step_size_rel", float("nan")),
+        ("trades", "beta", -1.0),
+        ("mart", "steps", 0),
+        ("mart", "step_size_rel", float("nan")),
+        ("mart", "init_noise", -0.1),
+        ("mma", "steps", 0),
+        ("mma", "step_scale", 0.0),
+        ("mma", "clean_loss_coeff", float("nan")),
+        ("free-at", "replays", 0),
+        ("free-at", "step_rel", float("nan")),
+        ("iaat", "steps", 0),
+        ("iaat", "step_min_rel", -1.0),
+        ("iaat", "step_per_eps", float("nan")),
+        ("fat", "steps", 0),
+        ("fat", "step_size_rel", float("nan")),
+        ("fat", "omega", -1.0),
+        ("fat", "taus", (0, -1, 2)),
+        ("fat", "tau_milestones", (0.75, 0.4)),
+        ("fat", "tau_milestones", (0.4, 1.5)),
+        ("iaat", "beta", 0.0),
+        ("iaat", "beta", 1.5),
+        ("iaat", "warmup_frac", -0.1),
+        ("trades", "init_noise", 0.0),
+        ("cat", "max_steps", 0),
+        ("cat", "step_size_rel", 0.0),
+        ("ades-bilevel", "held_out_fraction", 1.0),
+        ("ades-bilevel", "held_out_batch", 0),
+        ("ades", "eps_min", Fraction(3, 2)),
+        ("ades", "hidden", 0),
+        ("ades", "budget_penalty", -1.0),
+        ("static-des", "weights", (1.0, -1.0, 1.0)),
+        ("static-des", "hist_bins", 0),
+    ],
+)
 def test_every_config_rejects_bad_values(defense, field, bad):
     import dataclasses
 
@@ -331,17 +407,31 @@ def test_every_config_rejects_bad_values(defense, field, bad):
         validate_config(dataclasses.replace(config, **{field: bad}), defense)
 
 
-@pytest.mark.parametrize("defense, changes, message", [
-    ("fat", {"taus": (0, 1)}, "fat: taus must be one more than tau_milestones, got taus=(0, 1) and "
-                              "tau_milestones=(0.4166666666666667, 0.75)"),
-    ("mma", {"min_eps_rel": 2.0}, "mma: min_eps_rel must be <= d_max_rel * search_max_factor, got 2 > 1.575"),
-    ("trades", {"init_noise": 0.0}, "trades: init_noise must be > 0, got 0.0 (the KL's gradient is zero at "
-                                    "x' = x, so an attack started there never moves)"),
-    ("iaat", {"beta": 0.0}, "iaat: beta must be in (0, 1], got 0.0"),
-    ("pgd-at", {"steps": 0}, "pgd-at: steps must be >= 1, got 0"),
-    ("ades-bilevel", {"objective": "budget"}, "ades-bilevel: objective must be bilevel, got budget "
-                                              "(use -m ades or -m ades-joint for the others)"),
-])
+@pytest.mark.parametrize(
+    "defense, changes, message",
+    [
+        (
+            "fat",
+            {"taus": (0, 1)},
+            "fat: taus must be one more than tau_milestones, got taus=(0, 1) and "
+            "tau_milestones=(0.4166666666666667, 0.75)",
+        ),
+        ("mma", {"min_eps_rel": 2.0}, "mma: min_eps_rel must be <= d_max_rel * search_max_factor, got 2 > 1.575"),
+        (
+            "trades",
+            {"init_noise": 0.0},
+            "trades: init_noise must be > 0, got 0.0 (the KL's gradient is zero at "
+            "x' = x, so an attack started there never moves)",
+        ),
+        ("iaat", {"beta": 0.0}, "iaat: beta must be in (0, 1], got 0.0"),
+        ("pgd-at", {"steps": 0}, "pgd-at: steps must be >= 1, got 0"),
+        (
+            "ades-bilevel",
+            {"objective": "budget"},
+            "ades-bilevel: objective must be bilevel, got budget (use -m ades or -m ades-joint for the others)",
+        ),
+    ],
+)
 def test_one_message_format_for_per_field_and_cross_field_rules(defense, changes, message):
     import dataclasses
 

@@ -54,7 +54,7 @@ def test_bisection_finds_linear_margin(prev_rel):
     eps_prev = torch.full((n,), prev_rel * 0.1)
     x_star, eps_star = defense.an_pgd(model, x, y, eps_prev)
 
-    tolerance = defense.search_max / 2 ** defense.config.search_steps + 1e-5
+    tolerance = defense.search_max / 2**defense.config.search_steps + 1e-5
     assert (eps_star - true_margin).abs().max() <= tolerance
     assert ((x_star - x).flatten(1).abs().max(1).values <= eps_star + 1e-6).all()
 
@@ -86,8 +86,14 @@ def test_per_example_eps_survives_resume(tmp_path, data_dir, trained_model, monk
     spec = make_spec("mma", "synthetic", "smoke", seed=0, epochs=2, overrides=("steps=3", "search_steps=4"))
 
     def options(resume=False):
-        return RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"),
-                          resume=resume, download=False, progress=False)
+        return RunOptions(
+            results_dir=tmp_path,
+            data_dir=data_dir,
+            device=torch.device("cpu"),
+            resume=resume,
+            download=False,
+            progress=False,
+        )
 
     at_pass_end, at_pass_start = [], []
     original_pass, original_start = Run._train_pass, MMA.start_epoch

@@ -59,8 +59,10 @@ def test_fp32_default_keeps_run_names_and_trains_in_fp32(tmp_path, data_dir):
 def test_compiled_run_is_recorded(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("HARNESS_COMPILE_BACKEND", "aot_eager")
     spec = make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16", compile_model=True)
-    assert spec.compile == "aot_eager" and spec.run_id != make_spec("pgd-at", "synthetic", "smoke",
-                                                                    precision_name="bf16").run_id
+    assert (
+        spec.compile == "aot_eager"
+        and spec.run_id != make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16").run_id
+    )
     record = run(spec, options(tmp_path, data_dir))
     assert record["execution"]["compile"] == "aot_eager" and record["spec"]["compile"] == "aot_eager"
     assert record["status"] == "complete" and torch.isfinite(torch.tensor(record["epochs"][0]["train"]["loss"]))
@@ -96,17 +98,26 @@ def test_unknown_precision_is_one_line_error():
 
 # --------------------------------------------------------------------------- reduced precision learns (issue 22)
 
-def small_spec(precision_name: str, *, epochs: int, batch: int, subset: int, lr: float = 0.1,
-               method: str = "pgd-at"):
+
+def small_spec(precision_name: str, *, epochs: int, batch: int, subset: int, lr: float = 0.1, method: str = "pgd-at"):
     """A smoke run shrunk so fp16, whose convolution weight gradient has no fast CPU kernel, trains
     in seconds: PGD-1 at step eps, `subset` examples in batches of `batch`, 200 test examples."""
     import dataclasses
 
-    spec = make_spec(method, "synthetic", "smoke", epochs=epochs, precision_name=precision_name,
-                     overrides=("steps=1", "step_size_rel=1"))
-    return dataclasses.replace(spec, schedule=dataclasses.replace(spec.schedule, batch_size=batch, lr=lr),
-                               data=dataclasses.replace(spec.data, train_subset=subset),
-                               eval=dataclasses.replace(spec.eval, test_examples=200, pgd_steps=3, val_pgd_steps=1))
+    spec = make_spec(
+        method,
+        "synthetic",
+        "smoke",
+        epochs=epochs,
+        precision_name=precision_name,
+        overrides=("steps=1", "step_size_rel=1"),
+    )
+    return dataclasses.replace(
+        spec,
+        schedule=dataclasses.replace(spec.schedule, batch_size=batch, lr=lr),
+        data=dataclasses.replace(spec.data, train_subset=subset),
+        eval=dataclasses.replace(spec.eval, test_examples=200, pgd_steps=3, val_pgd_steps=1),
+    )
 
 
 # Tolerance, in points of test accuracy (200 examples): clean within 15 of fp32, PGD-3 within 35. At
@@ -124,9 +135,12 @@ def fp32_small_runs(tmp_path_factory, data_dir):
 
     def get(method: str) -> dict:
         if method not in runs:
-            runs[method] = run(small_spec("fp32", epochs=8, batch=16, subset=64, method=method),
-                               options(tmp_path_factory.mktemp(f"{method}-fp32"), data_dir))
+            runs[method] = run(
+                small_spec("fp32", epochs=8, batch=16, subset=64, method=method),
+                options(tmp_path_factory.mktemp(f"{method}-fp32"), data_dir),
+            )
         return runs[method]
+
     return get
 
 
@@ -147,8 +161,10 @@ def test_reduced_precision_run_learns_like_fp32(tmp_path, data_dir, fp32_small_r
 
 @pytest.fixture(scope="module")
 def fp32_ades_steps(tmp_path_factory, data_dir):
-    return run(small_spec("fp32", epochs=1, batch=16, subset=64, method="ades"),
-               options(tmp_path_factory.mktemp("ades-fp32"), data_dir))
+    return run(
+        small_spec("fp32", epochs=1, batch=16, subset=64, method="ades"),
+        options(tmp_path_factory.mktemp("ades-fp32"), data_dir),
+    )
 
 
 def test_ades_fp16_keeps_its_loss_scale_and_tracks_fp32(tmp_path, data_dir, fp32_ades_steps):
@@ -157,7 +173,7 @@ def test_ades_fp16_keeps_its_loss_scale_and_tracks_fp32(tmp_path, data_dir, fp32
     quick run, which then diverged to chance) and phi never stepped. 4 runner steps, ~6 s of CPU."""
     got = run(small_spec("fp16", epochs=1, batch=16, subset=64, method="ades"), options(tmp_path, data_dir))
     got, ref = got["epochs"][0], fp32_ades_steps["epochs"][0]
-    assert got["loss_scale"] >= 2.0 ** 15  # at most one of the 4 steps overflowed (measured: none)
+    assert got["loss_scale"] >= 2.0**15  # at most one of the 4 steps overflowed (measured: none)
     # fp16 vs fp32 measured: loss 2.567 / 2.565, eps std 2.05e-4 / 2.02e-4; phi frozen gives ~2.5e-5
     assert got["train"]["loss"] == pytest.approx(ref["train"]["loss"], abs=0.05)
     assert got["defense"]["eps_std"] == pytest.approx(ref["defense"]["eps_std"], rel=0.3)
@@ -223,9 +239,9 @@ def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatc
     """The record's flag reaches `harness runs` (a column) and the report's list of problems."""
     from click.testing import CliRunner
 
+    import harness.runner as runner
     from harness.cli import main
     from harness.report.loading import load_results
-    import harness.runner as runner
 
     build = runner.build_model
 
@@ -243,7 +259,7 @@ def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatc
 
     import pandas as pd
 
-    (columns,) = pd.read_csv(io.StringIO(out.output[out.output.index("defense,"):])).to_dict("records")
+    (columns,) = pd.read_csv(io.StringIO(out.output[out.output.index("defense,") :])).to_dict("records")
     assert columns["collapsed"] == "last,best" and columns["precision"] == "fp32" and columns["world_size"] == 1
     problems = load_results(tmp_path).problems
     assert any(record["run_id"] in p and "collapsed" in p for p in problems)
@@ -270,8 +286,12 @@ def test_cue_scheduled_eps_are_fp32_inside_fp16_autocast(name, trained_model, tr
 
     cls = DEFENSES.get(name)
     config = dataclasses.replace(cls.Config(), steps=1)
-    defense = cls(config, DefenseContext(eps=synthetic_info.eps, dataset=synthetic_info, train_size=600,
-                                         epochs=1, device=torch.device("cpu")))
+    defense = cls(
+        config,
+        DefenseContext(
+            eps=synthetic_info.eps, dataset=synthetic_info, train_size=600, epochs=1, device=torch.device("cpu")
+        ),
+    )
     defense.setup(trained_model)
     track = hasattr(defense, "scheduler")
     with precision.autocast("fp16", torch.device("cpu")):
@@ -280,5 +300,5 @@ def test_cue_scheduled_eps_are_fp32_inside_fp16_autocast(name, trained_model, tr
     if config.renormalises:
         assert eps.mean().item() == pytest.approx(defense.eps_target, rel=1e-6)
     if track:
-        (eps * torch.randn_like(eps) * 2.0 ** 16).sum().backward()  # a loss-scaled gradient, as fp16 sends it
+        (eps * torch.randn_like(eps) * 2.0**16).sum().backward()  # a loss-scaled gradient, as fp16 sends it
         assert all(p.grad is not None and p.grad.isfinite().all() for p in defense.scheduler.parameters())

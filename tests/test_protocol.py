@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import report_fixture as fx
 import torch
 from torch import nn
 
@@ -16,8 +17,6 @@ from harness.report import build, load_results
 from harness.report.render import render_html
 from harness.runner import MinibatchBudget, Run, RunOptions, make_spec
 from methods.fat import FAT
-
-import report_fixture as fx
 
 
 def record_of(spec) -> dict:
@@ -30,6 +29,7 @@ def departing(defense: str, spec) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------ the diff
+
 
 def test_eps_0031_and_8_255_are_different_budgets():
     """TRADES' authors train at 0.031, the paper under test at 8/255: a departure; PGD-AT's is 8/255."""
@@ -45,12 +45,18 @@ def test_config_and_input_departures_are_found():
     assert "beta" not in found
 
 
-@pytest.mark.parametrize("defense, model, left", [
-    ("trades", None, set()), ("mart", None, set()), ("fat", None, set()),
-    ("pgd-at", "preact-resnet18", set()), ("iaat", None, set()),
-    ("free-at", None, {"input normalisation"}),  # per-image standardisation is not offered
-    ("mma", "wrn-28-4", {"input normalisation"}),
-])
+@pytest.mark.parametrize(
+    "defense, model, left",
+    [
+        ("trades", None, set()),
+        ("mart", None, set()),
+        ("fat", None, set()),
+        ("pgd-at", "preact-resnet18", set()),
+        ("iaat", None, set()),
+        ("free-at", None, {"input normalisation"}),  # per-image standardisation is not offered
+        ("mma", "wrn-28-4", {"input normalisation"}),
+    ],
+)
 def test_reference_preset_removes_the_cheap_departures(defense, model, left):
     """Under --preset reference at the authors' eps only what the harness does not offer (and its
     never-on-test checkpoint choice) still departs."""
@@ -64,8 +70,7 @@ def test_reference_preset_uses_raw_input_and_weight_decay_scope():
     assert make_spec("pgd-at", "cifar10", "reference").model == "wrn-34-10"  # Rice normalises
     assert make_spec("free-at", "cifar10", "reference").schedule.weight_decay_on == "conv-linear-weights"
     assert make_spec("free-at", "cifar10", "paper").schedule.weight_decay_on == "all"
-    assert reference_of("trades").settings and any(
-        s.reference == INPUT_RAW for s in reference_of("trades").settings)
+    assert reference_of("trades").settings and any(s.reference == INPUT_RAW for s in reference_of("trades").settings)
 
 
 def test_defenses_without_published_code_say_so():
@@ -83,12 +88,15 @@ def test_fat_reference_schedule_is_the_authors_exactly():
 def test_run_record_carries_the_diff(tmp_path, synthetic_info):
     spec = make_spec("trades", "synthetic", "smoke")
     run = Run(spec, RunOptions(results_dir=tmp_path, data_dir=None, device=torch.device("cpu"), progress=False))
-    from harness.defense import DefenseContext, DEFENSES
+    from harness.defense import DEFENSES, DefenseContext
 
-    defense = DEFENSES.get("trades")(spec.defense_config, DefenseContext(
-        eps=spec.eps, dataset=synthetic_info, train_size=64, epochs=1, device=torch.device("cpu")))
-    data = SimpleNamespace(train=SimpleNamespace(num_examples=64), held_out=None, val=SimpleNamespace(labels=[0] * 8),
-                           test_indices=[0, 1])
+    defense = DEFENSES.get("trades")(
+        spec.defense_config,
+        DefenseContext(eps=spec.eps, dataset=synthetic_info, train_size=64, epochs=1, device=torch.device("cpu")),
+    )
+    data = SimpleNamespace(
+        train=SimpleNamespace(num_examples=64), held_out=None, val=SimpleNamespace(labels=[0] * 8), test_indices=[0, 1]
+    )
     record = run._new_record(defense, data, MinibatchBudget(1, 1, 1))
     stored = record["reference_protocol"]
     assert stored["source"].startswith("yaodongyu/TRADES")
@@ -97,6 +105,7 @@ def test_run_record_carries_the_diff(tmp_path, synthetic_info):
 
 
 # ------------------------------------------------------------------------------------------ the options
+
 
 def test_weight_decay_only_on_conv_and_linear_weights(synthetic_info):
     model = build_model("small-cnn", synthetic_info)
@@ -127,6 +136,7 @@ def test_raw_input_twin_feeds_pixels_unnormalised(synthetic_info):
 
 
 # ------------------------------------------------------------------------------------------ the report
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -171,6 +181,9 @@ def test_fat_is_not_paired_with_fat_trades():
 def test_records_from_before_the_scope_field_decayed_everything():
     spec = make_spec("free-at", "cifar10", "reference").to_dict()
     del spec["schedule"]["weight_decay_on"]
-    row = next(r for r in protocol_diff(reference_of("free-at"), {"spec": spec, "defense": {"config": {}}})["settings"]
-               if r["path"] == "spec.schedule.weight_decay_on")
+    row = next(
+        r
+        for r in protocol_diff(reference_of("free-at"), {"spec": spec, "defense": {"config": {}}})["settings"]
+        if r["path"] == "spec.schedule.weight_decay_on"
+    )
     assert row["ours"] == "all" and row["departs"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,9 +45,15 @@ ATOL = 1e-9  # float64 tolerance: the same arithmetic in a different order
 
 # ------------------------------------------------------------------------------------------ harness
 
+
 def context(info, train_size=32, epochs=10, eps=None):
-    return DefenseContext(eps=info.eps if eps is None else eps, dataset=info, train_size=train_size,
-                          epochs=epochs, device=torch.device("cpu"))
+    return DefenseContext(
+        eps=info.eps if eps is None else eps,
+        dataset=info,
+        train_size=train_size,
+        epochs=epochs,
+        device=torch.device("cpu"),
+    )
 
 
 def sgd(model):
@@ -124,6 +131,7 @@ def twins(trained_model, float64):
 
 # ------------------------------------------------------------------------------------------ PGD-AT
 
+
 def rice_pgd_at_reference_step(model, opt, X, y, epsilon, alpha, attack_iters):
     """locuslab/robust_overfitting train_cifar.py, `attack_pgd` (one restart, l_inf) and the training
     loop body: train-mode attack whose delta starts uniform in the ball and clamped into the box,
@@ -169,6 +177,7 @@ def test_pgd_at_step_matches_rice_et_al(twins, batch, synthetic_info):
 
 # ------------------------------------------------------------------------------------------ TRADES
 
+
 def trades_reference_step(model, opt, x_natural, y, step_size, epsilon, perturb_steps, beta):
     """yaodongyu/TRADES trades.py `trades_loss` (l_inf) plus the optimiser step of train_trades_cifar10.py:
     eval-mode attack on the summed KL from x + 0.001 N(0, 1); train-mode CE + beta * KL_sum / B with
@@ -189,8 +198,9 @@ def trades_reference_step(model, opt, x_natural, y, step_size, epsilon, perturb_
     opt.zero_grad()
     logits = model(x_natural)
     loss_natural = F.cross_entropy(logits, y)
-    loss_robust = (1.0 / len(x_natural)) * kl_sum(F.log_softmax(model(x_adv), dim=1),
-                                                  F.softmax(model(x_natural), dim=1))
+    loss_robust = (1.0 / len(x_natural)) * kl_sum(
+        F.log_softmax(model(x_adv), dim=1), F.softmax(model(x_natural), dim=1)
+    )
     loss = loss_natural + beta * loss_robust
     loss.backward()
     opt.step()
@@ -216,6 +226,7 @@ def test_trades_step_matches_trades_loss(twins, interior_batch, synthetic_info):
 
 
 # ------------------------------------------------------------------------------------------ MART
+
 
 def mart_reference_step(model, opt, x_natural, y, step_size, epsilon, perturb_steps, beta):
     """YisenWang/MART mart.py `mart_loss` and its optimiser step: eval-mode CE attack from
@@ -245,7 +256,8 @@ def mart_reference_step(model, opt, x_natural, y, step_size, epsilon, perturb_st
     nat_probs = F.softmax(logits, dim=1)
     true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1)).squeeze()
     loss_robust = (1.0 / batch_size) * torch.sum(
-        torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (1.0000001 - true_probs))
+        torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (1.0000001 - true_probs)
+    )
     loss = loss_adv + float(beta) * loss_robust
     loss.backward()
     opt.step()
@@ -270,6 +282,7 @@ def test_mart_step_matches_mart_loss(twins, interior_batch, synthetic_info):
 
 
 # ------------------------------------------------------------------------------------------ FAT
+
 
 def fat_reference_step(model, opt, data, target, step_size, epsilon, perturb_steps, tau, omega):
     """zjfheart/Friendly-Adversarial-Training earlystop.py `earlystop` (uniform start, 'cent') and
@@ -341,8 +354,7 @@ def test_fat_step_matches_earlystop(twins, batch, synthetic_info, tau):
     ref_opt = sgd(ref)
     torch.manual_seed(0)
     eps = 16 / 255
-    x_adv, loss, count = fat_reference_step(ref, ref_opt, batch.x, batch.y, 0.007 / 0.031 * eps, eps, 10,
-                                            tau, 0.001)
+    x_adv, loss, count = fat_reference_step(ref, ref_opt, batch.x, batch.y, 0.007 / 0.031 * eps, eps, 10, tau, 0.001)
 
     assert 0 < count < 10 * len(batch.y)  # early stopping acted on some examples, not all at once
     assert_close(inputs[-1], x_adv, "friendly adversarial examples")
@@ -352,6 +364,7 @@ def test_fat_step_matches_earlystop(twins, batch, synthetic_info, tau):
 
 
 # ------------------------------------------------------------------------------------------ MMA
+
 
 def soft_logit_margin_reference(logits, targets):
     """advertorch SoftLogitMarginLoss(reduction='none'): logsumexp over the other classes minus the true logit."""
@@ -390,8 +403,7 @@ def anpgd_reference(model, x, y, prev_eps, maxeps, nb_iter=10, eps_iter_scale=2.
         cur_min = torch.max((margin < 0).float() * cur_eps, cur_min)
         cur_max = torch.min((margin < 0).float() * maxeps + (margin >= 0).float() * cur_eps, cur_max)
         cur_eps = (cur_min + cur_max) / 2
-        margin = soft_logit_margin_reference(
-            model(torch.clamp(x + cur_eps.view(-1, 1, 1, 1) * unit, 0.0, 1.0)), y)
+        margin = soft_logit_margin_reference(model(torch.clamp(x + cur_eps.view(-1, 1, 1, 1) * unit, 0.0, 1.0)), y)
     return x + cur_eps.view(-1, 1, 1, 1) * unit, cur_eps
 
 
@@ -443,8 +455,9 @@ def test_mma_step_matches_train_one_batch(twins, interior_batch, synthetic_info)
     ref_opt = sgd(ref)
     dct_eps = {i: float(remembered[i]) for i in range(32) if i % 2 == 0}  # odd ones: never visited
     torch.manual_seed(0)
-    x_mix, loss, eps, correct = mma_reference_step(ref, ref_opt, b.x, b.index, b.y, dct_eps,
-                                                   hinge_maxeps=d_max_rel * EPS, mineps=0.159375 * EPS)
+    x_mix, loss, eps, correct = mma_reference_step(
+        ref, ref_opt, b.x, b.index, b.y, dct_eps, hinge_maxeps=d_max_rel * EPS, mineps=0.159375 * EPS
+    )
 
     hinge = d_max_rel * EPS
     assert 0 < int(correct.sum()) < len(b.y)  # correct and misclassified examples both present
@@ -458,6 +471,7 @@ def test_mma_step_matches_train_one_batch(twins, interior_batch, synthetic_info)
 
 # ------------------------------------------------------------------------------------------ Free-AT
 
+
 def free_at_reference_minibatch(model, opt, input, target, global_noise, n_repeats, fgsm_step, clip_eps):
     """mahyarnajibi/FreeAdversarialTraining main_free.py `train`, one minibatch: m replays, each one
     forward on clamp(input + noise), one backward, the global noise ascended by fgsm_step * sign and
@@ -465,12 +479,12 @@ def free_at_reference_minibatch(model, opt, input, target, global_noise, n_repea
     losses = []
     model.train()
     for _ in range(n_repeats):
-        noise_batch = global_noise[0:input.size(0)].clone().requires_grad_(True)
+        noise_batch = global_noise[0 : input.size(0)].clone().requires_grad_(True)
         in1 = torch.clamp(input + noise_batch, 0, 1.0)
         loss = F.cross_entropy(model(in1), target)
         opt.zero_grad()
         loss.backward()
-        global_noise[0:input.size(0)] += fgsm_step * torch.sign(noise_batch.grad)
+        global_noise[0 : input.size(0)] += fgsm_step * torch.sign(noise_batch.grad)
         global_noise.clamp_(-clip_eps, clip_eps)
         opt.step()
         losses.append(loss.detach())
@@ -497,6 +511,7 @@ def test_free_at_minibatch_matches_main_free(twins, batch, synthetic_info):
 
 
 # ------------------------------------------------------------------------------------------ IAAT
+
 
 def iaat_pgd_adaptive(x, y, net, attack_steps, lr_arr, eps_arr):
     """yogeshbalaji/Instance_Adaptive_Adversarial_Training attacks/pgd_adaptive.py (untargeted,
@@ -533,8 +548,7 @@ def iaat_reference_step(model, opt, input, target, indices, memory, epoch, args)
         with torch.no_grad():
             pred_cur = (model(input_cur).max(1)[1] == target).float()
             pred_high = (model(input_high).max(1)[1] == target).float()
-            epsilon = (pred_high * high + (1 - pred_high) * pred_cur * cur
-                       + (1 - pred_high) * (1 - pred_cur) * low)
+            epsilon = pred_high * high + (1 - pred_high) * pred_cur * cur + (1 - pred_high) * (1 - pred_cur) * low
             epsilon = torch.clamp(epsilon * correct_clean, min=0)
             epsilon = epsilon * args["beta"] + prev * (1 - args["beta"])
     memory[indices] = epsilon.to(memory.dtype)  # the reference memory is a FloatTensor
@@ -548,8 +562,7 @@ def iaat_reference_step(model, opt, input, target, indices, memory, epoch, args)
     return adv, loss.detach()
 
 
-IAAT_ARGS = {"warmup": 1, "attack_eps": EPS, "gamma": 1.9 / 255, "beta": 0.1, "attack_steps": 10,
-             "attack_lr": 2 / 255}
+IAAT_ARGS = {"warmup": 1, "attack_eps": EPS, "gamma": 1.9 / 255, "beta": 0.1, "attack_steps": 10, "attack_lr": 2 / 255}
 
 
 @pytest.mark.parametrize("epoch", [0, 1], ids=["warm-up", "adaptive"])
@@ -575,4 +588,3 @@ def test_iaat_step_matches_trainer_adaptive(twins, interior_batch, synthetic_inf
     assert_close(inputs[-1], x_adv, "adversarial examples")
     assert_close(stats["loss"], loss, "loss")
     assert_same_parameters(ours, ref)
-

@@ -13,8 +13,9 @@ from harness.runner import Run, RunOptions, make_spec, run
 
 
 def options(tmp_path, data_dir, **kw):
-    return RunOptions(results_dir=tmp_path / "results", data_dir=data_dir, device=torch.device("cpu"),
-                      progress=False, **kw)
+    return RunOptions(
+        results_dir=tmp_path / "results", data_dir=data_dir, device=torch.device("cpu"), progress=False, **kw
+    )
 
 
 def strip_times(record):
@@ -102,19 +103,22 @@ def test_lr_schedule_follows_equivalent_epochs():
     assert short.lr_at(7.4) == 0.1 and short.lr_at(7.5) == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"defense": "pgd-att"}, "did you mean 'pgd-at'"),
-    ({"dataset": "cifar-10"}, "did you mean 'cifar10'"),
-    ({"preset": "fast"}, "unknown preset"),
-    ({"model": "resnet50"}, "unknown model"),
-    ({"eps": "-1/255"}, "outside"),
-    ({"eps": "1.5"}, "outside"),
-    ({"eps": "eight"}, "not a number"),
-    ({"epochs": 0}, "at least 1"),
-    ({"overrides": ("steps=ten",)}, "cannot set steps"),
-    ({"overrides": ("nope=1",)}, "no field 'nope'"),
-    ({"overrides": ("attack_bn=half",)}, "choose one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"defense": "pgd-att"}, "did you mean 'pgd-at'"),
+        ({"dataset": "cifar-10"}, "did you mean 'cifar10'"),
+        ({"preset": "fast"}, "unknown preset"),
+        ({"model": "resnet50"}, "unknown model"),
+        ({"eps": "-1/255"}, "outside"),
+        ({"eps": "1.5"}, "outside"),
+        ({"eps": "eight"}, "not a number"),
+        ({"epochs": 0}, "at least 1"),
+        ({"overrides": ("steps=ten",)}, "cannot set steps"),
+        ({"overrides": ("nope=1",)}, "no field 'nope'"),
+        ({"overrides": ("attack_bn=half",)}, "choose one of"),
+    ],
+)
 def test_make_spec_rejects_bad_input(kwargs, message):
     args = {"defense": "pgd-at", "dataset": "synthetic", "preset": "smoke"} | kwargs
     with pytest.raises(HarnessError, match=message):
@@ -135,8 +139,10 @@ def test_reference_preset_uses_the_defense_schedule():
     assert make_spec("pgd-at", "synthetic", "paper").schedule.epochs == 100
 
 
-@pytest.mark.parametrize("epochs, batches, replays, passes, last", [
-    (3, 40, 1, 3, 40), (3, 40, 8, 1, 15), (200, 391, 8, 25, 391), (3, 4, 2, 2, 2)])
+@pytest.mark.parametrize(
+    "epochs, batches, replays, passes, last",
+    [(3, 40, 1, 3, 40), (3, 40, 8, 1, 15), (200, 391, 8, 25, 391), (3, 4, 2, 2, 2)],
+)
 def test_minibatch_budget_matches_sgd_steps(epochs, batches, replays, passes, last):
     from harness.runner import MinibatchBudget
 
@@ -153,14 +159,19 @@ def test_compile_and_world_size_are_part_of_the_identity():
     runs keep the id they had before these fields existed."""
     plain = make_spec("pgd-at", "fashion-mnist", "smoke")  # smoke: the quick preset's scale changed (issue 20)
     assert plain.run_id == "fashion-mnist_pgd-at_small-cnn_seed0_acd7bb2309"  # named before issue 22
-    ids = {plain.run_id, make_spec("pgd-at", "fashion-mnist", "smoke", compile_model=True).run_id,
-           make_spec("pgd-at", "fashion-mnist", "smoke", ranks=2).run_id,
-           make_spec("pgd-at", "fashion-mnist", "smoke", precision_name="bf16").run_id}
+    ids = {
+        plain.run_id,
+        make_spec("pgd-at", "fashion-mnist", "smoke", compile_model=True).run_id,
+        make_spec("pgd-at", "fashion-mnist", "smoke", ranks=2).run_id,
+        make_spec("pgd-at", "fashion-mnist", "smoke", precision_name="bf16").run_id,
+    }
     assert len(ids) == 4
     from harness.report.loading import numerics_label  # the report's protocol: never one cell
 
-    labels = {numerics_label(make_spec("pgd-at", "fashion-mnist", "quick", **kw).to_dict())
-              for kw in ({}, {"compile_model": True}, {"ranks": 2})}
+    labels = {
+        numerics_label(make_spec("pgd-at", "fashion-mnist", "quick", **kw).to_dict())
+        for kw in ({}, {"compile_model": True}, {"ranks": 2})
+    }
     assert labels == {"fp32", "fp32, compiled inductor", "fp32, 2 processes"}
 
 

@@ -45,7 +45,10 @@ def test_seeds_with_all_covers_every_defense(tmp_path, asked):
 
 def test_seeds_and_seed_together_is_a_one_line_error(tmp_path, asked):
     result = _run(tmp_path, "-m", "pgd-at", "-d", "synthetic", "--seed", "4", "--seeds", "3")
-    assert result.exit_code == 2 and result.output.strip() == "error: give either --seed (repeatable) or --seeds N, not both"
+    assert (
+        result.exit_code == 2
+        and result.output.strip() == "error: give either --seed (repeatable) or --seeds N, not both"
+    )
     assert not asked
     assert _run(tmp_path, "-m", "pgd-at", "-d", "synthetic", "--seeds", "0").exit_code == 2
 
@@ -63,9 +66,16 @@ def test_grid_seed_count_and_seeds_option_replace_the_grid_seeds(tmp_path, asked
 def test_runs_shows_mean_and_std_over_seeds_with_the_count(tmp_path):
     import report_fixture as fx
 
-    fx.build_results(tmp_path / "r", corrupt=False, runs=(
-        fx.FakeRun("pgd-at", 0, 80.0, 40.0, None), fx.FakeRun("pgd-at", 1, 82.0, 44.0, None),
-        fx.FakeRun("pgd-at", 2, 84.0, 42.0, None), fx.FakeRun("ades", 0, 85.0, 50.0, None)))
+    fx.build_results(
+        tmp_path / "r",
+        corrupt=False,
+        runs=(
+            fx.FakeRun("pgd-at", 0, 80.0, 40.0, None),
+            fx.FakeRun("pgd-at", 1, 82.0, 44.0, None),
+            fx.FakeRun("pgd-at", 2, 84.0, 42.0, None),
+            fx.FakeRun("ades", 0, 85.0, 50.0, None),
+        ),
+    )
     result = CliRunner().invoke(main, ["runs", "--results", str(tmp_path / "r")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = result.output.split("over seeds")[1].splitlines()

@@ -46,8 +46,9 @@ def test_kl_reduction_is_per_example_batchmean():
     clean, adv = torch.randn(batch, classes) * 3, torch.randn(batch, classes) * 3
     y = torch.randint(0, classes, (batch,))
     p, log_p, log_q = F.softmax(clean, 1), F.log_softmax(clean, 1), F.log_softmax(adv, 1)
-    per_example = torch.stack([sum(p[i, c] * (log_p[i, c] - log_q[i, c]) for c in range(classes))
-                               for i in range(batch)])
+    per_example = torch.stack(
+        [sum(p[i, c] * (log_p[i, c] - log_q[i, c]) for c in range(classes)) for i in range(batch)]
+    )
 
     loss = trades_loss(clean, adv, y, beta=1.0)
 

@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +26,6 @@ from harness.data import DATASETS, Split
 from harness.defense import DEFENSES, Defense, DefenseContext
 from harness.environment import synchronize
 from harness.models import build_model
-
 
 FULL_MODE_DROPOUT = 0.1
 TARGETS = {"ades (head) / pgd-at": 1.05, "static-des / pgd-at": 1.03}
@@ -49,11 +48,13 @@ VARIANTS = (
     Variant(f"pgd-at (dropout {FULL_MODE_DROPOUT})", "pgd-at", FULL_MODE_DROPOUT),
     Variant("ades (full)", "ades", FULL_MODE_DROPOUT, (("mc_mode", "full"),)),
 )
-RATIOS = (("ades (head) / pgd-at", "ades (head)", "pgd-at"),
-          ("ades-joint (head) / pgd-at", "ades-joint (head)", "pgd-at"),
-          ("static-des / pgd-at", "static-des", "pgd-at"),
-          ("ades-bilevel (head) / pgd-at", "ades-bilevel (head)", "pgd-at"),
-          ("ades (full) / pgd-at, same dropout model", "ades (full)", f"pgd-at (dropout {FULL_MODE_DROPOUT})"))
+RATIOS = (
+    ("ades (head) / pgd-at", "ades (head)", "pgd-at"),
+    ("ades-joint (head) / pgd-at", "ades-joint (head)", "pgd-at"),
+    ("static-des / pgd-at", "static-des", "pgd-at"),
+    ("ades-bilevel (head) / pgd-at", "ades-bilevel (head)", "pgd-at"),
+    ("ades (full) / pgd-at, same dropout model", "ades (full)", f"pgd-at (dropout {FULL_MODE_DROPOUT})"),
+)
 
 
 def batches_per_epoch(dataset: str, batch_size: int) -> int:
@@ -62,8 +63,9 @@ def batches_per_epoch(dataset: str, batch_size: int) -> int:
     return math.ceil(subset / batch_size)
 
 
-def build_variant(variant: Variant, models: dict[float, torch.nn.Module], dataset: str, batch,
-                  options: BenchOptions, steps: int) -> tuple[Callable[[], None], Defense]:
+def build_variant(
+    variant: Variant, models: dict[float, torch.nn.Module], dataset: str, batch, options: BenchOptions, steps: int
+) -> tuple[Callable[[], None], Defense]:
     info = DATASETS.get(dataset)
     model = copy.deepcopy(models[variant.dropout])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -71,8 +73,9 @@ def build_variant(variant: Variant, models: dict[float, torch.nn.Module], datase
     config = dataclasses.replace(cls.Config(), **dict(variant.overrides))
     # ADES-bilevel's outer loss draws from a held-out split: here the benchmark batch itself
     held_out = Split(batch.x, batch.y) if cls.held_out_size(config, len(batch.y)) else None
-    context = DefenseContext(eps=info.eps, dataset=info, train_size=len(batch.y), epochs=1, device=options.device,
-                             held_out=held_out)
+    context = DefenseContext(
+        eps=info.eps, dataset=info, train_size=len(batch.y), epochs=1, device=options.device, held_out=held_out
+    )
     defense = cls(config, context)
     defense.setup(model)
 
@@ -112,16 +115,22 @@ def epoch_ratios(model_name: str, dataset: str, batch_size: int, options: BenchO
     per_round.update({f"{label} (step only)": timings.ratio(a, b) for label, a, b in RATIOS[:4]})
     ratios = {label: mid for label, (mid, _) in per_round.items()}
     return BenchResult(
-        spreads={label: s for label, (_, s) in per_round.items()}, machine=timings.machine,
+        spreads={label: s for label, (_, s) in per_round.items()},
+        machine=timings.machine,
         name=f"ADES / Static-DES epoch cost, {model_name} on {dataset}-shaped batches of {batch_size} "
-             f"({options.device.type})",
-        seconds=seconds, ratios=ratios, targets=TARGETS,
+        f"({options.device.type})",
+        seconds=seconds,
+        ratios=ratios,
+        targets=TARGETS,
         notes=f"per-round ratios over {options.repeats} alternating calls of {steps} steps; full mode T="
-              f"{DEFENSES.get('ades').Config().mc_samples}, dropout {FULL_MODE_DROPOUT}")
+        f"{DEFENSES.get('ades').Config().mc_samples}, dropout {FULL_MODE_DROPOUT}",
+    )
 
 
-@register_benchmark("ades", "ADES (head) / PGD-AT <= 1.05 and Static-DES / PGD-AT <= 1.03 per epoch; "
-                            "ADES-bilevel and ADES full mode reported")
+@register_benchmark(
+    "ades",
+    "ADES (head) / PGD-AT <= 1.05 and Static-DES / PGD-AT <= 1.03 per epoch; ADES-bilevel and ADES full mode reported",
+)
 def ades_benchmark(options: BenchOptions) -> list[BenchResult]:
     if options.quick:
         return [epoch_ratios("small-cnn", "fashion-mnist", 16, options, steps=1)]

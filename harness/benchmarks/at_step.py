@@ -14,7 +14,6 @@ from harness.data import DATASETS, Batch
 from harness.defense import DEFENSES, DefenseContext, sgd_step
 from harness.models import build_model
 
-
 CASES = (("small-cnn", "fashion-mnist", 128), ("preact-resnet18", "cifar10", 32))
 TARGET = 8.5
 
@@ -24,12 +23,16 @@ def make_batch(dataset: str, batch_size: int, device: torch.device) -> Batch:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, info.channels, info.image_size, info.image_size, generator=gen)
     y = torch.randint(0, info.num_classes, (batch_size,), generator=gen)
-    return Batch(x.to(device).contiguous(memory_format=torch.channels_last), y.to(device),
-                 torch.arange(batch_size, device=device))
+    return Batch(
+        x.to(device).contiguous(memory_format=torch.channels_last),
+        y.to(device),
+        torch.arange(batch_size, device=device),
+    )
 
 
-def step_ratio(model_name: str, dataset: str, batch_size: int, options: BenchOptions,
-               defense: str = "pgd-at") -> BenchResult:
+def step_ratio(
+    model_name: str, dataset: str, batch_size: int, options: BenchOptions, defense: str = "pgd-at"
+) -> BenchResult:
     info = DATASETS.get(dataset)
     torch.manual_seed(0)
     model = build_model(model_name, info).to(options.device)
@@ -43,13 +46,19 @@ def step_ratio(model_name: str, dataset: str, batch_size: int, options: BenchOpt
         model.train()
         sgd_step(optimizer, F.cross_entropy(model(batch.x), batch.y))
 
-    seconds = alternate({"clean step": clean, f"{defense} step": lambda: at.train_step(model, optimizer, batch)},
-                        options)
+    seconds = alternate(
+        {"clean step": clean, f"{defense} step": lambda: at.train_step(model, optimizer, batch)}, options
+    )
     label = f"{defense} / clean step"
     ratio, ratio_spread = seconds.ratio(f"{defense} step", "clean step")
-    return BenchResult(name=f"{model_name} on {dataset}-shaped batch of {batch_size} ({options.device.type})",
-                       seconds=dict(seconds), ratios={label: ratio}, targets={label: TARGET},
-                       spreads={label: ratio_spread}, machine=seconds.machine)
+    return BenchResult(
+        name=f"{model_name} on {dataset}-shaped batch of {batch_size} ({options.device.type})",
+        seconds=dict(seconds),
+        ratios={label: ratio},
+        targets={label: TARGET},
+        spreads={label: ratio_spread},
+        machine=seconds.machine,
+    )
 
 
 @register_benchmark("at-step", "PGD-10 AT step over a clean step (small CNN, PreAct-ResNet-18); target <= 8.5")

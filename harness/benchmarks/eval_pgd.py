@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.pgd import frozen_parameters, model_mode, pgd
 from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
 from harness.data import DATASETS, load_split
 from harness.errors import HarnessError
 from harness.evaluation.attacks import PGDAttack
 from harness.models import build_model
+from harness.pgd import frozen_parameters, model_mode, pgd
 
 TARGET = 0.8
 STEPS = 20
@@ -35,7 +35,9 @@ def bench_data(n_train: int, n_test: int, device: torch.device):
             continue
         prep = lambda s, n: (s.images[:n].float().div(255).to(device), s.labels[:n].to(device))  # noqa: E731
         return info, prep(train, n_train), prep(test, n_test)
-    raise HarnessError("no data set for the eval-pgd benchmark: install Fashion-MNIST or let the synthetic set be written")
+    raise HarnessError(
+        "no data set for the eval-pgd benchmark: install Fashion-MNIST or let the synthetic set be written"
+    )
 
 
 def warm_up_pgd_at(model, x, y, eps: float, steps: int, batch: int = 128) -> None:
@@ -53,8 +55,9 @@ def warm_up_pgd_at(model, x, y, eps: float, steps: int, batch: int = 128) -> Non
     model.eval()
 
 
-@register_benchmark("eval-pgd", "our PGD-20 evaluation over torchattacks' PGD-20, same model/data/eps/steps; "
-                                "target <= 0.8")
+@register_benchmark(
+    "eval-pgd", "our PGD-20 evaluation over torchattacks' PGD-20, same model/data/eps/steps; target <= 0.8"
+)
 def eval_pgd(options: BenchOptions) -> list[BenchResult]:
     import torchattacks
 
@@ -86,15 +89,25 @@ def eval_pgd(options: BenchOptions) -> list[BenchResult]:
     with torch.no_grad():
         clean_acc = (model(x).argmax(1) == y).float().mean().item() * 100
     robust_acc = run_ours().float().mean().item() * 100
-    seconds = alternate({"ours: PGD-20 flags (early exit)": run_ours,
-                         "torchattacks PGD-20 + flags": run_theirs,
-                         "shared pgd, no early exit + flags": run_plain}, options)
+    seconds = alternate(
+        {
+            "ours: PGD-20 flags (early exit)": run_ours,
+            "torchattacks PGD-20 + flags": run_theirs,
+            "shared pgd, no early exit + flags": run_plain,
+        },
+        options,
+    )
     ratio, ratio_spread = seconds.ratio("ours: PGD-20 flags (early exit)", "torchattacks PGD-20 + flags")
     loop, loop_spread = seconds.ratio("shared pgd, no early exit + flags", "torchattacks PGD-20 + flags")
-    return [BenchResult(
-        spreads={"ours / torchattacks": ratio_spread, "no-early-exit loop / torchattacks": loop_spread},
-        machine=seconds.machine,
-        name=f"PGD-20 evaluation, small-cnn on {info.name}, {len(y)} points, eps {info.eps} ({options.device.type})",
-        seconds=dict(seconds), ratios={"ours / torchattacks": ratio, "no-early-exit loop / torchattacks": loop},
-        targets={"ours / torchattacks": TARGET},
-        notes=f"model after {warm} PGD-AT steps: clean {clean_acc:.1f}%, PGD-20 {robust_acc:.1f}%")]
+    return [
+        BenchResult(
+            spreads={"ours / torchattacks": ratio_spread, "no-early-exit loop / torchattacks": loop_spread},
+            machine=seconds.machine,
+            name=f"PGD-20 evaluation, small-cnn on {info.name}, {len(y)} points, eps {info.eps} "
+            f"({options.device.type})",
+            seconds=dict(seconds),
+            ratios={"ours / torchattacks": ratio, "no-early-exit loop / torchattacks": loop},
+            targets={"ours / torchattacks": TARGET},
+            notes=f"model after {warm} PGD-AT steps: clean {clean_acc:.1f}%, PGD-20 {robust_acc:.1f}%",
+        )
+    ]

@@ -24,12 +24,15 @@ from harness.data import DATASETS
 from harness.defense import DEFENSES, DefenseContext
 from harness.models import build_model
 
-
 EPOCH_IMAGES = 50_000
 TARGET_BF16_SECONDS = 50.0
 # Dense peak TFLOP/s (tensor cores; fp32 means TF32) by device-name fragment: vendor data sheets.
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0},
-               "A100": {"bf16": 312.0, "fp32": 156.0}, "L40S": {"bf16": 362.0, "fp32": 183.0}}
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp32": 494.0},
+    "H200": {"bf16": 989.0, "fp32": 494.0},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp32": 183.0},
+}
 
 
 def peak_tflops(device: torch.device, precision_name: str) -> float | None:
@@ -48,8 +51,11 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-@register_benchmark("gpu-epoch", "WRN-34-10 PGD-10 epoch in fp32 and bf16 on a GPU: seconds, images/s, "
-                                 "model-FLOP utilisation; bf16 target <= 50 s on an H100-class GPU")
+@register_benchmark(
+    "gpu-epoch",
+    "WRN-34-10 PGD-10 epoch in fp32 and bf16 on a GPU: seconds, images/s, "
+    "model-FLOP utilisation; bf16 target <= 50 s on an H100-class GPU",
+)
 def gpu_epoch(options: BenchOptions) -> list[BenchResult]:
     device = options.device
     if device.type != "cuda" and not options.quick:
@@ -81,13 +87,20 @@ def gpu_epoch(options: BenchOptions) -> list[BenchResult]:
         extra[f"{name} images/s"] = round(batch_size / seconds, 1)
         extra[f"{name} model TFLOP per step"] = round(flops[name] / 1e12, 4)
         peak = peak_tflops(device, name)
-        extra[f"{name} model-FLOP utilisation"] = (round(flops[name] / seconds / (peak * 1e12), 3)
-                                                   if peak else "unknown peak (set HARNESS_PEAK_TFLOPS)")
+        extra[f"{name} model-FLOP utilisation"] = (
+            round(flops[name] / seconds / (peak * 1e12), 3) if peak else "unknown peak (set HARNESS_PEAK_TFLOPS)"
+        )
     ratio, ratio_spread = timings.ratio("bf16 PGD-10 step", "fp32 PGD-10 step")
     label = "bf16 / fp32 step"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = BenchResult(
-        name=f"PGD-10 training epoch, {model_name} batch {batch_size} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})",
-        seconds=dict(timings), ratios={label: ratio}, spreads={label: ratio_spread}, machine=timings.machine,
-        extra=extra, notes=f"epoch = {per_epoch} steps x median step; bf16 epoch target <= {TARGET_BF16_SECONDS:.0f} s "
-                           f"on an H100-class GPU")
+        name=f"PGD-10 training epoch, {model_name} batch {batch_size} ({device_name})",
+        seconds=dict(timings),
+        ratios={label: ratio},
+        spreads={label: ratio_spread},
+        machine=timings.machine,
+        extra=extra,
+        notes=f"epoch = {per_epoch} steps x median step; bf16 epoch target <= {TARGET_BF16_SECONDS:.0f} s "
+        f"on an H100-class GPU",
+    )
     return [result]

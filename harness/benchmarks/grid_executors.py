@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -77,8 +77,12 @@ def timed(variants: dict[str, Callable[[], None]], options: BenchOptions) -> Tim
     return timings
 
 
-@register_benchmark("ray-overhead", "a smoke grid through Ray (1 CPU, fresh local instance) over the local "
-                                    "executor, both sequential at 1 thread: Ray's overhead", rounds=5)
+@register_benchmark(
+    "ray-overhead",
+    "a smoke grid through Ray (1 CPU, fresh local instance) over the local "
+    "executor, both sequential at 1 thread: Ray's overhead",
+    rounds=5,
+)
 def ray_overhead(options: BenchOptions) -> list[BenchResult]:
     if (skipped := ray_missing()) is not None:
         return [skipped]
@@ -86,15 +90,29 @@ def ray_overhead(options: BenchOptions) -> list[BenchResult]:
         data_dir = smoke_data(Path(root))
         specs = [make_spec("pgd-at", "synthetic", "smoke", seed) for seed in (0, 1)]
         local, ray = "local executor, 1 thread", "ray executor, 1 CPU, 1 thread (instance started per grid)"
-        seconds = timed({local: grid_call(LocalExecutor(threads=1), specs, data_dir),
-                         ray: grid_call(RayExecutor(num_cpus=1, cpus_per_run=1), specs, data_dir)}, options)
-    return [ratio_result(f"smoke grid of {len(specs)} PGD-AT runs, synthetic set (cpu)", seconds,
-                         {"ray / local": (ray, local)},
-                         notes="sequential both ways: the ratio is the executor's price, not parallelism")]
+        seconds = timed(
+            {
+                local: grid_call(LocalExecutor(threads=1), specs, data_dir),
+                ray: grid_call(RayExecutor(num_cpus=1, cpus_per_run=1), specs, data_dir),
+            },
+            options,
+        )
+    return [
+        ratio_result(
+            f"smoke grid of {len(specs)} PGD-AT runs, synthetic set (cpu)",
+            seconds,
+            {"ray / local": (ray, local)},
+            notes="sequential both ways: the ratio is the executor's price, not parallelism",
+        )
+    ]
 
 
-@register_benchmark("quick-grid", "the 2-core quick grid (PGD-AT seeds 1, 2): Ray, two runs at once on 1 thread "
-                                  "each, over the sequential loop on 2 threads; target <= 0.8", rounds=3)
+@register_benchmark(
+    "quick-grid",
+    "the 2-core quick grid (PGD-AT seeds 1, 2): Ray, two runs at once on 1 thread "
+    "each, over the sequential loop on 2 threads; target <= 0.8",
+    rounds=3,
+)
 def quick_grid(options: BenchOptions) -> list[BenchResult]:
     if (skipped := ray_missing()) is not None:
         return [skipped]
@@ -109,9 +127,20 @@ def quick_grid(options: BenchOptions) -> list[BenchResult]:
                 raise HarnessError(f"the quick-grid benchmark needs Fashion-MNIST: {exc}") from None
         specs = [make_spec("pgd-at", dataset, preset, seed) for seed in (1, 2)]
         sequential, parallel = "sequential loop, 2 threads", "ray, 2 runs at once, 1 thread each"
-        seconds = timed({sequential: grid_call(LocalExecutor(threads=2), specs, data_dir),
-                         parallel: grid_call(RayExecutor(num_cpus=2, cpus_per_run=1), specs, data_dir)}, options)
+        seconds = timed(
+            {
+                sequential: grid_call(LocalExecutor(threads=2), specs, data_dir),
+                parallel: grid_call(RayExecutor(num_cpus=2, cpus_per_run=1), specs, data_dir),
+            },
+            options,
+        )
     label = "ray parallel / sequential"
-    return [ratio_result(f"{preset} grid of {len(specs)} PGD-AT runs on {dataset}, 2 cores (cpu)", seconds,
-                         {label: (parallel, sequential)}, targets={label: QUICK_GRID_TARGET},
-                         notes="equal thread counts (2 in all); Ray's instance start is included")]
+    return [
+        ratio_result(
+            f"{preset} grid of {len(specs)} PGD-AT runs on {dataset}, 2 cores (cpu)",
+            seconds,
+            {label: (parallel, sequential)},
+            targets={label: QUICK_GRID_TARGET},
+            notes="equal thread counts (2 in all); Ray's instance start is included",
+        )
+    ]

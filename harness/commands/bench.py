@@ -14,13 +14,22 @@ from harness.cli import main
 @main.command("bench")
 @click.argument("names", nargs=-1)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--repeats", type=int, default=None,
-              help="Alternating timed rounds; each ratio is reported as min / median / max over them. "
-                   "[default: each benchmark's own: 11, 3 for the grid benchmarks, whose rounds take minutes]")
+@click.option(
+    "--repeats",
+    type=int,
+    default=None,
+    help="Alternating timed rounds; each ratio is reported as min / median / max over them. "
+    "[default: each benchmark's own: 11, 3 for the grid benchmarks, whose rounds take minutes]",
+)
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per variant first.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every benchmark runs, not its numbers.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the results, options and environment (commit, versions, device) here.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the results, options and environment (commit, versions, device) here.",
+)
 def bench_command(names, device, repeats, warmup, quick, json_path):
     """Run benchmarks (all, or the NAMES given; see `harness list benchmarks`) and print ratios."""
     from harness.benchmarking import BENCHMARKS, BenchOptions
@@ -37,20 +46,38 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
     selected = [BENCHMARKS.get(n) for n in names] if names else [b for _, b in BENCHMARKS.items()]
     env = environment(dev)
     info = env["device"]
-    click.echo(f"device: {info['name']}, torch threads {info['torch_threads']}, "
-               f"freed memory kept (harness.allocator): {'yes' if info['keep_freed_memory'] else 'no'}")
+    click.echo(
+        f"device: {info['name']}, torch threads {info['torch_threads']}, "
+        f"freed memory kept (harness.allocator): {'yes' if info['keep_freed_memory'] else 'no'}"
+    )
     results = []
     for bench in selected:
         for result in bench(options):
-            results.append({"benchmark": bench.name, "rounds": repeats or bench.rounds, **asdict(result),
-                            "verdicts": result.verdicts})
+            results.append(
+                {
+                    "benchmark": bench.name,
+                    "rounds": repeats or bench.rounds,
+                    **asdict(result),
+                    "verdicts": result.verdicts,
+                }
+            )
             for line in result.lines():
                 click.echo(line)
     if json_path is not None:
-        write_json(json_path, {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "options": {"repeats": repeats or "per benchmark", "warmup": warmup, "quick": quick,
-                                           "statistic": "per-round ratios over alternating calls (min/median/max), warm-up excluded; "
-                                                        "met/missed only when the whole spread is on one side"},
-                               "environment": env, "results": results})
+        write_json(
+            json_path,
+            {
+                "schema": 1,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "options": {
+                    "repeats": repeats or "per benchmark",
+                    "warmup": warmup,
+                    "quick": quick,
+                    "statistic": "per-round ratios over alternating calls (min/median/max), warm-up excluded; "
+                    "met/missed only when the whole spread is on one side",
+                },
+                "environment": env,
+                "results": results,
+            },
+        )
         click.echo(f"-> {json_path}")
-

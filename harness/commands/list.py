@@ -12,17 +12,23 @@ def _first_line(text: str | None) -> str:
 
 
 def registry_rows() -> dict[str, list[tuple[str, str]]]:
-    from harness.evaluation.attacks import ATTACKS
     from harness.benchmarking import BENCHMARKS
     from harness.config import PRESETS
     from harness.data import DATASETS
     from harness.defense import DEFENSES
+    from harness.evaluation.attacks import ATTACKS
     from harness.models import MODELS
 
     return {
         "defenses": [(n, _first_line(c.__doc__)) for n, c in DEFENSES.items()],
-        "datasets": [(n, f"{i.channels}x{i.image_size}x{i.image_size}, {i.num_classes} classes, eps {i.eps}, "
-                         f"default model {i.default_model}") for n, i in DATASETS.items()],
+        "datasets": [
+            (
+                n,
+                f"{i.channels}x{i.image_size}x{i.image_size}, {i.num_classes} classes, eps {i.eps}, "
+                f"default model {i.default_model}",
+            )
+            for n, i in DATASETS.items()
+        ],
         "models": [(n, m.description) for n, m in MODELS.items()],
         "presets": [(n, p.description) for n, p in PRESETS.items()],
         "attacks": [(n, a.description) for n, a in ATTACKS.items()],
@@ -31,8 +37,9 @@ def registry_rows() -> dict[str, list[tuple[str, str]]]:
 
 
 @main.command("list")
-@click.argument("kind", required=False,
-                type=click.Choice(["defenses", "datasets", "models", "presets", "attacks", "benchmarks"]))
+@click.argument(
+    "kind", required=False, type=click.Choice(["defenses", "datasets", "models", "presets", "attacks", "benchmarks"])
+)
 def list_command(kind: str | None) -> None:
     """List what is registered (all kinds, or one KIND)."""
     for section, rows in registry_rows().items():

@@ -12,58 +12,166 @@ from harness.cli import main
 from harness.executor_cli import executor_options
 
 DEFAULT_RESULTS = Path("results")
-GRID_SETS = {"methods_": "--method", "all_methods": "--all", "dataset": "--dataset", "preset": "--preset",
-             "seeds": "--seed", "epochs": "--epochs", "eps": "--eps", "model": "--model", "dropout": "--dropout",
-             "overrides": "--set", "precision_name": "--precision",
-             "batchnorm": "--batchnorm"}  # what a grid file says, so not also on the command line
+GRID_SETS = {
+    "methods_": "--method",
+    "all_methods": "--all",
+    "dataset": "--dataset",
+    "preset": "--preset",
+    "seeds": "--seed",
+    "epochs": "--epochs",
+    "eps": "--eps",
+    "model": "--model",
+    "dropout": "--dropout",
+    "overrides": "--set",
+    "precision_name": "--precision",
+    "batchnorm": "--batchnorm",
+}  # what a grid file says, so not also on the command line
 
 
 @main.command("run")
-@click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="A TOML grid file (methods, data sets, seeds, preset, overrides per method; see grids/). "
-                   "Finished runs are skipped and interrupted ones resumed, so rerun it until complete.")
-@click.option("--method", "-m", "methods_", multiple=True, metavar="NAME",
-              help="Defense to train (repeatable). See `harness list defenses`.")
+@click.option(
+    "--grid",
+    "grid_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="A TOML grid file (methods, data sets, seeds, preset, overrides per method; see grids/). "
+    "Finished runs are skipped and interrupted ones resumed, so rerun it until complete.",
+)
+@click.option(
+    "--method",
+    "-m",
+    "methods_",
+    multiple=True,
+    metavar="NAME",
+    help="Defense to train (repeatable). See `harness list defenses`.",
+)
 @click.option("--all", "all_methods", is_flag=True, help="Train every registered defense.")
-@click.option("--dataset", "-d", default="fashion-mnist", show_default=True,
-              help="Data set (see `harness list datasets`).")
-@click.option("--preset", "-p", default="quick", show_default=True,
-              help="paper (the paper's 100-epoch protocol), quick (minutes on a CPU) or smoke (seconds).")
-@click.option("--seed", "seeds", multiple=True, type=int, default=(0,), show_default=True,
-              help="Run seed (repeatable for several seeds).")
-@click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Seeds 0..N-1 (instead of --seed; with --grid, instead of the grid's seeds). Verdicts need 3.")
+@click.option(
+    "--dataset", "-d", default="fashion-mnist", show_default=True, help="Data set (see `harness list datasets`)."
+)
+@click.option(
+    "--preset",
+    "-p",
+    default="quick",
+    show_default=True,
+    help="paper (the paper's 100-epoch protocol), quick (minutes on a CPU) or smoke (seconds).",
+)
+@click.option(
+    "--seed",
+    "seeds",
+    multiple=True,
+    type=int,
+    default=(0,),
+    show_default=True,
+    help="Run seed (repeatable for several seeds).",
+)
+@click.option(
+    "--seeds",
+    "n_seeds",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Seeds 0..N-1 (instead of --seed; with --grid, instead of the grid's seeds). Verdicts need 3.",
+)
 @click.option("--epochs", type=int, default=None, help="Override the preset's number of (equivalent) epochs.")
-@click.option("--eps", default=None, metavar="EPS",
-              help="L-inf budget as a fraction or decimal, e.g. 8/255 (default: the data set's).")
+@click.option(
+    "--eps",
+    default=None,
+    metavar="EPS",
+    help="L-inf budget as a fraction or decimal, e.g. 8/255 (default: the data set's).",
+)
 @click.option("--model", default=None, help="Override the preset's model (see `harness list models`).")
-@click.option("--dropout", type=float, default=0.0, show_default=True,
-              help="Dropout throughout the model (ADES's `full` MC-dropout mode needs it).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a defense hyperparameter, e.g. --set beta=6 (applies to every --method).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Under --executor ray: cuda when --gpus-per-run > 0, else cpu.")
-@click.option("--results", "results_dir", type=click.Path(path_type=Path), default=DEFAULT_RESULTS,
-              show_default=True, help="Directory of run records and checkpoints (under ray: one every node shares).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Where data sets are (or are downloaded to). Default: $HARNESS_DATA or ~/.cache/harness/data.")
+@click.option(
+    "--dropout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Dropout throughout the model (ADES's `full` MC-dropout mode needs it).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a defense hyperparameter, e.g. --set beta=6 (applies to every --method).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Under --executor ray: cuda when --gpus-per-run > 0, else cpu.",
+)
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_RESULTS,
+    show_default=True,
+    help="Directory of run records and checkpoints (under ray: one every node shares).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where data sets are (or are downloaded to). Default: $HARNESS_DATA or ~/.cache/harness/data.",
+)
 @click.option("--resume", is_flag=True, help="Continue interrupted runs from their last checkpoint.")
 @click.option("--force", is_flag=True, help="Rerun from scratch even if a run with this config exists.")
 @click.option("--wait", is_flag=True, help="Wait for another process training the same run, instead of failing.")
 @click.option("--no-download", is_flag=True, help="Never try to download data sets.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
-@click.option("--precision", "precision_name", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Autocast dtype of training and its attack (fp16 adds loss scaling); "
-                                      "evaluation stays fp32. Part of the run's identity.")
+@click.option(
+    "--precision",
+    "precision_name",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast dtype of training and its attack (fp16 adds loss scaling); "
+    "evaluation stays fp32. Part of the run's identity.",
+)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the training model (recorded).")
-@click.option("--batchnorm", type=click.Choice(["global", "per-rank"]), default="global", show_default=True,
-              help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) or per process.")
+@click.option(
+    "--batchnorm",
+    type=click.Choice(["global", "per-rank"]),
+    default="global",
+    show_default=True,
+    help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) or per process.",
+)
 @executor_options
 @click.pass_context
-def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n_seeds, epochs, eps, model, dropout,
-                overrides, device, results_dir, data_dir, resume, force, wait, no_download, quiet,
-                precision_name, compile_model, batchnorm, executor, address, cpus_per_run, gpus_per_run,
-                max_retries):
+def run_command(
+    ctx,
+    grid_path,
+    methods_,
+    all_methods,
+    dataset,
+    preset,
+    seeds,
+    n_seeds,
+    epochs,
+    eps,
+    model,
+    dropout,
+    overrides,
+    device,
+    results_dir,
+    data_dir,
+    resume,
+    force,
+    wait,
+    no_download,
+    quiet,
+    precision_name,
+    compile_model,
+    batchnorm,
+    executor,
+    address,
+    cpus_per_run,
+    gpus_per_run,
+    max_retries,
+):
     """Train defenses from scratch and evaluate clean and PGD-20 accuracy.
 
     Each (defense, data set, seed) writes <results>/<run id>/record.json with the resolved config,
@@ -90,13 +198,36 @@ def run_command(ctx, grid_path, methods_, all_methods, dataset, preset, seeds, n
         _no_grid_options(ctx, grid_path)
         specs = _grid_with_seeds(load_grid(grid_path), n_seeds).specs(ranks=world.size)
     else:
-        specs = _command_line_specs(methods_, all_methods, dataset, preset, _seeds_option(ctx, seeds, n_seeds), epochs,
-                                    eps, model, dropout, overrides, precision_name, batchnorm, world.size)
+        specs = _command_line_specs(
+            methods_,
+            all_methods,
+            dataset,
+            preset,
+            _seeds_option(ctx, seeds, n_seeds),
+            epochs,
+            eps,
+            model,
+            dropout,
+            overrides,
+            precision_name,
+            batchnorm,
+            world.size,
+        )
     specs = _executed_specs(specs, compile_model, world)
     chosen = _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
     api.check_run_paths(specs, results_dir, data_dir, force)  # before anything is created
-    options = _options(results_dir, data_dir, device, chosen, world, resume=resume, force=force, wait=wait,
-                       download=not no_download, progress=not quiet)
+    options = _options(
+        results_dir,
+        data_dir,
+        device,
+        chosen,
+        world,
+        resume=resume,
+        force=force,
+        wait=wait,
+        download=not no_download,
+        progress=not quiet,
+    )
     echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
     try:
         api.train_specs(specs, options, chosen, echo, on_outcome=lambda done: _result_line(done, results_dir, echo))
@@ -110,8 +241,9 @@ def _no_grid_options(ctx, grid_path: Path) -> None:
 
     given = [flag for name, flag in GRID_SETS.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if given:
-        raise HarnessError(f"--grid {grid_path} says which runs to do; drop {', '.join(given)} "
-                           f"(or write it into the grid file)")
+        raise HarnessError(
+            f"--grid {grid_path} says which runs to do; drop {', '.join(given)} (or write it into the grid file)"
+        )
 
 
 def _executed_specs(specs, compile_model: bool, world) -> list:
@@ -138,17 +270,23 @@ def _options(results_dir, data_dir, device: str, chosen, world, **policy):
     from harness.executors import LocalExecutor
     from harness.runner import RunOptions
 
-    device_now = (distributed.start(world, resolve_device(device)) if isinstance(chosen, LocalExecutor)
-                  else _device(worker_device(device, chosen)))
-    return RunOptions(results_dir=absolute(results_dir), data_dir=absolute(data_dir), device=device_now,
-                      world=world, **policy)
+    device_now = (
+        distributed.start(world, resolve_device(device))
+        if isinstance(chosen, LocalExecutor)
+        else _device(worker_device(device, chosen))
+    )
+    return RunOptions(
+        results_dir=absolute(results_dir), data_dir=absolute(data_dir), device=device_now, world=world, **policy
+    )
 
 
 def _result_line(outcome, results_dir: Path, echo) -> None:
     if outcome.error is None:
         spec, last = outcome.job.args[0], outcome.value["final"]["last"]
-        echo(f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
-             f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}")
+        echo(
+            f"    {outcome.job.label}: clean {last['clean']:.2f}  PGD-{spec.eval.pgd_steps} "
+            f"{last['pgd']:.2f}  ({last['n']} test examples)  -> {Path(results_dir) / spec.run_id}"
+        )
 
 
 def _seeds_option(ctx, seeds: tuple[int, ...], n_seeds: int | None) -> tuple[int, ...]:
@@ -167,8 +305,21 @@ def _grid_with_seeds(grid, n_seeds: int | None):
     return grid if n_seeds is None else replace(grid, seeds=tuple(range(n_seeds)))
 
 
-def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, eps, model, dropout, overrides,
-                        precision_name, batchnorm, ranks):
+def _command_line_specs(
+    methods_,
+    all_methods,
+    dataset,
+    preset,
+    seeds,
+    epochs,
+    eps,
+    model,
+    dropout,
+    overrides,
+    precision_name,
+    batchnorm,
+    ranks,
+):
     from harness.defense import DEFENSES
     from harness.errors import HarnessError
     from harness.runner import make_spec
@@ -180,10 +331,24 @@ def _command_line_specs(methods_, all_methods, dataset, preset, seeds, epochs, e
         raise HarnessError("nothing to run: pass --method NAME (see `harness list defenses`), --all or --grid FILE")
     if all_methods and overrides:
         raise HarnessError("--set names one defense's hyperparameters; use it with --method, not --all")
-    return [make_spec(name, dataset, preset, seed, epochs=epochs, eps=eps, model=model, dropout=dropout,
-                      overrides=overrides, precision_name=precision_name,
-                      batchnorm=batchnorm, ranks=ranks)
-            for name in names for seed in seeds]
+    return [
+        make_spec(
+            name,
+            dataset,
+            preset,
+            seed,
+            epochs=epochs,
+            eps=eps,
+            model=model,
+            dropout=dropout,
+            overrides=overrides,
+            precision_name=precision_name,
+            batchnorm=batchnorm,
+            ranks=ranks,
+        )
+        for name in names
+        for seed in seeds
+    ]
 
 
 def _device(name: str):

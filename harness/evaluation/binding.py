@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -43,14 +44,20 @@ def _check_finished_run(loaded, sha: str | None) -> None:
     record = _run_record(loaded)
     run_dir = Path(loaded.eval_root).parent
     if record["status"] != "complete":
-        raise HarnessError(f"run {record['run_id']} is still training or was interrupted (status "
-                           f"{record['status']}): its checkpoints are not the final model; finish it with "
-                           f"`harness run ... --resume` and evaluate it then")
+        raise HarnessError(
+            f"run {record['run_id']} is still training or was interrupted (status "
+            f"{record['status']}): its checkpoints are not the final model; finish it with "
+            f"`harness run ... --resume` and evaluate it then"
+        )
     label = loaded.checkpoint["label"]
     expected = record.get("checkpoint_sha256", {}).get(label)
     if expected is not None and sha != expected:
-        raise mismatch(run_dir / f"{label}.pt", expected, sha or "(no file)",
-                       what="checkpoint differs from the one the run record finished with:")
+        raise mismatch(
+            run_dir / f"{label}.pt",
+            expected,
+            sha or "(no file)",
+            what="checkpoint differs from the one the run record finished with:",
+        )
 
 
 def clean_tolerance(n: int) -> int:
@@ -59,8 +66,9 @@ def clean_tolerance(n: int) -> int:
     return max(1, math.ceil(0.001 * n))
 
 
-def check_clean_accuracy(model: torch.nn.Module, loaded, images: torch.Tensor, labels: torch.Tensor,
-                         device: torch.device, batch_size: int) -> None:
+def check_clean_accuracy(
+    model: torch.nn.Module, loaded, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int
+) -> None:
     """Clean accuracy on the record's test points must equal the record's (harness runs only)."""
     from harness.evaluation.sweep import clean_flags
     from harness.pgd import frozen_parameters, model_mode
@@ -74,16 +82,20 @@ def check_clean_accuracy(model: torch.nn.Module, loaded, images: torch.Tensor, l
     if not isinstance(n, int) or not isinstance(recorded, (int, float)):
         return  # an older record without the numbers: nothing to compare
     if n > len(labels):
-        raise HarnessError(f"the run was tested on {n} examples but the test set here has {len(labels)}: "
-                           f"a different data set in --data-dir?")
+        raise HarnessError(
+            f"the run was tested on {n} examples but the test set here has {len(labels)}: "
+            f"a different data set in --data-dir?"
+        )
     x = images[:n].float().div(255).to(device)
     with model_mode(model, "eval"), frozen_parameters(model):
         correct = int(clean_flags(model, x, labels[:n].to(device), batch_size).sum())
     expected = round(recorded * n / 100)
     if abs(correct - expected) > clean_tolerance(n):
-        raise HarnessError(f"clean accuracy of {loaded.checkpoint['path']} on the record's {n} test points is "
-                           f"{100 * correct / n:.2f}%, the record says {recorded:.2f}%: these are not the "
-                           f"weights (or the test data) the run was measured on; refusing to evaluate")
+        raise HarnessError(
+            f"clean accuracy of {loaded.checkpoint['path']} on the record's {n} test points is "
+            f"{100 * correct / n:.2f}%, the record says {recorded:.2f}%: these are not the "
+            f"weights (or the test data) the run was measured on; refusing to evaluate"
+        )
 
 
 def reading_run(loaded, wait: bool = False):

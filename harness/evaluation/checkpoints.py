@@ -12,9 +12,8 @@ allow-listed, HTML pages and code-running pickles refused in one line).
 
 from __future__ import annotations
 
-import hashlib
-
 import difflib
+import hashlib
 import json
 import os
 import sys
@@ -27,20 +26,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.config import parse_eps
 from harness.data import DATASETS
 from harness.errors import HarnessError
-from harness.config import parse_eps
 from harness.evaluation.safe_load import allowing, load_checkpoint_file, required_globals
 from harness.models import MODELS, build_model
 from harness.records import RECORD_NAME, read_record
 from harness.storage import load_torch
 
 ROBUSTBENCH_PREFIX = "robustbench:"
-DEFAULT_ROBUSTBENCH_DIR = Path(os.environ.get("HARNESS_ROBUSTBENCH_DIR",
-                                              Path.home() / ".cache" / "harness" / "robustbench"))
+DEFAULT_ROBUSTBENCH_DIR = Path(
+    os.environ.get("HARNESS_ROBUSTBENCH_DIR", Path.home() / ".cache" / "harness" / "robustbench")
+)
 # Optional: a copy of RobustBench's model_info JSONs (adds names and paper titles to messages).
-REFERENCE_DIR = (Path(os.environ["HARNESS_REFERENCE"]) / "robustbench" / "model_info"
-                 if os.environ.get("HARNESS_REFERENCE") else None)
+REFERENCE_DIR = (
+    Path(os.environ["HARNESS_REFERENCE"]) / "robustbench" / "model_info"
+    if os.environ.get("HARNESS_REFERENCE")
+    else None
+)
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # robustbench -> harness data set
 
 
@@ -54,12 +57,18 @@ class LoadedCheckpoint:
     published_eps: Fraction | None = None  # the eps its published numbers are at (added to the sweep)
 
 
-def load_checkpoint(target: str, *, label: str = "last", results_dir: Path = Path("results"),
-                    model_name: str | None = None, dataset: str | None = None,
-                    robustbench_dir: Path = DEFAULT_ROBUSTBENCH_DIR) -> LoadedCheckpoint:
+def load_checkpoint(
+    target: str,
+    *,
+    label: str = "last",
+    results_dir: Path = Path("results"),
+    model_name: str | None = None,
+    dataset: str | None = None,
+    robustbench_dir: Path = DEFAULT_ROBUSTBENCH_DIR,
+) -> LoadedCheckpoint:
     """Resolve TARGET (run dir, run id, state-dict file or robustbench:...) and load its weights on the CPU."""
     if target.startswith(ROBUSTBENCH_PREFIX):
-        return load_robustbench(target[len(ROBUSTBENCH_PREFIX):], results_dir, robustbench_dir)
+        return load_robustbench(target[len(ROBUSTBENCH_PREFIX) :], results_dir, robustbench_dir)
     path = Path(target)
     if path.is_dir():
         return load_run(path, label)
@@ -67,11 +76,14 @@ def load_checkpoint(target: str, *, label: str = "last", results_dir: Path = Pat
         return load_state_dict_file(path, model_name, dataset, results_dir)
     if (Path(results_dir) / target / RECORD_NAME).exists():
         return load_run(Path(results_dir) / target, label)
-    raise HarnessError(f"{target!r} is neither a run directory, a run id in {results_dir}, a checkpoint file, "
-                       f"nor robustbench:<dataset>/<threat>/<Name>")
+    raise HarnessError(
+        f"{target!r} is neither a run directory, a run id in {results_dir}, a checkpoint file, "
+        f"nor robustbench:<dataset>/<threat>/<Name>"
+    )
 
 
 # --------------------------------------------------------------------------- own runs
+
 
 def load_run(run_dir: Path, label: str) -> LoadedCheckpoint:
     if label not in ("last", "best"):
@@ -82,13 +94,21 @@ def load_run(run_dir: Path, label: str) -> LoadedCheckpoint:
     spec = record["spec"]
     path = run_dir / f"{label}.pt"
     if not path.exists():
-        raise HarnessError(f"{path} does not exist: the run has no '{label}' checkpoint yet "
-                           f"(finish it with `harness run ... --resume`)")
+        raise HarnessError(
+            f"{path} does not exist: the run has no '{label}' checkpoint yet "
+            f"(finish it with `harness run ... --resume`)"
+        )
     check_revision(record, run_dir)
     model = build_model(spec["model"], DATASETS.get(spec["dataset"]), spec.get("dropout", 0.0))
     load_matching(model, _weights(load_torch(path), path), spec["model"], path)
-    info = {"source": "harness", "run_id": record["run_id"], "label": label, "name": record["run_id"],
-            "path": str(path), "defense": spec["defense"]}
+    info = {
+        "source": "harness",
+        "run_id": record["run_id"],
+        "label": label,
+        "name": record["run_id"],
+        "path": str(path),
+        "defense": spec["defense"],
+    }
     return LoadedCheckpoint(model, info, spec["dataset"], spec["model"], run_dir / "eval")
 
 
@@ -98,12 +118,15 @@ def check_revision(record: dict[str, Any], run_dir: Path) -> None:
     trained, current = record["spec"].get("model_revision", 1), MODELS.get(name).revision
     if trained != current:
         commit = (record["environment"].get("git") or {}).get("commit") or "unknown"
-        raise HarnessError(f"{run_dir} was trained on {name} revision {trained}, but this code builds revision "
-                           f"{current} (same weights, different network): retrain it, or evaluate it at "
-                           f"commit {commit[:12]}")
+        raise HarnessError(
+            f"{run_dir} was trained on {name} revision {trained}, but this code builds revision "
+            f"{current} (same weights, different network): retrain it, or evaluate it at "
+            f"commit {commit[:12]}"
+        )
 
 
 # --------------------------------------------------------------------------- Python modules
+
 
 def load_module(model: nn.Module, name: str | None, dataset: str | None, results_dir: Path) -> LoadedCheckpoint:
     """An `nn.Module` handed to `harness.evaluate`: evaluated as given (inputs in [0, 1]), named by
@@ -112,8 +135,15 @@ def load_module(model: nn.Module, name: str | None, dataset: str | None, results
         raise HarnessError("evaluating an nn.Module needs dataset=NAME (see `harness list datasets`)")
     DATASETS.get(dataset)
     name = name or type(model).__name__
-    info = {"source": "module", "run_id": None, "label": "module", "name": name, "path": None, "defense": None,
-            "sha256": state_dict_sha256(model)}
+    info = {
+        "source": "module",
+        "run_id": None,
+        "label": "module",
+        "name": name,
+        "path": None,
+        "defense": None,
+        "sha256": state_dict_sha256(model),
+    }
     return LoadedCheckpoint(model, info, dataset, name, Path(results_dir) / "external" / f"module-{name}" / "eval")
 
 
@@ -129,19 +159,30 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 # --------------------------------------------------------------------------- plain state dicts
 
-def load_state_dict_file(path: Path, model_name: str | None, dataset: str | None,
-                         results_dir: Path) -> LoadedCheckpoint:
+
+def load_state_dict_file(
+    path: Path, model_name: str | None, dataset: str | None, results_dir: Path
+) -> LoadedCheckpoint:
     if model_name is None:
-        raise HarnessError(f"{path} is a plain checkpoint: name its architecture with --model NAME "
-                           f"(see `harness list models`) and its data set with --dataset")
+        raise HarnessError(
+            f"{path} is a plain checkpoint: name its architecture with --model NAME "
+            f"(see `harness list models`) and its data set with --dataset"
+        )
     dataset = dataset or "fashion-mnist"
     model = build_model(model_name, DATASETS.get(dataset))
     obj, _ = load_checkpoint_file(path)
     load_matching(model, _weights(obj, path), model_name, path)
-    info = {"source": "state_dict", "run_id": None, "label": "file", "name": path.stem, "path": str(path.resolve()),
-            "defense": None}
-    return LoadedCheckpoint(model, info, dataset, model_name,
-                            Path(results_dir) / "external" / f"state_dict-{path.stem}" / "eval")
+    info = {
+        "source": "state_dict",
+        "run_id": None,
+        "label": "file",
+        "name": path.stem,
+        "path": str(path.resolve()),
+        "defense": None,
+    }
+    return LoadedCheckpoint(
+        model, info, dataset, model_name, Path(results_dir) / "external" / f"state_dict-{path.stem}" / "eval"
+    )
 
 
 def _weights(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -154,7 +195,7 @@ def _weights(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HarnessError(f"{path} holds no state dict (tensors by parameter name)")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -163,16 +204,23 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], arch: str, p
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    problems = [f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if keys
+    ]
     if problems:
         raise HarnessError(f"{path} does not match architecture {arch}: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- RobustBench
+
 
 def import_robustbench():
     """robustbench 1.1.1 imports `autoattack`; the PyPI package is `pyautoattack`: alias it first."""
@@ -197,11 +245,13 @@ class RobustBenchName:
     name: str
 
     @classmethod
-    def parse(cls, text: str) -> "RobustBenchName":
+    def parse(cls, text: str) -> RobustBenchName:
         parts = text.split("/")
         if len(parts) != 3 or not all(parts):
-            raise HarnessError(f"robustbench:{text}: write robustbench:<dataset>/<threat>/<Name>, "
-                               f"e.g. robustbench:cifar10/Linf/Zhang2019Theoretically")
+            raise HarnessError(
+                f"robustbench:{text}: write robustbench:<dataset>/<threat>/<Name>, "
+                f"e.g. robustbench:cifar10/Linf/Zhang2019Theoretically"
+            )
         return cls(*parts)
 
 
@@ -227,8 +277,9 @@ def resolve_robustbench(spec: RobustBenchName) -> dict[str, Any]:
         raise HarnessError(f"robustbench data set {spec.dataset!r} unknown; choose from {', '.join(datasets)}")
     threats = [t.value for t in model_dicts[BenchmarkDataset(spec.dataset)]]
     if spec.threat not in threats:
-        raise HarnessError(f"robustbench threat model {spec.threat!r} unknown for {spec.dataset}; "
-                           f"choose from {', '.join(threats)}")
+        raise HarnessError(
+            f"robustbench threat model {spec.threat!r} unknown for {spec.dataset}; choose from {', '.join(threats)}"
+        )
     models = model_dicts[BenchmarkDataset(spec.dataset)][ThreatModel(spec.threat)]
     if spec.name not in models:
         known = robustbench_names(spec.dataset, spec.threat)
@@ -251,32 +302,48 @@ def load_robustbench(text: str, results_dir: Path, model_dir: Path) -> LoadedChe
     spec = RobustBenchName.parse(text)
     entry = resolve_robustbench(spec)
     if spec.dataset not in ROBUSTBENCH_DATASETS:
-        raise HarnessError(f"robustbench {spec.dataset} models are not supported by the harness's data sets "
-                           f"({', '.join(ROBUSTBENCH_DATASETS)})")
+        raise HarnessError(
+            f"robustbench {spec.dataset} models are not supported by the harness's data sets "
+            f"({', '.join(ROBUSTBENCH_DATASETS)})"
+        )
     if entry.get("gdrive_id") is None:
         raise HarnessError(f"RobustBench model {spec.name} has no checkpoint to load (no gdrive_id)")
     files = robustbench_files(spec, entry, model_dir)
     missing = [(p, gid) for p, gid in files if not p.exists()]
     if missing:
         path, gid = missing[0]
-        raise HarnessError(f"RobustBench checkpoint {path} not found and this harness does not download it: "
-                           f"run `gdown {gid} -O {path}` (or `{download_command(spec, model_dir)}`), "
-                           f"or pass --robustbench-dir where the models live")
+        raise HarnessError(
+            f"RobustBench checkpoint {path} not found and this harness does not download it: "
+            f"run `gdown {gid} -O {path}` (or `{download_command(spec, model_dir)}`), "
+            f"or pass --robustbench-dir where the models live"
+        )
     allowed = [obj for path, _ in files for obj in required_globals(path)]
     model = _robustbench_model(spec, model_dir, allowed, files[0][0])
-    info = {"source": "robustbench", "run_id": None, "label": "published",
-            "name": f"{spec.dataset}-{spec.threat}-{spec.name}",
-            "path": str(robustbench_files(spec, entry, model_dir)[0][0]), "defense": None,
-            "paper": _paper_name(spec)}
-    return LoadedCheckpoint(model, info, ROBUSTBENCH_DATASETS[spec.dataset], type(model).__name__,
-                            Path(results_dir) / "external" / f"robustbench-{info['name']}" / "eval",
-                            published_eps(spec))
+    info = {
+        "source": "robustbench",
+        "run_id": None,
+        "label": "published",
+        "name": f"{spec.dataset}-{spec.threat}-{spec.name}",
+        "path": str(robustbench_files(spec, entry, model_dir)[0][0]),
+        "defense": None,
+        "paper": _paper_name(spec),
+    }
+    return LoadedCheckpoint(
+        model,
+        info,
+        ROBUSTBENCH_DATASETS[spec.dataset],
+        type(model).__name__,
+        Path(results_dir) / "external" / f"robustbench-{info['name']}" / "eval",
+        published_eps(spec),
+    )
 
 
 def download_command(spec: RobustBenchName, model_dir: Path) -> str:
     """robustbench's own downloader (gdown underneath), as one shell command."""
-    return (f"python -c \"from robustbench.utils import load_model; load_model('{spec.name}', "
-            f"model_dir='{model_dir}', dataset='{spec.dataset}', threat_model='{spec.threat}')\"")
+    return (
+        f"python -c \"from robustbench.utils import load_model; load_model('{spec.name}', "
+        f"model_dir='{model_dir}', dataset='{spec.dataset}', threat_model='{spec.threat}')\""
+    )
 
 
 def _robustbench_model(spec: RobustBenchName, model_dir: Path, allowed: list, path: Path) -> nn.Module:
@@ -286,14 +353,15 @@ def _robustbench_model(spec: RobustBenchName, model_dir: Path, allowed: list, pa
     try:
         with allowing(allowed), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return utils.load_model(spec.name, model_dir=str(model_dir), dataset=spec.dataset,
-                                    threat_model=spec.threat)
+            return utils.load_model(spec.name, model_dir=str(model_dir), dataset=spec.dataset, threat_model=spec.threat)
     except HarnessError:
         raise
     except Exception as exc:  # robustbench raises whatever its loading code meets
         detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
-        raise HarnessError(f"robustbench could not load {path} as {spec.name} ({type(exc).__name__}: {detail}); "
-                           f"delete it and download it again") from None
+        raise HarnessError(
+            f"robustbench could not load {path} as {spec.name} ({type(exc).__name__}: {detail}); "
+            f"delete it and download it again"
+        ) from None
 
 
 def published_eps(spec: RobustBenchName) -> Fraction | None:

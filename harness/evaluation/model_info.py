@@ -19,11 +19,39 @@ from harness.evaluation.flags import iter_evaluations
 from harness.records import RECORD_NAME, read_record
 
 # robustbench.utils.ModelInfo's fields, in its order (robustbench 1.1.1)
-MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                     "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
-                     "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
-LEADERBOARD_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                      "architecture", "eps", "clean_acc", "reported", "autoattack_acc")  # the template's example
+MODEL_INFO_FIELDS = (
+    "link",
+    "name",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "corruptions_acc",
+    "corruptions_acc_3d",
+    "corruptions_mce",
+    "corruptions_mce_3d",
+    "autoattack_acc",
+    "footnote",
+)
+LEADERBOARD_FIELDS = (
+    "link",
+    "name",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "autoattack_acc",
+)  # the template's example
 
 
 @dataclass(frozen=True)
@@ -50,20 +78,31 @@ def model_info(run: dict[str, Any], evaluation: dict[str, Any], eps: str) -> Exp
     failed = [c["name"] for c in evaluation["checks"] if not c["passed"]]
     label = evaluation["checkpoint"]["label"]
     aa_config = evaluation["config"]["attacks"].get(aa["attack"], {})
-    footnote = (f"harness run {run['run_id']} ({label} checkpoint): defense {spec['defense']}, {spec['model']}, "
-                f"{spec['schedule']['epochs']} epochs (preset {spec.get('preset')}), training eps {spec['eps']}, "
-                f"seed {spec['seed']}, commit {(git.get('commit') or 'unknown')[:12]}"
-                f"{' (dirty)' if git.get('dirty') else ''}; {aa['attack']} "
-                f"(version {aa_config.get('version', '?')}) on test points {evaluation['test_indices']} "
-                f"(n={aa['n']}); reported = our PGD-20.")
+    footnote = (
+        f"harness run {run['run_id']} ({label} checkpoint): defense {spec['defense']}, {spec['model']}, "
+        f"{spec['schedule']['epochs']} epochs (preset {spec.get('preset')}), training eps {spec['eps']}, "
+        f"seed {spec['seed']}, commit {(git.get('commit') or 'unknown')[:12]}"
+        f"{' (dirty)' if git.get('dirty') else ''}; {aa['attack']} "
+        f"(version {aa_config.get('version', '?')}) on test points {evaluation['test_indices']} "
+        f"(n={aa['n']}); reported = our PGD-20."
+    )
     if failed:
         footnote += " Potentially unreliable: failed checks " + ", ".join(failed) + "."
-    info = {"link": "", "name": f"{spec['defense']} ({spec['model']}, {spec['dataset']}, seed {spec['seed']})",
-            "authors": "", "additional_data": False, "number_forward_passes": 1, "dataset": spec["dataset"],
-            "venue": "", "architecture": spec["model"], "eps": eps,
-            "clean_acc": f"{evaluation['clean_accuracy']:.2f}",
-            "reported": f"{pgd['robust_accuracy']:.2f}" if pgd else None,
-            "autoattack_acc": f"{aa['robust_accuracy']:.2f}", "footnote": footnote}
+    info = {
+        "link": "",
+        "name": f"{spec['defense']} ({spec['model']}, {spec['dataset']}, seed {spec['seed']})",
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": spec["dataset"],
+        "venue": "",
+        "architecture": spec["model"],
+        "eps": eps,
+        "clean_acc": f"{evaluation['clean_accuracy']:.2f}",
+        "reported": f"{pgd['robust_accuracy']:.2f}" if pgd else None,
+        "autoattack_acc": f"{aa['robust_accuracy']:.2f}",
+        "footnote": footnote,
+    }
     info = {k: v for k, v in info.items() if v is not None}
     validate(info)
     name = run["run_id"] + ("" if label == "last" else f"_{label}")
@@ -89,7 +128,11 @@ def exports(results_dir: Path, label: str, eps: str | None) -> tuple[list[Export
     evaluations: dict[str, list[dict]] = {}
     for _, record in iter_evaluations(results_dir):
         checkpoint = record["checkpoint"]
-        if checkpoint.get("source") == "harness" and checkpoint.get("label") == label and record.get("status") == "complete":
+        if (
+            checkpoint.get("source") == "harness"
+            and checkpoint.get("label") == label
+            and record.get("status") == "complete"
+        ):
             evaluations.setdefault(checkpoint["run_id"], []).append(record)
     for path in sorted(Path(results_dir).glob(f"*/{RECORD_NAME}")):
         run = read_record(path)
@@ -99,8 +142,10 @@ def exports(results_dir: Path, label: str, eps: str | None) -> tuple[list[Export
         candidates = [model_info(run, e, at) for e in evaluations.get(run["run_id"], [])]
         candidates = [c for c in candidates if c is not None]
         if not candidates:
-            skipped.append(f"{run['run_id']}: no AutoAttack evaluation at eps {at} of its {label} checkpoint; run "
-                           f"`harness eval {path.parent} --checkpoint {label} -a autoattack --eps 0,{at}`")
+            skipped.append(
+                f"{run['run_id']}: no AutoAttack evaluation at eps {at} of its {label} checkpoint; run "
+                f"`harness eval {path.parent} --checkpoint {label} -a autoattack --eps 0,{at}`"
+            )
             continue
         exported.append(max(candidates, key=lambda c: c.n))
     return exported, skipped

@@ -120,8 +120,14 @@ def load_target(target: str | nn.Module, s: EvalSettings) -> LoadedCheckpoint:
 
     if isinstance(target, nn.Module):
         return load_module(target, s.model_name, s.dataset, s.results_dir)
-    return load_checkpoint(str(target), label=s.label, results_dir=s.results_dir, model_name=s.model_name,
-                           dataset=s.dataset, robustbench_dir=s.robustbench_dir or DEFAULT_ROBUSTBENCH_DIR)
+    return load_checkpoint(
+        str(target),
+        label=s.label,
+        results_dir=s.results_dir,
+        model_name=s.model_name,
+        dataset=s.dataset,
+        robustbench_dir=s.robustbench_dir or DEFAULT_ROBUSTBENCH_DIR,
+    )
 
 
 def _evaluate_locked(target: str | nn.Module, s: EvalSettings, dev, locks: ExitStack, say: Say) -> Evaluated:
@@ -146,9 +152,20 @@ def _evaluate_locked(target: str | nn.Module, s: EvalSettings, dev, locks: ExitS
     config, thresholds, budget = evaluation_config(s, eps_list, count)
     directory = loaded.eval_root / f"{loaded.checkpoint['label']}-{digest({**config, 'checkpoint': identity})}"
     locks.enter_context(writing_evaluation(directory, s.wait))
-    store = open_store(directory, s.resume, s.force, {
-        "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "model": loaded.model_name, "n": count,
-        "test_indices": f"0..{count - 1}", "config": config, "environment": environment(dev)})
+    store = open_store(
+        directory,
+        s.resume,
+        s.force,
+        {
+            "checkpoint": loaded.checkpoint,
+            "dataset": loaded.dataset,
+            "model": loaded.model_name,
+            "n": count,
+            "test_indices": f"0..{count - 1}",
+            "config": config,
+            "environment": environment(dev),
+        },
+    )
     done_before = store.complete
     if not done_before:
         rerun = rerun_command(target if isinstance(target, str) else None, s)
@@ -156,19 +173,33 @@ def _evaluate_locked(target: str | nn.Module, s: EvalSettings, dev, locks: ExitS
     return Evaluated(store, eps_list, info.eps, done_before)
 
 
-def run_sweep(model, x, y, store, directory: Path, s: EvalSettings, eps_list, thresholds, budget, rerun,
-              say: Say) -> None:
+def run_sweep(
+    model, x, y, store, directory: Path, s: EvalSettings, eps_list, thresholds, budget, rerun, say: Say
+) -> None:
     """The attacks of `s` over `eps_list` into `store` (the place an executor would take over)."""
     from harness.evaluation.attacks import ATTACKS
     from harness.evaluation.sweep import sweep
 
     attack_objs = [ATTACKS.get(name).build(replace(s.options, state_dir=directory)) for name in s.names]
-    sweep(model, x, y, attack_objs, eps_list, store, batch_size=s.options.batch_size, thresholds=thresholds,
-          nested=s.nested, probes=budget, rerun=rerun, say=say)
+    sweep(
+        model,
+        x,
+        y,
+        attack_objs,
+        eps_list,
+        store,
+        batch_size=s.options.batch_size,
+        thresholds=thresholds,
+        nested=s.nested,
+        probes=budget,
+        rerun=rerun,
+        say=say,
+    )
 
 
-def sweep_eps(override: list[Fraction] | None, default: tuple[Fraction, ...], published: Fraction | None
-              ) -> list[Fraction]:
+def sweep_eps(
+    override: list[Fraction] | None, default: tuple[Fraction, ...], published: Fraction | None
+) -> list[Fraction]:
     """--eps as given; otherwise the data set's sweep plus the target's published eps (RobustBench
     evaluated Zhang2019Theoretically at 0.031, which no /255 sweep contains)."""
     if override is not None:
@@ -185,13 +216,20 @@ def evaluation_config(s: EvalSettings, eps_list: list[Fraction], count: int):
     from harness.evaluation.sweep import PROBE_SIZE
 
     thresholds, budget = Thresholds(), (ProbeBudget() if s.probes else None)
-    config = {"attacks": {name: ATTACKS.get(name).build(s.options).config() for name in s.names},
-              "eps": [fraction_str(e) for e in eps_list], "n": count, "seed": s.options.seed,
-              "batch_size": s.options.batch_size, "thresholds": asdict(thresholds), "probe_size": PROBE_SIZE,
-              "nested_balls": s.nested, "masking_probes": budget.to_dict() if budget else None,
-              "eps0": "the clean pass (no attack steps)",
-              "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"
-                        + ("; broken at a smaller eps counts as broken at every larger eps" if s.nested else "")}
+    config = {
+        "attacks": {name: ATTACKS.get(name).build(s.options).config() for name in s.names},
+        "eps": [fraction_str(e) for e in eps_list],
+        "n": count,
+        "seed": s.options.seed,
+        "batch_size": s.options.batch_size,
+        "thresholds": asdict(thresholds),
+        "probe_size": PROBE_SIZE,
+        "nested_balls": s.nested,
+        "masking_probes": budget.to_dict() if budget else None,
+        "eps0": "the clean pass (no attack steps)",
+        "robust": "pointwise worst case over the attacks; a clean-misclassified point is not robust"
+        + ("; broken at a smaller eps counts as broken at every larger eps" if s.nested else ""),
+    }
     return config, thresholds, budget
 
 
@@ -206,10 +244,25 @@ def rerun_command(target: str | None, s: EvalSettings) -> Callable[[list[str]], 
     base = ["harness", "eval", target, "--checkpoint", s.label]
     base += [] if s.n is None else ["--n", str(s.n)]
     base += [] if s.eps_text is None else ["--eps", s.eps_text]
-    base += ["--pgd-step", o.pgd_step, "--pgd-restarts", str(o.pgd_restarts), "--seed", str(o.seed),
-             "--batch-size", str(o.batch_size), "--autoattack-attacks", ",".join(o.autoattack_attacks)]
-    for option, value in (("--model", s.model_name), ("--dataset", s.dataset), ("--results", s.results_dir),
-                          ("--data-dir", s.data_dir), ("--robustbench-dir", s.robustbench_dir)):
+    base += [
+        "--pgd-step",
+        o.pgd_step,
+        "--pgd-restarts",
+        str(o.pgd_restarts),
+        "--seed",
+        str(o.seed),
+        "--batch-size",
+        str(o.batch_size),
+        "--autoattack-attacks",
+        ",".join(o.autoattack_attacks),
+    ]
+    for option, value in (
+        ("--model", s.model_name),
+        ("--dataset", s.dataset),
+        ("--results", s.results_dir),
+        ("--data-dir", s.data_dir),
+        ("--robustbench-dir", s.robustbench_dir),
+    ):
         base += [] if value is None else [option, str(value)]
     base += [] if s.nested else ["--no-nested-balls"]
     base += [] if s.download else ["--no-download"]
@@ -228,8 +281,10 @@ def open_store(directory: Path, resume: bool, force: bool, header: dict) -> Eval
     store.check_weights(header["checkpoint"].get("sha256"))
     if not store.complete and not resume:
         done = len(store.record["results"])
-        raise HarnessError(f"an evaluation with this config was interrupted after {done} cell(s) in {directory}; "
-                           f"pass --resume to continue it or --force to start over")
+        raise HarnessError(
+            f"an evaluation with this config was interrupted after {done} cell(s) in {directory}; "
+            f"pass --resume to continue it or --force to start over"
+        )
     return store
 
 
@@ -265,21 +320,44 @@ class EvaluationResult:
 
         store, record = evaluated.store, evaluated.store.record
         robust = {e: store.accuracy(WORST_CASE, e) for e in evaluated.eps_list}
-        return cls(directory=store.dir, clean=record["clean_accuracy"],
-                   robust={e: a for e, a in robust.items() if a is not None}, checks=list(record["checks"]),
-                   skipped_checks=list(record.get("checks_skipped", [])), already_done=evaluated.already_done,
-                   record=record)
+        return cls(
+            directory=store.dir,
+            clean=record["clean_accuracy"],
+            robust={e: a for e, a in robust.items() if a is not None},
+            checks=list(record["checks"]),
+            skipped_checks=list(record.get("checks_skipped", [])),
+            already_done=evaluated.already_done,
+            record=record,
+        )
 
 
-def evaluate(target: str | Path | torch.nn.Module, *, attacks: Sequence[str] = DEFAULT_ATTACKS,
-             eps: Sequence[str | float | Fraction] | None = None, n: int | None = None, dataset: str | None = None,
-             model_name: str | None = None, checkpoint: str = "last", results: str | Path = "results",
-             data_dir: str | Path | None = None, robustbench_dir: str | Path | None = None, seed: int = 0,
-             batch_size: int = 500, pgd_step: str = "eps/4", pgd_restarts: int = 1,
-             autoattack_version: str = "standard", autoattack_attacks: Sequence[str] = ("apgd-ce", "apgd-t"),
-             nested_balls: bool = True, probes: bool = True, device: str = "auto", resume: bool = False,
-             force: bool = False, wait: bool = False, download: bool = True, progress: bool = False
-             ) -> EvaluationResult:
+def evaluate(
+    target: str | Path | torch.nn.Module,
+    *,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    eps: Sequence[str | float | Fraction] | None = None,
+    n: int | None = None,
+    dataset: str | None = None,
+    model_name: str | None = None,
+    checkpoint: str = "last",
+    results: str | Path = "results",
+    data_dir: str | Path | None = None,
+    robustbench_dir: str | Path | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+    pgd_step: str = "eps/4",
+    pgd_restarts: int = 1,
+    autoattack_version: str = "standard",
+    autoattack_attacks: Sequence[str] = ("apgd-ce", "apgd-t"),
+    nested_balls: bool = True,
+    probes: bool = True,
+    device: str = "auto",
+    resume: bool = False,
+    force: bool = False,
+    wait: bool = False,
+    download: bool = True,
+    progress: bool = False,
+) -> EvaluationResult:
     """Evaluate a target as `harness eval TARGET` does, writing the same record; returns the result.
 
     `target`: an `nn.Module` taking [0, 1] inputs (give `dataset`; `model_name` names it in the
@@ -290,16 +368,35 @@ def evaluate(target: str | Path | torch.nn.Module, *, attacks: Sequence[str] = D
     from harness.evaluation.attacks import AttackOptions
 
     settings = EvalSettings(
-        label=checkpoint, eps_override=parse_eps_list(",".join(map(str, eps))) if eps is not None else None,
-        n=n, names=resolve_attack_names(tuple(attacks), autoattack_version),
-        options=AttackOptions(pgd_restarts=pgd_restarts, pgd_step=pgd_step, seed=seed, batch_size=batch_size,
-                              autoattack_attacks=tuple(autoattack_attacks)),
-        nested=nested_balls, probes=probes, model_name=model_name, dataset=dataset, results_dir=Path(results),
-        data_dir=_path(data_dir), robustbench_dir=_path(robustbench_dir), resume=resume, force=force, wait=wait,
-        download=download, quiet=not progress, eps_text=",".join(map(str, eps)) if eps is not None else None)
+        label=checkpoint,
+        eps_override=parse_eps_list(",".join(map(str, eps))) if eps is not None else None,
+        n=n,
+        names=resolve_attack_names(tuple(attacks), autoattack_version),
+        options=AttackOptions(
+            pgd_restarts=pgd_restarts,
+            pgd_step=pgd_step,
+            seed=seed,
+            batch_size=batch_size,
+            autoattack_attacks=tuple(autoattack_attacks),
+        ),
+        nested=nested_balls,
+        probes=probes,
+        model_name=model_name,
+        dataset=dataset,
+        results_dir=Path(results),
+        data_dir=_path(data_dir),
+        robustbench_dir=_path(robustbench_dir),
+        resume=resume,
+        force=force,
+        wait=wait,
+        download=download,
+        quiet=not progress,
+        eps_text=",".join(map(str, eps)) if eps is not None else None,
+    )
     target = target if not isinstance(target, Path) else str(target)
-    return EvaluationResult.of(evaluate_target(target, settings, resolve_device(device),
-                                               print if progress else _silent))
+    return EvaluationResult.of(
+        evaluate_target(target, settings, resolve_device(device), print if progress else _silent)
+    )
 
 
 def _path(value: str | Path | None) -> Path | None:

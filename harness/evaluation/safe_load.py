@@ -17,25 +17,35 @@ import importlib
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from harness.errors import HarnessError
 
 # Constructors of plain data: calling them builds a value and nothing else.
-INERT_GLOBALS = frozenset({
-    "argparse.Namespace", "_codecs.encode", "torch.torch_version.TorchVersion",
-    "numpy.ndarray", "numpy.dtype",
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-})
+INERT_GLOBALS = frozenset(
+    {
+        "argparse.Namespace",
+        "_codecs.encode",
+        "torch.torch_version.TorchVersion",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+    }
+)
 INERT_PREFIXES = ("numpy.dtypes.",)  # numpy >= 1.25 pickles dtypes by their DType class
 # what the weights-only unpickler names when it meets a global it was not allowed (two phrasings)
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
-_CONVERT = ("in an environment you trust: torch.save(torch.load(path, weights_only=False)['state_dict'], path) "
-            "(or whichever key holds the weights)")
+_CONVERT = (
+    "in an environment you trust: torch.save(torch.load(path, weights_only=False)['state_dict'], path) "
+    "(or whichever key holds the weights)"
+)
 
 
 def sniff(path: Path) -> None:
@@ -46,8 +56,10 @@ def sniff(path: Path) -> None:
         raise HarnessError(f"{path} is empty (an interrupted download?): delete it and download it again")
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text[:200]:
-        raise HarnessError(f"{path} is an HTML page, not weights (Google Drive served its download-warning or "
-                           f"quota page): delete it and download the file again")
+        raise HarnessError(
+            f"{path} is an HTML page, not weights (Google Drive served its download-warning or "
+            f"quota page): delete it and download the file again"
+        )
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise HarnessError(f"{path} is not a PyTorch checkpoint (it starts with {head[:16]!r})")
 
@@ -64,8 +76,10 @@ def _resolve(name: str) -> Any | None:
 
 
 def _refuse(path: Path, names: list[str]) -> HarnessError:
-    return HarnessError(f"{path} pickles {', '.join(sorted(names)[:4])}, which would run code when loaded, so "
-                        f"it is refused; save its state dict alone {_CONVERT}")
+    return HarnessError(
+        f"{path} pickles {', '.join(sorted(names)[:4])}, which would run code when loaded, so "
+        f"it is refused; save its state dict alone {_CONVERT}"
+    )
 
 
 def extra_globals(path: Path) -> list[Any]:
@@ -75,7 +89,9 @@ def extra_globals(path: Path) -> list[Any]:
         try:
             names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception as exc:  # a damaged archive: torch raises several types
-            raise HarnessError(f"{path} is a damaged PyTorch archive ({type(exc).__name__}): download it again") from None
+            raise HarnessError(
+                f"{path} is a damaged PyTorch archive ({type(exc).__name__}): download it again"
+            ) from None
     unsafe = [n for n in names if _resolve(n) is None]
     if unsafe:
         raise _refuse(path, unsafe)
@@ -117,16 +133,15 @@ def load_checkpoint_file(path: Path) -> tuple[Any, list[Any]]:
                 raise _refuse(path, [name]) from None
             allowed.append(obj)
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise HarnessError(f"{path} is damaged or truncated ({type(exc).__name__}: {_first_line(exc)}): "
-                               f"download it again") from None
+            raise HarnessError(
+                f"{path} is damaged or truncated ({type(exc).__name__}: {_first_line(exc)}): download it again"
+            ) from None
     raise HarnessError(f"{path} needs too many extra globals to load safely; save its state dict alone {_CONVERT}")
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:160] if lines else type(exc).__name__
-
-
 
 
 def required_globals(path: Path) -> list[Any]:

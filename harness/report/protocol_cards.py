@@ -60,9 +60,15 @@ def card_for(defense: str, runs: list[Run]) -> ProtocolCard:
         values = list(dict.fromkeys(show(r["ours"]) for r in rows))
         flags = [r["departs"] for r in rows]
         departs = True if any(flags) else (None if any(f is None for f in flags) else False)
-        card.rows.append(CardRow(first["setting"], show(first["reference"]),
-                                 " | ".join(values) + (f" (differs across {len(rows)} runs)" if len(values) > 1 else ""),
-                                 first["why"], departs))
+        card.rows.append(
+            CardRow(
+                first["setting"],
+                show(first["reference"]),
+                " | ".join(values) + (f" (differs across {len(rows)} runs)" if len(values) > 1 else ""),
+                first["why"],
+                departs,
+            )
+        )
     return card
 
 

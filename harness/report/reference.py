@@ -13,7 +13,7 @@ their shape and that every paper row has a harness defense), so the report needs
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -25,24 +25,47 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # the paper's row a harness defense is compared with; `ades-joint` is the literal reading of the
 # paper's joint objective, `ades` the non-degenerate one: both are compared with the paper's ADES row
 PAPER_ROW: dict[str, str] = {
-    "pgd-at": "PGD-AT", "trades": "TRADES", "mma": "MMA", "free-at": "Free-AT",
-    "static-des": "Static-DES", "ades": "ADES", "ades-joint": "ADES", "ades-bilevel": "ADES",
+    "pgd-at": "PGD-AT",
+    "trades": "TRADES",
+    "mma": "MMA",
+    "free-at": "Free-AT",
+    "static-des": "Static-DES",
+    "ades": "ADES",
+    "ades-joint": "ADES",
+    "ades-bilevel": "ADES",
 }
 PAPER_BASELINES = ("pgd-at", "trades", "mma", "free-at", "static-des")
 ADES_VARIANTS = ("ades", "ades-joint", "ades-bilevel")
 # the paper's Table 2 rows by scheduler
-TABLE2_ROWS = {"static-des": "Static Weighted Fusion", "ades": "Learnable MLP (ADES)",
-               "ades-joint": "Learnable MLP (ADES)", "ades-bilevel": "Learnable MLP (ADES)"}
+TABLE2_ROWS = {
+    "static-des": "Static Weighted Fusion",
+    "ades": "Learnable MLP (ADES)",
+    "ades-joint": "Learnable MLP (ADES)",
+    "ades-bilevel": "Learnable MLP (ADES)",
+}
 # Table 2's controls, not in the paper: a fixed eps (PGD-AT) and a schedule dynamic over training but
 # the same for every example (CAT), so "per-sample" and "dynamic" can be told apart
 TABLE2_CONTROLS = ("pgd-at", "cat")
-METHOD_ORDER = ("pgd-at", "trades", "mma", "free-at", "static-des", "ades", "ades-joint", "ades-bilevel", "iaat",
-                "fat", "mart", "cat")
+METHOD_ORDER = (
+    "pgd-at",
+    "trades",
+    "mma",
+    "free-at",
+    "static-des",
+    "ades",
+    "ades-joint",
+    "ades-bilevel",
+    "iaat",
+    "fat",
+    "mart",
+    "cat",
+)
 
 
 def method_label(name: str) -> str:
     """The label a defense declares (`Defense.label`, in methods/<name>.py); an unregistered name as is."""
     from harness.defense import DEFENSES
+
     return DEFENSES.get(name).label if name in DEFENSES else name
 
 
@@ -51,7 +74,7 @@ def method_sort_key(name: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read(name: str) -> pd.DataFrame:
     return pd.read_csv(DATA_DIR / name, dtype={"eps": str})
 

@@ -15,8 +15,8 @@ from harness.report.figures import Figure, all_figures
 from harness.report.loading import Results
 from harness.report.protocol_cards import ProtocolCard, protocol_cards
 from harness.report.tables import Table
-from harness.storage import atomic_write
 from harness.report.variant import defense_of
+from harness.storage import atomic_write
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_NAME = "report.html"
@@ -62,31 +62,61 @@ def build(results: Results, checkpoint: str = "last") -> Report:
     if absent:
         missing.insert(0, "methods with no complete run: " + ", ".join(absent))
     if not results.evaluations:
-        missing.insert(0, "no `harness eval` records: AutoAttack columns, the eps curve, reliability badges and "
-                          "bootstrap intervals for single-seed runs are unavailable")
+        missing.insert(
+            0,
+            "no `harness eval` records: AutoAttack columns, the eps curve, reliability badges and "
+            "bootstrap intervals for single-seed runs are unavailable",
+        )
     return Report(
-        results=results, checkpoint=checkpoint,
-        table1=tables.table1(results, groups), table2=tables.table2(groups, checkpoint),
-        table3=tables.table3(groups), paper_floor=tables.paper_floor_table(),
-        robustbench=tables.robustbench_table(results), evaluations=reliability.evaluations_table(results),
+        results=results,
+        checkpoint=checkpoint,
+        table1=tables.table1(results, groups),
+        table2=tables.table2(groups, checkpoint),
+        table3=tables.table3(groups),
+        paper_floor=tables.paper_floor_table(),
+        robustbench=tables.robustbench_table(results),
+        evaluations=reliability.evaluations_table(results),
         check_details=reliability.check_details(results),
-        figures=figures, missing=missing, verdicts=verdicts.all_verdicts(results, groups, checkpoint),
-        protocols=[p.label() for p in groups], protocol_cards=protocol_cards(results))
+        figures=figures,
+        missing=missing,
+        verdicts=verdicts.all_verdicts(results, groups, checkpoint),
+        protocols=[p.label() for p in groups],
+        protocol_cards=protocol_cards(results),
+    )
 
 
 def render_html(report: Report) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
-    counts = {name: sum(v.verdict == name for v in report.verdicts)
-              for name in (verdicts.SUPPORTED, verdicts.CONTRADICTED, verdicts.INCONCLUSIVE)}
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    counts = {
+        name: sum(v.verdict == name for v in report.verdicts)
+        for name in (verdicts.SUPPORTED, verdicts.CONTRADICTED, verdicts.INCONCLUSIVE)
+    }
     return env.get_template(TEMPLATE_NAME).render(
-        report=report, results=report.results, counts=counts,
-        generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        report=report,
+        results=report.results,
+        counts=counts,
+        generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -98,17 +128,37 @@ def export_table(table: Table, folder: Path) -> list[Path]:
     csv_path, tex_path = folder / f"{table.key}.csv", folder / f"{table.key}.tex"
     frame = table.export if not table.export.empty else pd.DataFrame({"note": ["no rows"]})
     atomic_write(csv_path, lambda f: f.write(frame.to_csv(index=False, float_format="%.4f").encode()))
-    latex = frame.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True,
-                           caption=latex_escape(table.title), label=f"tab:{table.key}")
+    latex = frame.to_latex(
+        index=False,
+        float_format="%.2f",
+        na_rep="--",
+        escape=True,
+        caption=latex_escape(table.title),
+        label=f"tab:{table.key}",
+    )
     atomic_write(tex_path, lambda f: f.write(latex.encode()))
     return [csv_path, tex_path]
 
 
 def export_verdicts(items: list[verdicts.Verdict], path: Path) -> None:
     """The verdict table as CSV: claim, seeds per side, difference, interval, P(A>B), resolution, seeds needed."""
-    frame = pd.DataFrame([{"claim": v.claim, "measured": v.test, "seeds": v.seeds, "difference": v.measured,
-                           "interval": v.interval, "verdict": v.label, "p_a_gt_b": v.prob, "resolves": v.resolvable,
-                           "seeds_needed": v.needed, "warning": v.warning} for v in items])
+    frame = pd.DataFrame(
+        [
+            {
+                "claim": v.claim,
+                "measured": v.test,
+                "seeds": v.seeds,
+                "difference": v.measured,
+                "interval": v.interval,
+                "verdict": v.label,
+                "p_a_gt_b": v.prob,
+                "resolves": v.resolvable,
+                "seeds_needed": v.needed,
+                "warning": v.warning,
+            }
+            for v in items
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(frame.to_csv(index=False).encode()))
 

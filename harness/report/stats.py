@@ -6,8 +6,8 @@ Every interval carries a sentence saying how it was made, which the report print
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -49,8 +49,7 @@ def paired_bootstrap(flags_a: np.ndarray, flags_b: np.ndarray) -> Estimate:
     draws = rng.integers(0, len(a), size=(BOOTSTRAP_RESAMPLES, len(a)))
     deltas = (a[draws].mean(1) - b[draws].mean(1)) * 100
     low, high = np.percentile(deltas, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
-    return Estimate(diff, Interval(float(low), float(high),
-                                   f"paired bootstrap, {len(a)} test examples"))
+    return Estimate(diff, Interval(float(low), float(high), f"paired bootstrap, {len(a)} test examples"))
 
 
 def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> Estimate:
@@ -63,8 +62,9 @@ def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float]) ->
     n_draw = num[rng.integers(0, len(num), size=(BOOTSTRAP_RESAMPLES, len(num)))].mean(1)
     d_draw = den[rng.integers(0, len(den), size=(BOOTSTRAP_RESAMPLES, len(den)))].mean(1)
     low, high = np.percentile(n_draw / d_draw, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
-    return Estimate(ratio, Interval(float(low), float(high),
-                                    f"bootstrap over epoch times, {len(num)} vs {len(den)} epochs"))
+    return Estimate(
+        ratio, Interval(float(low), float(high), f"bootstrap over epoch times, {len(num)} vs {len(den)} epochs")
+    )
 
 
 def bootstrap_accuracy(flags: np.ndarray) -> Interval:
@@ -127,42 +127,78 @@ class SeedComparison:
             return None
         half = float(scipy_stats.t.ppf(0.5 + level / 2, self.dof)) * self.se
         kind = "paired t over per-seed differences" if self.paired else "Welch t over seed means (seeds not shared)"
-        return Interval(self.value - half, self.value + half,
-                        f"{kind}, {self.seeds_a} vs {self.seeds_b} seeds, + test-set noise ({self.source})")
+        return Interval(
+            self.value - half,
+            self.value + half,
+            f"{kind}, {self.seeds_a} vs {self.seeds_b} seeds, + test-set noise ({self.source})",
+        )
 
 
 def _satterthwaite(seed_var: float, seed_dof: float, test_var: float, test_dof: float) -> float:
     total = seed_var + test_var
-    denom = (seed_var ** 2 / seed_dof if seed_dof > 0 else np.inf) + (test_var ** 2 / test_dof if test_dof > 0 else 0)
-    return float(total ** 2 / denom) if denom > 0 else float("nan")
+    denom = (seed_var**2 / seed_dof if seed_dof > 0 else np.inf) + (test_var**2 / test_dof if test_dof > 0 else 0)
+    return float(total**2 / denom) if denom > 0 else float("nan")
 
 
-def compare_seeds(a: dict[int, float], b: dict[int, float], test_var: float, test_examples: int,
-                  source: str) -> SeedComparison:
+def compare_seeds(
+    a: dict[int, float], b: dict[int, float], test_var: float, test_examples: int, source: str
+) -> SeedComparison:
     """Per-seed values of two methods (seed -> percent) -> a SeedComparison; paired when >= 2 seeds are shared."""
     shared = sorted(set(a) & set(b))
     if len(shared) >= 2:
         diffs = np.array([a[s] - b[s] for s in shared])
         n = len(diffs)
         seed_sd = float(diffs.std(ddof=1))
-        seed_var = seed_sd ** 2 / n
+        seed_var = seed_sd**2 / n
         dof = _satterthwaite(seed_var, n - 1, test_var, test_examples - 1)
         prob = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
-        return SeedComparison(float(diffs.mean()), n, n, True, seed_sd, test_var, math.sqrt(seed_var + test_var),
-                              dof, prob, source, test_examples)
+        return SeedComparison(
+            float(diffs.mean()),
+            n,
+            n,
+            True,
+            seed_sd,
+            test_var,
+            math.sqrt(seed_var + test_var),
+            dof,
+            prob,
+            source,
+            test_examples,
+        )
     va, vb = np.array(list(a.values()), float), np.array(list(b.values()), float)
     value = float(va.mean() - vb.mean())
     prob = float(scipy_stats.mannwhitneyu(va, vb).statistic / (len(va) * len(vb)))
     if len(va) < 2 or len(vb) < 2:
-        return SeedComparison(value, len(va), len(vb), False, float("nan"), test_var, math.sqrt(test_var),
-                              float("nan"), prob, source, test_examples)
+        return SeedComparison(
+            value,
+            len(va),
+            len(vb),
+            False,
+            float("nan"),
+            test_var,
+            math.sqrt(test_var),
+            float("nan"),
+            prob,
+            source,
+            test_examples,
+        )
     wa, wb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
     seed_var = wa + wb
-    seed_dof = seed_var ** 2 / (wa ** 2 / (len(va) - 1) + wb ** 2 / (len(vb) - 1)) \
-        if seed_var > 0 else 0.0
+    seed_dof = seed_var**2 / (wa**2 / (len(va) - 1) + wb**2 / (len(vb) - 1)) if seed_var > 0 else 0.0
     dof = _satterthwaite(seed_var, seed_dof, test_var, test_examples - 1)
-    return SeedComparison(value, len(va), len(vb), False, math.sqrt(seed_var * min(len(va), len(vb))), test_var,
-                          math.sqrt(seed_var + test_var), dof, prob, source, test_examples)
+    return SeedComparison(
+        value,
+        len(va),
+        len(vb),
+        False,
+        math.sqrt(seed_var * min(len(va), len(vb))),
+        test_var,
+        math.sqrt(seed_var + test_var),
+        dof,
+        prob,
+        source,
+        test_examples,
+    )
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -177,13 +213,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def smallest_resolvable(seed_sd: float, test_var: float, seeds: int, alpha: float, test_examples: int = 0,
-                        power: float = POWER) -> float:
+def smallest_resolvable(
+    seed_sd: float, test_var: float, seeds: int, alpha: float, test_examples: int = 0, power: float = POWER
+) -> float:
     """Minimum detectable difference (two-sided t, level alpha, given power) at `seeds` paired seeds, with
     the interval's own degrees of freedom (Satterthwaite; n - 1 when the test-set term is unknown)."""
     if seeds < 2 or not np.isfinite(seed_sd):
         return float("inf")
-    seed_var = seed_sd ** 2 / seeds
+    seed_var = seed_sd**2 / seeds
     dof = _satterthwaite(seed_var, seeds - 1, test_var, test_examples - 1) if test_examples > 1 else seeds - 1
     if not np.isfinite(dof):
         dof = seeds - 1
@@ -191,8 +228,9 @@ def smallest_resolvable(seed_sd: float, test_var: float, seeds: int, alpha: floa
     return float(factor * math.sqrt(seed_var + test_var))
 
 
-def seeds_needed(claimed: float, seed_sd: float, test_var: float, alpha: float, test_examples: int = 0,
-                 cap: int = SEEDS_CAP) -> int | None:
+def seeds_needed(
+    claimed: float, seed_sd: float, test_var: float, alpha: float, test_examples: int = 0, cap: int = SEEDS_CAP
+) -> int | None:
     """Smallest seed count whose resolvable difference is <= |claimed| (None: more than `cap`)."""
     for n in range(2, cap + 1):
         if smallest_resolvable(seed_sd, test_var, n, alpha, test_examples) <= abs(claimed):

@@ -18,7 +18,7 @@ class Variant:
     digest: str = ""  # empty: the defense's only configuration in these results
 
     @classmethod
-    def parse(cls, key: str) -> "Variant":
+    def parse(cls, key: str) -> Variant:
         defense, _, digest = key.partition(SEPARATOR)
         return cls(defense, digest)
 

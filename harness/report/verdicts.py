@@ -19,12 +19,25 @@ import numpy as np
 
 from harness.report import compute, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
-from harness.report.stats import (LEVEL, MIN_SEEDS, SEEDS_CAP, Estimate, Interval, SeedComparison,
-                                  binomial_interval, bootstrap_accuracy, bootstrap_ratio, compare_seeds, holm,
-                                  paired_bootstrap, seeds_needed, smallest_resolvable)
-from harness.resources import CONTENTION_CORES, contended
+from harness.report.stats import (
+    LEVEL,
+    MIN_SEEDS,
+    SEEDS_CAP,
+    Estimate,
+    Interval,
+    SeedComparison,
+    binomial_interval,
+    bootstrap_accuracy,
+    bootstrap_ratio,
+    compare_seeds,
+    holm,
+    paired_bootstrap,
+    seeds_needed,
+    smallest_resolvable,
+)
 from harness.report.tables import AUTOATTACK_PREFERENCE, Groups, best_evaluation, epoch_seconds, variant_label
 from harness.report.variant import defense_of
+from harness.resources import CONTENTION_CORES, contended
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 COST_CLAIM = reference.paper_text_claim("ades_cost_ratio")
@@ -75,8 +88,10 @@ def interval_text(estimate: Estimate, digits: int = 2) -> str:
 
 def scale_text(protocol: Protocol, runs: list[Run], checkpoint: str) -> str:
     seeds = sorted({r.seed for r in runs})
-    return (f"{protocol.dataset}, {protocol.model}, {protocol.epochs} epoch(s), eps {protocol.eps}, "
-            f"{len(seeds)} seed(s), test {protocol.test_indices}, checkpoint {checkpoint}")
+    return (
+        f"{protocol.dataset}, {protocol.model}, {protocol.epochs} epoch(s), eps {protocol.eps}, "
+        f"{len(seeds)} seed(s), test {protocol.test_indices}, checkpoint {checkpoint}"
+    )
 
 
 # ----------------------------------------------------------------------------------------- per-seed numbers
@@ -94,8 +109,9 @@ class SeedNumber:
     indices: tuple[int, ...] | None = None
 
 
-def _flags_of(results: Results, run: Run, checkpoint: str, metric: str, eps: str
-              ) -> tuple[np.ndarray, tuple[int, ...]] | None:
+def _flags_of(
+    results: Results, run: Run, checkpoint: str, metric: str, eps: str
+) -> tuple[np.ndarray, tuple[int, ...]] | None:
     for evaluation in results.evaluations_of(run.run_id):
         if evaluation.label != checkpoint or evaluation.indices is None:
             continue
@@ -151,8 +167,9 @@ def _test_variance_from_flags(a: dict[int, np.ndarray], b: dict[int, np.ndarray]
     return float(per_example.var(ddof=1) / len(per_example))
 
 
-def comparison(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
-               ) -> SeedComparison | None:
+def comparison(
+    results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
+) -> SeedComparison | None:
     """metric(a) - metric(b) over training seeds; per-example flags give the test-set term when every
     run of both sides has them, otherwise a binomial term on the records' test subset."""
     na, nb = (seed_numbers(results, side, checkpoint, metric, eps) for side in (a, b))
@@ -162,20 +179,30 @@ def comparison(results: Results, a: list[Run], b: list[Run], checkpoint: str, me
     if common:
         fa = {s: _on(x, common) for s, x in na.items()}
         fb = {s: _on(x, common) for s, x in nb.items()}
-        return compare_seeds({s: float(f.mean()) for s, f in fa.items()}, {s: float(f.mean()) for s, f in fb.items()},
-                             _test_variance_from_flags(fa, fb), len(common),
-                             f"flags of `harness eval`, {len(common)} test examples")
+        return compare_seeds(
+            {s: float(f.mean()) for s, f in fa.items()},
+            {s: float(f.mean()) for s, f in fb.items()},
+            _test_variance_from_flags(fa, fb),
+            len(common),
+            f"flags of `harness eval`, {len(common)} test examples",
+        )
     n = min(x.n for x in list(na.values()) + list(nb.values()))
     if n < 2:
         return None
     pa, pb = (np.mean([x.value for x in side.values()]) / 100 for side in (na, nb))
     test_var = float((pa * (1 - pa) + pb * (1 - pb)) / n * 1e4)
-    return compare_seeds({s: x.value for s, x in na.items()}, {s: x.value for s, x in nb.items()}, test_var, n,
-                         f"run records, binomial test-set term over {n} examples")
+    return compare_seeds(
+        {s: x.value for s, x in na.items()},
+        {s: x.value for s, x in nb.items()},
+        test_var,
+        n,
+        f"run records, binomial test-set term over {n} examples",
+    )
 
 
-def test_set_only(results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
-                  ) -> Interval | None:
+def test_set_only(
+    results: Results, a: list[Run], b: list[Run], checkpoint: str, metric: str, eps: str
+) -> Interval | None:
     """The paired bootstrap over test examples of one run per side: shown, labelled, never decides."""
     na, nb = (seed_numbers(results, side, checkpoint, metric, eps) for side in (a, b))
     if len(na) != 1 or len(nb) != 1:
@@ -189,6 +216,7 @@ def test_set_only(results: Results, a: list[Run], b: list[Run], checkpoint: str,
 
 
 # ----------------------------------------------------------------------------------------- deciding
+
 
 @dataclass(frozen=True)
 class Judged:
@@ -225,10 +253,13 @@ def power_fields(judged: Judged, claimed: float | None, family_size: int) -> dic
     """P(A > B), the smallest resolvable difference and the seeds the claimed difference needs."""
     comp, alpha = judged.comparison, family_alpha(family_size)
     resolvable = smallest_resolvable(comp.seed_sd, comp.test_var, comp.seeds, alpha, comp.test_examples)
-    fields = {"seeds": f"{comp.seeds_a} vs {comp.seeds_b}" + (", paired by seed" if comp.paired else ", unpaired"),
-              "prob": f"{comp.prob_improvement:.2f}",
-              "resolvable": f"{resolvable:.2f}" if np.isfinite(resolvable) else "unknown (one seed: no spread)",
-              "needed": "—", "warning": ""}
+    fields = {
+        "seeds": f"{comp.seeds_a} vs {comp.seeds_b}" + (", paired by seed" if comp.paired else ", unpaired"),
+        "prob": f"{comp.prob_improvement:.2f}",
+        "resolvable": f"{resolvable:.2f}" if np.isfinite(resolvable) else "unknown (one seed: no spread)",
+        "needed": "—",
+        "warning": "",
+    }
     if claimed is None:
         return fields
     spread_known = comp.seeds >= 2 and comp.seed_sd > 0
@@ -236,13 +267,21 @@ def power_fields(judged: Judged, claimed: float | None, family_size: int) -> dic
     # with unlimited seeds only the shared test subset's noise is left
     test_floor = smallest_resolvable(0.0, comp.test_var, SEEDS_CAP, alpha, comp.test_examples)
     if needed:
-        fields["needed"], advice = f"{needed} per side for {claimed:+.1f}", f"about {needed} seeds per side would be needed."
+        fields["needed"], advice = (
+            f"{needed} per side for {claimed:+.1f}",
+            f"about {needed} seeds per side would be needed.",
+        )
     elif spread_known and test_floor > abs(claimed):
         fields["needed"] = f"no seed count for {claimed:+.1f}: the test subset alone limits it to {test_floor:.2f}"
-        advice = (f"no number of seeds suffices: the {comp.test_examples}-example test subset alone limits it to "
-                  f"{test_floor:.2f} points, so more test examples (`harness eval --n`) are needed.")
+        advice = (
+            f"no number of seeds suffices: the {comp.test_examples}-example test subset alone limits it to "
+            f"{test_floor:.2f} points, so more test examples (`harness eval --n`) are needed."
+        )
     elif spread_known:
-        fields["needed"], advice = f">{SEEDS_CAP} per side for {claimed:+.1f}", f"more than {SEEDS_CAP} seeds per side would be needed."
+        fields["needed"], advice = (
+            f">{SEEDS_CAP} per side for {claimed:+.1f}",
+            f"more than {SEEDS_CAP} seeds per side would be needed.",
+        )
     else:
         fields["needed"] = f"unknown for {claimed:+.1f}: the seed spread needs 2 seeds or more"
         advice = "its seed spread is unknown."
@@ -250,7 +289,9 @@ def power_fields(judged: Judged, claimed: float | None, family_size: int) -> dic
         fields["warning"] = (
             f"This run cannot resolve the paper's claimed {claimed:+.1f} points: with {comp.seeds} seed(s) per side "
             f"the smallest difference it detects (80% power, level {alpha:.4f}) is "
-            + (f"{resolvable:.2f} points; " if np.isfinite(resolvable) else "unknown (no seed spread); ") + advice)
+            + (f"{resolvable:.2f} points; " if np.isfinite(resolvable) else "unknown (no seed spread); ")
+            + advice
+        )
     return fields
 
 
@@ -265,10 +306,11 @@ def interval_field(judged: Judged, fallback: Interval | None) -> str:
 
 # ----------------------------------------------------------------------------------------- claims
 
-CLAIM_BEATS = ("ADES beats every baseline on PGD-20 and AutoAttack on both data sets, with higher clean accuracy")
+CLAIM_BEATS = "ADES beats every baseline on PGD-20 and AutoAttack on both data sets, with higher clean accuracy"
 _GAIN = reference.paper_ablation_gain()
-CLAIM_ABLATION = (f"The learnable MLP beats the static fusion "
-                  f"(Table 2: {_GAIN['clean']:+.1f} clean, {_GAIN['pgd20']:+.1f} PGD-20)")
+CLAIM_ABLATION = (
+    f"The learnable MLP beats the static fusion (Table 2: {_GAIN['clean']:+.1f} clean, {_GAIN['pgd20']:+.1f} PGD-20)"
+)
 CLAIM_COST = f"ADES costs only ×{COST_CLAIM:.2f} of PGD-AT per epoch (Table 3)"
 CLAIM_TRADES = "The paper's TRADES is below the official TRADES checkpoint (Zhang2019Theoretically)"
 CLAIM_MMA = "The paper's MMA AutoAttack (50.5) is far above the official MMA checkpoint (Ding2020MMA, WRN-28-4)"
@@ -286,17 +328,20 @@ def claimed_margin(dataset: str, ades: str, baseline: str, metric: str) -> tuple
     return paper_ades[metric] - paper_base[metric], where
 
 
-def smallest_claimed_margin(dataset: str, ades: str, baselines: list[str], metric: str
-                            ) -> tuple[float, str, str] | None:
+def smallest_claimed_margin(
+    dataset: str, ades: str, baselines: list[str], metric: str
+) -> tuple[float, str, str] | None:
     """The paper's margin of ADES over its strongest baseline (on this metric) among `baselines`: the
     smallest difference the claim asserts, so the one a run must resolve."""
-    margins = [(m[0], m[1], variant_label(b)) for b in baselines
-               if (m := claimed_margin(dataset, ades, b, metric)) is not None]
+    margins = [
+        (m[0], m[1], variant_label(b)) for b in baselines if (m := claimed_margin(dataset, ades, b, metric)) is not None
+    ]
     return min(margins) if margins else None
 
 
-def _beats_family(results: Results, variants: dict[str, list[Run]], protocol: Protocol, checkpoint: str
-                  ) -> dict[tuple[str, str, str], Judged]:
+def _beats_family(
+    results: Results, variants: dict[str, list[Run]], protocol: Protocol, checkpoint: str
+) -> dict[tuple[str, str, str], Judged]:
     """(reading, metric, baseline) -> judged; Holm over every comparison behind the claim here."""
     baselines = [v for v in variants if defense_of(v) in reference.PAPER_BASELINES]
     keys, comps = [], []
@@ -318,8 +363,15 @@ def _row_verdict(decisions: dict[str, str], baselines: list[str]) -> str:
     return INCONCLUSIVE
 
 
-def _beats_row(results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str,
-               ades: str, metric: str, family: dict[tuple[str, str, str], Judged]) -> Verdict | None:
+def _beats_row(
+    results: Results,
+    protocol: Protocol,
+    variants: dict[str, list[Run]],
+    checkpoint: str,
+    ades: str,
+    metric: str,
+    family: dict[tuple[str, str, str], Judged],
+) -> Verdict | None:
     baselines = [v for v in variants if defense_of(v) in reference.PAPER_BASELINES]
     known = {b: family[(ades, metric, b)] for b in baselines if (ades, metric, b) in family}
     if not known:
@@ -327,24 +379,36 @@ def _beats_row(results: Results, protocol: Protocol, variants: dict[str, list[Ru
     strongest = min(known, key=lambda b: known[b].comparison.value)
     judged = known[strongest]
     name = f"PGD-{variants[ades][0].pgd_steps}" if metric == "pgd" else METRIC_NAMES[metric]
-    details = [f"{variant_label(ades)} − {variant_label(b)}: {j.comparison.value:+.2f}, 95% "
-               f"{interval_field(j, None)}, P(A>B) {j.comparison.prob_improvement:.2f} → {j.verdict} ({j.reason})"
-               for b, j in known.items()]
-    details.append(f"Holm's step-down over the {len(family)} comparisons behind this claim here "
-                   "(readings × baselines × metrics); a verdict needs ≥ 3 seeds per side and a non-zero seed spread")
+    details = [
+        f"{variant_label(ades)} − {variant_label(b)}: {j.comparison.value:+.2f}, 95% "
+        f"{interval_field(j, None)}, P(A>B) {j.comparison.prob_improvement:.2f} → {j.verdict} ({j.reason})"
+        for b, j in known.items()
+    ]
+    details.append(
+        f"Holm's step-down over the {len(family)} comparisons behind this claim here "
+        "(readings × baselines × metrics); a verdict needs ≥ 3 seeds per side and a non-zero seed spread"
+    )
     details += _absent_notes(variants, baselines, known)
     claim = smallest_claimed_margin(protocol.dataset, ades, list(known), metric)
     if claim is not None:
-        details.append(f"the paper's smallest claimed margin here: {claim[0]:+.1f} over {claim[2]} "
-                       f"(its strongest baseline on this metric among those run, Table 1, {claim[1]})")
+        details.append(
+            f"the paper's smallest claimed margin here: {claim[0]:+.1f} over {claim[2]} "
+            f"(its strongest baseline on this metric among those run, Table 1, {claim[1]})"
+        )
     verdict = _row_verdict({b: j.verdict for b, j in known.items()}, baselines)
-    return Verdict(CLAIM_BEATS, f"{variant_label(ades)} − strongest baseline ({variant_label(strongest)}), {name}",
-                   f"{judged.comparison.value:+.2f} points",
-                   interval_field(judged, test_set_only(results, variants[ades], variants[strongest], checkpoint,
-                                                        metric, protocol.eps)),
-                   verdict, scale_text(protocol, [r for v in variants.values() for r in v], checkpoint), details,
-                   reason=_row_reason(known, strongest) if verdict == INCONCLUSIVE else "",
-                   **power_fields(judged, claim[0] if claim else None, len(family)))
+    return Verdict(
+        CLAIM_BEATS,
+        f"{variant_label(ades)} − strongest baseline ({variant_label(strongest)}), {name}",
+        f"{judged.comparison.value:+.2f} points",
+        interval_field(
+            judged, test_set_only(results, variants[ades], variants[strongest], checkpoint, metric, protocol.eps)
+        ),
+        verdict,
+        scale_text(protocol, [r for v in variants.values() for r in v], checkpoint),
+        details,
+        reason=_row_reason(known, strongest) if verdict == INCONCLUSIVE else "",
+        **power_fields(judged, claim[0] if claim else None, len(family)),
+    )
 
 
 def _row_reason(known: dict[str, Judged], strongest: str) -> str:
@@ -362,8 +426,9 @@ def _absent_notes(variants: dict[str, list[Run]], baselines: list[str], known: d
     missing = [variant_label(b) for b in baselines if b not in known]
     if missing:
         notes.append("no comparable numbers for: " + ", ".join(missing))
-    absent = [reference.method_label(b) for b in reference.PAPER_BASELINES
-              if b not in {defense_of(x) for x in variants}]
+    absent = [
+        reference.method_label(b) for b in reference.PAPER_BASELINES if b not in {defense_of(x) for x in variants}
+    ]
     if absent:
         notes.append("baselines not run under this protocol: " + ", ".join(absent))
     return notes
@@ -379,8 +444,17 @@ def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[V
                 if row is not None:
                     verdicts.append(row)
     if not verdicts:
-        verdicts.append(Verdict(CLAIM_BEATS, "ADES vs the baselines", "—", "—", INCONCLUSIVE, "—",
-                                ["needs an ADES run and at least one baseline under the same protocol"]))
+        verdicts.append(
+            Verdict(
+                CLAIM_BEATS,
+                "ADES vs the baselines",
+                "—",
+                "—",
+                INCONCLUSIVE,
+                "—",
+                ["needs an ADES run and at least one baseline under the same protocol"],
+            )
+        )
     datasets = {p.dataset for p in groups}
     untested = [d for d in ("cifar10", "cifar100") if d not in datasets]
     if untested:
@@ -403,31 +477,59 @@ def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]
                     keys.append((ades, metric))
                     comps.append(comp)
         for (ades, metric), judged in zip(keys, judge_family(comps)):
-            verdicts.append(_ablation_row(results, protocol, variants, static, ades, metric, judged, len(comps),
-                                          checkpoint))
+            verdicts.append(
+                _ablation_row(results, protocol, variants, static, ades, metric, judged, len(comps), checkpoint)
+            )
     if not verdicts:
-        verdicts.append(Verdict(CLAIM_ABLATION, "ADES vs Static-DES", "—", "—", INCONCLUSIVE, "—",
-                                ["needs ADES and Static-DES runs under the same protocol"]))
+        verdicts.append(
+            Verdict(
+                CLAIM_ABLATION,
+                "ADES vs Static-DES",
+                "—",
+                "—",
+                INCONCLUSIVE,
+                "—",
+                ["needs ADES and Static-DES runs under the same protocol"],
+            )
+        )
     return verdicts
 
 
-def _ablation_row(results: Results, protocol: Protocol, variants: dict[str, list[Run]], static: str, ades: str,
-                  metric: str, judged: Judged, family_size: int, checkpoint: str) -> Verdict:
+def _ablation_row(
+    results: Results,
+    protocol: Protocol,
+    variants: dict[str, list[Run]],
+    static: str,
+    ades: str,
+    metric: str,
+    judged: Judged,
+    family_size: int,
+    checkpoint: str,
+) -> Verdict:
     claimed = ABLATION_CLAIMED[metric]
-    details = [f"claimed (CIFAR-10): {claimed:+.1f}",
-               f"Holm's step-down over the {family_size} comparisons of this claim here (readings × metrics)"]
+    details = [
+        f"claimed (CIFAR-10): {claimed:+.1f}",
+        f"Holm's step-down over the {family_size} comparisons of this claim here (readings × metrics)",
+    ]
     interval = judged.comparison.interval()
     if interval is not None:
         inside = interval.low <= claimed <= interval.high
         details.append(f"the claimed size is {'inside' if inside else 'outside'} the interval")
     name = f"PGD-{variants[ades][0].pgd_steps}" if metric == "pgd" else "clean"
-    return Verdict(CLAIM_ABLATION, f"{variant_label(ades)} − Static-DES, {name}",
-                   f"{judged.comparison.value:+.2f} points",
-                   interval_field(judged, test_set_only(results, variants[ades], variants[static], checkpoint,
-                                                        metric, protocol.eps)),
-                   judged.verdict, scale_text(protocol, variants[ades] + variants[static], checkpoint), details,
-                   reason=judged.reason if judged.verdict == INCONCLUSIVE else "",
-                   **power_fields(judged, claimed, family_size))
+    return Verdict(
+        CLAIM_ABLATION,
+        f"{variant_label(ades)} − Static-DES, {name}",
+        f"{judged.comparison.value:+.2f} points",
+        interval_field(
+            judged, test_set_only(results, variants[ades], variants[static], checkpoint, metric, protocol.eps)
+        ),
+        judged.verdict,
+        scale_text(protocol, variants[ades] + variants[static], checkpoint),
+        details,
+        reason=judged.reason if judged.verdict == INCONCLUSIVE else "",
+        **power_fields(judged, claimed, family_size),
+    )
+
 
 def busy_epochs(runs) -> int:
     """Timed epochs of `runs` taken on a contended machine (records before epoch resources: none known)."""
@@ -445,37 +547,64 @@ def cost(groups: Groups) -> list[Verdict]:
                 a = [r for r in variants[ades] if r.device == device]
                 b = [r for r in variants["pgd-at"] if r.device == device]
                 estimate = bootstrap_ratio(epoch_seconds(a), epoch_seconds(b))
-                interval = (f"[{estimate.interval.low:.2f}, {estimate.interval.high:.2f}] ({estimate.interval.method})"
-                            if estimate.interval else f"unavailable: {estimate.note}")
+                interval = (
+                    f"[{estimate.interval.low:.2f}, {estimate.interval.high:.2f}] ({estimate.interval.method})"
+                    if estimate.interval
+                    else f"unavailable: {estimate.note}"
+                )
                 busy = busy_epochs(a + b)
-                verdicts.append(Verdict(
-                    CLAIM_COST, f"{variant_label(ades)} / PGD-AT seconds per epoch on {device}",
-                    f"×{estimate.value:.2f}", interval,
-                    INCONCLUSIVE if busy else decide(estimate, limit, higher_supports=False),
-                    scale_text(protocol, a + b, "n/a") + f", device {device}",
-                    [f"supported if the interval lies below ×{limit:.3f} (the claim plus {COST_TOLERANCE:.0%} for "
-                     f"timing noise), contradicted if it lies above",
-                     "timings from machines shared with other work are noisy; the ratio at small models and on "
-                     "CPUs need not match a V100 with WRN-34-10"]
-                    + ([f"withheld: {busy} timed epoch(s) ran while other processes kept more than "
-                        f"{CONTENTION_CORES} CPU cores busy (records' load average); rerun on an idle machine"]
-                       if busy else [])))
+                verdicts.append(
+                    Verdict(
+                        CLAIM_COST,
+                        f"{variant_label(ades)} / PGD-AT seconds per epoch on {device}",
+                        f"×{estimate.value:.2f}",
+                        interval,
+                        INCONCLUSIVE if busy else decide(estimate, limit, higher_supports=False),
+                        scale_text(protocol, a + b, "n/a") + f", device {device}",
+                        [
+                            f"supported if the interval lies below ×{limit:.3f} (the claim plus "
+                            f"{COST_TOLERANCE:.0%} for timing noise), contradicted if it lies above",
+                            "timings from machines shared with other work are noisy; the ratio at small models and on "
+                            "CPUs need not match a V100 with WRN-34-10",
+                        ]
+                        + (
+                            [
+                                f"withheld: {busy} timed epoch(s) ran while other processes kept more than "
+                                f"{CONTENTION_CORES} CPU cores busy (records' load average); rerun on an idle machine"
+                            ]
+                            if busy
+                            else []
+                        ),
+                    )
+                )
     if not verdicts:
-        verdicts.append(Verdict(CLAIM_COST, "ADES / PGD-AT seconds per epoch", "—", "—", INCONCLUSIVE, "—",
-                                ["needs ADES and PGD-AT runs under the same protocol and device"]))
+        verdicts.append(
+            Verdict(
+                CLAIM_COST,
+                "ADES / PGD-AT seconds per epoch",
+                "—",
+                "—",
+                INCONCLUSIVE,
+                "—",
+                ["needs ADES and PGD-AT runs under the same protocol and device"],
+            )
+        )
     return verdicts
 
 
-def _official_vs_paper(results: Results, rb_name: str, paper_method: str, claim: str, official_higher: bool
-                       ) -> Verdict:
+def _official_vs_paper(results: Results, rb_name: str, paper_method: str, claim: str, official_higher: bool) -> Verdict:
     from harness.report.tables import external_match
 
     rb = reference.robustbench().query("dataset == 'cifar10' and name == @rb_name").iloc[0]
-    paper_aa = float(reference.paper_table1().query("dataset == 'cifar10' and method == @paper_method")
-                     .iloc[0]["autoattack"])
+    paper_aa = float(
+        reference.paper_table1().query("dataset == 'cifar10' and method == @paper_method").iloc[0]["autoattack"]
+    )
     ours: Evaluation | None = external_match(results, "cifar10", rb_name)
-    result = next((ours.result(a, rb["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, rb["eps"])),
-                  None) if ours else None
+    result = (
+        next((ours.result(a, rb["eps"]) for a in AUTOATTACK_PREFERENCE if ours.result(a, rb["eps"])), None)
+        if ours
+        else None
+    )
     sign = 1 if official_higher else -1
     if result is not None:
         value = float(result["robust_accuracy"])
@@ -492,10 +621,15 @@ def _official_vs_paper(results: Results, rb_name: str, paper_method: str, claim:
     low, high = sorted((sign * (interval.low - paper_aa), sign * (interval.high - paper_aa)))
     estimate = Estimate(delta, Interval(low, high, interval.method))
     what = "official − paper" if official_higher else "paper − official"
-    return Verdict(claim, f"AutoAttack, {what} ({rb_name} {value:.2f} vs the paper's {paper_aa:.1f})",
-                   f"{delta:+.2f} points", interval_text(estimate), decide(estimate),
-                   f"cifar10, {rb['architecture']}, eps {rb['eps']}, {n} test examples",
-                   [source, "the paper's number is taken as exact (it gives no interval)"])
+    return Verdict(
+        claim,
+        f"AutoAttack, {what} ({rb_name} {value:.2f} vs the paper's {paper_aa:.1f})",
+        f"{delta:+.2f} points",
+        interval_text(estimate),
+        decide(estimate),
+        f"cifar10, {rb['architecture']}, eps {rb['eps']}, {n} test examples",
+        [source, "the paper's number is taken as exact (it gives no interval)"],
+    )
 
 
 def floor_claim() -> Verdict:
@@ -506,16 +640,26 @@ def floor_claim() -> Verdict:
     cost_ = compute.step_cost("pgd-at")
     floor = compute.floor_seconds(flops, cost_.forward_equivalents, PAPER_SETTING["examples"], peak.tensor_tflops)
     claimed = reference.paper_seconds("pgd-at")
-    return Verdict(CLAIM_FLOOR, "compute floor of one PGD-10 epoch (WRN-34-10, CIFAR-10, V100 fp16 tensor peak)",
-                   f"floor {floor:.0f} s vs claimed {claimed:.0f} s", "none needed: an arithmetic bound",
-                   SUPPORTED if claimed < floor else CONTRADICTED,
-                   f"WRN-34-10 ({flops / 1e9:.2f} GFLOP per forward, measured), 50,000 examples, "
-                   f"{cost_.forward_equivalents:.0f} forward-equivalents per example, {peak.tensor_tflops} TFLOP/s",
-                   [cost_.assumption, "supported means the paper's 105 s is below the floor (not physically possible)"])
+    return Verdict(
+        CLAIM_FLOOR,
+        "compute floor of one PGD-10 epoch (WRN-34-10, CIFAR-10, V100 fp16 tensor peak)",
+        f"floor {floor:.0f} s vs claimed {claimed:.0f} s",
+        "none needed: an arithmetic bound",
+        SUPPORTED if claimed < floor else CONTRADICTED,
+        f"WRN-34-10 ({flops / 1e9:.2f} GFLOP per forward, measured), 50,000 examples, "
+        f"{cost_.forward_equivalents:.0f} forward-equivalents per example, {peak.tensor_tflops} TFLOP/s",
+        [cost_.assumption, "supported means the paper's 105 s is below the floor (not physically possible)"],
+    )
 
 
 def all_verdicts(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]:
-    return (beats_baselines(results, groups, checkpoint) + ablation(results, groups, checkpoint) + cost(groups)
-            + [_official_vs_paper(results, "Zhang2019Theoretically", "TRADES", CLAIM_TRADES, official_higher=True),
-               _official_vs_paper(results, "Ding2020MMA", "MMA", CLAIM_MMA, official_higher=False),
-               floor_claim()])
+    return (
+        beats_baselines(results, groups, checkpoint)
+        + ablation(results, groups, checkpoint)
+        + cost(groups)
+        + [
+            _official_vs_paper(results, "Zhang2019Theoretically", "TRADES", CLAIM_TRADES, official_higher=True),
+            _official_vs_paper(results, "Ding2020MMA", "MMA", CLAIM_MMA, official_higher=False),
+            floor_claim(),
+        ]
+    )
