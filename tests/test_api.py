@@ -280,3 +280,5 @@ def test_evaluate_takes_any_module_bound_by_its_weights(trained_model, data_dir,
     assert not other.already_done and other.directory != first.directory
     with pytest.raises(HarnessError, match="needs dataset"):
         harness.evaluate(trained_model, results=tmp_path, **EVAL)
+    with pytest.raises(HarnessError, match="no option 'attack'; did you mean 'attacks'"):
+        harness.evaluate(trained_model, dataset="synthetic", attack=["pgd-20"])

@@ -126,37 +126,7 @@ DEFAULT_RESULTS = Path("results")
 )
 @click.option("--quiet", "-q", is_flag=True, help="One line per target: clean, worst case, failed and skipped checks.")
 @executor_options  # --executor ray: one Ray task per TARGET, each calling evaluate_target (run_targets)
-def eval_command(
-    targets,
-    label,
-    attacks,
-    eps_text,
-    n,
-    autoattack_version,
-    autoattack_attacks,
-    pgd_step,
-    pgd_restarts,
-    seed,
-    batch_size,
-    model_name,
-    dataset,
-    results_dir,
-    data_dir,
-    robustbench_dir,
-    device,
-    resume,
-    force,
-    wait,
-    no_download,
-    nested,
-    no_probes,
-    quiet,
-    executor,
-    address,
-    cpus_per_run,
-    gpus_per_run,
-    max_retries,
-):
+def eval_command(targets, device, executor, address, cpus_per_run, gpus_per_run, max_retries, **options):
     """Evaluate checkpoints: clean accuracy, every attack at every eps, robust flags and checks.
 
     \b
@@ -176,38 +146,27 @@ def eval_command(
     command that runs them. Rerunning the same command skips a complete evaluation; an interrupted one
     continues with --resume (AutoAttack from its own state file).
     """
-    from harness.evaluation.attacks import AttackOptions
-    from harness.evaluation.pipeline import EvalSettings, parse_eps_list, resolve_attack_names
     from harness.executor_cli import build_executor, run_targets
 
-    settings = EvalSettings(
-        label=label,
-        eps_override=parse_eps_list(eps_text) if eps_text is not None else None,
-        n=n,
-        names=resolve_attack_names(attacks, autoattack_version),
-        options=AttackOptions(
-            pgd_restarts=pgd_restarts,
-            pgd_step=pgd_step,
-            seed=seed,
-            batch_size=batch_size,
-            autoattack_attacks=tuple(a for a in autoattack_attacks.split(",") if a),
-        ),
-        nested=nested,
-        probes=not no_probes,
-        model_name=model_name,
-        dataset=dataset,
-        results_dir=results_dir,
-        data_dir=data_dir,
-        robustbench_dir=robustbench_dir,
-        resume=resume,
-        force=force,
-        wait=wait,
-        download=not no_download,
-        quiet=quiet,
-        eps_text=eps_text,
-    )
-    chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    settings = request_of(**options).settings()
+    chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, settings.results_dir)
     run_targets(evaluate_and_print, targets, settings, device, chosen, click.echo)
+
+
+def request_of(*, label, eps_text, autoattack_attacks, results_dir, nested, no_probes, no_download, **same):
+    """The command's options as the library's EvalRequest (the other options have its names)."""
+    from harness.evaluation.pipeline import EvalRequest
+
+    return EvalRequest(
+        checkpoint=label,
+        eps=None if eps_text is None else tuple(eps_text.split(",")),
+        autoattack_attacks=tuple(a for a in autoattack_attacks.split(",") if a),
+        results=results_dir,
+        nested_balls=nested,
+        probes=not no_probes,
+        download=not no_download,
+        **same,
+    )
 
 
 def evaluate_and_print(target: str, s, dev) -> None:

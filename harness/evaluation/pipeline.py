@@ -15,7 +15,7 @@ import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -331,73 +331,98 @@ class EvaluationResult:
         )
 
 
+@dataclass(frozen=True)
+class EvalRequest:
+    """What an evaluation can be asked, with `harness eval`'s defaults: the one place both the
+    command and `harness.evaluate` take them from (eps as text, e.g. ("0", "2/255", "8/255"))."""
+
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    eps: tuple[str, ...] | None = None  # None: the data set's sweep
+    n: int | None = None  # None: every test example
+    dataset: str | None = None
+    model_name: str | None = None
+    checkpoint: str = "last"
+    results: Path = Path("results")
+    data_dir: Path | None = None
+    robustbench_dir: Path | None = None
+    seed: int = 0
+    batch_size: int = 500
+    pgd_step: str = "eps/4"
+    pgd_restarts: int = 1
+    autoattack_version: str = "standard"
+    autoattack_attacks: tuple[str, ...] = ("apgd-ce", "apgd-t")
+    nested_balls: bool = True
+    probes: bool = True
+    resume: bool = False
+    force: bool = False
+    wait: bool = False
+    download: bool = True
+    quiet: bool = True
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> EvalRequest:
+        """From keywords: unknown names fail in one line with a suggestion; sequences become tuples."""
+        import difflib
+
+        known = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise HarnessError(
+                    f"evaluate() has no option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                )
+        tuples = {
+            k: tuple(str(e) for e in v) if k == "eps" else tuple(v)
+            for k, v in options.items()
+            if k in ("attacks", "eps", "autoattack_attacks") and v is not None
+        }
+        paths = {k: Path(v) for k, v in options.items() if k in ("results", "data_dir", "robustbench_dir") and v}
+        return cls(**{**options, **tuples, **paths})
+
+    def settings(self) -> EvalSettings:
+        from harness.evaluation.attacks import AttackOptions
+
+        eps_text = ",".join(self.eps) if self.eps is not None else None
+        return EvalSettings(
+            label=self.checkpoint,
+            eps_override=parse_eps_list(eps_text) if eps_text is not None else None,
+            n=self.n,
+            names=resolve_attack_names(self.attacks, self.autoattack_version),
+            options=AttackOptions(
+                pgd_restarts=self.pgd_restarts,
+                pgd_step=self.pgd_step,
+                seed=self.seed,
+                batch_size=self.batch_size,
+                autoattack_attacks=self.autoattack_attacks,
+            ),
+            nested=self.nested_balls,
+            probes=self.probes,
+            model_name=self.model_name,
+            dataset=self.dataset,
+            results_dir=self.results,
+            data_dir=self.data_dir,
+            robustbench_dir=self.robustbench_dir,
+            resume=self.resume,
+            force=self.force,
+            wait=self.wait,
+            download=self.download,
+            quiet=self.quiet,
+            eps_text=eps_text,
+        )
+
+
 def evaluate(
-    target: str | Path | torch.nn.Module,
-    *,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
-    eps: Sequence[str | float | Fraction] | None = None,
-    n: int | None = None,
-    dataset: str | None = None,
-    model_name: str | None = None,
-    checkpoint: str = "last",
-    results: str | Path = "results",
-    data_dir: str | Path | None = None,
-    robustbench_dir: str | Path | None = None,
-    seed: int = 0,
-    batch_size: int = 500,
-    pgd_step: str = "eps/4",
-    pgd_restarts: int = 1,
-    autoattack_version: str = "standard",
-    autoattack_attacks: Sequence[str] = ("apgd-ce", "apgd-t"),
-    nested_balls: bool = True,
-    probes: bool = True,
-    device: str = "auto",
-    resume: bool = False,
-    force: bool = False,
-    wait: bool = False,
-    download: bool = True,
-    progress: bool = False,
+    target: str | Path | torch.nn.Module, *, device: str = "auto", progress: bool = False, **options: Any
 ) -> EvaluationResult:
     """Evaluate a target as `harness eval TARGET` does, writing the same record; returns the result.
 
     `target`: an `nn.Module` taking [0, 1] inputs (give `dataset`; `model_name` names it in the
     record, default its class name), a run directory or id, a state-dict file (with `model_name`
-    and `dataset`) or 'robustbench:<dataset>/<threat>/<Name>'. The keywords are `harness eval`'s
-    options (`eps` e.g. ["0", "2/255", "8/255"]; default the data set's sweep)."""
+    and `dataset`) or 'robustbench:<dataset>/<threat>/<Name>'. `options` are `EvalRequest`'s fields,
+    `harness eval`'s options by their Python names (`attacks`, `eps` e.g. ["0", "8/255"], `n`, ...)."""
     from harness.environment import resolve_device
-    from harness.evaluation.attacks import AttackOptions
 
-    settings = EvalSettings(
-        label=checkpoint,
-        eps_override=parse_eps_list(",".join(map(str, eps))) if eps is not None else None,
-        n=n,
-        names=resolve_attack_names(tuple(attacks), autoattack_version),
-        options=AttackOptions(
-            pgd_restarts=pgd_restarts,
-            pgd_step=pgd_step,
-            seed=seed,
-            batch_size=batch_size,
-            autoattack_attacks=tuple(autoattack_attacks),
-        ),
-        nested=nested_balls,
-        probes=probes,
-        model_name=model_name,
-        dataset=dataset,
-        results_dir=Path(results),
-        data_dir=_path(data_dir),
-        robustbench_dir=_path(robustbench_dir),
-        resume=resume,
-        force=force,
-        wait=wait,
-        download=download,
-        quiet=not progress,
-        eps_text=",".join(map(str, eps)) if eps is not None else None,
-    )
-    target = target if not isinstance(target, Path) else str(target)
-    return EvaluationResult.of(
-        evaluate_target(target, settings, resolve_device(device), print if progress else _silent)
-    )
-
-
-def _path(value: str | Path | None) -> Path | None:
-    return Path(value) if value is not None else None
+    settings = EvalRequest.of({**options, "quiet": not progress}).settings()
+    target = str(target) if isinstance(target, Path) else target
+    say = print if progress else _silent
+    return EvaluationResult.of(evaluate_target(target, settings, resolve_device(device), say))
