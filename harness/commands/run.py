@@ -141,37 +141,7 @@ GRID_SETS = {
 )
 @executor_options
 @click.pass_context
-def run_command(
-    ctx,
-    grid_path,
-    methods_,
-    all_methods,
-    dataset,
-    preset,
-    seeds,
-    n_seeds,
-    epochs,
-    eps,
-    model,
-    dropout,
-    overrides,
-    device,
-    results_dir,
-    data_dir,
-    resume,
-    force,
-    wait,
-    no_download,
-    quiet,
-    precision_name,
-    compile_model,
-    batchnorm,
-    executor,
-    address,
-    cpus_per_run,
-    gpus_per_run,
-    max_retries,
-):
+def run_command(ctx, grid_path, n_seeds, executor, address, cpus_per_run, gpus_per_run, max_retries, **options):
     """Train defenses from scratch and evaluate clean and PGD-20 accuracy.
 
     Each (defense, data set, seed) writes <results>/<run id>/record.json with the resolved config,
@@ -188,51 +158,47 @@ def run_command(
     """
     from harness import api, distributed
     from harness.errors import HarnessError
-    from harness.grid import load_grid
 
-    resume = api.resume_mode(resume, force, grid=grid_path is not None)
+    resume = api.resume_mode(options["resume"], options["force"], grid=grid_path is not None)
     world = distributed.world_from_env()  # torchrun: one run across its processes
     if world.distributed and executor != "local":
         raise HarnessError("under torchrun every process trains the same run; use --executor local there")
+    specs = _specs(ctx, grid_path, n_seeds, world, options)
+    results_dir = options["results_dir"]
+    chosen = _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
+    api.check_run_paths(specs, results_dir, options["data_dir"], options["force"])  # before anything is created
+    run_options = _options(
+        results_dir,
+        options["data_dir"],
+        options["device"],
+        chosen,
+        world,
+        resume=resume,
+        force=options["force"],
+        wait=options["wait"],
+        download=not options["no_download"],
+        progress=not options["quiet"],
+    )
+    echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
+    try:
+        api.train_specs(specs, run_options, chosen, echo, on_outcome=lambda done: _result_line(done, results_dir, echo))
+    finally:
+        distributed.stop()
+
+
+def _specs(ctx, grid_path: Path | None, n_seeds: int | None, world, o: dict) -> list:
+    """The runs asked for: the grid file's (its seeds replaced by --seeds), or the command line's."""
+    from harness.grid import load_grid
+
     if grid_path is not None:
         _no_grid_options(ctx, grid_path)
         specs = _grid_with_seeds(load_grid(grid_path), n_seeds).specs(ranks=world.size)
     else:
-        specs = _command_line_specs(
-            methods_,
-            all_methods,
-            dataset,
-            preset,
-            _seeds_option(ctx, seeds, n_seeds),
-            epochs,
-            eps,
-            model,
-            dropout,
-            overrides,
-            precision_name,
-            batchnorm,
-            world.size,
-        )
-    specs = _executed_specs(specs, compile_model, world)
-    chosen = _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
-    api.check_run_paths(specs, results_dir, data_dir, force)  # before anything is created
-    options = _options(
-        results_dir,
-        data_dir,
-        device,
-        chosen,
-        world,
-        resume=resume,
-        force=force,
-        wait=wait,
-        download=not no_download,
-        progress=not quiet,
-    )
-    echo = click.echo if world.is_main else (lambda *_: None)  # one voice under torchrun
-    try:
-        api.train_specs(specs, options, chosen, echo, on_outcome=lambda done: _result_line(done, results_dir, echo))
-    finally:
-        distributed.stop()
+        seeds = _seeds_option(ctx, o["seeds"], n_seeds)
+        names = ("methods_", "all_methods", "dataset", "preset")
+        settings = ("epochs", "eps", "model", "dropout", "overrides", "precision_name", "batchnorm")
+        specs = _command_line_specs(*(o[k] for k in names), seeds, *(o[k] for k in settings), world.size)
+    return _executed_specs(specs, o["compile_model"], world)
 
 
 def _no_grid_options(ctx, grid_path: Path) -> None:
