@@ -35,7 +35,7 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
     from harness.benchmarking import BENCHMARKS, BenchOptions
     from harness.environment import environment, resolve_device
     from harness.errors import HarnessError
-    from harness.storage import ensure_writable_dir, write_json
+    from harness.storage import ensure_writable_dir
 
     if (repeats is not None and repeats < 1) or warmup < 0:
         raise HarnessError("--repeats must be at least 1 and --warmup at least 0")
@@ -64,20 +64,18 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
             for line in result.lines():
                 click.echo(line)
     if json_path is not None:
-        write_json(
-            json_path,
-            {
-                "schema": 1,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "options": {
-                    "repeats": repeats or "per benchmark",
-                    "warmup": warmup,
-                    "quick": quick,
-                    "statistic": "per-round ratios over alternating calls (min/median/max), warm-up excluded; "
-                    "met/missed only when the whole spread is on one side",
-                },
-                "environment": env,
-                "results": results,
-            },
-        )
-        click.echo(f"-> {json_path}")
+        _write_results(json_path, repeats, warmup, quick, env, results)
+
+
+def _write_results(json_path: Path, repeats: int | None, warmup: int, quick: bool, env: dict, results: list) -> None:
+    """The results with the options and environment that produced them (commit, versions, device)."""
+    from harness.storage import write_json
+
+    statistic = (
+        "per-round ratios over alternating calls (min/median/max), warm-up excluded; "
+        "met/missed only when the whole spread is on one side"
+    )
+    options = {"repeats": repeats or "per benchmark", "warmup": warmup, "quick": quick, "statistic": statistic}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(json_path, {"schema": 1, "created": created, "options": options, "environment": env, "results": results})
+    click.echo(f"-> {json_path}")
