@@ -56,6 +56,18 @@ class RunOptions:
     world: World = distributed.SINGLE  # this process's place in a torchrun launch
 
 
+def _schedule(preset, defense_cls, epochs: int | None):
+    """The preset's schedule (or the defense's reference one, where the preset says so), --epochs applied."""
+    schedule = preset.schedule
+    if preset.schedule_from_defense and defense_cls.reference_schedule is not None:
+        schedule = defense_cls.reference_schedule
+    if epochs is None:
+        return schedule
+    if epochs < 1:
+        raise HarnessError(f"--epochs must be at least 1, got {epochs}")
+    return type(schedule)(**{**schedule.__dict__, "epochs": epochs})
+
+
 def make_spec(
     defense: str,
     dataset: str,
@@ -78,13 +90,7 @@ def make_spec(
     p = PRESETS.get(preset)
     model_name = model or preset_model(p, defense_cls, p.model_for(dataset, info.default_model))
     MODELS.get(model_name)
-    schedule = p.schedule
-    if p.schedule_from_defense and defense_cls.reference_schedule is not None:
-        schedule = defense_cls.reference_schedule
-    if epochs is not None:
-        if epochs < 1:
-            raise HarnessError(f"--epochs must be at least 1, got {epochs}")
-        schedule = type(schedule)(**{**schedule.__dict__, "epochs": epochs})
+    schedule = _schedule(p, defense_cls, epochs)
     if not 0 <= dropout < 1:
         raise HarnessError(f"--dropout must be in [0, 1), got {dropout}")
     check_seed(seed)
@@ -405,14 +411,7 @@ class Run:
         visited = (
             torch.zeros(data.train.num_examples, dtype=torch.bool, device=self.device) if world.distributed else None
         )
-        bar = tqdm(
-            total=n_batches,
-            desc=f"{spec.defense} {p + 1}/{budget.passes}",
-            unit="batch",
-            disable=None if (self.options.progress and world.is_main) else True,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = self._progress_bar(n_batches, p, budget.passes)
         execution.train_model.train()
         synchronize(self.device)
         timer = EpochMeter(self.device).start()
@@ -423,12 +422,7 @@ class Run:
             local = execution.shard(batch)
             if visited is not None:
                 visited[local.index] = True
-            try:
-                stats = execution.train_step(defense, optimizer, local)
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise execution.out_of_memory(defense, optimizer, local, len(batch.y)) from None
-                raise
+            stats = _step(execution, defense, optimizer, local, len(batch.y))
             meter.add(stats, len(local.y))
             faults.reached("train-batch")
             bar.update(1)
@@ -441,21 +435,21 @@ class Run:
         meter.sums, meter.count = distributed.reduce_sums(meter.sums, meter.count, world)
         execution.end_pass(defense, visited, spec.batchnorm)
         diagnostics = defense.end_epoch(p)
-        train = meter.means()
-        entry = {
-            "pass": p + 1,
-            "minibatches": n_batches,
-            "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_seconds": resources["wall_seconds"],
-            "cpu_seconds": resources["cpu_seconds"],
-            "resources": resources,
-            "train": train,
-            "defense": diagnostics,
-        }
+        entry = _pass_entry(p, n_batches, budget, optimizer, resources, meter.means(), diagnostics)
         if execution.scaler.enabled:
             entry["loss_scale"] = execution.scaler.scale
         return entry
+
+    def _progress_bar(self, n_batches: int, p: int, passes: int) -> tqdm:
+        """The pass's bar (rank 0, with progress on); its postfix is refreshed at most every PROGRESS_SECONDS."""
+        return tqdm(
+            total=n_batches,
+            desc=f"{self.spec.defense} {p + 1}/{passes}",
+            unit="batch",
+            disable=None if (self.options.progress and self.world.is_main) else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def _validate(self, net, data: PreparedData, entry: dict[str, Any], passes: int) -> dict[str, Any]:
         """PGD on the validation split (fp32, eval mode, the plain model) to choose `best`."""
@@ -573,6 +567,33 @@ def collapse_diagnostics(final: dict[str, Any], num_classes: int) -> dict[str, A
         if max(entry["predicted_classes"]) >= COLLAPSE_SHARE * max(sum(entry["predicted_classes"]), 1)
     ]
     return {"collapsed": collapsed, "collapse_share": COLLAPSE_SHARE, "num_classes": num_classes}
+
+
+def _step(execution: Execution, defense: Defense, optimizer, local, global_batch: int) -> dict[str, Any]:
+    """One training step; running out of memory is said with the batch that did it, in one line."""
+    try:
+        return execution.train_step(defense, optimizer, local)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise execution.out_of_memory(defense, optimizer, local, global_batch) from None
+        raise
+
+
+def _pass_entry(
+    p: int, n_batches: int, budget: MinibatchBudget, optimizer, resources: dict, train: dict, diagnostics: dict
+) -> dict[str, Any]:
+    """The record's entry for pass p: schedule position, time and resources, training means, diagnostics."""
+    return {
+        "pass": p + 1,
+        "minibatches": n_batches,
+        "equivalent_epoch": budget.equivalent_epoch(p, n_batches),
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_seconds": resources["wall_seconds"],
+        "cpu_seconds": resources["cpu_seconds"],
+        "resources": resources,
+        "train": train,
+        "defense": diagnostics,
+    }
 
 
 @dataclass(frozen=True)
