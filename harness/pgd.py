@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -82,6 +83,22 @@ def input_gradient(
     return loss.detach(), logits.detach(), grad
 
 
+@dataclass(frozen=True)
+class Ascent:
+    """How the one PGD loop runs (see `pgd` for each field); `stop_when_fooled` is evaluation's mode."""
+
+    steps: int
+    step_size: float | torch.Tensor
+    random_start: bool = True
+    loss_fn: LossFn = cross_entropy
+    mode: BNMode = "eval"
+    delta_init: torch.Tensor | None = None
+    first_grad: torch.Tensor | None = None
+    keep_stepping: StepFilter | None = None
+    step_noise: float = 0.0
+    stop_when_fooled: bool = False
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -103,36 +120,20 @@ def pgd(
     Args:
         x: (B, C, H, W) clean inputs in [0, 1].  y: (B,) labels.
         eps, step_size: scalar or (B,) per-sample budgets.
-        mode: BatchNorm/dropout mode while attacking ('train' as in Rice et al.'s PGD-AT,
-            'eval' as in TRADES and most evaluation code).
+        mode: BatchNorm/dropout mode while attacking ('train' as in Rice et al.'s PGD-AT, 'eval' as in TRADES).
         delta_init: start here instead of a random or zero start (projected first).
-        first_grad: the gradient at the starting point when the caller already has it (ADES
-            shares its cue computation with PGD's first step); saves one forward/backward.
-        keep_stepping: called before every step with the (detached) logits at the current iterate,
-            the same forward pass the gradient comes from; examples it marks False keep their
-            perturbation for this step. Stateful filters implement early stopping (FAT); the
-            loop ends as soon as no example moves.
+        first_grad: the gradient at the starting point when the caller already has it (ADES shares its cue
+            computation with PGD's first step); saves one forward/backward.
+        keep_stepping: called before every step with the (detached) logits at the current iterate, the same
+            forward pass the gradient comes from; examples it marks False keep their perturbation for this
+            step. Stateful filters implement early stopping (FAT); the loop ends as soon as no example moves.
         step_noise: std of Gaussian noise added to every step before projection (FAT's omega).
     Returns: x_adv with ||x_adv - x||_inf <= eps (per sample) and x_adv in [0, 1], detached.
     """
     if first_grad is not None and keep_stepping is not None:
         raise ValueError("keep_stepping needs the logits of every step, so it cannot reuse first_grad")
-    x_adv, _ = _ascend(
-        model,
-        x,
-        y,
-        eps,
-        steps=steps,
-        step_size=step_size,
-        random_start=random_start,
-        loss_fn=loss_fn,
-        mode=mode,
-        delta_init=delta_init,
-        first_grad=first_grad,
-        keep_stepping=keep_stepping,
-        step_noise=step_noise,
-        stop_when_fooled=False,
-    )
+    how = Ascent(steps, step_size, random_start, loss_fn, mode, delta_init, first_grad, keep_stepping, step_noise)
+    x_adv, _ = _ascend(model, x, y, eps, how)
     return x_adv
 
 
@@ -157,20 +158,7 @@ def pgd_until_fooled(
     fooled (B,) bool says which points some iterate fooled.
     """
     return _ascend(
-        model,
-        x,
-        y,
-        eps,
-        steps=steps,
-        step_size=step_size,
-        random_start=random_start,
-        loss_fn=loss_fn,
-        mode="eval",
-        delta_init=delta_init,
-        first_grad=None,
-        keep_stepping=None,
-        step_noise=0.0,
-        stop_when_fooled=True,
+        model, x, y, eps, Ascent(steps, step_size, random_start, loss_fn, "eval", delta_init, stop_when_fooled=True)
     )
 
 
@@ -192,41 +180,27 @@ def _move(
 
 
 def _ascend(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float | torch.Tensor,
-    *,
-    steps: int,
-    step_size: float | torch.Tensor,
-    random_start: bool,
-    loss_fn: LossFn,
-    mode: BNMode,
-    delta_init: torch.Tensor | None,
-    first_grad: torch.Tensor | None,
-    keep_stepping: StepFilter | None,
-    step_noise: float,
-    stop_when_fooled: bool,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, a: Ascent
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The one PGD loop; with `stop_when_fooled` it also checks every iterate and shrinks the batch."""
+    """The one PGD loop; with `a.stop_when_fooled` it also checks every iterate and shrinks the batch."""
     eps_t = per_sample(eps, x)
-    step_t = per_sample(step_size, x)
+    step_t = per_sample(a.step_size, x)
     x = x.detach()
-    delta = _start(x, eps_t, delta_init, random_start)
-    live = torch.arange(len(x), device=x.device) if stop_when_fooled else None
-    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device) if stop_when_fooled else None
-    final_delta = delta.clone() if stop_when_fooled else None
-    xs, ys = x, y  # the points still attacked (all of them unless stop_when_fooled)
-    with model_mode(model, mode), frozen_parameters(model), torch.enable_grad():
-        for step in range(steps + int(stop_when_fooled)):  # stop_when_fooled: one more forward, no step
+    delta = _start(x, eps_t, a.delta_init, a.random_start)
+    live = torch.arange(len(x), device=x.device) if a.stop_when_fooled else None
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device) if a.stop_when_fooled else None
+    final_delta = delta.clone() if a.stop_when_fooled else None
+    xs, ys = x, y  # the points still attacked (all of them unless a.stop_when_fooled)
+    with model_mode(model, a.mode), frozen_parameters(model), torch.enable_grad():
+        for step in range(a.steps + int(a.stop_when_fooled)):  # a.stop_when_fooled: one more forward, no step
             moving = None
-            if step == 0 and first_grad is not None:
-                grad = first_grad
+            if step == 0 and a.first_grad is not None:
+                grad = a.first_grad
             else:
                 attacked = delta.requires_grad_(True)
                 logits = model(xs + attacked)
                 keep = None
-                if stop_when_fooled:
+                if a.stop_when_fooled:
                     hit = logits.detach().argmax(1) != ys
                     if bool(hit.any()):  # record the fooling iterates; continue with the others
                         fooled[live[hit]] = True
@@ -234,17 +208,17 @@ def _ascend(
                         keep = (~hit).nonzero().squeeze(1)
                         live, xs, ys, logits, eps_t, step_t = (t[keep] for t in (live, xs, ys, logits, eps_t, step_t))
                         delta = attacked.detach()[keep]
-                    if step == steps or len(live) == 0:
+                    if step == a.steps or len(live) == 0:
                         break
-                if keep_stepping is not None:
-                    moving = keep_stepping(logits.detach(), ys)
-                    if not any_rank(moving):  # global: under torchrun a train-mode forward is a collective
+                if a.keep_stepping is not None:
+                    moving = a.keep_stepping(logits.detach(), ys)
+                    if not any_rank(moving):  # global: under torchrun a train-a.mode forward is a collective
                         break
-                (grad,) = torch.autograd.grad(loss_fn(logits, ys).sum(), attacked)
+                (grad,) = torch.autograd.grad(a.loss_fn(logits, ys).sum(), attacked)
                 if keep is not None:
                     grad = grad[keep]
-            delta = project(xs, delta.detach() + _move(grad, step_t, step_noise, moving, xs), eps_t)
-    if not stop_when_fooled:
+            delta = project(xs, delta.detach() + _move(grad, step_t, a.step_noise, moving, xs), eps_t)
+    if not a.stop_when_fooled:
         return (x + delta).detach(), None
     final_delta[live] = delta.detach()
     return (x + final_delta).detach(), fooled
