@@ -146,26 +146,36 @@ def compare_seeds(
     """Per-seed values of two methods (seed -> percent) -> a SeedComparison; paired when >= 2 seeds are shared."""
     shared = sorted(set(a) & set(b))
     if len(shared) >= 2:
-        diffs = np.array([a[s] - b[s] for s in shared])
-        n = len(diffs)
-        seed_sd = float(diffs.std(ddof=1))
-        seed_var = seed_sd**2 / n
-        dof = _satterthwaite(seed_var, n - 1, test_var, test_examples - 1)
-        prob = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
-        return SeedComparison(
-            float(diffs.mean()),
-            n,
-            n,
-            True,
-            seed_sd,
-            test_var,
-            math.sqrt(seed_var + test_var),
-            dof,
-            prob,
-            source,
-            test_examples,
-        )
-    va, vb = np.array(list(a.values()), float), np.array(list(b.values()), float)
+        return _paired(np.array([a[s] - b[s] for s in shared]), test_var, test_examples, source)
+    return _unpaired(
+        np.array(list(a.values()), float), np.array(list(b.values()), float), test_var, test_examples, source
+    )
+
+
+def _paired(diffs: np.ndarray, test_var: float, test_examples: int, source: str) -> SeedComparison:
+    """A t interval over the per-seed differences, its variance plus the shared test set's."""
+    n = len(diffs)
+    seed_sd = float(diffs.std(ddof=1))
+    seed_var = seed_sd**2 / n
+    dof = _satterthwaite(seed_var, n - 1, test_var, test_examples - 1)
+    prob = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
+    return SeedComparison(
+        float(diffs.mean()),
+        n,
+        n,
+        True,
+        seed_sd,
+        test_var,
+        math.sqrt(seed_var + test_var),
+        dof,
+        prob,
+        source,
+        test_examples,
+    )
+
+
+def _unpaired(va: np.ndarray, vb: np.ndarray, test_var: float, test_examples: int, source: str) -> SeedComparison:
+    """No shared seeds: Welch over the seed means (with fewer than 2 seeds a side, the test-set term alone)."""
     value = float(va.mean() - vb.mean())
     prob = float(scipy_stats.mannwhitneyu(va, vb).statistic / (len(va) * len(vb)))
     if len(va) < 2 or len(vb) < 2:
