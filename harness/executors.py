@@ -132,16 +132,7 @@ def summarise(
         "still running in another process": len(busy),
         "not finished": len(unfinished),
     }
-    say(
-        f"summary: {len(jobs)} {noun}s: "
-        + ", ".join(f"{n} {what}" for what, n in counts.items() if n or what in ("done", "failed"))
-    )
-    for o in failed:
-        say(f"  failed   {o.job.label}: {o.error}")
-    for o in busy:
-        say(f"  running  {o.job.label}: {o.error}")
-    for job in unfinished:
-        say(f"  not run  {job.label}")
+    _say_summary(say, f"{len(jobs)} {noun}s", counts, failed, busy, unfinished)
     if interrupted:
         return
     if failed:
@@ -154,6 +145,22 @@ def summarise(
             f"{len(busy)} of {len(jobs)} {noun}s are still running in another process; "
             f"rerun this command once they finish (complete {noun}s are skipped)"
         )
+
+
+def _say_summary(
+    say: Say, total: str, counts: dict[str, int], failed: list[Outcome], busy: list[Outcome], unfinished: list[Job]
+) -> None:
+    """The summary line (done and failed always, other kinds when present), then one line per job not done."""
+    say(
+        f"summary: {total}: "
+        + ", ".join(f"{n} {what}" for what, n in counts.items() if n or what in ("done", "failed"))
+    )
+    for o in failed:
+        say(f"  failed   {o.job.label}: {o.error}")
+    for o in busy:
+        say(f"  running  {o.job.label}: {o.error}")
+    for job in unfinished:
+        say(f"  not run  {job.label}")
 
 
 @contextmanager
