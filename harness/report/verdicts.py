@@ -538,7 +538,6 @@ def busy_epochs(runs) -> int:
 
 def cost(groups: Groups) -> list[Verdict]:
     verdicts = []
-    limit = COST_CLAIM * (1 + COST_TOLERANCE)
     for protocol, variants in groups.items():
         if "pgd-at" not in variants:
             continue
@@ -546,37 +545,7 @@ def cost(groups: Groups) -> list[Verdict]:
             for device in sorted({r.device for r in variants[ades]} & {r.device for r in variants["pgd-at"]}):
                 a = [r for r in variants[ades] if r.device == device]
                 b = [r for r in variants["pgd-at"] if r.device == device]
-                estimate = bootstrap_ratio(epoch_seconds(a), epoch_seconds(b))
-                interval = (
-                    f"[{estimate.interval.low:.2f}, {estimate.interval.high:.2f}] ({estimate.interval.method})"
-                    if estimate.interval
-                    else f"unavailable: {estimate.note}"
-                )
-                busy = busy_epochs(a + b)
-                verdicts.append(
-                    Verdict(
-                        CLAIM_COST,
-                        f"{variant_label(ades)} / PGD-AT seconds per epoch on {device}",
-                        f"×{estimate.value:.2f}",
-                        interval,
-                        INCONCLUSIVE if busy else decide(estimate, limit, higher_supports=False),
-                        scale_text(protocol, a + b, "n/a") + f", device {device}",
-                        [
-                            f"supported if the interval lies below ×{limit:.3f} (the claim plus "
-                            f"{COST_TOLERANCE:.0%} for timing noise), contradicted if it lies above",
-                            "timings from machines shared with other work are noisy; the ratio at small models and on "
-                            "CPUs need not match a V100 with WRN-34-10",
-                        ]
-                        + (
-                            [
-                                f"withheld: {busy} timed epoch(s) ran while other processes kept more than "
-                                f"{CONTENTION_CORES} CPU cores busy (records' load average); rerun on an idle machine"
-                            ]
-                            if busy
-                            else []
-                        ),
-                    )
-                )
+                verdicts.append(_cost_verdict(protocol, ades, device, a, b))
     if not verdicts:
         verdicts.append(
             Verdict(
@@ -590,6 +559,38 @@ def cost(groups: Groups) -> list[Verdict]:
             )
         )
     return verdicts
+
+
+def _cost_verdict(protocol, ades: str, device: str, a: list, b: list) -> Verdict:
+    """One ADES variant's seconds per epoch over PGD-AT's on one device; withheld when the machine was busy."""
+    limit = COST_CLAIM * (1 + COST_TOLERANCE)
+    estimate = bootstrap_ratio(epoch_seconds(a), epoch_seconds(b))
+    interval = (
+        f"[{estimate.interval.low:.2f}, {estimate.interval.high:.2f}] ({estimate.interval.method})"
+        if estimate.interval
+        else f"unavailable: {estimate.note}"
+    )
+    busy = busy_epochs(a + b)
+    notes = [
+        f"supported if the interval lies below ×{limit:.3f} (the claim plus "
+        f"{COST_TOLERANCE:.0%} for timing noise), contradicted if it lies above",
+        "timings from machines shared with other work are noisy; the ratio at small models and on "
+        "CPUs need not match a V100 with WRN-34-10",
+    ]
+    if busy:
+        notes.append(
+            f"withheld: {busy} timed epoch(s) ran while other processes kept more than "
+            f"{CONTENTION_CORES} CPU cores busy (records' load average); rerun on an idle machine"
+        )
+    return Verdict(
+        CLAIM_COST,
+        f"{variant_label(ades)} / PGD-AT seconds per epoch on {device}",
+        f"×{estimate.value:.2f}",
+        interval,
+        INCONCLUSIVE if busy else decide(estimate, limit, higher_supports=False),
+        scale_text(protocol, a + b, "n/a") + f", device {device}",
+        notes,
+    )
 
 
 def _official_vs_paper(results: Results, rb_name: str, paper_method: str, claim: str, official_higher: bool) -> Verdict:
