@@ -16,6 +16,7 @@ from harness.benchmarking import BENCHMARKS
 from harness.cli import main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, _ in BENCHMARKS.items()])
 def test_every_benchmark_runs_and_is_recorded(name, tmp_path):
     out = tmp_path / "bench.json"

@@ -90,6 +90,7 @@ def assert_same_run(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
         ("fat", ["--set", "random_start=false", "--set", "omega=0", "--set", "attack_bn=train"]),  # early stop
     ],
 )
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, args):
     overrides = tuple(v for k, v in zip(args, args[1:]) if k == "--set")
     epochs = int(args[args.index("--epochs") + 1]) if "--epochs" in args else None
@@ -115,6 +116,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, ar
         assert ea.shape == eb.shape
 
 
+@pytest.mark.slow
 def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir):
     """Issue 22: with seed 0 held by another process, rank 0 used to skip it while rank 1 trained it,
     then the ranks trained different runs together (a hybrid seed-1 record marked complete). Now rank
@@ -280,6 +282,7 @@ def _exact_setup(name: str, config: dict, n: int):
     return net, defense, opt, batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [64, 63])
 def test_ddp_steps_equal_single_process_steps_in_float64(tmp_path, n):
     import torch.multiprocessing as mp

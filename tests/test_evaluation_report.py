@@ -71,6 +71,7 @@ def test_zhang2019_is_evaluated_at_its_published_eps_and_the_report_fills_the_ce
     assert row["Our AA"] == "53.00 (n=100)"
 
 
+@pytest.mark.slow
 def test_failed_and_skipped_checks_are_shown_with_the_command(tmp_path):
     fx.build_results(tmp_path, corrupt=False)
     command = "harness eval robustbench:cifar10/Linf/Zhang2019Theoretically -a pgd-20 -a autoattack-standard"
@@ -127,6 +128,7 @@ def evaluated_run(data_dir, tmp_path_factory):
     return results, run
 
 
+@pytest.mark.slow
 def test_export_without_autoattack_says_which_command_to_run(evaluated_run, data_dir, tmp_path):
     results, run = evaluated_run
     out = CliRunner().invoke(

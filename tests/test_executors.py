@@ -87,6 +87,7 @@ def local_records(tmp_path_factory, data_dir):
     return results, records(results)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
     ray_instance, local_records, data_dir, tmp_path
 ):
@@ -141,6 +142,7 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
     assert not list(results.glob(".harness-driver-*"))  # the driver's marker is gone
 
 
+@pytest.mark.slow
 def test_ray_grid_file_from_the_command_line_matches_local(
     ray_instance, local_records, data_dir, tmp_path, monkeypatch
 ):
@@ -162,6 +164,7 @@ def test_ray_grid_file_from_the_command_line_matches_local(
     assert again.exit_code == 0 and again.output.count(": already complete (use --force") == 2, again.output
 
 
+@pytest.mark.slow
 def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     roots = {}
@@ -193,6 +196,7 @@ def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path
         assert [e["environment"]["device"]["torch_threads"] for e in evaluations] == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path):
     good = tmp_path / "grid.toml"
     good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
@@ -215,6 +219,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path)
     assert lines[0] == "summary: 3 jobs: 1 done, 2 failed" and f"  failed   bad: {outcomes['bad'].error}" in lines
 
 
+@pytest.mark.slow
 def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp_path):
     from harness.executors import Job
 
@@ -225,6 +230,7 @@ def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp
     assert lines[-1] == "[dies] failed (reason in the summary at the end)", lines
 
 
+@pytest.mark.slow
 def test_a_job_no_node_can_start_is_said_in_one_line(ray_instance, monkeypatch):
     """--gpus-per-run 1 where no GPU is free: one line after start_warning_seconds instead of silence,
     said once however long the job waits; leaving the loop (Ctrl-C) cancels the waiting task. The
@@ -341,6 +347,7 @@ class FakeRay:
         return self.free
 
 
+@pytest.mark.slow
 def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
     lines = []
     RayExecutor(address="auto")._check_resources(FakeRay(16, 2, 2), lines.append, local=False)
@@ -354,6 +361,7 @@ def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
     assert not any("warning" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):
     from harness.runner import run
 
@@ -399,6 +407,7 @@ def test_bad_executor_options_are_one_line_errors(args, message, tmp_path):
     assert result.output.strip().count("\n") == 0 and message in result.output
 
 
+@pytest.mark.slow
 def test_ray_device_follows_the_gpu_share():
     ray_cpu, ray_gpu = build_executor("ray", None, None, 0, 3, None), build_executor("ray", None, 2, 0.25, 3, None)
     assert worker_device("auto", ray_cpu) == "cpu" and worker_device("auto", ray_gpu) == "cuda"

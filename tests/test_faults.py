@@ -103,6 +103,7 @@ TRAINING_KILLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", TRAINING_KILLS)
 def test_killed_run_resumes_to_the_uninterrupted_record(point, reference, data_dir, tmp_path):
     killed = harness(*RUN, "--data-dir", str(data_dir), "--results", str(tmp_path), env={"HARNESS_TEST_KILL_AT": point})
@@ -121,6 +122,7 @@ EVAL_KILLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", EVAL_KILLS)
 def test_killed_evaluation_resumes_to_the_uninterrupted_result(point, reference, data_dir, tmp_path):
     run_dir = tmp_path / reference[0].name
@@ -152,6 +154,7 @@ def _stopped(proc: subprocess.Popen, lock: Path, timeout: float = 300) -> None:
     raise AssertionError("the first run never reached its stop point")
 
 
+@pytest.mark.slow
 def test_two_identical_runs_train_once(data_dir, tmp_path):
     first = harness(
         *RUN,
@@ -373,6 +376,7 @@ def test_read_only_data_dir_when_data_must_be_written(tmp_path):
     assert not list((tmp_path / "r").glob("*/record.json"))
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_disk_full_mid_run(tmp_path, data_dir):
     results = tmp_path / "r"

@@ -167,6 +167,7 @@ def fp32_ades_steps(tmp_path_factory, data_dir):
     )
 
 
+@pytest.mark.slow
 def test_ades_fp16_keeps_its_loss_scale_and_tracks_fp32(tmp_path, data_dir, fp32_ades_steps):
     """Issue 22: ADES's eps map ran in fp16, its mean-holding renormalisation's gradient overflowed on
     every step, so the loss scale halved each step (65536 -> 4096 over these 4 steps; ~5e-32 over a

@@ -102,6 +102,7 @@ def console_lines(done: subprocess.CompletedProcess) -> list[str]:
     return [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
 
 
+@pytest.mark.slow
 def test_probe_catches_broken_images_and_errors(browser, tmp_path):
     """The detector itself: a page with a broken image and a script error must be caught."""
     page = tmp_path / "bad.html"
@@ -114,6 +115,7 @@ def test_probe_catches_broken_images_and_errors(browser, tmp_path):
     assert len(console_lines(done)) >= 2
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(browser, tmp_path):
     fx.build_results(tmp_path / "results")
     html_path, report = make_report(tmp_path / "results", tmp_path / "report")

@@ -56,6 +56,7 @@ def test_completed_run_is_skipped_unless_forced(tmp_path, data_dir, monkeypatch)
         run(spec, options(tmp_path, data_dir, force=True))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_record(tmp_path, data_dir, monkeypatch):
     spec = make_spec("pgd-at", "synthetic", "smoke", epochs=3)
     reference = run(spec, options(tmp_path / "a", data_dir))
