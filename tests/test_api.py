@@ -273,7 +273,7 @@ def test_evaluate_takes_any_module_bound_by_its_weights(trained_model, data_dir,
     assert first.directory.parent == tmp_path / "external" / f"module-{type(trained_model).__name__}" / "eval"
     assert 0 <= first.robust[Fraction(8, 255)] <= first.robust[Fraction(0)] == first.clean
     assert harness.evaluate(
-        trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **EVAL
+        trained_model, dataset="synthetic", data_dir=data_dir, results=tmp_path, **options
     ).already_done  # the same weights and config: skipped, not redone
     with torch.no_grad():
         next(trained_model.parameters()).add_(0.01)  # other weights: a new evaluation, never the old one
