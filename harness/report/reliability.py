@@ -29,63 +29,61 @@ class EvaluationChecks:
 def evaluations_table(results: Results) -> Table | None:
     if not results.evaluations:
         return None
-    export_rows, display_rows = [], []
-    for e in results.evaluations:
-        ordered = sorted(e.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
-        results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
-        if len(e.data["results"]) > 12:
-            results_text += f"; … ({len(e.data['results'])} results)"
-        escalated = escalation_text(e.data)
-        if escalated:
-            results_text = f"escalated {escalated}; {results_text}"
-        skipped = [str(c.get("name")) for c in e.skipped_checks]
-        export_rows.append(
-            {
-                "path": str(e.path.parent),
-                "source": e.source,
-                "name": e.name,
-                "label": e.label,
-                "dataset": e.data["dataset"],
-                "model": e.data["model"],
-                "n": e.data["n"],
-                "clean": e.data["clean_accuracy"],
-                "checks": len(e.checks),
-                "failed_checks": len(e.failed_checks),
-                "skipped_checks": len(skipped),
-                "nested_balls": bool(e.data.get("config", {}).get("nested_balls")),
-                "escalated": escalated,
-                "flags": e.flags_note or "present",
-            }
-        )
-        display_rows.append(
-            {
-                "Checkpoint": Cell(f"{e.name} [{e.label}]", "method", str(e.path.parent)),
-                "Source": e.source,
-                "Data set / model": f"{e.data['dataset']} / {e.data['model']}",
-                "n": str(e.data["n"]),
-                "Clean": f"{float(e.data['clean_accuracy']):.2f}",
-                "Results": results_text,
-                "Reliability": reliability_cell([e]),
-                "Not run": Cell(", ".join(skipped), "muted", "see the list below for the commands")
-                if skipped
-                else Cell("—", "muted"),
-                "Per-example flags": Cell("present", "good")
-                if not e.flags_note
-                else Cell("missing", "muted", e.flags_note),
-            }
-        )
+    rows = [_evaluation_rows(e) for e in results.evaluations]
     return Table(
         "evaluations",
         "Evaluation records and reliability checks",
         "",
-        pd.DataFrame(export_rows),
-        display_rows,
+        pd.DataFrame([export for export, _ in rows]),
+        [display for _, display in rows],
         [
             "A check that fails marks every number from that evaluation "
             "“potentially unreliable”; hover a badge for the check's detail.",
             "Checks that did not run are listed below with the command that runs them.",
         ],
     )
+
+
+def _evaluation_rows(e) -> tuple[dict, dict]:
+    """One evaluation's (export row, display row)."""
+    ordered = sorted(e.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
+    results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
+    if len(e.data["results"]) > 12:
+        results_text += f"; … ({len(e.data['results'])} results)"
+    escalated = escalation_text(e.data)
+    if escalated:
+        results_text = f"escalated {escalated}; {results_text}"
+    skipped = [str(c.get("name")) for c in e.skipped_checks]
+    export = {
+        "path": str(e.path.parent),
+        "source": e.source,
+        "name": e.name,
+        "label": e.label,
+        "dataset": e.data["dataset"],
+        "model": e.data["model"],
+        "n": e.data["n"],
+        "clean": e.data["clean_accuracy"],
+        "checks": len(e.checks),
+        "failed_checks": len(e.failed_checks),
+        "skipped_checks": len(skipped),
+        "nested_balls": bool(e.data.get("config", {}).get("nested_balls")),
+        "escalated": escalated,
+        "flags": e.flags_note or "present",
+    }
+    display = {
+        "Checkpoint": Cell(f"{e.name} [{e.label}]", "method", str(e.path.parent)),
+        "Source": e.source,
+        "Data set / model": f"{e.data['dataset']} / {e.data['model']}",
+        "n": str(e.data["n"]),
+        "Clean": f"{float(e.data['clean_accuracy']):.2f}",
+        "Results": results_text,
+        "Reliability": reliability_cell([e]),
+        "Not run": Cell(", ".join(skipped), "muted", "see the list below for the commands")
+        if skipped
+        else Cell("—", "muted"),
+        "Per-example flags": Cell("present", "good") if not e.flags_note else Cell("missing", "muted", e.flags_note),
+    }
+    return export, display
 
 
 def escalation_text(data: dict) -> str:
