@@ -21,7 +21,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.evaluation.evaluation_record import EVALUATION_NAME, EvaluationRecord, read_for_report
 from harness.integrity import CorruptFileError, sha256_file
-from harness.records import RECORD_NAME, CorruptRecordError, collapse_message, read_record
+from harness.records import RECORD_NAME, CorruptRecordError, StoredRun, collapse_message, read_record, upgrade_spec
 from harness.storage import existing_dir
 
 
@@ -87,30 +87,38 @@ class Protocol:
         return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def numerics_label(spec: dict[str, Any]) -> str:
-    """Precision, BatchNorm mode, compile backend and process count: "fp32" for a plain run."""
-    parts = [spec.get("precision", "fp32")]
-    if spec.get("batchnorm", "global") != "global":
+def numerics_label(spec: Mapping[str, Any]) -> str:
+    """Precision, BatchNorm mode, compile backend and process count: "fp32" for a plain run.
+    `spec` is upgraded first (harness.records), so an older spec reads as the plain run it was."""
+    spec = upgrade_spec(spec)
+    parts = [spec["precision"]]
+    if spec["batchnorm"] != "global":
         parts.append(f"BatchNorm {spec['batchnorm']}")
-    if spec.get("compile", "none") != "none":
+    if spec["compile"] != "none":
         parts.append(f"compiled {spec['compile']}")
-    if spec.get("world_size", 1) != 1:
+    if spec["world_size"] != 1:
         parts.append(f"{spec['world_size']} processes")
     return ", ".join(parts)
 
 
-def training_subset(proto: dict[str, Any]) -> int | None:
+def training_subset(run: StoredRun) -> int | None:
     """Examples of the training subset a run drew on: ADES-bilevel withholds some of them from the
     model for its scheduler's outer loss (never the validation split), so it shares the protocol of the
     runs that trained on the whole subset, and Table 2 says what it held out."""
-    train = proto.get("train_examples")
-    return None if train is None else train + int(proto.get("held_out_examples") or 0)
+    return None if run.train_examples is None else run.train_examples + run.held_out_examples
 
 
 @dataclass
 class Run:
+    """A run record, read and upgraded through harness.records (`stored`); `record` is the upgraded dict."""
+
     path: Path
     record: dict[str, Any]
+    stored: StoredRun = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stored = StoredRun.from_record(self.record)
+        self.record = self.stored.raw
 
     @property
     def run_id(self) -> str:
@@ -126,50 +134,39 @@ class Run:
 
     @property
     def seed(self) -> int:
-        return self.spec.get("seed", 0)
+        return self.spec["seed"]
 
     @property
     def replays(self) -> int:
-        return int(self.record["defense"].get("replays", 1) or 1)
+        return self.stored.replays
 
     @property
     def device(self) -> str:
-        return self.record["environment"].get("device", {}).get("name") or "unknown device"
+        return self.stored.device_name or "unknown device"
 
     @property
     def model_label(self) -> str:
         """Part of the protocol: runs of different architecture revisions or dropout never average."""
-        dropout = self.spec.get("dropout") or 0.0
-        revision = self.spec.get("model_revision", 1)
+        dropout, revision = self.spec["dropout"], self.spec["model_revision"]
         return (self.spec["model"] + (f" rev {revision}" if revision != 1 else "")
                 + (f" (dropout {dropout:g})" if dropout else ""))
 
     @property
     def protocol(self) -> Protocol:
-        spec, proto = self.spec, self.record.get("protocol", {})
-        attack = proto.get("eval_attack") or {}
-        steps = attack.get("steps", spec.get("eval", {}).get("pgd_steps"))
-        restarts = attack.get("restarts", spec.get("eval", {}).get("pgd_restarts", 1))
-        step_size = attack.get("step_size", spec.get("eval_step"))
-        test = proto.get("test_indices")
-        if test is None:
-            n = self.record["final"].get("last", {}).get("n")
-            test = f"0..{n - 1}" if isinstance(n, int) else "unknown"
+        run, spec = self.stored, self.spec
         return Protocol(
-            dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]),
-            preset=spec.get("preset", "?"),
-            epochs=int(proto.get("equivalent_epochs", spec.get("schedule", {}).get("epochs", len(self.record["epochs"])))),
-            train_examples=training_subset(proto), test_indices=describe_indices(test),
-            eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)",
+            dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]), preset=spec["preset"],
+            epochs=run.equivalent_epochs, train_examples=training_subset(run),
+            test_indices=describe_indices(run.test_indices),
+            eval_attack=f"PGD-{run.eval_steps} step {run.eval_step_size} x{run.eval_restarts} restart(s)",
             numerics=numerics_label(spec))
 
     @property
     def pgd_steps(self) -> int | None:
-        attack = self.record.get("protocol", {}).get("eval_attack") or {}
-        return attack.get("steps", self.spec.get("eval", {}).get("pgd_steps"))
+        return self.stored.eval_steps
 
     def config_digest(self) -> str:
-        text = json.dumps(self.record["defense"].get("config", {}), sort_keys=True)
+        text = json.dumps(self.record["defense"]["config"], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
@@ -323,10 +320,10 @@ def _exact_key(key: str) -> str:
 
 def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[str]) -> list[Evaluation]:
     """Evaluations of other weights than the finished run's checkpoint (e.g. made mid-training) are skipped."""
-    finished = {run.run_id: run.record.get("checkpoint_sha256") or {} for run in runs}
+    finished = {run.run_id: run.record["checkpoint_sha256"] for run in runs}
     kept = []
     for evaluation in evaluations:
-        measured = evaluation.checkpoint.get("sha256")
+        measured = evaluation.checkpoint["sha256"]
         final = finished.get(evaluation.run_id, {}).get(evaluation.label) if evaluation.source == "harness" else None
         if measured and final and measured != final:
             problems.append(f"skipped stale evaluation {evaluation.path}: it measured weights {measured[:16]}, "
