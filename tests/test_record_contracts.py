@@ -65,16 +65,16 @@ def test_evaluation_before_the_masking_probes_upgrades_to_the_current_view(tmp_p
     assert old == EvaluationRecord.from_raw(raw) and set(old.raw) == set(raw)
 
 
-def test_hand_written_external_evaluation_upgrades_to_the_current_view(tmp_path):
-    """Only the report's required fields, a checkpoint naming its source and name, no flags file."""
+@pytest.mark.parametrize("checkpoint", [{"source": "robustbench", "name": "Carmon2019"}, {"path": "model.pt"}])
+def test_hand_written_external_evaluation_upgrades_to_the_current_view(tmp_path, checkpoint):
+    """Only the report's required fields, a checkpoint naming little or nothing, no flags file."""
     raw = _written_evaluation(tmp_path)
     external = {**_without(raw, "status", "checks_skipped", "flags", "flags_sha256", "test_indices", "config",
-                           "environment", "created", "finished"),
-                "checkpoint": {"source": "robustbench", "name": "Carmon2019"}}
+                           "environment", "created", "finished"), "checkpoint": checkpoint}
     old = EvaluationRecord.from_raw(external)
     expected = dataclasses.replace(
         EvaluationRecord.from_raw(raw), flags_name=None, flags_sha256=None, test_indices=None,
-        checkpoint={"source": "robustbench", "name": "Carmon2019", "label": "?", "run_id": None, "sha256": None})
+        checkpoint={"source": "?", "name": None, "label": "?", "run_id": None, "sha256": None, **checkpoint})
     assert old == expected
     assert set(old.raw) == set(raw) - {"created", "finished"}
     assert (old.raw["config"], old.raw["environment"]) == ({}, {})
@@ -124,6 +124,7 @@ OLD_RUN_SHAPES = {
     "before the collapse diagnostic": lambda r: r.pop("diagnostics"),
     "before hashed checkpoints": lambda r: r.pop("checkpoint_sha256"),
     "before replays": lambda r: [r["defense"].pop(k) for k in ("replays", "config")],
+    "replays null": lambda r: r["defense"].update(replays=None),
     "without device and git": lambda r: r.update(environment={}),
 }
 CHANGED_BY_SHAPE = {  # what an older shape could not say, so its view differs there only
@@ -152,6 +153,20 @@ def test_run_record_before_the_protocol_block_derives_it_from_the_spec(tmp_path)
     assert (view.eval_steps, view.eval_restarts, view.eval_step_size) == (20, 1, "2/255")
     assert (view.test_indices, view.equivalent_epochs) == (now.test_indices, now.equivalent_epochs)
     assert dataclasses.replace(view, train_examples=now.train_examples) == now
+
+
+def test_run_record_before_protocol_and_schedule_counts_its_logged_epochs(tmp_path):
+    current = _current_run(tmp_path)
+    old = {k: v for k, v in current.items() if k != "protocol"}
+    old["spec"] = {k: v for k, v in current["spec"].items() if k != "schedule"}
+    assert StoredRun.from_record(old).equivalent_epochs == len(current["epochs"]) == 3
+
+
+def test_held_out_examples_read_from_the_protocol_and_absent_before_bilevel(tmp_path):
+    record = run_record(FakeRun("ades-bilevel", 0, clean=80.0, pgd=50.0, held_out=500), tmp_path)
+    assert (StoredRun.from_record(record).held_out_examples, StoredRun.from_record(record).train_examples) == (500, 4500)
+    record["protocol"].pop("held_out_examples")
+    assert StoredRun.from_record(record).held_out_examples == 0
 
 
 def test_run_record_round_trips_and_old_records_stay_unwritten(tmp_path):
