@@ -164,7 +164,8 @@ def test_run_record_before_protocol_and_schedule_counts_its_logged_epochs(tmp_pa
 
 def test_held_out_examples_read_from_the_protocol_and_absent_before_bilevel(tmp_path):
     record = run_record(FakeRun("ades-bilevel", 0, clean=80.0, pgd=50.0, held_out=500), tmp_path)
-    assert (StoredRun.from_record(record).held_out_examples, StoredRun.from_record(record).train_examples) == (500, 4500)
+    view = StoredRun.from_record(record)
+    assert (view.held_out_examples, view.train_examples) == (500, 4500)
     record["protocol"].pop("held_out_examples")
     assert StoredRun.from_record(record).held_out_examples == 0
 
