@@ -1,6 +1,8 @@
 """Run records: one JSON file per run, validated on read; pandas gives the table of all runs.
 
 A record is plain data (RobustBench's lesson): the report is a pure function of records on disk.
+This module owns the record.json contract: reading, validating, writing and upgrading older shapes
+(`upgrade_record`, the typed `StoredRun` view); the report, `harness runs` and evaluation read through it.
 """
 
 from __future__ import annotations
