@@ -200,3 +200,18 @@ def test_report_names_a_future_evaluation_record_in_one_problem_line(tmp_path):
     problems = load_results(tmp_path).problems
     assert [p for p in problems if "schema" in p] == [
         f"skipped corrupt evaluation record {evaluation / 'evaluation.json'}: not a schema-1 evaluation record"]
+
+
+def test_report_reads_the_flags_checksum_through_the_view(tmp_path):
+    """Same cells, other bytes (uncompressed): only the record's flags_sha256 tells this file from its own."""
+    record = _current_run(tmp_path)
+    write_record(tmp_path / record["run_id"] / "record.json", record)
+    evaluation = tmp_path / record["run_id"] / "eval" / "last"
+    _written_evaluation(evaluation)
+    with np.load(evaluation / "flags.npz") as archive:
+        cells = {key: archive[key] for key in archive.files}
+    np.savez(evaluation / "flags.npz", **cells)
+    results = load_results(tmp_path)
+    assert [p for p in results.problems if "flags" in p] == [
+        f"flags file {evaluation / 'flags.npz'} fails its checksum (corrupt; not used)"]
+    assert results.evaluations[0].flags == {}
