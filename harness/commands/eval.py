@@ -231,7 +231,7 @@ def _escalation_note(record: dict) -> str:
 
 def check_lines(record: dict) -> list[str]:
     """The checks (failed first) and the skipped checks, each with the command that would run it."""
-    checks, skipped = record["checks"], record.get("checks_skipped", [])
+    checks, skipped = record["checks"], record["checks_skipped"]
     failed = [c for c in checks if not c["passed"]]
     lines = [
         f"checks: {len(checks) - len(failed)}/{len(checks)} passed"
@@ -257,7 +257,7 @@ def summary_line(store, eps_list: list[Fraction], headline_eps: Fraction) -> str
     record = store.record
     eps = headline_eps if headline_eps in eps_list else max(eps_list)
     worst = store.accuracy(WORST_CASE, eps)
-    checks, skipped = record["checks"], record.get("checks_skipped", [])
+    checks, skipped = record["checks"], record["checks_skipped"]
     failed = [c["name"] for c in checks if not c["passed"]]
     verdict = (
         f"FAILED {len(failed)}/{len(checks)} checks: {', '.join(failed)}"

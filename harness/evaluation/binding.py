@@ -23,7 +23,7 @@ import torch
 from harness.errors import HarnessError
 from harness.integrity import mismatch, sha256_file
 from harness.locks import hold, remove_stale_temps
-from harness.records import RECORD_NAME, read_record
+from harness.records import RECORD_NAME, read_record, upgrade_record
 
 
 def bind(loaded) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def _check_finished_run(loaded, sha: str | None) -> None:
             f"`harness run ... --resume` and evaluate it then"
         )
     label = loaded.checkpoint["label"]
-    expected = record.get("checkpoint_sha256", {}).get(label)
+    expected = upgrade_record(record)["checkpoint_sha256"].get(label)
     if expected is not None and sha != expected:
         raise mismatch(
             run_dir / f"{label}.pt",

@@ -31,7 +31,7 @@ from harness.data import DATASETS
 from harness.errors import HarnessError
 from harness.evaluation.safe_load import allowing, load_checkpoint_file, required_globals
 from harness.models import MODELS, build_model
-from harness.records import RECORD_NAME, read_record
+from harness.records import RECORD_NAME, read_record, upgrade_record
 from harness.storage import load_torch
 
 ROBUSTBENCH_PREFIX = "robustbench:"
@@ -114,10 +114,11 @@ def load_run(run_dir: Path, label: str) -> LoadedCheckpoint:
 
 def check_revision(record: dict[str, Any], run_dir: Path) -> None:
     """Refuse weights trained on another revision of the architecture (records before revisions: 1)."""
-    name = record["spec"]["model"]
-    trained, current = record["spec"].get("model_revision", 1), MODELS.get(name).revision
+    upgraded = upgrade_record(record)
+    name = upgraded["spec"]["model"]
+    trained, current = upgraded["spec"]["model_revision"], MODELS.get(name).revision
     if trained != current:
-        commit = (record["environment"].get("git") or {}).get("commit") or "unknown"
+        commit = upgraded["environment"]["git"].get("commit") or "unknown"
         raise HarnessError(
             f"{run_dir} was trained on {name} revision {trained}, but this code builds revision "
             f"{current} (same weights, different network): retrain it, or evaluate it at "

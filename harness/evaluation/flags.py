@@ -1,4 +1,5 @@
-"""The evaluation record (contract B): `evaluation.json` plus per-sample robust flags in `flags.npz`.
+"""The evaluation store: builds `evaluation.json` plus per-sample robust flags in `flags.npz`
+(the record contract itself is owned by harness.evaluation.evaluation_record).
 
 Every table and curve is a function of the flags: one bool array over the test indices per
 "<attack>@<eps n/d>" cell, plus "clean" and the pointwise "worst-case@<eps>". Both files are
@@ -9,26 +10,20 @@ missing cell and a reader never sees half a file.
 from __future__ import annotations
 
 import datetime as dt
-import io
-import zipfile
-import zlib
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from harness.config import fraction_str
 from harness.errors import HarnessError
-from harness.integrity import CorruptFileError, mismatch, read_json, sha256_bytes
-from harness.storage import atomic_write, write_json
+from harness.evaluation.evaluation_record import (  # noqa: F401  (re-exported: the store's names)
+    EVALUATION_NAME, FLAGS_NAME, SCHEMA_VERSION, STORE_REQUIRED as REQUIRED, EvaluationRecord, read_evaluation,
+    read_flags, write_evaluation)
+from harness.integrity import CorruptFileError, mismatch
 
-SCHEMA_VERSION = 1
-EVALUATION_NAME = "evaluation.json"
-FLAGS_NAME = "flags.npz"
 WORST_CASE = "worst-case"
-REQUIRED = ("schema", "kind", "checkpoint", "dataset", "model", "n", "test_indices", "config", "environment",
-            "clean_accuracy", "results", "checks", "flags")
 
 
 def cell_key(attack: str, eps: Fraction) -> str:
@@ -64,22 +59,22 @@ class EvaluationStore:
     def load(cls, directory: Path) -> "EvaluationStore":
         """The store on disk, with only the flag cells its (verified) record vouches for."""
         record = read_evaluation(Path(directory) / EVALUATION_NAME)
+        view = EvaluationRecord.from_raw(record)
         flags, found = read_flags(Path(directory))
-        expected = record.get("flags_sha256")
-        if expected is not None and found != expected and record.get("status") == "complete":
-            raise mismatch(Path(directory) / FLAGS_NAME, expected, found or "(no file)")
-        return cls(directory, record, vouched_cells(record, flags, Path(directory) / FLAGS_NAME))
+        if view.flags_sha256 is not None and found != view.flags_sha256 and view.complete:
+            raise mismatch(Path(directory) / FLAGS_NAME, view.flags_sha256, found or "(no file)")
+        return cls(directory, record, vouched_cells(view, flags, Path(directory) / FLAGS_NAME))
 
     def check_weights(self, sha256: str | None) -> None:
         """Refuse to continue or show an evaluation of other weights than those now loaded."""
-        stored = self.record.get("checkpoint", {}).get("sha256")
+        stored = EvaluationRecord.from_raw(self.record).checkpoint["sha256"]
         if stored is not None and sha256 is not None and stored != sha256:
             raise HarnessError(f"{self.dir}: this evaluation was made on weights with sha256 {stored[:16]}, "
                                f"but the checkpoint now has {sha256[:16]}; rerun with --force")
 
     @property
     def complete(self) -> bool:
-        return self.record.get("status") == "complete"
+        return EvaluationRecord.from_raw(self.record).complete
 
     # ---------------------------------------------------------------- cells
 
@@ -102,13 +97,7 @@ class EvaluationStore:
         return row
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **{k: np.asarray(v, dtype=bool) for k, v in self.flags.items()})
-        data = buffer.getvalue()
-        atomic_write(self.dir / FLAGS_NAME, lambda f: f.write(data))
-        self.record["flags_sha256"] = sha256_bytes(data)
-        write_json(self.dir / EVALUATION_NAME, self.record, sealed=True)
+        write_evaluation(self.dir, self.record, self.flags)
 
     def finish(self, checks: list[dict[str, Any]], skipped: list[dict[str, str]]) -> None:
         self.record["checks"] = checks
@@ -134,51 +123,24 @@ def worst_case(flags: dict[str, np.ndarray], attacks: list[str], eps: Fraction) 
 
 # --------------------------------------------------------------------------- reading
 
-def read_evaluation(path: Path) -> dict[str, Any]:
-    try:
-        record = read_json(path)
-    except CorruptFileError as exc:
-        raise CorruptFileError(f"{exc}; delete it or rerun with --force") from None
-    missing = [k for k in REQUIRED if k not in record] if isinstance(record, dict) else list(REQUIRED)
-    if missing or record.get("kind") != "evaluation":
-        raise CorruptFileError(f"{path}: not an evaluation record (missing {', '.join(missing) or 'kind'}); "
-                               f"delete it or rerun with --force")
-    if record["schema"] != SCHEMA_VERSION:
-        raise HarnessError(f"{path}: schema {record['schema']} (this harness reads {SCHEMA_VERSION})")
-    return record
-
-
-def read_flags(directory: Path) -> tuple[dict[str, np.ndarray], str | None]:
-    """The flags file's arrays and the SHA-256 of its bytes ({} and None when there is none)."""
-    path = Path(directory) / FLAGS_NAME
-    if not path.exists():
-        return {}, None
-    try:
-        data = path.read_bytes()
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            flags = {k: archive[k].astype(bool) for k in archive.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise CorruptFileError(f"{path}: unreadable flags file ({type(exc).__name__}: {exc}); "
-                               f"delete it or rerun with --force") from None
-    return flags, sha256_bytes(data)
-
-
 def load_flags(directory: Path) -> dict[str, np.ndarray]:
     return read_flags(directory)[0]
 
 
-def vouched_cells(record: dict[str, Any], flags: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+def vouched_cells(record: EvaluationRecord | Mapping[str, Any], flags: dict[str, np.ndarray],
+                  path: Path) -> dict[str, np.ndarray]:
     """The flag cells the record has rows for, each matching its row; cells beyond them are dropped.
 
     A row whose cell is missing or disagrees (accuracy, n) means the flags file is not the one the
     record was written with: CorruptFileError.
     """
+    view = record if isinstance(record, EvaluationRecord) else EvaluationRecord.from_raw(record)
     kept: dict[str, np.ndarray] = {}
     expected: list[tuple[str, float, int | None]] = []
-    if record.get("clean_accuracy") is not None:
-        expected.append(("clean", record["clean_accuracy"], record.get("n")))
-    expected += [(cell_key(r["attack"], Fraction(r["eps"])), r["robust_accuracy"], r.get("n"))
-                 for r in record.get("results", []) if r.get("attack") != WORST_CASE]
+    if view.clean_accuracy is not None:
+        expected.append(("clean", view.clean_accuracy, view.n))
+    expected += [(cell_key(r["attack"], Fraction(r["eps"])), r["robust_accuracy"], r["n"])
+                 for r in view.results if r["attack"] != WORST_CASE]
     for key, accuracy, n in expected:
         cell = flags.get(key)
         if cell is None or (n is not None and len(cell) != n) or not _same(percent(cell), accuracy):
@@ -186,9 +148,9 @@ def vouched_cells(record: dict[str, Any], flags: dict[str, np.ndarray], path: Pa
             raise CorruptFileError(f"{path}: cell {key} does not match its record (record {accuracy}% over {n}, "
                                    f"flags {found}); delete the evaluation or rerun with --force")
         kept[key] = cell
-    for row in record.get("results", []):  # worst-case rows are recomputed from the cells at the end
+    for row in view.results:  # worst-case rows are recomputed from the cells at the end
         key = cell_key(row["attack"], Fraction(row["eps"]))
-        if row.get("attack") == WORST_CASE and key in flags:
+        if row["attack"] == WORST_CASE and key in flags:
             kept[key] = flags[key]
     return kept
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from harness.config import fraction_str, parse_eps
 from harness.errors import HarnessError
+from harness.evaluation.evaluation_record import EvaluationRecord
 from harness.evaluation.flags import iter_evaluations
 from harness.records import RECORD_NAME, read_record
 
@@ -127,12 +128,9 @@ def exports(results_dir: Path, label: str, eps: str | None) -> tuple[list[Export
     exported, skipped = [], []
     evaluations: dict[str, list[dict]] = {}
     for _, record in iter_evaluations(results_dir):
-        checkpoint = record["checkpoint"]
-        if (
-            checkpoint.get("source") == "harness"
-            and checkpoint.get("label") == label
-            and record.get("status") == "complete"
-        ):
+        view = EvaluationRecord.from_raw(record)
+        checkpoint = view.checkpoint
+        if checkpoint["source"] == "harness" and checkpoint["label"] == label and view.complete:
             evaluations.setdefault(checkpoint["run_id"], []).append(record)
     for path in sorted(Path(results_dir).glob(f"*/{RECORD_NAME}")):
         run = read_record(path)

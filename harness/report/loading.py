@@ -8,31 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.integrity import CorruptFileError, read_json, sha256_file
-from harness.records import RECORD_NAME, CorruptRecordError, collapse_message, read_record
+from harness.evaluation.evaluation_record import EVALUATION_NAME, EvaluationRecord, read_for_report
+from harness.integrity import CorruptFileError, sha256_file
+from harness.records import RECORD_NAME, CorruptRecordError, StoredRun, collapse_message, read_record, upgrade_spec
 from harness.storage import existing_dir
 
-EVALUATION_NAME = "evaluation.json"
-EVALUATION_SCHEMA = 1
-_EVAL_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "schema": int, "kind": str, "checkpoint": dict, "dataset": str, "model": str, "n": int,
-    "clean_accuracy": (int, float), "results": list, "checks": list,
-}
-_RESULT_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "attack": str, "eps": str, "robust_accuracy": (int, float), "n": int,
-}
 
 
 def eps_key(text: Any) -> str:
@@ -96,30 +87,38 @@ class Protocol:
         return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def numerics_label(spec: dict[str, Any]) -> str:
-    """Precision, BatchNorm mode, compile backend and process count: "fp32" for a plain run."""
-    parts = [spec.get("precision", "fp32")]
-    if spec.get("batchnorm", "global") != "global":
+def numerics_label(spec: Mapping[str, Any]) -> str:
+    """Precision, BatchNorm mode, compile backend and process count: "fp32" for a plain run.
+    `spec` is upgraded first (harness.records), so an older spec reads as the plain run it was."""
+    spec = upgrade_spec(spec)
+    parts = [spec["precision"]]
+    if spec["batchnorm"] != "global":
         parts.append(f"BatchNorm {spec['batchnorm']}")
-    if spec.get("compile", "none") != "none":
+    if spec["compile"] != "none":
         parts.append(f"compiled {spec['compile']}")
-    if spec.get("world_size", 1) != 1:
+    if spec["world_size"] != 1:
         parts.append(f"{spec['world_size']} processes")
     return ", ".join(parts)
 
 
-def training_subset(proto: dict[str, Any]) -> int | None:
+def training_subset(run: StoredRun) -> int | None:
     """Examples of the training subset a run drew on: ADES-bilevel withholds some of them from the
     model for its scheduler's outer loss (never the validation split), so it shares the protocol of the
     runs that trained on the whole subset, and Table 2 says what it held out."""
-    train = proto.get("train_examples")
-    return None if train is None else train + int(proto.get("held_out_examples") or 0)
+    return None if run.train_examples is None else run.train_examples + run.held_out_examples
 
 
 @dataclass
 class Run:
+    """A run record, read and upgraded through harness.records (`stored`); `record` is the upgraded dict."""
+
     path: Path
     record: dict[str, Any]
+    stored: StoredRun = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stored = StoredRun.from_record(self.record)
+        self.record = self.stored.raw
 
     @property
     def run_id(self) -> str:
@@ -135,87 +134,83 @@ class Run:
 
     @property
     def seed(self) -> int:
-        return self.spec.get("seed", 0)
+        return self.spec["seed"]
 
     @property
     def replays(self) -> int:
-        return int(self.record["defense"].get("replays", 1) or 1)
+        return self.stored.replays
 
     @property
     def device(self) -> str:
-        return self.record["environment"].get("device", {}).get("name") or "unknown device"
+        return self.stored.device_name or "unknown device"
 
     @property
     def model_label(self) -> str:
         """Part of the protocol: runs of different architecture revisions or dropout never average."""
-        dropout = self.spec.get("dropout") or 0.0
-        revision = self.spec.get("model_revision", 1)
+        dropout, revision = self.spec["dropout"], self.spec["model_revision"]
         return (self.spec["model"] + (f" rev {revision}" if revision != 1 else "")
                 + (f" (dropout {dropout:g})" if dropout else ""))
 
     @property
     def protocol(self) -> Protocol:
-        spec, proto = self.spec, self.record.get("protocol", {})
-        attack = proto.get("eval_attack") or {}
-        steps = attack.get("steps", spec.get("eval", {}).get("pgd_steps"))
-        restarts = attack.get("restarts", spec.get("eval", {}).get("pgd_restarts", 1))
-        step_size = attack.get("step_size", spec.get("eval_step"))
-        test = proto.get("test_indices")
-        if test is None:
-            n = self.record["final"].get("last", {}).get("n")
-            test = f"0..{n - 1}" if isinstance(n, int) else "unknown"
+        run, spec = self.stored, self.spec
         return Protocol(
-            dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]),
-            preset=spec.get("preset", "?"),
-            epochs=int(proto.get("equivalent_epochs", spec.get("schedule", {}).get("epochs", len(self.record["epochs"])))),
-            train_examples=training_subset(proto), test_indices=describe_indices(test),
-            eval_attack=f"PGD-{steps} step {step_size} x{restarts} restart(s)",
+            dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]), preset=spec["preset"],
+            epochs=run.equivalent_epochs, train_examples=training_subset(run),
+            test_indices=describe_indices(run.test_indices),
+            eval_attack=f"PGD-{run.eval_steps} step {run.eval_step_size} x{run.eval_restarts} restart(s)",
             numerics=numerics_label(spec))
 
     @property
     def pgd_steps(self) -> int | None:
-        attack = self.record.get("protocol", {}).get("eval_attack") or {}
-        return attack.get("steps", self.spec.get("eval", {}).get("pgd_steps"))
+        return self.stored.eval_steps
 
     def config_digest(self) -> str:
-        text = json.dumps(self.record["defense"].get("config", {}), sort_keys=True)
+        text = json.dumps(self.record["defense"]["config"], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
 @dataclass
 class Evaluation:
+    """An evaluation record (read and upgraded by harness.evaluation.evaluation_record) and its flags."""
+
     path: Path
-    data: dict[str, Any]
+    record: EvaluationRecord
     flags: dict[str, np.ndarray] = field(default_factory=dict)
     flags_note: str | None = None  # why per-example flags are unavailable
 
     @property
-    def checkpoint(self) -> dict[str, Any]:
-        return self.data["checkpoint"]
+    def data(self) -> dict[str, Any]:
+        """The upgraded record as a dict (what the tables print from)."""
+        return self.record.raw
+
+    @property
+    def checkpoint(self) -> Mapping[str, Any]:
+        return self.record.checkpoint
 
     @property
     def source(self) -> str:
-        return str(self.checkpoint.get("source", "?"))
+        return str(self.checkpoint["source"])
 
     @property
     def run_id(self) -> str | None:
-        return self.checkpoint.get("run_id")
+        return self.checkpoint["run_id"]
 
     @property
     def label(self) -> str:
-        return str(self.checkpoint.get("label", "?"))
+        return str(self.checkpoint["label"])
 
     @property
     def name(self) -> str:
-        return str(self.checkpoint.get("name") or self.run_id or self.path.parent.parent.parent.name)
+        return str(self.checkpoint["name"] or self.run_id or self.path.parent.parent.parent.name)
 
     @property
     def indices(self) -> tuple[int, ...] | None:
-        return parse_indices(self.data.get("test_indices"))
+        return parse_indices(self.record.test_indices)
 
     @property
     def checks(self) -> list[dict[str, Any]]:
-        return [c for c in self.data["checks"] if isinstance(c, dict)]
+        return list(self.record.checks)
 
     @property
     def failed_checks(self) -> list[dict[str, Any]]:
@@ -224,7 +219,7 @@ class Evaluation:
     @property
     def skipped_checks(self) -> list[dict[str, Any]]:
         """Checks that did not run: name, reason and (records since the masking probes) the command."""
-        return [c for c in self.data.get("checks_skipped", []) if isinstance(c, dict)]
+        return list(self.record.checks_skipped)
 
     def result(self, attack_prefix: str, eps: str) -> dict[str, Any] | None:
         """The first result whose attack starts with `attack_prefix` at budget `eps`."""
@@ -261,30 +256,6 @@ class Results:
         return [e for e in self.evaluations if e.source != "harness"]
 
 
-def _check_fields(data: Any, required: dict[str, Any], source: str) -> None:
-    if not isinstance(data, dict):
-        raise CorruptRecordError(f"{source}: not a JSON object")
-    for key, kind in required.items():
-        if key not in data:
-            raise CorruptRecordError(f"{source}: missing field {key!r}")
-        value = data[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise CorruptRecordError(f"{source}: field {key!r} has the wrong type")
-
-
-def validate_evaluation(data: Any, source: str) -> dict[str, Any]:
-    if isinstance(data, dict) and data.get("status", "complete") != "complete":
-        return data  # still being written (`harness eval` saves after every cell): listed, not read
-    _check_fields(data, _EVAL_REQUIRED, source)
-    if data["schema"] != EVALUATION_SCHEMA or data["kind"] != "evaluation":
-        raise CorruptRecordError(f"{source}: not a schema-{EVALUATION_SCHEMA} evaluation record")
-    for i, item in enumerate(data["results"]):
-        _check_fields(item, _RESULT_REQUIRED, f"{source}: results[{i}]")
-        if not math.isfinite(item["robust_accuracy"]):
-            raise CorruptRecordError(f"{source}: results[{i}] robust_accuracy is not finite")
-    return data
-
-
 def _validate_run(record: dict[str, Any], source: str) -> None:
     """Fields the report needs beyond what harness.records checks."""
     spec = record["spec"]
@@ -298,7 +269,7 @@ def _validate_run(record: dict[str, Any], source: str) -> None:
 
 
 def _load_flags(evaluation: Evaluation) -> None:
-    name = evaluation.data.get("flags")
+    name = evaluation.record.flags_name
     if not name:
         evaluation.flags_note = "the evaluation record names no flags file"
         return
@@ -306,7 +277,7 @@ def _load_flags(evaluation: Evaluation) -> None:
     if not path.is_file():
         evaluation.flags_note = f"flags file {path} is missing"
         return
-    expected = evaluation.data.get("flags_sha256")
+    expected = evaluation.record.flags_sha256
     if expected is not None and sha256_file(path) != expected:
         evaluation.flags_note = f"flags file {path} fails its checksum (corrupt; not used)"
         return
@@ -325,11 +296,11 @@ def _agrees_with_flags(evaluation: Evaluation, problems: list[str]) -> bool:
 
     if not evaluation.flags:
         return True
-    flags_path = evaluation.path.parent / str(evaluation.data.get("flags"))
+    flags_path = evaluation.path.parent / str(evaluation.record.flags_name)
     try:
         cells = {_exact_key(key): value for key, value in evaluation.flags.items()}
-        vouched_cells(evaluation.data, cells, flags_path)
-        for row in evaluation.data["results"]:
+        vouched_cells(evaluation.record, cells, flags_path)
+        for row in evaluation.record.results:
             cell = cells.get(cell_key(row["attack"], Fraction(row["eps"])))
             if row["attack"] == WORST_CASE and cell is not None and percent(cell) != row["robust_accuracy"]:
                 raise CorruptFileError(f"{flags_path}: worst case at eps {row['eps']} does not match its record "
@@ -349,10 +320,10 @@ def _exact_key(key: str) -> str:
 
 def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[str]) -> list[Evaluation]:
     """Evaluations of other weights than the finished run's checkpoint (e.g. made mid-training) are skipped."""
-    finished = {run.run_id: run.record.get("checkpoint_sha256") or {} for run in runs}
+    finished = {run.run_id: run.record["checkpoint_sha256"] for run in runs}
     kept = []
     for evaluation in evaluations:
-        measured = evaluation.checkpoint.get("sha256")
+        measured = evaluation.checkpoint["sha256"]
         final = finished.get(evaluation.run_id, {}).get(evaluation.label) if evaluation.source == "harness" else None
         if measured and final and measured != final:
             problems.append(f"skipped stale evaluation {evaluation.path}: it measured weights {measured[:16]}, "
@@ -384,14 +355,14 @@ def load_results(results_dir: Path) -> Results:
     paths = sorted(root.glob(f"*/eval/*/{EVALUATION_NAME}")) + sorted(root.glob(f"external/*/eval/*/{EVALUATION_NAME}"))
     for path in paths:
         try:
-            data = validate_evaluation(read_json(path), str(path))
+            record = read_for_report(path)
         except CorruptFileError as exc:
             problems.append(f"skipped corrupt evaluation record {exc}")
             continue
-        if data.get("status", "complete") != "complete":
+        if record is None:
             incomplete_evaluations.append(str(path))
             continue
-        evaluation = Evaluation(path, data)
+        evaluation = Evaluation(path, record)
         _load_flags(evaluation)
         if evaluation.flags_note and ("checksum" in evaluation.flags_note or "unreadable" in evaluation.flags_note):
             problems.append(evaluation.flags_note)  # a damaged flags file is named, not only left out
