@@ -8,9 +8,10 @@ This module owns the record.json contract: reading, validating, writing and upgr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -73,6 +74,7 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- older shapes and the typed view
 
+
 def upgrade_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a run spec in the current shape (the report's protocol of an older run)."""
     spec = dict(spec)
@@ -104,8 +106,11 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     # Records before replayed defenses and config digests: one replay, empty config.
     rec["defense"] = {"replays": 1, "config": {}, **record["defense"]}
     # Records whose environment lacks a device or git block (a CPU run outside a clone).
-    rec["environment"] = {**record["environment"], "device": record["environment"].get("device") or {},
-                          "git": record["environment"].get("git") or {}}
+    rec["environment"] = {
+        **record["environment"],
+        "device": record["environment"].get("device") or {},
+        "git": record["environment"].get("git") or {},
+    }
     return rec
 
 
@@ -136,9 +141,13 @@ class StoredRun:
         spec, proto = rec["spec"], rec["protocol"]
         attack, evaluation = proto.get("eval_attack") or {}, spec.get("eval") or {}
         return cls(
-            run_id=rec["run_id"], status=rec["status"], spec=spec, device_name=rec["environment"]["device"].get("name"),
+            run_id=rec["run_id"],
+            status=rec["status"],
+            spec=spec,
+            device_name=rec["environment"]["device"].get("name"),
             commit=(rec["environment"]["git"].get("commit") or "")[:10],
-            collapsed=tuple(rec["diagnostics"]["collapsed"]), collapse_share=rec["diagnostics"]["collapse_share"],
+            collapsed=tuple(rec["diagnostics"]["collapsed"]),
+            collapse_share=rec["diagnostics"]["collapse_share"],
             replays=int(rec["defense"]["replays"] or 1),
             # Records before protocol.eval_attack: the spec's eval settings (one restart unless stated).
             eval_steps=attack.get("steps", evaluation.get("pgd_steps")),
@@ -146,10 +155,13 @@ class StoredRun:
             eval_step_size=attack.get("step_size", spec.get("eval_step")),
             test_indices=proto.get("test_indices") or _indices_of_final(rec),
             # Records before protocol.equivalent_epochs: the schedule's epochs, else the epochs logged.
-            equivalent_epochs=int(proto.get("equivalent_epochs",
-                                            (spec.get("schedule") or {}).get("epochs", len(rec["epochs"])))),
-            train_examples=proto.get("train_examples"), held_out_examples=int(proto.get("held_out_examples") or 0),
-            raw=rec)
+            equivalent_epochs=int(
+                proto.get("equivalent_epochs", (spec.get("schedule") or {}).get("epochs", len(rec["epochs"])))
+            ),
+            train_examples=proto.get("train_examples"),
+            held_out_examples=int(proto.get("held_out_examples") or 0),
+            raw=rec,
+        )
 
 
 def _indices_of_final(rec: Mapping[str, Any]) -> str:
@@ -162,8 +174,9 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def iter_records(results_dir: Path, status: str | None = "complete",
-                 on_problem: Callable[[str], None] = _warn) -> Iterator[tuple[Path, dict[str, Any]]]:
+def iter_records(
+    results_dir: Path, status: str | None = "complete", on_problem: Callable[[str], None] = _warn
+) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every valid record below `results_dir`; a corrupt one is named (`on_problem`) and skipped."""
     for path in sorted(Path(results_dir).glob(f"*/{RECORD_NAME}")):
         try:
@@ -207,8 +220,12 @@ def execution_columns(rec: dict[str, Any]) -> dict[str, Any]:
     """How a run's numbers were computed (part of its identity), and whether its final model collapsed
     onto one class (`diagnostics.collapsed`: the checkpoints that did; empty for records before it)."""
     run = StoredRun.from_record(rec)
-    return {"precision": run.spec["precision"], "compile": run.spec["compile"],
-            "world_size": run.spec["world_size"], "collapsed": ",".join(run.collapsed)}
+    return {
+        "precision": run.spec["precision"],
+        "compile": run.spec["compile"],
+        "world_size": run.spec["world_size"],
+        "collapsed": ",".join(run.collapsed),
+    }
 
 
 def record_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
@@ -216,12 +233,21 @@ def record_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     run = StoredRun.from_record(rec)
     spec = run.spec
     row = {
-        "run_id": rec["run_id"], "status": live_status(path.parent, rec["status"]), "defense": spec["defense"],
-        "dataset": spec["dataset"], "model": spec["model"], "preset": spec["preset"],
-        "seed": spec["seed"], "eps": spec["eps"], **execution_columns(rec), "epochs": len(rec["epochs"]),
-        "mean_epoch_seconds": (sum(e["train_seconds"] for e in rec["epochs"]) / len(rec["epochs"])
-                               if rec["epochs"] else None),
-        "device": run.device_name, "commit": run.commit,
+        "run_id": rec["run_id"],
+        "status": live_status(path.parent, rec["status"]),
+        "defense": spec["defense"],
+        "dataset": spec["dataset"],
+        "model": spec["model"],
+        "preset": spec["preset"],
+        "seed": spec["seed"],
+        "eps": spec["eps"],
+        **execution_columns(rec),
+        "epochs": len(rec["epochs"]),
+        "mean_epoch_seconds": (
+            sum(e["train_seconds"] for e in rec["epochs"]) / len(rec["epochs"]) if rec["epochs"] else None
+        ),
+        "device": run.device_name,
+        "commit": run.commit,
         "path": str(path.parent),
     }
     for checkpoint, metrics in rec["final"].items():
@@ -231,8 +257,9 @@ def record_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def runs_table(results_dir: Path, status: str | None = "complete",
-               on_problem: Callable[[str], None] = _warn) -> pd.DataFrame:
+def runs_table(
+    results_dir: Path, status: str | None = "complete", on_problem: Callable[[str], None] = _warn
+) -> pd.DataFrame:
     """One row per run (`record_row`)."""
     return pd.DataFrame([record_row(path, rec) for path, rec in iter_records(results_dir, status, on_problem)])
 
@@ -244,5 +271,7 @@ def collapse_message(record: dict[str, Any]) -> str | None:
     collapsed, share = run.collapsed, run.collapse_share
     if not collapsed:
         return None
-    return (f"run {record['run_id']} collapsed: its {' and '.join(collapsed)} model puts at least {share:.0%} of its "
-            f"test predictions in one class (its accuracies are a constant predictor's)")
+    return (
+        f"run {record['run_id']} collapsed: its {' and '.join(collapsed)} model puts at least {share:.0%} of its "
+        f"test predictions in one class (its accuracies are a constant predictor's)"
+    )

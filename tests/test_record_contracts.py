@@ -11,22 +11,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from report_fixture import FakeRun, run_record
 
 from harness.errors import HarnessError
-from harness.integrity import read_json
 from harness.evaluation.evaluation_record import (
-    CorruptEvaluationError, EvaluationRecord, read_evaluation, read_for_report)
+    CorruptEvaluationError,
+    EvaluationRecord,
+    read_evaluation,
+    read_for_report,
+)
 from harness.evaluation.flags import EvaluationStore, vouched_cells
+from harness.integrity import read_json
 from harness.records import CorruptRecordError, StoredRun, read_record, write_record
 from harness.report.loading import load_results
 from harness.storage import write_json
-from report_fixture import FakeRun, run_record
 
 # ------------------------------------------------------------------------------------------ evaluation.json
 
-HEADER = {"checkpoint": {"source": "harness", "run_id": "r1", "label": "last", "name": "r1", "sha256": "ab" * 32},
-          "dataset": "fashion-mnist", "model": "small-cnn", "n": 8, "test_indices": "0..7",
-          "config": {"attacks": ["pgd-20"]}, "environment": {"device": {"name": "cpu"}}}
+HEADER = {
+    "checkpoint": {"source": "harness", "run_id": "r1", "label": "last", "name": "r1", "sha256": "ab" * 32},
+    "dataset": "fashion-mnist",
+    "model": "small-cnn",
+    "n": 8,
+    "test_indices": "0..7",
+    "config": {"attacks": ["pgd-20"]},
+    "environment": {"device": {"name": "cpu"}},
+}
 
 
 def _written_evaluation(directory: Path) -> dict:
@@ -69,12 +79,29 @@ def test_evaluation_before_the_masking_probes_upgrades_to_the_current_view(tmp_p
 def test_hand_written_external_evaluation_upgrades_to_the_current_view(tmp_path, checkpoint):
     """Only the report's required fields, a checkpoint naming little or nothing, no flags file."""
     raw = _written_evaluation(tmp_path)
-    external = {**_without(raw, "status", "checks_skipped", "flags", "flags_sha256", "test_indices", "config",
-                           "environment", "created", "finished"), "checkpoint": checkpoint}
+    external = {
+        **_without(
+            raw,
+            "status",
+            "checks_skipped",
+            "flags",
+            "flags_sha256",
+            "test_indices",
+            "config",
+            "environment",
+            "created",
+            "finished",
+        ),
+        "checkpoint": checkpoint,
+    }
     old = EvaluationRecord.from_raw(external)
     expected = dataclasses.replace(
-        EvaluationRecord.from_raw(raw), flags_name=None, flags_sha256=None, test_indices=None,
-        checkpoint={"source": "?", "name": None, "label": "?", "run_id": None, "sha256": None, **checkpoint})
+        EvaluationRecord.from_raw(raw),
+        flags_name=None,
+        flags_sha256=None,
+        test_indices=None,
+        checkpoint={"source": "?", "name": None, "label": "?", "run_id": None, "sha256": None, **checkpoint},
+    )
     assert old == expected
     assert set(old.raw) == set(raw) - {"created", "finished"}
     assert (old.raw["config"], old.raw["environment"]) == ({}, {})
@@ -101,6 +128,7 @@ def test_future_evaluation_schema_is_refused_in_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------ record.json
 
+
 def _current_run(tmp_path: Path) -> dict:
     """The fixture record with every field the runner now writes."""
     record = run_record(FakeRun("pgd-at", 0, clean=80.0, pgd=50.0), tmp_path)
@@ -112,13 +140,16 @@ def _current_run(tmp_path: Path) -> dict:
 
 def _shape(record: dict) -> dict:
     """The fields of a record and of its blocks that have fixed fields."""
-    return {key: sorted(record[key]) if key in ("spec", "defense", "environment", "diagnostics") else None
-            for key in sorted(record)}
+    return {
+        key: sorted(record[key]) if key in ("spec", "defense", "environment", "diagnostics") else None
+        for key in sorted(record)
+    }
 
 
 OLD_RUN_SHAPES = {
-    "before precision, compile, processes": lambda r: r["spec"].__delitem__("precision") or [
-        r["spec"].pop(k) for k in ("compile", "world_size", "batchnorm")],
+    "before precision, compile, processes": lambda r: (
+        r["spec"].__delitem__("precision") or [r["spec"].pop(k) for k in ("compile", "world_size", "batchnorm")]
+    ),
     "before dropout and revisions": lambda r: r["spec"].update(dropout=None) or r["spec"].pop("model_revision"),
     "before presets and seeds": lambda r: [r["spec"].pop(k) for k in ("preset", "seed")],
     "before the collapse diagnostic": lambda r: r.pop("diagnostics"),
@@ -139,8 +170,11 @@ def test_older_run_record_upgrades_to_the_current_view(tmp_path, shape):
     old = copy.deepcopy(current)
     OLD_RUN_SHAPES[shape](old)
     view, now = StoredRun.from_record(old), StoredRun.from_record(current)
-    changed = {f.name for f in dataclasses.fields(StoredRun)
-               if f.name != "raw" and getattr(view, f.name) != getattr(now, f.name)}
+    changed = {
+        f.name
+        for f in dataclasses.fields(StoredRun)
+        if f.name != "raw" and getattr(view, f.name) != getattr(now, f.name)
+    }
     assert changed == CHANGED_BY_SHAPE.get(shape, set())
     assert _shape(view.raw) == _shape(now.raw)
     assert sorted(view.spec) == sorted(now.spec)
@@ -199,7 +233,8 @@ def test_report_names_a_future_evaluation_record_in_one_problem_line(tmp_path):
     write_json(evaluation / "evaluation.json", {**raw, "schema": 2})
     problems = load_results(tmp_path).problems
     assert [p for p in problems if "schema" in p] == [
-        f"skipped corrupt evaluation record {evaluation / 'evaluation.json'}: not a schema-1 evaluation record"]
+        f"skipped corrupt evaluation record {evaluation / 'evaluation.json'}: not a schema-1 evaluation record"
+    ]
 
 
 def test_report_reads_the_flags_checksum_through_the_view(tmp_path):
@@ -213,5 +248,6 @@ def test_report_reads_the_flags_checksum_through_the_view(tmp_path):
     np.savez(evaluation / "flags.npz", **cells)
     results = load_results(tmp_path)
     assert [p for p in results.problems if "flags" in p] == [
-        f"flags file {evaluation / 'flags.npz'} fails its checksum (corrupt; not used)"]
+        f"flags file {evaluation / 'flags.npz'} fails its checksum (corrupt; not used)"
+    ]
     assert results.evaluations[0].flags == {}

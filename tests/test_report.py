@@ -9,16 +9,15 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import report_fixture as fx
 import torch
 from click.testing import CliRunner
 from scipy import stats as scipy_stats
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.report import build, load_results, make_report, compute, stats, tables, verdicts
+from harness.report import build, compute, load_results, make_report, stats, tables, verdicts
 from harness.report.loading import eps_key
-
-import report_fixture as fx
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +33,7 @@ def report(results_dir):
 
 
 # ------------------------------------------------------------------------------------- bad input
+
 
 def test_missing_and_empty_results_dir_exit_2(tmp_path):
     runner = CliRunner()
@@ -101,8 +101,10 @@ def test_null_diagnostics_and_custom_autoattack(tmp_path):
     data.pop("flags_sha256", None)
     evaluation.write_text(json.dumps(data))
     flags = dict(np.load(evaluation.parent / "flags.npz"))  # its flags renamed too, or the report refuses it
-    np.savez(evaluation.parent / "flags.npz", **{k.replace("autoattack-standard", "autoattack-custom"): v
-                                                  for k, v in flags.items()})
+    np.savez(
+        evaluation.parent / "flags.npz",
+        **{k.replace("autoattack-standard", "autoattack-custom"): v for k, v in flags.items()},
+    )
     result = build(load_results(tmp_path))
     assert any(f.key.startswith("ades_") for f in result.figures)
     row = result.table1[0].display[0]
@@ -115,6 +117,7 @@ def test_eps_key_equates_spellings():
 
 
 # ------------------------------------------------------------------------------------- aggregation
+
 
 def test_protocols_are_never_averaged(report):
     assert len(report.protocols) == 2
@@ -178,9 +181,12 @@ def test_table3_ratio_and_floor(report):
 
 def test_epoch_seconds_count_the_equivalent_epochs_each_pass_made():
     """A full Free-AT pass (m = 8) is 8 equivalent epochs; the quick preset's truncated pass is 3."""
+
     def run(replays, epochs):
-        record = {"defense": {"replays": replays},
-                  "epochs": [{"train_seconds": s, "equivalent_epoch": e} for s, e in epochs]}
+        record = {
+            "defense": {"replays": replays},
+            "epochs": [{"train_seconds": s, "equivalent_epoch": e} for s, e in epochs],
+        }
         return SimpleNamespace(record=record, replays=replays)
 
     assert tables.epoch_seconds([run(1, [(10.0, 1.0), (12.0, 2.0)])]) == [10.0, 12.0]
@@ -195,6 +201,7 @@ def test_paper_floor_flags_pgd_at_claim_as_impossible(report):
 
 
 # ------------------------------------------------------------------------------------- FLOPs, stats
+
 
 def test_forward_flops_match_a_hand_count():
     """FlopCounterMode's count equals 2 x multiply-adds of small-cnn's convolutions and linear layers."""
@@ -248,6 +255,7 @@ def test_paired_bootstrap_covers_the_difference_and_narrows():
 
 # ------------------------------------------------------------------------------------- verdicts
 
+
 def test_verdicts_follow_the_interval(report):
     by_test = {v.test: v for v in report.verdicts}
     pgd_vs_pgdat = verdicts.decide(stats.Estimate(5.0, stats.Interval(2.0, 8.0, "x")))
@@ -267,17 +275,34 @@ def test_verdicts_follow_the_interval(report):
 def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
     """Three seeds per side decide; one seed per side (formerly decided by a test-set bootstrap) does not."""
     win = tmp_path / "win"
-    fx.build_results(win, corrupt=False, runs=(
-        fx.FakeRun("pgd-at", 0, 80, 40, 38), fx.FakeRun("pgd-at", 1, 80.5, 40.5, 38.5),
-        fx.FakeRun("pgd-at", 2, 79.5, 41, 37.5),
-        fx.FakeRun("ades", 0, 85, 55, 50), fx.FakeRun("ades", 1, 85.5, 55.5, 50.5), fx.FakeRun("ades", 2, 86, 54, 49)))
+    fx.build_results(
+        win,
+        corrupt=False,
+        runs=(
+            fx.FakeRun("pgd-at", 0, 80, 40, 38),
+            fx.FakeRun("pgd-at", 1, 80.5, 40.5, 38.5),
+            fx.FakeRun("pgd-at", 2, 79.5, 41, 37.5),
+            fx.FakeRun("ades", 0, 85, 55, 50),
+            fx.FakeRun("ades", 1, 85.5, 55.5, 50.5),
+            fx.FakeRun("ades", 2, 86, 54, 49),
+        ),
+    )
     result = build(load_results(win))
     beats = [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS]
     assert {v.verdict for v in beats} == {verdicts.SUPPORTED}
     lose = tmp_path / "lose"
-    fx.build_results(lose, corrupt=False, runs=(
-        fx.FakeRun("pgd-at", 0, 85, 55, 50), fx.FakeRun("pgd-at", 1, 85.5, 54, 50.5), fx.FakeRun("pgd-at", 2, 84, 56, 49),
-        fx.FakeRun("ades", 0, 65, 40, 35), fx.FakeRun("ades", 1, 66, 41, 36), fx.FakeRun("ades", 2, 64.5, 39, 34)))
+    fx.build_results(
+        lose,
+        corrupt=False,
+        runs=(
+            fx.FakeRun("pgd-at", 0, 85, 55, 50),
+            fx.FakeRun("pgd-at", 1, 85.5, 54, 50.5),
+            fx.FakeRun("pgd-at", 2, 84, 56, 49),
+            fx.FakeRun("ades", 0, 65, 40, 35),
+            fx.FakeRun("ades", 1, 66, 41, 36),
+            fx.FakeRun("ades", 2, 64.5, 39, 34),
+        ),
+    )
     result = build(load_results(lose))
     beats = [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS]
     assert {v.verdict for v in beats} == {verdicts.CONTRADICTED}
@@ -290,20 +315,29 @@ def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
 
 def test_bilevel_shares_table2_with_the_runs_of_its_training_subset(tmp_path):
     """ADES-bilevel trains on 90% of the subset and uses 10% for phi: same protocol, and Table 2 says so."""
-    fx.build_results(tmp_path, corrupt=False, runs=(
-        fx.FakeRun("static-des", 0, 80, 45, None), fx.FakeRun("ades", 0, 81, 46, None),
-        fx.FakeRun("ades-bilevel", 0, 79, 44, None, held_out=500)))
+    fx.build_results(
+        tmp_path,
+        corrupt=False,
+        runs=(
+            fx.FakeRun("static-des", 0, 80, 45, None),
+            fx.FakeRun("ades", 0, 81, 46, None),
+            fx.FakeRun("ades-bilevel", 0, 79, 44, None, held_out=500),
+        ),
+    )
     result = build(load_results(tmp_path))
     [table] = result.table2
     methods = list(table.export["method"])
     assert "ADES-bilevel" in methods and "ADES" in methods and "ADES-bilevel - Static-DES" in methods
     assert "5000 training examples" in table.caption
     assert any("trained the model on 4500 of these examples and held out 500" in n for n in table.notes)
-    assert not any("held out" in n for n in tables.held_out_notes(
-        {"ades": [r for r in result.results.runs if r.defense == "ades"]}, ["ades"]))
+    assert not any(
+        "held out" in n
+        for n in tables.held_out_notes({"ades": [r for r in result.results.runs if r.defense == "ades"]}, ["ades"])
+    )
 
 
 # ------------------------------------------------------------------------------------- output
+
 
 def test_exports_and_escaping(tmp_path):
     runs = (fx.FakeRun("pgd-at", 0, 80, 45, 42), fx.FakeRun("<img src=x onerror=alert(1)>", 0, 80, 45, None))

@@ -17,15 +17,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import report_fixture as fx
 
 from harness.report import make_report
 
-import report_fixture as fx
-
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+)
 TIMEOUT_S = 180
 
 # Injected first into <head> of a copy of the report: records errors (script errors, failed resource
@@ -83,16 +91,24 @@ def browser() -> str:
 
 def run_browser(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     profile.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def probe_page(browser: str, page: Path, profile: Path) -> tuple[dict, subprocess.CompletedProcess]:
     """Load `page` with the probe injected; returns the probe's findings and the browser's output."""
     probe = page.with_name("probe.html")
     probe.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
-    done = run_browser(browser, profile, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-                       "--dump-dom", probe.as_uri())
+    done = run_browser(
+        browser,
+        profile,
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    )
     match = re.search(r'<pre id="probe-result">(.*?)</pre>', done.stdout, re.S)
     assert match, f"no probe result (exit {done.returncode}); stderr tail:\n{done.stderr[-2000:]}"
     return json.loads(html.unescape(match.group(1))), done
@@ -106,9 +122,11 @@ def console_lines(done: subprocess.CompletedProcess) -> list[str]:
 def test_probe_catches_broken_images_and_errors(browser, tmp_path):
     """The detector itself: a page with a broken image and a script error must be caught."""
     page = tmp_path / "bad.html"
-    page.write_text('<!DOCTYPE html><html><head><title>x</title></head><body>'
-                    '<img alt="broken" src="data:image/png;base64,AAAA">'
-                    '<script>console.error("boom"); undefinedFunction();</script></body></html>')
+    page.write_text(
+        "<!DOCTYPE html><html><head><title>x</title></head><body>"
+        '<img alt="broken" src="data:image/png;base64,AAAA">'
+        '<script>console.error("boom"); undefinedFunction();</script></body></html>'
+    )
     result, done = probe_page(browser, page, tmp_path / "profile")
     assert result["broken"] == ["broken"]
     assert any("boom" in e for e in result["errors"]) and any("undefinedFunction" in e for e in result["errors"])
@@ -133,8 +151,9 @@ def test_report_in_headless_chromium(browser, tmp_path):
 
     shot = tmp_path / "report.png"
     height = max(800, min(int(result["height"]) + 50, 16000))
-    run_browser(browser, tmp_path / "profile-shot", f"--window-size=1400,{height}",
-                f"--screenshot={shot}", html_path.as_uri())
+    run_browser(
+        browser, tmp_path / "profile-shot", f"--window-size=1400,{height}", f"--screenshot={shot}", html_path.as_uri()
+    )
     assert shot.is_file() and shot.stat().st_size > 10_000
     from PIL import Image
 

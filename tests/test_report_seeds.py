@@ -3,16 +3,14 @@ directly (no training). Each test names the rule it guards; reverting that rule 
 
 from __future__ import annotations
 
-from markupsafe import escape
-
 import numpy as np
 import pandas as pd
 import pytest
+import report_fixture as fx
+from markupsafe import escape
 from scipy import stats as scipy_stats
 
 from harness.report import build, load_results, make_report, stats, verdicts
-
-import report_fixture as fx
 
 
 def _beats(tmp_path, runs, metric="PGD-20"):
@@ -26,16 +24,21 @@ def _seeds(defense, seeds, clean, pgd, aa, n_test=500):
 
 
 def test_one_seed_per_side_is_inconclusive_however_large_the_test_set_difference(tmp_path):
-    rows, _ = _beats(tmp_path, _seeds("pgd-at", [0], [70], [35], [30]) + _seeds("ades", [0], [88], [62], [58]),
-                     metric="")
+    rows, _ = _beats(
+        tmp_path, _seeds("pgd-at", [0], [70], [35], [30]) + _seeds("ades", [0], [88], [62], [58]), metric=""
+    )
     assert rows and {v.label for v in rows} == {"inconclusive: 1 seed"}
     assert all("test-set noise only" in v.interval for v in rows)  # shown, labelled, not deciding
     assert all("unknown" in v.resolvable for v in rows)
 
 
 def test_three_consistent_seeds_with_a_large_difference_are_supported(tmp_path):
-    rows, _ = _beats(tmp_path, _seeds("pgd-at", [0, 1, 2], [80, 80.6, 79.2], [40, 41.6, 39.2], [37, 38.4, 36.2])
-                     + _seeds("ades", [0, 1, 2], [88, 89.2, 87.4], [56, 57.8, 55.2], [52, 53.6, 51.4]), metric="")
+    rows, _ = _beats(
+        tmp_path,
+        _seeds("pgd-at", [0, 1, 2], [80, 80.6, 79.2], [40, 41.6, 39.2], [37, 38.4, 36.2])
+        + _seeds("ades", [0, 1, 2], [88, 89.2, 87.4], [56, 57.8, 55.2], [52, 53.6, 51.4]),
+        metric="",
+    )
     assert len(rows) == 3 and {v.verdict for v in rows} == {verdicts.SUPPORTED}
     pgd = next(v for v in rows if v.test.endswith("PGD-20"))
     assert pgd.seeds == "3 vs 3, paired by seed" and pgd.prob == "1.00"
@@ -43,8 +46,11 @@ def test_three_consistent_seeds_with_a_large_difference_are_supported(tmp_path):
 
 
 def test_three_seeds_whose_differences_change_sign_are_inconclusive(tmp_path):
-    rows, _ = _beats(tmp_path, _seeds("pgd-at", [0, 1, 2], [80, 80, 80], [40, 46, 40], [37, 37, 37])
-                     + _seeds("ades", [0, 1, 2], [80, 80, 80], [47, 38, 47], [37, 37, 37]))
+    rows, _ = _beats(
+        tmp_path,
+        _seeds("pgd-at", [0, 1, 2], [80, 80, 80], [40, 46, 40], [37, 37, 37])
+        + _seeds("ades", [0, 1, 2], [80, 80, 80], [47, 38, 47], [37, 37, 37]),
+    )
     [pgd] = rows
     assert pgd.verdict == verdicts.INCONCLUSIVE and "Holm-adjusted p" in pgd.reason
     assert pgd.prob == "0.67"
@@ -53,8 +59,18 @@ def test_three_seeds_whose_differences_change_sign_are_inconclusive(tmp_path):
 @pytest.mark.parametrize("seeds, reason", [([0, 1], "2 seeds"), ([0, 1, 2], "zero spread over seeds")])
 def test_identical_seeds_never_decide(tmp_path, seeds, reason):
     k = len(seeds)
-    rows, _ = _beats(tmp_path, _seeds("pgd-at", seeds, [80] * k, [40] * k, [37] * k)
-                     + _seeds("ades", seeds, [90] * k, [60] * k, [55] * k, ), metric="")
+    rows, _ = _beats(
+        tmp_path,
+        _seeds("pgd-at", seeds, [80] * k, [40] * k, [37] * k)
+        + _seeds(
+            "ades",
+            seeds,
+            [90] * k,
+            [60] * k,
+            [55] * k,
+        ),
+        metric="",
+    )
     assert rows and {v.label for v in rows} == {f"inconclusive: {reason}"}
 
 
@@ -66,10 +82,16 @@ def _width(row: verdicts.Verdict) -> float:
 def test_pairing_by_seed_narrows_the_interval_under_a_large_common_seed_effect(tmp_path):
     base = [30.0, 45.0, 60.0]  # the seed moves both methods by 15 points
     ades_pgd = [b + d for b, d in zip(base, (6.0, 7.0, 5.5))]
-    paired, _ = _beats(tmp_path / "paired", _seeds("pgd-at", [0, 1, 2], [80] * 3, base, [30] * 3, n_test=2000)
-                       + _seeds("ades", [0, 1, 2], [80] * 3, ades_pgd, [30] * 3, n_test=2000))
-    unpaired, _ = _beats(tmp_path / "unpaired", _seeds("pgd-at", [0, 1, 2], [80] * 3, base, [30] * 3, n_test=2000)
-                         + _seeds("ades", [10, 11, 12], [80] * 3, ades_pgd, [30] * 3, n_test=2000))
+    paired, _ = _beats(
+        tmp_path / "paired",
+        _seeds("pgd-at", [0, 1, 2], [80] * 3, base, [30] * 3, n_test=2000)
+        + _seeds("ades", [0, 1, 2], [80] * 3, ades_pgd, [30] * 3, n_test=2000),
+    )
+    unpaired, _ = _beats(
+        tmp_path / "unpaired",
+        _seeds("pgd-at", [0, 1, 2], [80] * 3, base, [30] * 3, n_test=2000)
+        + _seeds("ades", [10, 11, 12], [80] * 3, ades_pgd, [30] * 3, n_test=2000),
+    )
     assert "paired t" in paired[0].interval and "Welch" in unpaired[0].interval
     assert _width(paired[0]) < _width(unpaired[0]) / 3
     assert paired[0].verdict == verdicts.SUPPORTED and unpaired[0].verdict == verdicts.INCONCLUSIVE
@@ -96,14 +118,16 @@ def test_power_statements():
     factor = scipy_stats.t.ppf(1 - alpha / 2, n - 1) + scipy_stats.t.ppf(0.8, n - 1)
     assert stats.smallest_resolvable(sd, 0.0, n, alpha) == pytest.approx(factor * sd / np.sqrt(n))
     needed = stats.seeds_needed(2.5, sd, 0.0, alpha)
-    assert stats.smallest_resolvable(sd, 0.0, needed, alpha) <= 2.5 < stats.smallest_resolvable(sd, 0.0, needed - 1,
-                                                                                                 alpha)
+    assert (
+        stats.smallest_resolvable(sd, 0.0, needed, alpha) <= 2.5 < stats.smallest_resolvable(sd, 0.0, needed - 1, alpha)
+    )
     assert stats.seeds_needed(0.5, sd, 1.0, alpha) is None  # the test-set term alone exceeds the claim
 
 
 def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
-    runs = (_seeds("static-des", [0, 1, 2], [80, 82, 79], [40, 43, 39], [37, 38, 36])
-            + _seeds("ades", [0, 1, 2], [81, 81.5, 80], [41, 44.5, 40], [37, 38, 36]))
+    runs = _seeds("static-des", [0, 1, 2], [80, 82, 79], [40, 43, 39], [37, 38, 36]) + _seeds(
+        "ades", [0, 1, 2], [81, 81.5, 80], [41, 44.5, 40], [37, 38, 36]
+    )
     fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
     result = build(load_results(tmp_path))
     clean = next(v for v in result.verdicts if v.claim == verdicts.CLAIM_ABLATION and v.test.endswith("clean"))
@@ -112,7 +136,10 @@ def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
     assert clean.needed.startswith("no seed count for +0.5: the test subset alone limits it to")
     assert "no number of seeds suffices: the 500-example test subset alone" in clean.warning
     html_path, _ = make_report(tmp_path, tmp_path / "out")
-    assert 'data-role="resolution-warnings"' in html_path.read_text() and str(escape(clean.warning)) in html_path.read_text()
+    assert (
+        'data-role="resolution-warnings"' in html_path.read_text()
+        and str(escape(clean.warning)) in html_path.read_text()
+    )
     table = pd.read_csv(tmp_path / "out" / "tables" / "verdicts.csv")
     row = table[table["measured"] == clean.test].iloc[0]
     assert row["seeds"] == "3 vs 3, paired by seed" and row["warning"] == clean.warning
@@ -128,8 +155,9 @@ def test_holm_controls_the_family_behind_one_claim():
 
 
 def test_probability_of_improvement_counts_ties_half():
-    assert stats.compare_seeds({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 1.0, 2: 4.0}, 0.0, 100, "x"
-                               ).prob_improvement == pytest.approx(0.5)
+    assert stats.compare_seeds(
+        {0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 1.0, 2: 4.0}, 0.0, 100, "x"
+    ).prob_improvement == pytest.approx(0.5)
     unpaired = stats.compare_seeds({0: 1.0, 1: 2.0}, {5: 1.5, 6: 2.0}, 0.0, 100, "x")
     assert not unpaired.paired and unpaired.prob_improvement == pytest.approx(0.125 + 0.25)
 
@@ -144,16 +172,18 @@ def test_eps_curve_draws_every_seed_and_the_seed_range(tmp_path):
     points = np.concatenate([c.get_offsets() for c in ax.collections[:2]])
     assert sorted(points[:, 1]) == [30.0, 31.0, 36.0, 50.0, 52.0, 55.0]
     assert len(ax.collections) == 3  # two seed scatters and one min-max band
-    fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)),
-                     corrupt=False)
+    fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)), corrupt=False)
     drawn = build(load_results(tmp_path)).figures
     curves = [f for f in drawn if f.key.startswith(("eps_curve", "training"))]
     assert len(curves) == 2 and all("points: each seed" in f.caption for f in curves)
 
 
 def test_tables_show_mean_std_and_seed_count_and_mark_fewer_than_three(tmp_path):
-    runs = (_seeds("pgd-at", [0, 1, 2], [80, 82, 84], [40, 42, 44], [37, 38, 39])
-            + _seeds("static-des", [0], [81], [41], [38]) + _seeds("ades", [0, 1], [81, 83], [41, 43], [38, 39]))
+    runs = (
+        _seeds("pgd-at", [0, 1, 2], [80, 82, 84], [40, 42, 44], [37, 38, 39])
+        + _seeds("static-des", [0], [81], [41], [38])
+        + _seeds("ades", [0, 1], [81, 83], [41, 43], [38, 39])
+    )
     fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
     result = build(load_results(tmp_path))
     rows = {(r["Method"].text, r["Checkpoint"]): r for r in result.table1[0].display}
@@ -172,8 +202,7 @@ def test_every_curve_hands_each_seed_to_the_spread(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(figures, "_seed_spread", lambda ax, x, values, color: calls.append(values))
-    fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)),
-                     corrupt=False)
+    fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)), corrupt=False)
     build(load_results(tmp_path))
     assert len(calls) == 1 + 4  # the eps curve and the four training panels
     assert all(len(per_x) == 3 for values in calls for per_x in values)
@@ -181,9 +210,11 @@ def test_every_curve_hands_each_seed_to_the_spread(tmp_path, monkeypatch):
 
 def test_seeds_needed_uses_the_papers_smallest_claimed_margin(tmp_path):
     """Against PGD-AT the paper claims +8.8 PGD-20, against Static-DES +2.5: the claim must resolve +2.5."""
-    runs = (_seeds("pgd-at", [0, 1, 2], [80, 81, 79], [40, 42, 41], [37] * 3)
-            + _seeds("static-des", [0, 1, 2], [80, 81, 79], [41, 43, 42], [37] * 3)
-            + _seeds("ades", [0, 1, 2], [81, 82, 80], [42, 44, 42], [37] * 3))
+    runs = (
+        _seeds("pgd-at", [0, 1, 2], [80, 81, 79], [40, 42, 41], [37] * 3)
+        + _seeds("static-des", [0, 1, 2], [80, 81, 79], [41, 43, 42], [37] * 3)
+        + _seeds("ades", [0, 1, 2], [81, 82, 80], [42, 44, 42], [37] * 3)
+    )
     rows, _ = _beats(tmp_path, runs)
     [pgd] = rows
     assert "for +2.5" in pgd.needed

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from report_fixture import FakeRun, run_record
+
 from harness.report.loading import Run
 from harness.report.tables import group_runs, table3
 from harness.report.verdicts import INCONCLUSIVE, cost
 from harness.resources import contended
-from report_fixture import FakeRun, run_record
 
 
 def runs(tmp_path: Path, busy: bool = False, ades_precision: str = "fp32") -> list[Run]:
@@ -19,8 +20,12 @@ def runs(tmp_path: Path, busy: bool = False, ades_precision: str = "fp32") -> li
             if defense == "ades":
                 record["spec"]["precision"] = ades_precision
             for entry in record["epochs"]:  # 2 CPUs; this process used 1.9 of them; load 2.0 or 6.0
-                entry["resources"] = {"wall_seconds": entry["train_seconds"], "cpus": 2,
-                                      "cpu_seconds": 1.9 * entry["train_seconds"], "load_1min": 6.0 if busy else 2.0}
+                entry["resources"] = {
+                    "wall_seconds": entry["train_seconds"],
+                    "cpus": 2,
+                    "cpu_seconds": 1.9 * entry["train_seconds"],
+                    "load_1min": 6.0 if busy else 2.0,
+                }
             out.append(Run(tmp_path / record["run_id"], record))
     return out
 

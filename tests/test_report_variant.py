@@ -24,8 +24,10 @@ def test_variant_label_names_the_configuration():
 def test_ablation_gain_and_cost_ratio_come_from_the_data_files():
     table2 = reference.paper_table2().set_index("scheduler")
     learned, static = table2.loc["Learnable MLP (ADES)"], table2.loc["Static Weighted Fusion"]
-    assert reference.paper_ablation_gain() == {"clean": round(learned["clean"] - static["clean"], 1),
-                                               "pgd20": round(learned["pgd20"] - static["pgd20"], 1)}
+    assert reference.paper_ablation_gain() == {
+        "clean": round(learned["clean"] - static["clean"], 1),
+        "pgd20": round(learned["pgd20"] - static["pgd20"], 1),
+    }
     assert reference.paper_ablation_gain() == {"clean": 0.5, "pgd20": 2.5}  # the paper's text: +0.5 / +2.5
     assert verdicts.COST_CLAIM == 1.12
     assert "+0.5 clean, +2.5 PGD-20" in verdicts.CLAIM_ABLATION and "×1.12" in verdicts.CLAIM_COST
@@ -34,7 +36,9 @@ def test_ablation_gain_and_cost_ratio_come_from_the_data_files():
 def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):
     """The wired-up Table 2: change the paper's static row and the claimed gain in the report changes with it."""
     import report_fixture as fx
+
     from harness.report import build, load_results
+
     fx.build_results(tmp_path, corrupt=False)
     edited = reference.paper_table2()
     edited.loc[edited["scheduler"] == "Static Weighted Fusion", ["clean", "pgd20"]] = [84.0, 50.0]

@@ -8,16 +8,46 @@ import click
 
 from harness.cli import main
 
-COLUMNS = ("defense", "dataset", "model", "preset", "seed", "eps", "precision", "compile", "world_size", "epochs",
-           "last_clean", "last_pgd", "best_clean", "best_pgd", "collapsed", "mean_epoch_seconds", "status", "run_id")
+COLUMNS = (
+    "defense",
+    "dataset",
+    "model",
+    "preset",
+    "seed",
+    "eps",
+    "precision",
+    "compile",
+    "world_size",
+    "epochs",
+    "last_clean",
+    "last_pgd",
+    "best_clean",
+    "best_pgd",
+    "collapsed",
+    "mean_epoch_seconds",
+    "status",
+    "run_id",
+)
 
 
 @main.command("runs")
-@click.option("--results", "results_dir", type=click.Path(path_type=Path), default=Path("results"),
-              show_default=True, help="Directory of run records.")
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(path_type=Path),
+    default=Path("results"),
+    show_default=True,
+    help="Directory of run records.",
+)
 @click.option("--all", "include_running", is_flag=True, help="Include unfinished (running or interrupted) runs.")
-@click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="One row per run of this grid file, never-started runs included, with its state.")
+@click.option(
+    "--grid",
+    "grid_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="One row per run of this grid file, never-started runs included, with its state.",
+)
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a text table.")
 def runs_command(results_dir: Path, include_running: bool, grid_path: Path | None, as_csv: bool) -> None:
     """One row per run: defense, data set, model, seed, precision, compile, world size, final clean/PGD
@@ -51,16 +81,28 @@ def grid_table(grid_path: Path, results_dir: Path, warn):
     import pandas as pd
 
     from harness.grid import load_grid
-    from harness.records import record_row, run_state, RECORD_NAME
+    from harness.records import RECORD_NAME, record_row, run_state
 
     rows = []
     for spec in load_grid(grid_path).specs():
         state, record = run_state(results_dir, spec.run_id)
         if state.startswith("corrupt"):
             warn(state)
-        row = record_row(Path(results_dir) / spec.run_id / RECORD_NAME, record) if record else {
-            "defense": spec.defense, "dataset": spec.dataset, "model": spec.model, "preset": spec.preset,
-            "seed": spec.seed, "eps": str(spec.eps), "precision": spec.precision, "epochs": 0, "run_id": spec.run_id}
+        row = (
+            record_row(Path(results_dir) / spec.run_id / RECORD_NAME, record)
+            if record
+            else {
+                "defense": spec.defense,
+                "dataset": spec.dataset,
+                "model": spec.model,
+                "preset": spec.preset,
+                "seed": spec.seed,
+                "eps": str(spec.eps),
+                "precision": spec.precision,
+                "epochs": 0,
+                "run_id": spec.run_id,
+            }
+        )
         rows.append({**row, "status": state.split(":")[0] if state.startswith("corrupt") else state})
     return pd.DataFrame(rows)
 
@@ -80,8 +122,11 @@ def seed_summary(table):
         row["seeds"] = f"{n}" + (" ‡" if n < FEW_SEEDS else "")
         for metric in metrics:
             values = members[metric].dropna()
-            row[metric] = (f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
-                           if len(values) else "—")
+            row[metric] = (
+                f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
+                if len(values)
+                else "—"
+            )
         rows.append(row)
     import pandas as pd
 

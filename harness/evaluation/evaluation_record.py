@@ -16,10 +16,11 @@ import io
 import math
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +31,37 @@ from harness.storage import atomic_write, write_json
 SCHEMA_VERSION = 1
 EVALUATION_NAME = "evaluation.json"
 FLAGS_NAME = "flags.npz"
-STORE_REQUIRED = ("schema", "kind", "checkpoint", "dataset", "model", "n", "test_indices", "config", "environment",
-                  "clean_accuracy", "results", "checks", "flags")
+STORE_REQUIRED = (
+    "schema",
+    "kind",
+    "checkpoint",
+    "dataset",
+    "model",
+    "n",
+    "test_indices",
+    "config",
+    "environment",
+    "clean_accuracy",
+    "results",
+    "checks",
+    "flags",
+)
 REPORT_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "schema": int, "kind": str, "checkpoint": dict, "dataset": str, "model": str, "n": int,
-    "clean_accuracy": (int, float), "results": list, "checks": list,
+    "schema": int,
+    "kind": str,
+    "checkpoint": dict,
+    "dataset": str,
+    "model": str,
+    "n": int,
+    "clean_accuracy": (int, float),
+    "results": list,
+    "checks": list,
 }
 RESULT_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "attack": str, "eps": str, "robust_accuracy": (int, float), "n": int,
+    "attack": str,
+    "eps": str,
+    "robust_accuracy": (int, float),
+    "n": int,
 }
 
 
@@ -46,6 +70,7 @@ class CorruptEvaluationError(CorruptFileError):
 
 
 # --------------------------------------------------------------------------- upgrading older shapes
+
 
 def upgrade(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `raw` in the current shape: every field an older record lacks gets the value that
@@ -86,6 +111,7 @@ def _upgrade_checkpoint(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the typed view
 
+
 @dataclass(frozen=True)
 class EvaluationRecord:
     """A typed, read-only view of an upgraded evaluation record; `raw` is the (upgraded) dict itself."""
@@ -107,13 +133,21 @@ class EvaluationRecord:
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> EvaluationRecord:
         record = upgrade(raw)
-        return cls(status=record["status"], checkpoint=MappingProxyType(_upgrade_checkpoint(record["checkpoint"])),
-                   dataset=record["dataset"], model=record["model"], n=record.get("n"),
-                   test_indices=record["test_indices"], clean_accuracy=record["clean_accuracy"],
-                   results=tuple(_upgrade_row(row) for row in record["results"]), checks=_dicts(record["checks"]),
-                   checks_skipped=_dicts(record["checks_skipped"]),
-                   flags_name=str(record["flags"]) if record["flags"] else None,
-                   flags_sha256=record["flags_sha256"], raw=record)
+        return cls(
+            status=record["status"],
+            checkpoint=MappingProxyType(_upgrade_checkpoint(record["checkpoint"])),
+            dataset=record["dataset"],
+            model=record["model"],
+            n=record.get("n"),
+            test_indices=record["test_indices"],
+            clean_accuracy=record["clean_accuracy"],
+            results=tuple(_upgrade_row(row) for row in record["results"]),
+            checks=_dicts(record["checks"]),
+            checks_skipped=_dicts(record["checks_skipped"]),
+            flags_name=str(record["flags"]) if record["flags"] else None,
+            flags_sha256=record["flags_sha256"],
+            raw=record,
+        )
 
     @property
     def complete(self) -> bool:
@@ -125,6 +159,7 @@ def _dicts(items: list[Any]) -> tuple[Mapping[str, Any], ...]:
 
 
 # --------------------------------------------------------------------------- reading
+
 
 def _schema_message(path: Path | str, schema: Any) -> str:
     return f"{path}: schema {schema} (this harness reads {SCHEMA_VERSION})"
@@ -139,8 +174,10 @@ def read_evaluation(path: Path) -> dict[str, Any]:
         raise CorruptFileError(f"{exc}; delete it or rerun with --force") from None
     missing = [k for k in STORE_REQUIRED if k not in record] if isinstance(record, dict) else list(STORE_REQUIRED)
     if missing or record.get("kind") != "evaluation":
-        raise CorruptFileError(f"{path}: not an evaluation record (missing {', '.join(missing) or 'kind'}); "
-                               f"delete it or rerun with --force")
+        raise CorruptFileError(
+            f"{path}: not an evaluation record (missing {', '.join(missing) or 'kind'}); "
+            f"delete it or rerun with --force"
+        )
     if record["schema"] != SCHEMA_VERSION:
         raise HarnessError(_schema_message(path, record["schema"]))
     return upgrade(record)
@@ -191,12 +228,14 @@ def read_flags_file(path: Path) -> tuple[dict[str, np.ndarray], str]:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             flags = {k: archive[k].astype(bool) for k in archive.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise CorruptFileError(f"{path}: unreadable flags file ({type(exc).__name__}: {exc}); "
-                               f"delete it or rerun with --force") from None
+        raise CorruptFileError(
+            f"{path}: unreadable flags file ({type(exc).__name__}: {exc}); delete it or rerun with --force"
+        ) from None
     return flags, sha256_bytes(data)
 
 
 # --------------------------------------------------------------------------- writing
+
 
 def write_evaluation(directory: Path, record: dict[str, Any], flags: Mapping[str, np.ndarray]) -> None:
     """Flags first, then the record naming their checksum, each atomically: a reader never sees a

@@ -10,17 +10,24 @@ missing cell and a reader never sees half a file.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from harness.config import fraction_str
 from harness.errors import HarnessError
 from harness.evaluation.evaluation_record import (  # noqa: F401  (re-exported: the store's names)
-    EVALUATION_NAME, FLAGS_NAME, SCHEMA_VERSION, STORE_REQUIRED as REQUIRED, EvaluationRecord, read_evaluation,
-    read_flags, write_evaluation)
+    EVALUATION_NAME,
+    FLAGS_NAME,
+    SCHEMA_VERSION,
+    EvaluationRecord,
+    read_evaluation,
+    read_flags,
+    write_evaluation,
+)
 from harness.integrity import CorruptFileError, mismatch
 
 WORST_CASE = "worst-case"
@@ -49,14 +56,23 @@ class EvaluationStore:
     # ---------------------------------------------------------------- open
 
     @classmethod
-    def create(cls, directory: Path, header: dict[str, Any]) -> "EvaluationStore":
-        record = {"schema": SCHEMA_VERSION, "kind": "evaluation", **header, "status": "running",
-                  "created": _now(), "clean_accuracy": None, "results": [], "checks": [],
-                  "checks_skipped": [], "flags": FLAGS_NAME}
+    def create(cls, directory: Path, header: dict[str, Any]) -> EvaluationStore:
+        record = {
+            "schema": SCHEMA_VERSION,
+            "kind": "evaluation",
+            **header,
+            "status": "running",
+            "created": _now(),
+            "clean_accuracy": None,
+            "results": [],
+            "checks": [],
+            "checks_skipped": [],
+            "flags": FLAGS_NAME,
+        }
         return cls(directory, record, {})
 
     @classmethod
-    def load(cls, directory: Path) -> "EvaluationStore":
+    def load(cls, directory: Path) -> EvaluationStore:
         """The store on disk, with only the flag cells its (verified) record vouches for."""
         record = read_evaluation(Path(directory) / EVALUATION_NAME)
         view = EvaluationRecord.from_raw(record)
@@ -69,8 +85,10 @@ class EvaluationStore:
         """Refuse to continue or show an evaluation of other weights than those now loaded."""
         stored = EvaluationRecord.from_raw(self.record).checkpoint["sha256"]
         if stored is not None and sha256 is not None and stored != sha256:
-            raise HarnessError(f"{self.dir}: this evaluation was made on weights with sha256 {stored[:16]}, "
-                               f"but the checkpoint now has {sha256[:16]}; rerun with --force")
+            raise HarnessError(
+                f"{self.dir}: this evaluation was made on weights with sha256 {stored[:16]}, "
+                f"but the checkpoint now has {sha256[:16]}; rerun with --force"
+            )
 
     @property
     def complete(self) -> bool:
@@ -85,14 +103,20 @@ class EvaluationStore:
         self.flags["clean"] = clean
         self.record["clean_accuracy"] = percent(clean)
 
-    def add_cell(self, attack: str, eps: Fraction, robust: np.ndarray, seconds: float,
-                 warnings: tuple[str, ...] = ()) -> dict[str, Any]:
+    def add_cell(
+        self, attack: str, eps: Fraction, robust: np.ndarray, seconds: float, warnings: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         key = cell_key(attack, eps)
         self.flags[key] = robust
-        self.record["results"] = [r for r in self.record["results"]
-                                  if cell_key(r["attack"], Fraction(r["eps"])) != key]
-        row = {"attack": attack, "eps": fraction_str(eps), "robust_accuracy": percent(robust),
-               "n": int(len(robust)), "seconds": seconds, "warnings": list(warnings)}
+        self.record["results"] = [r for r in self.record["results"] if cell_key(r["attack"], Fraction(r["eps"])) != key]
+        row = {
+            "attack": attack,
+            "eps": fraction_str(eps),
+            "robust_accuracy": percent(robust),
+            "n": int(len(robust)),
+            "seconds": seconds,
+            "warnings": list(warnings),
+        }
         self.record["results"].append(row)
         return row
 
@@ -123,12 +147,14 @@ def worst_case(flags: dict[str, np.ndarray], attacks: list[str], eps: Fraction) 
 
 # --------------------------------------------------------------------------- reading
 
+
 def load_flags(directory: Path) -> dict[str, np.ndarray]:
     return read_flags(directory)[0]
 
 
-def vouched_cells(record: EvaluationRecord | Mapping[str, Any], flags: dict[str, np.ndarray],
-                  path: Path) -> dict[str, np.ndarray]:
+def vouched_cells(
+    record: EvaluationRecord | Mapping[str, Any], flags: dict[str, np.ndarray], path: Path
+) -> dict[str, np.ndarray]:
     """The flag cells the record has rows for, each matching its row; cells beyond them are dropped.
 
     A row whose cell is missing or disagrees (accuracy, n) means the flags file is not the one the
@@ -139,14 +165,19 @@ def vouched_cells(record: EvaluationRecord | Mapping[str, Any], flags: dict[str,
     expected: list[tuple[str, float, int | None]] = []
     if view.clean_accuracy is not None:
         expected.append(("clean", view.clean_accuracy, view.n))
-    expected += [(cell_key(r["attack"], Fraction(r["eps"])), r["robust_accuracy"], r["n"])
-                 for r in view.results if r["attack"] != WORST_CASE]
+    expected += [
+        (cell_key(r["attack"], Fraction(r["eps"])), r["robust_accuracy"], r["n"])
+        for r in view.results
+        if r["attack"] != WORST_CASE
+    ]
     for key, accuracy, n in expected:
         cell = flags.get(key)
         if cell is None or (n is not None and len(cell) != n) or not _same(percent(cell), accuracy):
             found = "missing" if cell is None else f"{percent(cell):.4f}% over {len(cell)}"
-            raise CorruptFileError(f"{path}: cell {key} does not match its record (record {accuracy}% over {n}, "
-                                   f"flags {found}); delete the evaluation or rerun with --force")
+            raise CorruptFileError(
+                f"{path}: cell {key} does not match its record (record {accuracy}% over {n}, "
+                f"flags {found}); delete the evaluation or rerun with --force"
+            )
         kept[key] = cell
     for row in view.results:  # worst-case rows are recomputed from the cells at the end
         key = cell_key(row["attack"], Fraction(row["eps"]))

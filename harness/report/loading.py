@@ -11,10 +11,11 @@ import json
 import re
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,6 @@ from harness.evaluation.evaluation_record import EVALUATION_NAME, EvaluationReco
 from harness.integrity import CorruptFileError, sha256_file
 from harness.records import RECORD_NAME, CorruptRecordError, StoredRun, collapse_message, read_record, upgrade_spec
 from harness.storage import existing_dir
-
 
 
 def eps_key(text: Any) -> str:
@@ -75,10 +75,12 @@ class Protocol:
     numerics: str = "fp32"  # training precision (and non-global BatchNorm): never averaged across
 
     def label(self) -> str:
-        return (f"{self.dataset}, {self.model}, eps {self.eps}, preset {self.preset}, {self.epochs} epoch(s), "
-                f"{self.train_examples if self.train_examples is not None else '?'} training examples, "
-                f"test {self.test_indices}, {self.eval_attack}"
-                + (f", trained {self.numerics}" if self.numerics != "fp32" else ""))
+        return (
+            f"{self.dataset}, {self.model}, eps {self.eps}, preset {self.preset}, {self.epochs} epoch(s), "
+            f"{self.train_examples if self.train_examples is not None else '?'} training examples, "
+            f"test {self.test_indices}, {self.eval_attack}"
+            + (f", trained {self.numerics}" if self.numerics != "fp32" else "")
+        )
 
     def slug(self) -> str:
         text = f"{self.dataset}-{self.model}-eps{self.eps}-{self.preset}-e{self.epochs}-n{self.test_indices}"
@@ -148,18 +150,26 @@ class Run:
     def model_label(self) -> str:
         """Part of the protocol: runs of different architecture revisions or dropout never average."""
         dropout, revision = self.spec["dropout"], self.spec["model_revision"]
-        return (self.spec["model"] + (f" rev {revision}" if revision != 1 else "")
-                + (f" (dropout {dropout:g})" if dropout else ""))
+        return (
+            self.spec["model"]
+            + (f" rev {revision}" if revision != 1 else "")
+            + (f" (dropout {dropout:g})" if dropout else "")
+        )
 
     @property
     def protocol(self) -> Protocol:
         run, spec = self.stored, self.spec
         return Protocol(
-            dataset=spec["dataset"], model=self.model_label, eps=eps_key(spec["eps"]), preset=spec["preset"],
-            epochs=run.equivalent_epochs, train_examples=training_subset(run),
+            dataset=spec["dataset"],
+            model=self.model_label,
+            eps=eps_key(spec["eps"]),
+            preset=spec["preset"],
+            epochs=run.equivalent_epochs,
+            train_examples=training_subset(run),
             test_indices=describe_indices(run.test_indices),
             eval_attack=f"PGD-{run.eval_steps} step {run.eval_step_size} x{run.eval_restarts} restart(s)",
-            numerics=numerics_label(spec))
+            numerics=numerics_label(spec),
+        )
 
     @property
     def pgd_steps(self) -> int | None:
@@ -303,8 +313,10 @@ def _agrees_with_flags(evaluation: Evaluation, problems: list[str]) -> bool:
         for row in evaluation.record.results:
             cell = cells.get(cell_key(row["attack"], Fraction(row["eps"])))
             if row["attack"] == WORST_CASE and cell is not None and percent(cell) != row["robust_accuracy"]:
-                raise CorruptFileError(f"{flags_path}: worst case at eps {row['eps']} does not match its record "
-                                       f"(record {row['robust_accuracy']}%, flags {percent(cell):.4f}%)")
+                raise CorruptFileError(
+                    f"{flags_path}: worst case at eps {row['eps']} does not match its record "
+                    f"(record {row['robust_accuracy']}%, flags {percent(cell):.4f}%)"
+                )
     except (CorruptFileError, ValueError, ZeroDivisionError) as exc:
         problems.append(f"skipped evaluation {evaluation.path}: {exc}")
         return False
@@ -326,8 +338,10 @@ def _drop_stale(evaluations: list[Evaluation], runs: list[Run], problems: list[s
         measured = evaluation.checkpoint["sha256"]
         final = finished.get(evaluation.run_id, {}).get(evaluation.label) if evaluation.source == "harness" else None
         if measured and final and measured != final:
-            problems.append(f"skipped stale evaluation {evaluation.path}: it measured weights {measured[:16]}, "
-                            f"the finished run's {evaluation.label}.pt is {final[:16]}")
+            problems.append(
+                f"skipped stale evaluation {evaluation.path}: it measured weights {measured[:16]}, "
+                f"the finished run's {evaluation.label}.pt is {final[:16]}"
+            )
             continue
         kept.append(evaluation)
     return kept
@@ -372,6 +386,8 @@ def load_results(results_dir: Path) -> Results:
     if not runs and not evaluations:
         detail = f" ({len(problems)} unreadable: " + "; ".join(problems) + ")" if problems else ""
         extra = f"; {len(incomplete)} run(s) still running" if incomplete else ""
-        raise HarnessError(f"no complete run or evaluation records in {root}{detail}{extra}; "
-                           f"run `harness run --results {root} ...` first")
+        raise HarnessError(
+            f"no complete run or evaluation records in {root}{detail}{extra}; "
+            f"run `harness run --results {root} ...` first"
+        )
     return Results(root, runs, incomplete, evaluations, problems, incomplete_evaluations)
