@@ -59,7 +59,10 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> RunRecord:
-        spec = record["spec"]
+        """Through harness.records' upgrade (the one owner of record.json's older shapes)."""
+        from harness.records import upgrade_record
+
+        spec = upgrade_record(record)["spec"]
         final = {label: Accuracy(m["clean"], m["pgd"], m["n"]) for label, m in record["final"].items()}
         return cls(
             run_id=record["run_id"],
