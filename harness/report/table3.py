@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,10 @@ from harness.report import compute, protocol_cards, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import bootstrap_ratio, mean_std
 from harness.report.tables import (
-    CHECKPOINTS, CHECKPOINT_LABELS, AUTOATTACK_PREFERENCE, Cell, Groups, Table, autoattack_values,
+    Column, spec_rows, CHECKPOINTS, CHECKPOINT_LABELS, AUTOATTACK_PREFERENCE, Cell, Groups, Table, autoattack_values,
     diff_cell, epoch_seconds, external_match, final_values, fmt, fmt_mean_std, reliability_cell, seed_count_mark, seeds_note, variant_label)
 from harness.report.variant import defense_of
+from harness.defense import StepCost
 
 
 def table3(groups: Groups) -> list[Table]:
@@ -108,31 +110,52 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
 PAPER_SETTING = {"model": "wrn-34-10", "dataset": "cifar10", "examples": 50000, "device": "Tesla V100"}
 
 
+@dataclass(frozen=True)
+class FloorRow:
+    """One of the paper's Table 3 rows beside the compute floor of its method on a V100."""
+    method: str
+    seconds: float
+    cost: StepCost
+    fp32: float
+    tensor: float
+
+    @property
+    def possible(self) -> bool:
+        return self.seconds >= self.tensor
+
+
+FLOOR_COLUMNS = (
+    Column("Method", "method", lambda r: r.method, lambda r: Cell(r.method, "method")),
+    Column("Paper s / epoch", "paper_seconds", lambda r: r.seconds, lambda r: Cell(f"{r.seconds:.0f}", "claim")),
+    Column("Fwd-equiv / example", "forward_equivalents", lambda r: r.cost.forward_equivalents,
+           lambda r: Cell(f"{r.cost.forward_equivalents:.0f}", title=r.cost.assumption)),
+    Column("Floor s (fp32, 15.7 TFLOP/s)", "floor_seconds_fp32", lambda r: r.fp32, lambda r: f"{r.fp32:.0f}"),
+    Column("Floor s (fp16 tensor, 125 TFLOP/s)", "floor_seconds_tensor", lambda r: r.tensor,
+           lambda r: f"{r.tensor:.0f}"),
+    Column("Physically possible?", "possible", lambda r: r.possible,
+           lambda r: Cell("yes" if r.possible else "no: below the floor", "good" if r.possible else "bad")),
+)
+
+
+def floor_rows(flops: float, peak: compute.DevicePeak) -> list[FloorRow]:
+    name_of = {v: k for k, v in reference.PAPER_ROW.items() if k not in ("ades-joint", "ades-bilevel")}
+    rows = []
+    for _, row in reference.paper_table3().iterrows():
+        cost = compute.step_cost(name_of.get(row["method"], row["method"]))
+        fp32, tensor = (compute.floor_seconds(flops, cost.forward_equivalents, PAPER_SETTING["examples"], tflops)
+                        for tflops in (peak.fp32_tflops, peak.tensor_tflops))
+        rows.append(FloorRow(row["method"], float(row["seconds_per_epoch"]), cost, fp32, tensor))
+    return rows
+
+
 def paper_floor_table() -> Table:
     """The paper's Table 3 against what a V100 can compute for WRN-34-10 on CIFAR-10."""
     flops = compute.forward_flops(PAPER_SETTING["model"], PAPER_SETTING["dataset"])
     peak = compute.device_peak(PAPER_SETTING["device"])
-    table = reference.paper_table3()
-    name_of = {v: k for k, v in reference.PAPER_ROW.items() if k not in ("ades-joint", "ades-bilevel")}
-    export_rows, display_rows = [], []
-    for _, row in table.iterrows():
-        defense = name_of.get(row["method"], row["method"])
-        cost = compute.step_cost(defense)
-        fp32 = compute.floor_seconds(flops, cost.forward_equivalents, PAPER_SETTING["examples"], peak.fp32_tflops)
-        tensor = compute.floor_seconds(flops, cost.forward_equivalents, PAPER_SETTING["examples"], peak.tensor_tflops)
-        possible = float(row["seconds_per_epoch"]) >= tensor
-        export_rows.append({"method": row["method"], "paper_seconds": float(row["seconds_per_epoch"]),
-                            "forward_equivalents": cost.forward_equivalents, "floor_seconds_fp32": fp32,
-                            "floor_seconds_tensor": tensor, "possible": possible})
-        display_rows.append({
-            "Method": Cell(row["method"], "method"), "Paper s / epoch": Cell(f"{row['seconds_per_epoch']:.0f}", "claim"),
-            "Fwd-equiv / example": Cell(f"{cost.forward_equivalents:.0f}", title=cost.assumption),
-            "Floor s (fp32, 15.7 TFLOP/s)": f"{fp32:.0f}", "Floor s (fp16 tensor, 125 TFLOP/s)": f"{tensor:.0f}",
-            "Physically possible?": Cell("yes" if possible else "no: below the floor", "good" if possible else "bad"),
-        })
+    export, display_rows = spec_rows(FLOOR_COLUMNS, floor_rows(flops, peak))
     notes = [f"WRN-34-10 forward on one 32×32 input: {flops / 1e9:.2f} GFLOP (measured with FlopCounterMode); "
              f"{PAPER_SETTING['examples']:,} training examples per epoch; V100 peaks from {peak.source}.",
              "The floor assumes every FLOP runs at the device's peak with no data loading, memory traffic or "
              "kernel overhead: real epochs take longer."]
     return Table("table3_paper_floor", "Table 3b: the paper's timings against the V100 compute floor",
-                 "CIFAR-10, WRN-34-10, V100", pd.DataFrame(export_rows), display_rows, notes)
+                 "CIFAR-10, WRN-34-10, V100", export, display_rows, notes)

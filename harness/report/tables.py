@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,22 @@ class Table:
     def cells(self) -> list[list[Cell]]:
         return [[value if isinstance(value, Cell) else Cell("" if value is None else str(value))
                  for value in row.values()] for row in self.display]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column declared once: its HTML header, its CSV/LaTeX key, and how a row source gives both forms."""
+    header: str
+    key: str
+    value: Callable[[Any], Any]  # row source -> number or text for the export
+    display: Callable[[Any], Any]  # row source -> str or Cell for the HTML
+
+
+def spec_rows(columns: Sequence[Column], sources: Iterable[Any]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Export frame and display rows of one table, both derived from its column spec."""
+    sources = list(sources)
+    export = pd.DataFrame([{c.key: c.value(s) for c in columns} for s in sources])
+    return export, [{c.header: c.display(s) for c in columns} for s in sources]
 
 
 # ----------------------------------------------------------------------------------------- grouping
