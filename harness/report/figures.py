@@ -10,6 +10,7 @@ import base64
 import io
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -166,40 +167,63 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
         return None
     fig = MplFigure(figsize=(11, 3.8), layout="constrained")
     ax_band, ax_hist, ax_cue = fig.subplots(1, 3)
+    _plot_eps_band(ax_band, protocol, entries)
+    _plot_eps_histogram(ax_hist, protocol, entries)
+    _plot_cue_correlations(ax_cue, run, entries)
+    for ax in (ax_band, ax_hist, ax_cue):
+        ax.grid(alpha=0.3)
+    return Figure(f"ades_{index}_{Variant.parse(variant).slug()}",
+                  f"{variant_label(variant)}: eps distribution and cues — {protocol.dataset}, {protocol.model}",
+                  _ades_caption(variant, run, entries), _encode(fig))
+
+
+DiagnosticEntries = list[tuple[Any, dict[str, Any]]]  # (equivalent epoch, the pass's contract A diagnostics)
+
+
+def _plot_eps_band(ax, protocol: Protocol, entries: DiagnosticEntries) -> None:
     xs = [x for x, _ in entries]
     scale, unit = eps_scale(protocol)
 
     def series(key):
         return np.asarray([_number(d.get(key)) for _, d in entries]) * scale
 
-    ax_band.fill_between(xs, series("eps_p05"), series("eps_p95"), alpha=0.25, label="5–95th percentile")
-    ax_band.plot(xs, series("eps_p50"), marker="o", markersize=3, label="median")
-    ax_band.plot(xs, series("eps_mean"), linestyle="--", label="mean")
-    ax_band.axhline(float(Fraction(protocol.eps)) * scale, color="grey", linestyle=":", linewidth=1)
-    ax_band.set_title("per-example eps over training", fontsize=10)
-    ax_band.set_xlabel("equivalent epoch")
-    ax_band.set_ylabel(unit)
-    ax_band.legend(fontsize=7)
+    ax.fill_between(xs, series("eps_p05"), series("eps_p95"), alpha=0.25, label="5–95th percentile")
+    ax.plot(xs, series("eps_p50"), marker="o", markersize=3, label="median")
+    ax.plot(xs, series("eps_mean"), linestyle="--", label="mean")
+    ax.axhline(float(Fraction(protocol.eps)) * scale, color="grey", linestyle=":", linewidth=1)
+    ax.set_title("per-example eps over training", fontsize=10)
+    ax.set_xlabel("equivalent epoch")
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=7)
+
+
+def _plot_eps_histogram(ax, protocol: Protocol, entries: DiagnosticEntries) -> None:
+    scale, unit = eps_scale(protocol)
     last = entries[-1][1].get("eps_hist") or {}
     edges, counts = last.get("edges"), last.get("counts")
     if edges and counts and len(edges) == len(counts) + 1:
         edges_ = np.asarray(edges, float) * scale
-        ax_hist.stairs(np.asarray(counts, float), edges_, fill=True, alpha=0.6)
-    ax_hist.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
-    ax_hist.set_xlabel(unit)
+        ax.stairs(np.asarray(counts, float), edges_, fill=True, alpha=0.6)
+    ax.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
+    ax.set_xlabel(unit)
+
+
+def _plot_cue_correlations(ax, run: Run, entries: DiagnosticEntries) -> None:
+    xs = [x for x, _ in entries]
     labels = cue_labels((run.record.get("defense") or {}).get("mc_mode"))
     for cue in CUES:
         ys = [_number((d.get("spearman") or {}).get(cue)) for _, d in entries]
-        ax_cue.plot(xs, ys, marker="o", markersize=3, label=labels[cue])
-    ax_cue.axhline(0, color="grey", linewidth=0.8)
-    ax_cue.set_ylim(-1.05, 1.05)
+        ax.plot(xs, ys, marker="o", markersize=3, label=labels[cue])
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
     pooled_only = "spearman_pooled" not in entries[-1][1]
-    ax_cue.set_title("Spearman r(eps, cue), " + ("pooled over the pass (older record)" if pooled_only
-                                                  else "mean within batch"), fontsize=10)
-    ax_cue.set_xlabel("equivalent epoch")
-    ax_cue.legend(fontsize=7)
-    for ax in (ax_band, ax_hist, ax_cue):
-        ax.grid(alpha=0.3)
+    ax.set_title("Spearman r(eps, cue), " + ("pooled over the pass (older record)" if pooled_only
+                                             else "mean within batch"), fontsize=10)
+    ax.set_xlabel("equivalent epoch")
+    ax.legend(fontsize=7)
+
+
+def _ades_caption(variant: str, run: Run, entries: DiagnosticEntries) -> str:
     warnings = sorted({str(d["collapse_warning"]) for _, d in entries if d.get("collapse_warning")})
     caption = f"{variant_label(variant)}, run {run.run_id} (seed {run.seed}). "
     spread = [_number(d.get("eps_std_rel")) for _, d in entries]
@@ -208,9 +232,7 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
                     + ", ".join("—" if np.isnan(v) else f"{v:.3f}" for v in spread) + ". ")
     if warnings:
         caption += "Collapse warning: " + "; ".join(warnings)
-    return Figure(f"ades_{index}_{Variant.parse(variant).slug()}",
-                  f"{variant_label(variant)}: eps distribution and cues — {protocol.dataset}, {protocol.model}",
-                  caption, _encode(fig))
+    return caption
 
 
 def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list[Figure], list[str]]:
