@@ -44,42 +44,61 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
     paper_pgd = reference.paper_seconds("pgd-at")
     export_rows, display_rows = [], []
     for variant, runs in variants.items():
-        seconds = epoch_seconds(runs)
-        ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
-        paper_s = reference.paper_seconds(variant)
-        cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
-        floors = {}
-        if peak and flops and cost and examples:
-            floors = {kind: compute.floor_seconds(flops, cost.forward_equivalents, examples, tflops)
-                      for kind, tflops in (("fp32", peak.fp32_tflops), ("tensor", peak.tensor_tflops))}
-        mean, std = mean_std(seconds)
-        export_rows.append({
-            "method": variant_label(variant), "seconds_per_epoch": mean, "seconds_std": std,
-            "epochs_timed": len(seconds), "seeds": len({r.seed for r in runs}), "ratio_to_pgd_at": ratio.value if ratio else None,
-            "ratio_low": ratio.interval.low if ratio and ratio.interval else None,
-            "ratio_high": ratio.interval.high if ratio and ratio.interval else None,
-            "paper_seconds": paper_s, "paper_ratio": paper_s / paper_pgd if paper_s else None, "device": device,
-            "forward_equivalents": cost.forward_equivalents if cost else None, "forward_flops": flops,
-            "floor_seconds_fp32": floors.get("fp32"), "floor_seconds_tensor": floors.get("tensor")})
-        ratio_text = "—"
-        if variant == "pgd-at":
-            ratio_text = "×1.00 (reference)"
-        elif ratio:
-            ratio_text = f"×{ratio.value:.2f}" + (f" [{ratio.interval.low:.2f}, {ratio.interval.high:.2f}]"
-                                                  if ratio.interval else "")
-        display_rows.append({
-            "Method": Cell(variant_label(variant), "method"),
-            "s / epoch": f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
-            "Seeds": seed_count_mark(Cell(str(len({r.seed for r in runs}))), len({r.seed for r in runs})),
-            "Epochs timed": str(len(seconds)), "× PGD-AT [95%]": Cell(ratio_text, title=ratio.interval.method
-                                                                      if ratio and ratio.interval else ""),
-            "Paper s / epoch (V100)": Cell(fmt(paper_s, 0), "claim"),
-            "Paper ×": Cell(f"×{paper_s / paper_pgd:.2f}" if paper_s else "—", "claim"),
-            "Fwd-equiv / example": Cell(fmt(cost.forward_equivalents, 0) if cost else "?",
-                                        title=cost.assumption if cost else "no cost model for this method"),
-            "Floor s (fp32 peak)": fmt(floors.get("fp32")) if floors else "—",
-            "Floor s (fp16 tensor peak)": fmt(floors.get("tensor")) if floors else "—",
-        })
+        export, display = _table3_row(variant, runs, baseline, device, peak, flops, examples, paper_pgd)
+        export_rows.append(export)
+        display_rows.append(display)
+    notes = _table3_notes(protocol, device, variants, first, flops, peak, baseline)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    return Table(f"table3_{protocol.slug()}_{slug}", f"Table 3: cost per epoch — {protocol.dataset}, "
+                 f"{protocol.model}, {device}", protocol.label(), pd.DataFrame(export_rows), display_rows, notes)
+
+
+def _table3_row(variant: str, runs: list[Run], baseline: list[Run] | None, device: str,
+                peak: compute.DevicePeak | None,
+                flops: float | None, examples: int | None, paper_pgd: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One method's seconds per epoch, ratio to PGD-AT and compute floor: (export row, display row)."""
+    seconds = epoch_seconds(runs)
+    ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
+    paper_s = reference.paper_seconds(variant)
+    cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
+    floors = {}
+    if peak and flops and cost and examples:
+        floors = {kind: compute.floor_seconds(flops, cost.forward_equivalents, examples, tflops)
+                  for kind, tflops in (("fp32", peak.fp32_tflops), ("tensor", peak.tensor_tflops))}
+    mean, std = mean_std(seconds)
+    export = {
+        "method": variant_label(variant), "seconds_per_epoch": mean, "seconds_std": std,
+        "epochs_timed": len(seconds), "seeds": len({r.seed for r in runs}), "ratio_to_pgd_at": ratio.value if ratio else None,
+        "ratio_low": ratio.interval.low if ratio and ratio.interval else None,
+        "ratio_high": ratio.interval.high if ratio and ratio.interval else None,
+        "paper_seconds": paper_s, "paper_ratio": paper_s / paper_pgd if paper_s else None, "device": device,
+        "forward_equivalents": cost.forward_equivalents if cost else None, "forward_flops": flops,
+        "floor_seconds_fp32": floors.get("fp32"), "floor_seconds_tensor": floors.get("tensor")}
+    ratio_text = "—"
+    if variant == "pgd-at":
+        ratio_text = "×1.00 (reference)"
+    elif ratio:
+        ratio_text = f"×{ratio.value:.2f}" + (f" [{ratio.interval.low:.2f}, {ratio.interval.high:.2f}]"
+                                              if ratio.interval else "")
+    display = {
+        "Method": Cell(variant_label(variant), "method"),
+        "s / epoch": f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
+        "Seeds": seed_count_mark(Cell(str(len({r.seed for r in runs}))), len({r.seed for r in runs})),
+        "Epochs timed": str(len(seconds)), "× PGD-AT [95%]": Cell(ratio_text, title=ratio.interval.method
+                                                                  if ratio and ratio.interval else ""),
+        "Paper s / epoch (V100)": Cell(fmt(paper_s, 0), "claim"),
+        "Paper ×": Cell(f"×{paper_s / paper_pgd:.2f}" if paper_s else "—", "claim"),
+        "Fwd-equiv / example": Cell(fmt(cost.forward_equivalents, 0) if cost else "?",
+                                    title=cost.assumption if cost else "no cost model for this method"),
+        "Floor s (fp32 peak)": fmt(floors.get("fp32")) if floors else "—",
+        "Floor s (fp16 tensor peak)": fmt(floors.get("tensor")) if floors else "—",
+    }
+    return export, display
+
+
+def _table3_notes(protocol: Protocol, device: str, variants: dict[str, list[Run]], first: Run, flops: float | None,
+                  peak: compute.DevicePeak | None, baseline: list[Run] | None) -> list[str]:
+    """What the table's seconds mean, which peak bounds them, and which rows carry no verdict (busy machine)."""
     notes = [f"Protocol: {protocol.label()}. Device: {device}.",
              "Seconds are training time per equivalent epoch (a pass's time over the epochs of SGD steps it made; "
              "Free-AT: a full pass / m) from the same runs' records, "
@@ -102,9 +121,7 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
                      "are shown but carry no verdict.")
     notes.extend(sorted({f"{variant_label(v)}: {c.assumption}." for v, runs in variants.items()
                          if (c := compute.step_cost(v, runs[0].record["defense"].get("config")))}))
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
-    return Table(f"table3_{protocol.slug()}_{slug}", f"Table 3: cost per epoch — {protocol.dataset}, "
-                 f"{protocol.model}, {device}", protocol.label(), pd.DataFrame(export_rows), display_rows, notes)
+    return notes
 
 
 PAPER_SETTING = {"model": "wrn-34-10", "dataset": "cifar10", "examples": 50000, "device": "Tesla V100"}
