@@ -98,42 +98,59 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
                 else Cell("n/a", "muted"),
                 "eps spread (last pass)": spread_cell(runs), "r(eps, cue) within batch": correlation_cell(runs),
             })
-        baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1] + \
-            [v for v in controls if defense_of(v) == "cat"][:1]
-        for variant in scheduled:
-            for base in baselines:
-                if variant == base or defense_of(variant) == "static-des":
-                    continue
-                gain = {m: np.mean(final_values(variants[variant], checkpoint, m))
-                        - np.mean(final_values(variants[base], checkpoint, m)) for m in ("clean", "pgd")}
-                paper_gain = defense_of(base) == "static-des"
-                display_rows.append({
-                    "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
-                    "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
-                    "Seeds": "", "Clean": fmt(gain["clean"], signed=True),
-                    "Paper clean (CIFAR-10)": Cell(fmt(claimed_gain["clean"], 1, signed=True) if paper_gain else "—", "claim"), "Δ clean": "",
-                    f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
-                    "Paper PGD-20 (CIFAR-10)": Cell(fmt(claimed_gain["pgd20"], 1, signed=True) if paper_gain else "—", "claim"), "Δ PGD": "",
-                    "eps spread (last pass)": "", "r(eps, cue) within batch": "",
-                })
-                export_rows.append({"method": f"{variant_label(variant)} - {variant_label(base)}",
-                                    "clean_mean": gain["clean"], "pgd_mean": gain["pgd"],
-                                    "paper_clean": claimed_gain["clean"] if paper_gain else None,
-                                    "paper_pgd20": claimed_gain["pgd20"] if paper_gain else None})
-        notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.", seeds_note(),
-                 "ADES maximises the loss at a held mean eps, ADES-joint is the literal joint minimisation, "
-                 "ADES-bilevel minimises a held-out robust loss after a one-step look-ahead (docs/ades.md); all "
-                 "are set beside the paper's learnable-MLP row. PGD-AT and CAT are controls the paper lacks.",
-                 "eps spread: std of the per-example eps over the last training pass / (eps_max − eps_min); "
-                 "⚠ marks a collapse warning (onto a bound, or onto one value: then the run is PGD-AT). "
-                 "r(eps, cue): mean of per-batch Spearman coefficients with the gradient norm (g), the softmax "
-                 "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only)."]
-        notes += held_out_notes(variants, scheduled + controls)
-        if not any(defense_of(v) == "static-des" for v in scheduled):
-            notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
+        gain_export, gain_display = _gain_rows(variants, scheduled, controls, checkpoint, claimed_gain)
+        export_rows += gain_export
+        display_rows += gain_display
+        notes = _table2_notes(protocol, checkpoint, variants, scheduled, controls)
         tables.append(Table(f"table2_{protocol.slug()}", f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
                             protocol.label(), pd.DataFrame(export_rows), display_rows, notes))
     return tables
+
+
+def _gain_rows(variants: dict[str, list[Run]], scheduled: list[str], controls: list[str], checkpoint: str,
+               claimed_gain: dict[str, float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Learned minus static (the paper's gain) and per-sample minus curriculum: (export rows, display rows)."""
+    export_rows, display_rows = [], []
+    baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1] + \
+        [v for v in controls if defense_of(v) == "cat"][:1]
+    for variant in scheduled:
+        for base in baselines:
+            if variant == base or defense_of(variant) == "static-des":
+                continue
+            gain = {m: np.mean(final_values(variants[variant], checkpoint, m))
+                    - np.mean(final_values(variants[base], checkpoint, m)) for m in ("clean", "pgd")}
+            paper_gain = defense_of(base) == "static-des"
+            display_rows.append({
+                "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
+                "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
+                "Seeds": "", "Clean": fmt(gain["clean"], signed=True),
+                "Paper clean (CIFAR-10)": Cell(fmt(claimed_gain["clean"], 1, signed=True) if paper_gain else "—", "claim"), "Δ clean": "",
+                f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
+                "Paper PGD-20 (CIFAR-10)": Cell(fmt(claimed_gain["pgd20"], 1, signed=True) if paper_gain else "—", "claim"), "Δ PGD": "",
+                "eps spread (last pass)": "", "r(eps, cue) within batch": "",
+            })
+            export_rows.append({"method": f"{variant_label(variant)} - {variant_label(base)}",
+                                "clean_mean": gain["clean"], "pgd_mean": gain["pgd"],
+                                "paper_clean": claimed_gain["clean"] if paper_gain else None,
+                                "paper_pgd20": claimed_gain["pgd20"] if paper_gain else None})
+    return export_rows, display_rows
+
+
+def _table2_notes(protocol: Protocol, checkpoint: str, variants: dict[str, list[Run]], scheduled: list[str],
+                  controls: list[str]) -> list[str]:
+    """The protocol, what each ADES row and control is, and which rows are missing or trained on less."""
+    notes = [f"Protocol: {protocol.label()}. Checkpoint: {CHECKPOINT_LABELS[checkpoint]}.", seeds_note(),
+             "ADES maximises the loss at a held mean eps, ADES-joint is the literal joint minimisation, "
+             "ADES-bilevel minimises a held-out robust loss after a one-step look-ahead (docs/ades.md); all "
+             "are set beside the paper's learnable-MLP row. PGD-AT and CAT are controls the paper lacks.",
+             "eps spread: std of the per-example eps over the last training pass / (eps_max − eps_min); "
+             "⚠ marks a collapse warning (onto a bound, or onto one value: then the run is PGD-AT). "
+             "r(eps, cue): mean of per-batch Spearman coefficients with the gradient norm (g), the softmax "
+             "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only)."]
+    notes += held_out_notes(variants, scheduled + controls)
+    if not any(defense_of(v) == "static-des" for v in scheduled):
+        notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
+    return notes
 
 
 def held_out_notes(variants: dict[str, list[Run]], shown: list[str]) -> list[str]:
