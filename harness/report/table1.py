@@ -15,7 +15,7 @@ from harness.report import compute, protocol_cards, reference
 from harness.report.loading import Evaluation, Protocol, Results, Run
 from harness.report.stats import bootstrap_ratio, mean_std
 from harness.report.tables import (
-    CHECKPOINTS, CHECKPOINT_LABELS, AUTOATTACK_PREFERENCE, Cell, Groups, Table, autoattack_values,
+    AutoAttackValues, CHECKPOINTS, CHECKPOINT_LABELS, AUTOATTACK_PREFERENCE, Cell, Groups, Table, autoattack_values,
     diff_cell, epoch_seconds, external_match, final_values, fmt, fmt_mean_std, reliability_cell, seed_count_mark, seeds_note, variant_label)
 from harness.report.variant import defense_of
 
@@ -53,27 +53,8 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     continue
                 n_test = sorted({int(r.record["final"][checkpoint]["n"]) for r in runs})
                 aa = autoattack_values(results, runs, checkpoint, protocol.eps)
-                aa_mixed = aa.mixed
-                aa_vals = [] if aa_mixed else aa.values
-                row_export = {
-                    "method": variant_label(variant), "defense": variant, "checkpoint": checkpoint,
-                    "seeds": len(runs), "test_examples": ",".join(map(str, n_test)),
-                    "clean_mean": mean_std(clean)[0], "clean_std": mean_std(clean)[1],
-                    "pgd_mean": mean_std(pgd)[0] if pgd else None, "pgd_std": mean_std(pgd)[1] if pgd else None,
-                    "autoattack_mean": mean_std(aa_vals)[0] if aa_vals else None,
-                    "autoattack_std": mean_std(aa_vals)[1] if aa_vals else None,
-                    "autoattack_seeds": len(aa_vals), "autoattack_n": ",".join(map(str, sorted(aa.n))),
-                    "autoattack_version": ",".join(sorted(aa.attacks)),
-                }
-                aa_cell = fmt_mean_std(aa_vals)
-                if aa_mixed:
-                    aa_cell = Cell("not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / "
-                                   + ", ".join(sorted(aa.attacks)))
-                else:
-                    extra = f" ({len(aa_vals)} of {len(runs)} seeds)" if aa.missing and aa_vals else ""
-                    if aa.attacks and aa.attacks != {"autoattack-standard"}:
-                        extra += f" [{', '.join(sorted(aa.attacks))}]"
-                    aa_cell = Cell(aa_cell.text + extra, aa_cell.cls, aa_cell.title)
+                aa_vals = [] if aa.mixed else aa.values
+                row_export = _export_row(variant, checkpoint, runs, n_test, clean, pgd, aa, aa_vals)
                 row = {
                     "Method": Cell(variant_label(variant), "method"),
                     "Checkpoint": CHECKPOINT_LABELS[checkpoint], "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
@@ -88,7 +69,7 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     row["Paper PGD-20"] = Cell(fmt(claim and claim["pgd"], 1), "claim")
                     row["Δ PGD"] = diff_cell(pgd, claim and claim["pgd"]) if steps == 20 else Cell(
                         "n/a", "muted", f"{pgd_name} is not PGD-20")
-                row["AutoAttack"] = aa_cell
+                row["AutoAttack"] = _autoattack_cell(aa, aa_vals, len(runs))
                 row["AA n"] = ", ".join(map(str, sorted(aa.n))) or "—"
                 if with_paper:
                     row["Paper AA"] = Cell(fmt(claim and claim["autoattack"], 1), "claim")
@@ -96,28 +77,71 @@ def table1(results: Results, groups: Groups) -> list[Table]:
                     row_export.update(paper_clean=claim and claim["clean"], paper_pgd20=claim and claim["pgd"],
                                       paper_autoattack=claim and claim["autoattack"])
                 _mark_departures(row, row_export, runs, (pgd_name, "Clean", "AutoAttack"))
-                row["Reliability"] = reliability_cell(aa.evaluations or [
-                    e for r in runs for e in results.evaluations_of(r.run_id) if e.label == checkpoint])
-                published = _published(results, protocol.dataset, variant) if with_paper else ""
-                if with_paper:
-                    row["RobustBench official (clean / AA)"] = Cell(published or "—", "claim" if published else "muted")
-                    row_export["robustbench"] = published
+                _add_reliability_and_published(results, protocol, variant, checkpoint, runs, aa, with_paper,
+                                               row, row_export)
                 export_rows.append(row_export)
                 display_rows.append(row)
-        notes = [f"Protocol: {protocol.label()}.", seeds_note(),
-                 f"{protocol_cards.MARK}: the row's runs depart from the method's published protocol (hover the "
-                 f"number; the protocol cards list every setting).",
-                 f"Clean and {pgd_name} from the run records (test examples {protocol.test_indices}); AutoAttack "
-                 f"from `harness eval` records at eps {protocol.eps}, with its own test-example count (AA n)."]
-        if not with_paper:
-            notes.append(f"The paper reports CIFAR-10/100 only; its numbers are not compared with {protocol.dataset}.")
-        elif steps != 20:
-            notes.append(f"The runs were evaluated with {pgd_name}, not the paper's PGD-20: that difference is "
-                         f"not computed.")
         tables.append(Table(f"table1_{protocol.slug()}", f"Table 1.{index}: accuracy (%) — {protocol.dataset}, "
                             f"{protocol.model}, eps {protocol.eps}", protocol.label(),
-                            pd.DataFrame(export_rows), display_rows, notes))
+                            pd.DataFrame(export_rows), display_rows,
+                            _table1_notes(protocol, pgd_name, with_paper, steps)))
     return tables
+
+
+def _add_reliability_and_published(results: Results, protocol: Protocol, variant: str, checkpoint: str,
+                                   runs: list[Run], aa: AutoAttackValues, with_paper: bool,
+                                   row: dict[str, Any], row_export: dict[str, Any]) -> None:
+    """The row's reliability badge, then RobustBench's published numbers for the method where the paper compares."""
+    row["Reliability"] = reliability_cell(aa.evaluations or [
+        e for r in runs for e in results.evaluations_of(r.run_id) if e.label == checkpoint])
+    published = _published(results, protocol.dataset, variant) if with_paper else ""
+    if with_paper:
+        row["RobustBench official (clean / AA)"] = Cell(published or "—", "claim" if published else "muted")
+        row_export["robustbench"] = published
+
+
+def _table1_notes(protocol: Protocol, pgd_name: str, with_paper: bool, steps: int) -> list[str]:
+    """The protocol, where each number comes from, and why a comparison with the paper is missing."""
+    notes = [f"Protocol: {protocol.label()}.", seeds_note(),
+             f"{protocol_cards.MARK}: the row's runs depart from the method's published protocol (hover the "
+             f"number; the protocol cards list every setting).",
+             f"Clean and {pgd_name} from the run records (test examples {protocol.test_indices}); AutoAttack "
+             f"from `harness eval` records at eps {protocol.eps}, with its own test-example count (AA n)."]
+    if not with_paper:
+        notes.append(f"The paper reports CIFAR-10/100 only; its numbers are not compared with {protocol.dataset}.")
+    elif steps != 20:
+        notes.append(f"The runs were evaluated with {pgd_name}, not the paper's PGD-20: that difference is "
+                     f"not computed.")
+    return notes
+
+
+def _export_row(variant: str, checkpoint: str, runs: list[Run], n_test: list[int], clean: list[float],
+                pgd: list[float], aa: AutoAttackValues, aa_vals: list[float]) -> dict[str, Any]:
+    """The numbers of one Table 1 row, for CSV and LaTeX."""
+    return {
+        "method": variant_label(variant), "defense": variant, "checkpoint": checkpoint,
+        "seeds": len(runs), "test_examples": ",".join(map(str, n_test)),
+        "clean_mean": mean_std(clean)[0], "clean_std": mean_std(clean)[1],
+        "pgd_mean": mean_std(pgd)[0] if pgd else None, "pgd_std": mean_std(pgd)[1] if pgd else None,
+        "autoattack_mean": mean_std(aa_vals)[0] if aa_vals else None,
+        "autoattack_std": mean_std(aa_vals)[1] if aa_vals else None,
+        "autoattack_seeds": len(aa_vals), "autoattack_n": ",".join(map(str, sorted(aa.n))),
+        "autoattack_version": ",".join(sorted(aa.attacks)),
+    }
+
+
+def _autoattack_cell(aa: AutoAttackValues, aa_vals: list[float], seeds: int) -> Cell:
+    """AutoAttack mean over seeds, or why it is not averaged (mixed subsets or versions)."""
+    aa_cell = fmt_mean_std(aa_vals)
+    if aa.mixed:
+        aa_cell = Cell("not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / "
+                       + ", ".join(sorted(aa.attacks)))
+    else:
+        extra = f" ({len(aa_vals)} of {seeds} seeds)" if aa.missing and aa_vals else ""
+        if aa.attacks and aa.attacks != {"autoattack-standard"}:
+            extra += f" [{', '.join(sorted(aa.attacks))}]"
+        aa_cell = Cell(aa_cell.text + extra, aa_cell.cls, aa_cell.title)
+    return aa_cell
 
 
 def _mark_departures(row: dict[str, Any], row_export: dict[str, Any], runs: list[Run],
