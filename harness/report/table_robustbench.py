@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
-from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from harness.resources import CONTENTION_CORES, contended
 
-from harness.report import compute, protocol_cards, reference
-from harness.report.loading import Evaluation, Protocol, Results, Run
-from harness.report.stats import bootstrap_ratio, mean_std
+from harness.report import reference
+from harness.report.loading import Results
 from harness.report.tables import (
-    CHECKPOINTS, CHECKPOINT_LABELS, AUTOATTACK_PREFERENCE, Cell, Groups, Table, autoattack_values,
-    diff_cell, epoch_seconds, external_match, final_values, fmt, fmt_mean_std, reliability_cell, seed_count_mark, seeds_note, variant_label)
-from harness.report.variant import defense_of
+    AUTOATTACK_PREFERENCE, Cell, Table, diff_cell, external_match, fmt, reliability_cell)
 
 
 def robustbench_table(results: Results) -> Table:
