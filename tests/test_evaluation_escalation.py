@@ -12,14 +12,26 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import (
+    ConstantWhereWrong,
+    LyingBackward,
+    OffGridMasked,
+    Quantised,
+    Randomised,
+    ScaledLogits,
+    Shattered,
+    on_grid,
+    store_for,
+    template_data,
+    train_tiny,
+    train_tiny_at,
+)
 
 from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, EvalAttack
 from harness.evaluation.escalation import ESCALATED, EscalationBudget
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
 from harness.evaluation.masking import ProbeBudget, off_grid, probe_eps
 from harness.evaluation.sweep import sweep
-from evaluation_helpers import (ConstantWhereWrong, LyingBackward, OffGridMasked, Quantised, Randomised, ScaledLogits, Shattered,
-                                on_grid, store_for, template_data, train_tiny, train_tiny_at)
 
 EPS = [Fraction(0), Fraction(4, 100), Fraction(6, 100), Fraction(9, 100)]
 

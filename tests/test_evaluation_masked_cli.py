@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 from click.testing import CliRunner
+from evaluation_helpers import ScaledLogits, Shattered
 
 from harness.cli import main
-from evaluation_helpers import ScaledLogits, Shattered
 
 
 @contextlib.contextmanager

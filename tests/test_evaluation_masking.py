@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import ScaledLogits, Shattered, store_for, template_data, train_tiny, train_tiny_at
 from torch import nn
 
 from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, AutoAttackEval, EvalAttack
@@ -16,7 +17,6 @@ from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_eval
 from harness.evaluation.masking import ProbeBudget, off_grid
 from harness.evaluation.nesting import raw_key
 from harness.evaluation.sweep import sweep
-from evaluation_helpers import ScaledLogits, Shattered, store_for, template_data, train_tiny, train_tiny_at
 
 EPS = [Fraction(0), Fraction(4, 100), Fraction(6, 100), Fraction(9, 100)]
 

@@ -17,7 +17,7 @@ from harness.data import DATASETS
 from harness.evaluation.checkpoints import RobustBenchName, import_robustbench, published_eps
 from harness.evaluation.flags import EvaluationStore
 from harness.evaluation.pipeline import sweep_eps
-from harness.report import build, load_results, render, tables
+from harness.report import build, load_results, render, table_robustbench
 
 # two published model_info JSONs (RobustBench, cifar10/Linf), between them every field the published files use
 PUBLISHED_MODEL_INFO = Path(__file__).resolve().parent / "data" / "robustbench_model_info"
@@ -66,7 +66,7 @@ def test_zhang2019_is_evaluated_at_its_published_eps_and_the_report_fills_the_ce
         published_eps(RobustBenchName("cifar10", "Linf", "Zhang2019Theoretically")),
     )
     external_evaluation(tmp_path, eps_list, [{"name": "square-probe", "passed": True, "detail": "ok"}], [])
-    table = tables.robustbench_table(load_results(tmp_path))
+    table = table_robustbench.robustbench_table(load_results(tmp_path))
     row = next(r for r in table.display if str(r["RobustBench model"].text) == "Zhang2019Theoretically")
     assert row["Our AA"] == "53.00 (n=100)"
 

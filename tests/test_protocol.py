@@ -169,13 +169,13 @@ def test_table1_marks_numbers_of_departing_runs(report):
 
 
 def test_fat_is_not_paired_with_fat_trades():
-    from harness.report import reference, tables
+    from harness.report import reference, table1
 
     hits = reference.robustbench()
     row = hits[hits["name"] == "Zhang2020Attacks"].iloc[0]
     assert row["harness_method"] == "" and "TRADES" in row["note"]
     results = SimpleNamespace(external=[])
-    assert "Zhang2020Attacks" not in tables._published(results, "cifar10", "fat")
+    assert "Zhang2020Attacks" not in table1._published(results, "cifar10", "fat")
 
 
 def test_records_from_before_the_scope_field_decayed_everything():

@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.report import build, compute, load_results, make_report, stats, tables, verdicts
+from harness.report import build, compute, load_results, make_report, stats, table2, tables, verdicts
 from harness.report.loading import eps_key
 
 
@@ -332,7 +332,7 @@ def test_bilevel_shares_table2_with_the_runs_of_its_training_subset(tmp_path):
     assert any("trained the model on 4500 of these examples and held out 500" in n for n in table.notes)
     assert not any(
         "held out" in n
-        for n in tables.held_out_notes({"ades": [r for r in result.results.runs if r.defense == "ades"]}, ["ades"])
+        for n in table2.held_out_notes({"ades": [r for r in result.results.runs if r.defense == "ades"]}, ["ades"])
     )
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from report_fixture import FakeRun, run_record
 
 from harness.report.loading import Run
-from harness.report.tables import group_runs, table3
+from harness.report.table3 import table3
+from harness.report.tables import group_runs
 from harness.report.verdicts import INCONCLUSIVE, cost
 from harness.resources import contended
 

@@ -13,7 +13,7 @@ behind it in its own file (`Defense.step_cost`), as a lower bound where the meth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from harness.data import DATASETS
 from harness.defense import DEFENSES, StepCost
 from harness.errors import UnknownNameError
 from harness.models import MODELS, build_model
+from harness.report.variant import defense_of
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,13 @@ def step_cost(defense: str, config: dict[str, Any] | None = None) -> StepCost | 
     defense's own `step_cost` hook (methods/<name>.py); None for a defense without a cost model or one
     no longer registered. `defense` may carry a config digest ("trades#ab12")."""
     try:
-        cls = DEFENSES.get(defense.split("#")[0])
+        cls = DEFENSES.get(defense_of(defense))
     except UnknownNameError:
         return None
     return cls.step_cost(config or {})
 
 
-@lru_cache(maxsize=None)
+@cache
 def forward_flops(model: str, dataset: str) -> int | None:
     """FLOPs (multiply-add = 2) of one forward pass of `model` on one `dataset` input, or None if unknown."""
     try:

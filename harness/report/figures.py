@@ -10,6 +10,7 @@ import base64
 import io
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,13 +52,24 @@ def _encode(fig: MplFigure) -> str:
 
 
 def _color(variant: str):
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf"]
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     return palette[reference.method_sort_key(variant)[0] % len(palette)]
 
 
-def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str,
-              index: int) -> Figure | None:
+def eps_curve(
+    results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str, index: int
+) -> Figure | None:
     """PGD-20 accuracy against eps for every method (the paper's section 5.4), from `harness eval`."""
     fig = MplFigure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
@@ -88,10 +100,13 @@ def eps_curve(results: Results, protocol: Protocol, variants: dict[str, list[Run
     ax.set_ylabel("PGD-20 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return Figure(f"eps_curve_{index}", f"PGD-20 accuracy against eps — {protocol.dataset}, {protocol.model}",
-                  f"{protocol.label()}; checkpoint {checkpoint}; line: mean over seeds (n in the legend); "
-                  f"points: each seed; band: the seeds' range; dotted line: training eps.",
-                  _encode(fig))
+    return Figure(
+        f"eps_curve_{index}",
+        f"PGD-20 accuracy against eps — {protocol.dataset}, {protocol.model}",
+        f"{protocol.label()}; checkpoint {checkpoint}; line: mean over seeds (n in the legend); "
+        f"points: each seed; band: the seeds' range; dotted line: training eps.",
+        _encode(fig),
+    )
 
 
 def _seed_spread(ax, x: list[float], values: list[list[float]], color: str) -> None:
@@ -120,8 +135,12 @@ def _epoch_series(runs: list[Run], section: str, key: str) -> tuple[list[float],
 
 
 def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: int) -> Figure | None:
-    panels = (("train", "loss", "training loss", 1), ("train", "adv_acc", "training adversarial accuracy (%)", 100),
-              ("val", "clean", "validation clean accuracy (%)", 1), ("val", "pgd", "validation PGD accuracy (%)", 1))
+    panels = (
+        ("train", "loss", "training loss", 1),
+        ("train", "adv_acc", "training adversarial accuracy (%)", 100),
+        ("val", "clean", "validation clean accuracy (%)", 1),
+        ("val", "pgd", "validation PGD accuracy (%)", 1),
+    )
     fig = MplFigure(figsize=(10, 6.4), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     drawn = 0
@@ -129,8 +148,14 @@ def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: i
         for variant, runs in variants.items():
             xs, ys = _epoch_series(runs, section, key)
             if xs:
-                ax.plot(xs, np.asarray(ys) * scale, marker="o", markersize=3, label=variant_label(variant),
-                        color=_color(variant))
+                ax.plot(
+                    xs,
+                    np.asarray(ys) * scale,
+                    marker="o",
+                    markersize=3,
+                    label=variant_label(variant),
+                    color=_color(variant),
+                )
                 per_seed = _epoch_values(runs, section, key)
                 _seed_spread(ax, xs, [[v * scale for v in per_seed[x]] for x in xs], _color(variant))
                 drawn += 1
@@ -140,9 +165,12 @@ def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: i
     if not drawn:
         return None
     axes[0].legend(fontsize=8)
-    return Figure(f"training_{index}", f"Training curves — {protocol.dataset}, {protocol.model}",
-                  f"{protocol.label()}; line: mean over seeds per epoch; points: each seed; band: the seeds' "
-                  f"range.", _encode(fig))
+    return Figure(
+        f"training_{index}",
+        f"Training curves — {protocol.dataset}, {protocol.model}",
+        f"{protocol.label()}; line: mean over seeds per epoch; points: each seed; band: the seeds' range.",
+        _encode(fig),
+    )
 
 
 def _number(value) -> float:
@@ -153,8 +181,11 @@ def _number(value) -> float:
 def cue_labels(mc_mode: str | None) -> dict[str, str]:
     """What each cue is, in words: `mc_variance` in head mode is dropout on the penultimate features only."""
     variance = {"head": "head-dropout variance", "full": "MC-dropout variance (full model)"}
-    return {"grad_norm": "input-gradient norm", "entropy": "softmax entropy",
-            "mc_variance": variance.get(mc_mode or "", "MC-dropout variance")}
+    return {
+        "grad_norm": "input-gradient norm",
+        "entropy": "softmax entropy",
+        "mc_variance": variance.get(mc_mode or "", "MC-dropout variance"),
+    }
 
 
 def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: int) -> Figure | None:
@@ -166,51 +197,80 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
         return None
     fig = MplFigure(figsize=(11, 3.8), layout="constrained")
     ax_band, ax_hist, ax_cue = fig.subplots(1, 3)
+    _plot_eps_band(ax_band, protocol, entries)
+    _plot_eps_histogram(ax_hist, protocol, entries)
+    _plot_cue_correlations(ax_cue, run, entries)
+    for ax in (ax_band, ax_hist, ax_cue):
+        ax.grid(alpha=0.3)
+    return Figure(
+        f"ades_{index}_{Variant.parse(variant).slug()}",
+        f"{variant_label(variant)}: eps distribution and cues — {protocol.dataset}, {protocol.model}",
+        _ades_caption(variant, run, entries),
+        _encode(fig),
+    )
+
+
+DiagnosticEntries = list[tuple[Any, dict[str, Any]]]  # (equivalent epoch, the pass's contract A diagnostics)
+
+
+def _plot_eps_band(ax, protocol: Protocol, entries: DiagnosticEntries) -> None:
     xs = [x for x, _ in entries]
     scale, unit = eps_scale(protocol)
 
     def series(key):
         return np.asarray([_number(d.get(key)) for _, d in entries]) * scale
 
-    ax_band.fill_between(xs, series("eps_p05"), series("eps_p95"), alpha=0.25, label="5–95th percentile")
-    ax_band.plot(xs, series("eps_p50"), marker="o", markersize=3, label="median")
-    ax_band.plot(xs, series("eps_mean"), linestyle="--", label="mean")
-    ax_band.axhline(float(Fraction(protocol.eps)) * scale, color="grey", linestyle=":", linewidth=1)
-    ax_band.set_title("per-example eps over training", fontsize=10)
-    ax_band.set_xlabel("equivalent epoch")
-    ax_band.set_ylabel(unit)
-    ax_band.legend(fontsize=7)
+    ax.fill_between(xs, series("eps_p05"), series("eps_p95"), alpha=0.25, label="5–95th percentile")
+    ax.plot(xs, series("eps_p50"), marker="o", markersize=3, label="median")
+    ax.plot(xs, series("eps_mean"), linestyle="--", label="mean")
+    ax.axhline(float(Fraction(protocol.eps)) * scale, color="grey", linestyle=":", linewidth=1)
+    ax.set_title("per-example eps over training", fontsize=10)
+    ax.set_xlabel("equivalent epoch")
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=7)
+
+
+def _plot_eps_histogram(ax, protocol: Protocol, entries: DiagnosticEntries) -> None:
+    scale, unit = eps_scale(protocol)
     last = entries[-1][1].get("eps_hist") or {}
     edges, counts = last.get("edges"), last.get("counts")
     if edges and counts and len(edges) == len(counts) + 1:
         edges_ = np.asarray(edges, float) * scale
-        ax_hist.stairs(np.asarray(counts, float), edges_, fill=True, alpha=0.6)
-    ax_hist.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
-    ax_hist.set_xlabel(unit)
+        ax.stairs(np.asarray(counts, float), edges_, fill=True, alpha=0.6)
+    ax.set_title(f"eps histogram, epoch {entries[-1][0]}", fontsize=10)
+    ax.set_xlabel(unit)
+
+
+def _plot_cue_correlations(ax, run: Run, entries: DiagnosticEntries) -> None:
+    xs = [x for x, _ in entries]
     labels = cue_labels((run.record.get("defense") or {}).get("mc_mode"))
     for cue in CUES:
         ys = [_number((d.get("spearman") or {}).get(cue)) for _, d in entries]
-        ax_cue.plot(xs, ys, marker="o", markersize=3, label=labels[cue])
-    ax_cue.axhline(0, color="grey", linewidth=0.8)
-    ax_cue.set_ylim(-1.05, 1.05)
+        ax.plot(xs, ys, marker="o", markersize=3, label=labels[cue])
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
     pooled_only = "spearman_pooled" not in entries[-1][1]
-    ax_cue.set_title("Spearman r(eps, cue), " + ("pooled over the pass (older record)" if pooled_only
-                                                  else "mean within batch"), fontsize=10)
-    ax_cue.set_xlabel("equivalent epoch")
-    ax_cue.legend(fontsize=7)
-    for ax in (ax_band, ax_hist, ax_cue):
-        ax.grid(alpha=0.3)
+    ax.set_title(
+        "Spearman r(eps, cue), " + ("pooled over the pass (older record)" if pooled_only else "mean within batch"),
+        fontsize=10,
+    )
+    ax.set_xlabel("equivalent epoch")
+    ax.legend(fontsize=7)
+
+
+def _ades_caption(variant: str, run: Run, entries: DiagnosticEntries) -> str:
     warnings = sorted({str(d["collapse_warning"]) for _, d in entries if d.get("collapse_warning")})
     caption = f"{variant_label(variant)}, run {run.run_id} (seed {run.seed}). "
     spread = [_number(d.get("eps_std_rel")) for _, d in entries]
     if not all(np.isnan(spread)):
-        caption += ("Spread (eps std / (eps_max − eps_min)) per pass: "
-                    + ", ".join("—" if np.isnan(v) else f"{v:.3f}" for v in spread) + ". ")
+        caption += (
+            "Spread (eps std / (eps_max − eps_min)) per pass: "
+            + ", ".join("—" if np.isnan(v) else f"{v:.3f}" for v in spread)
+            + ". "
+        )
     if warnings:
         caption += "Collapse warning: " + "; ".join(warnings)
-    return Figure(f"ades_{index}_{Variant.parse(variant).slug()}",
-                  f"{variant_label(variant)}: eps distribution and cues — {protocol.dataset}, {protocol.model}",
-                  caption, _encode(fig))
+    return caption
 
 
 def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list[Figure], list[str]]:
@@ -221,8 +281,10 @@ def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list
         if curve:
             figures.append(curve)
         else:
-            missing.append(f"PGD-20 vs eps for {protocol.dataset}/{protocol.model}: no `harness eval` records with "
-                           f"an eps sweep for checkpoint '{checkpoint}' (run `harness eval` on these runs)")
+            missing.append(
+                f"PGD-20 vs eps for {protocol.dataset}/{protocol.model}: no `harness eval` records with "
+                f"an eps sweep for checkpoint '{checkpoint}' (run `harness eval` on these runs)"
+            )
         curves = training_curves(protocol, variants, index)
         if curves:
             figures.append(curves)
@@ -232,6 +294,8 @@ def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list
                 if diag:
                     figures.append(diag)
                 else:
-                    missing.append(f"eps diagnostics of {variant_label(variant)} ({protocol.dataset}): the records "
-                                   f"hold no per-epoch eps statistics")
+                    missing.append(
+                        f"eps diagnostics of {variant_label(variant)} ({protocol.dataset}): the records "
+                        f"hold no per-epoch eps statistics"
+                    )
     return figures, missing

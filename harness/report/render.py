@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from harness.report import reference, reliability, tables, verdicts
+from harness.report import reference, reliability, table1, table2, table3, table_robustbench, tables, verdicts
 from harness.report.figures import Figure, all_figures
 from harness.report.loading import Results
 from harness.report.protocol_cards import ProtocolCard, protocol_cards
@@ -70,11 +70,11 @@ def build(results: Results, checkpoint: str = "last") -> Report:
     return Report(
         results=results,
         checkpoint=checkpoint,
-        table1=tables.table1(results, groups),
-        table2=tables.table2(groups, checkpoint),
-        table3=tables.table3(groups),
-        paper_floor=tables.paper_floor_table(),
-        robustbench=tables.robustbench_table(results),
+        table1=table1.table1(results, groups),
+        table2=table2.table2(groups, checkpoint),
+        table3=table3.table3(groups),
+        paper_floor=table3.paper_floor_table(),
+        robustbench=table_robustbench.robustbench_table(results),
         evaluations=reliability.evaluations_table(results),
         check_details=reliability.check_details(results),
         figures=figures,

@@ -634,7 +634,7 @@ def _official_vs_paper(results: Results, rb_name: str, paper_method: str, claim:
 
 
 def floor_claim() -> Verdict:
-    from harness.report.tables import PAPER_SETTING
+    from harness.report.table3 import PAPER_SETTING
 
     flops = compute.forward_flops(PAPER_SETTING["model"], PAPER_SETTING["dataset"])
     peak = compute.device_peak(PAPER_SETTING["device"])
