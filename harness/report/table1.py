@@ -51,68 +51,87 @@ def _published(results: Results, dataset: str, defense: str) -> str:
 
 
 def table1(results: Results, groups: Groups) -> list[Table]:
-    tables = []
-    for index, (protocol, variants) in enumerate(groups.items(), 1):
-        with_paper = not reference.paper_table1().query("dataset == @protocol.dataset").empty
-        steps = next(iter(variants.values()))[0].pgd_steps
-        pgd_name = f"PGD-{steps}"
-        export_rows, display_rows = [], []
-        for variant, runs in variants.items():
-            claim = reference.paper_claim(protocol.dataset, variant) if with_paper else None
-            for checkpoint in CHECKPOINTS:
-                clean = final_values(runs, checkpoint, "clean")
-                pgd = final_values(runs, checkpoint, "pgd")
-                if not clean:
-                    continue
-                n_test = sorted({int(r.record["final"][checkpoint]["n"]) for r in runs})
-                aa = autoattack_values(results, runs, checkpoint, protocol.eps)
-                aa_vals = [] if aa.mixed else aa.values
-                row_export = _export_row(variant, checkpoint, runs, n_test, clean, pgd, aa, aa_vals)
-                row = {
-                    "Method": Cell(variant_label(variant), "method"),
-                    "Checkpoint": CHECKPOINT_LABELS[checkpoint],
-                    "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
-                    "Test n": ", ".join(map(str, n_test)),
-                    "Clean": fmt_mean_std(clean),
-                }
-                if with_paper:
-                    row["Paper clean"] = Cell(fmt(claim and claim["clean"], 1), "claim")
-                    row["Δ clean"] = diff_cell(clean, claim and claim["clean"])
-                row[pgd_name] = fmt_mean_std(pgd)
-                if with_paper:
-                    row["Paper PGD-20"] = Cell(fmt(claim and claim["pgd"], 1), "claim")
-                    row["Δ PGD"] = (
-                        diff_cell(pgd, claim and claim["pgd"])
-                        if steps == 20
-                        else Cell("n/a", "muted", f"{pgd_name} is not PGD-20")
-                    )
-                row["AutoAttack"] = _autoattack_cell(aa, aa_vals, len(runs))
-                row["AA n"] = ", ".join(map(str, sorted(aa.n))) or "—"
-                if with_paper:
-                    row["Paper AA"] = Cell(fmt(claim and claim["autoattack"], 1), "claim")
-                    row["Δ AA"] = diff_cell(aa_vals, claim and claim["autoattack"])
-                    row_export.update(
-                        paper_clean=claim and claim["clean"],
-                        paper_pgd20=claim and claim["pgd"],
-                        paper_autoattack=claim and claim["autoattack"],
-                    )
-                _mark_departures(row, row_export, runs, (pgd_name, "Clean", "AutoAttack"))
-                _add_reliability_and_published(
-                    results, protocol, variant, checkpoint, runs, aa, with_paper, row, row_export
-                )
-                export_rows.append(row_export)
-                display_rows.append(row)
-        tables.append(
-            Table(
-                f"table1_{protocol.slug()}",
-                f"Table 1.{index}: accuracy (%) — {protocol.dataset}, {protocol.model}, eps {protocol.eps}",
-                protocol.label(),
-                pd.DataFrame(export_rows),
-                display_rows,
-                _table1_notes(protocol, pgd_name, with_paper, steps),
-            )
+    return [
+        _table1_one(results, index, protocol, variants) for index, (protocol, variants) in enumerate(groups.items(), 1)
+    ]
+
+
+def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict[str, list[Run]]) -> Table:
+    """Table 1 for one protocol: a row per (method, checkpoint), the paper's numbers beside where it has them."""
+    with_paper = not reference.paper_table1().query("dataset == @protocol.dataset").empty
+    steps = next(iter(variants.values()))[0].pgd_steps
+    export_rows, display_rows = [], []
+    for variant, runs in variants.items():
+        claim = reference.paper_claim(protocol.dataset, variant) if with_paper else None
+        for checkpoint in CHECKPOINTS:
+            rows = _table1_row(results, protocol, variant, checkpoint, runs, with_paper, claim, steps)
+            if rows is not None:
+                export_rows.append(rows[0])
+                display_rows.append(rows[1])
+    return Table(
+        f"table1_{protocol.slug()}",
+        f"Table 1.{index}: accuracy (%) — {protocol.dataset}, {protocol.model}, eps {protocol.eps}",
+        protocol.label(),
+        pd.DataFrame(export_rows),
+        display_rows,
+        _table1_notes(protocol, f"PGD-{steps}", with_paper, steps),
+    )
+
+
+def _table1_row(
+    results: Results,
+    protocol: Protocol,
+    variant: str,
+    checkpoint: str,
+    runs: list[Run],
+    with_paper: bool,
+    claim,
+    steps: int,
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """One (method, checkpoint) row: (export, display); None when no run has that checkpoint's numbers."""
+    pgd_name = f"PGD-{steps}"
+    clean = final_values(runs, checkpoint, "clean")
+    pgd = final_values(runs, checkpoint, "pgd")
+    if not clean:
+        return None
+    n_test = sorted({int(r.record["final"][checkpoint]["n"]) for r in runs})
+    aa = autoattack_values(results, runs, checkpoint, protocol.eps)
+    aa_vals = [] if aa.mixed else aa.values
+    row_export = _export_row(variant, checkpoint, runs, n_test, clean, pgd, aa, aa_vals)
+    row = {
+        "Method": Cell(variant_label(variant), "method"),
+        "Checkpoint": CHECKPOINT_LABELS[checkpoint],
+        "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
+        "Test n": ", ".join(map(str, n_test)),
+        "Clean": fmt_mean_std(clean),
+    }
+    if with_paper:
+        row["Paper clean"] = Cell(fmt(claim and claim["clean"], 1), "claim")
+        row["Δ clean"] = diff_cell(clean, claim and claim["clean"])
+    row[pgd_name] = fmt_mean_std(pgd)
+    if with_paper:
+        row["Paper PGD-20"] = Cell(fmt(claim and claim["pgd"], 1), "claim")
+        row["Δ PGD"] = (
+            diff_cell(pgd, claim and claim["pgd"]) if steps == 20 else Cell("n/a", "muted", f"{pgd_name} is not PGD-20")
         )
-    return tables
+    row["AutoAttack"] = _autoattack_cell(aa, aa_vals, len(runs))
+    row["AA n"] = ", ".join(map(str, sorted(aa.n))) or "—"
+    if with_paper:
+        _paper_autoattack(row, row_export, claim, aa_vals)
+    _mark_departures(row, row_export, runs, (pgd_name, "Clean", "AutoAttack"))
+    _add_reliability_and_published(results, protocol, variant, checkpoint, runs, aa, with_paper, row, row_export)
+    return row_export, row
+
+
+def _paper_autoattack(row: dict[str, Any], row_export: dict[str, Any], claim, aa_vals: list[float]) -> None:
+    """The paper's AutoAttack beside ours, and the paper's three numbers in the export."""
+    row["Paper AA"] = Cell(fmt(claim and claim["autoattack"], 1), "claim")
+    row["Δ AA"] = diff_cell(aa_vals, claim and claim["autoattack"])
+    row_export.update(
+        paper_clean=claim and claim["clean"],
+        paper_pgd20=claim and claim["pgd"],
+        paper_autoattack=claim and claim["autoattack"],
+    )
 
 
 def _add_reliability_and_published(
