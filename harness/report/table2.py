@@ -73,122 +73,105 @@ def correlation_cell(runs: list[Run]) -> Cell:
 def table2(groups: Groups, checkpoint: str) -> list[Table]:
     """The paper's ablation (learned vs static fusion) plus two controls the paper lacks: PGD-AT (one eps)
     and CAT (dynamic over training, not per sample); with each run's eps spread and cue correlations."""
-    paper = reference.paper_table2().set_index("scheduler")
-    claimed_gain = reference.paper_ablation_gain()  # learned minus static, the paper's Table 2
     tables = []
     for protocol, variants in groups.items():
         scheduled = [v for v in variants if defense_of(v) in reference.TABLE2_ROWS]
         if not scheduled:
             continue
         controls = [v for v in variants if defense_of(v) in reference.TABLE2_CONTROLS]
-        compare = protocol.dataset == "cifar10"
-        export_rows, display_rows = [], []
-        for variant in scheduled + controls:
-            runs = variants[variant]
-            clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
-            row_name = reference.TABLE2_ROWS.get(defense_of(variant))
-            claim = paper.loc[row_name] if row_name else None
-            claim_clean = None if claim is None else float(claim["clean"])
-            claim_pgd = None if claim is None else float(claim["pgd20"])
-            diags = last_pass_diagnostics(runs)
-            export_rows.append(
-                {
-                    "method": variant_label(variant),
-                    "seeds": len(runs),
-                    "clean_mean": mean_std(clean)[0],
-                    "clean_std": mean_std(clean)[1],
-                    "pgd_mean": mean_std(pgd)[0],
-                    "pgd_std": mean_std(pgd)[1],
-                    "paper_clean": claim_clean,
-                    "paper_pgd20": claim_pgd,
-                    "eps_std_rel_last_pass": float(np.mean([d["eps_std_rel"] for d in diags]))
-                    if diags and all(isinstance(d.get("eps_std_rel"), (int, float)) for d in diags)
-                    else None,
-                }
-            )
-            display_rows.append(
-                {
-                    "Method": Cell(variant_label(variant), "method"),
-                    "Paper's row": row_name or Cell("control (not in the paper)", "muted"),
-                    "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
-                    "Clean": fmt_mean_std(clean),
-                    "Paper clean (CIFAR-10)": Cell(fmt(claim_clean, 1), "claim"),
-                    "Δ clean": diff_cell(clean, claim_clean) if compare else Cell("n/a", "muted"),
-                    f"PGD-{runs[0].pgd_steps}": fmt_mean_std(pgd),
-                    "Paper PGD-20 (CIFAR-10)": Cell(fmt(claim_pgd, 1), "claim"),
-                    "Δ PGD": diff_cell(pgd, claim_pgd) if compare and runs[0].pgd_steps == 20 else Cell("n/a", "muted"),
-                    "eps spread (last pass)": spread_cell(runs),
-                    "r(eps, cue) within batch": correlation_cell(runs),
-                }
-            )
-        gain_export, gain_display = _gain_rows(variants, scheduled, controls, checkpoint, claimed_gain)
-        export_rows += gain_export
-        display_rows += gain_display
-        notes = _table2_notes(protocol, checkpoint, variants, scheduled, controls)
+        rows = [_table2_row(variants[v], v, checkpoint, protocol.dataset == "cifar10") for v in scheduled + controls]
+        gain_export, gain_display = _gain_rows(variants, scheduled, controls, checkpoint)
         tables.append(
             Table(
                 f"table2_{protocol.slug()}",
                 f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
                 protocol.label(),
-                pd.DataFrame(export_rows),
-                display_rows,
-                notes,
+                pd.DataFrame([export for export, _ in rows] + gain_export),
+                [display for _, display in rows] + gain_display,
+                _table2_notes(protocol, checkpoint, variants, scheduled, controls),
             )
         )
     return tables
 
 
+def _table2_row(runs: list[Run], variant: str, checkpoint: str, compare: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One scheduler's (or control's) row beside the paper's row of the same reading: (export, display)."""
+    clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
+    row_name = reference.TABLE2_ROWS.get(defense_of(variant))
+    claim = reference.paper_table2().set_index("scheduler").loc[row_name] if row_name else None
+    claim_clean = None if claim is None else float(claim["clean"])
+    claim_pgd = None if claim is None else float(claim["pgd20"])
+    diags = last_pass_diagnostics(runs)
+    spreads_known = diags and all(isinstance(d.get("eps_std_rel"), (int, float)) for d in diags)
+    export = {
+        "method": variant_label(variant),
+        "seeds": len(runs),
+        "clean_mean": mean_std(clean)[0],
+        "clean_std": mean_std(clean)[1],
+        "pgd_mean": mean_std(pgd)[0],
+        "pgd_std": mean_std(pgd)[1],
+        "paper_clean": claim_clean,
+        "paper_pgd20": claim_pgd,
+        "eps_std_rel_last_pass": float(np.mean([d["eps_std_rel"] for d in diags])) if spreads_known else None,
+    }
+    display = {
+        "Method": Cell(variant_label(variant), "method"),
+        "Paper's row": row_name or Cell("control (not in the paper)", "muted"),
+        "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
+        "Clean": fmt_mean_std(clean),
+        "Paper clean (CIFAR-10)": Cell(fmt(claim_clean, 1), "claim"),
+        "Δ clean": diff_cell(clean, claim_clean) if compare else Cell("n/a", "muted"),
+        f"PGD-{runs[0].pgd_steps}": fmt_mean_std(pgd),
+        "Paper PGD-20 (CIFAR-10)": Cell(fmt(claim_pgd, 1), "claim"),
+        "Δ PGD": diff_cell(pgd, claim_pgd) if compare and runs[0].pgd_steps == 20 else Cell("n/a", "muted"),
+        "eps spread (last pass)": spread_cell(runs),
+        "r(eps, cue) within batch": correlation_cell(runs),
+    }
+    return export, display
+
+
 def _gain_rows(
-    variants: dict[str, list[Run]],
-    scheduled: list[str],
-    controls: list[str],
-    checkpoint: str,
-    claimed_gain: dict[str, float],
+    variants: dict[str, list[Run]], scheduled: list[str], controls: list[str], checkpoint: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Learned minus static (the paper's gain) and per-sample minus curriculum: (export rows, display rows)."""
-    export_rows, display_rows = [], []
-    baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1] + [
-        v for v in controls if defense_of(v) == "cat"
-    ][:1]
-    for variant in scheduled:
-        for base in baselines:
-            if variant == base or defense_of(variant) == "static-des":
-                continue
-            gain = {
-                m: np.mean(final_values(variants[variant], checkpoint, m))
-                - np.mean(final_values(variants[base], checkpoint, m))
-                for m in ("clean", "pgd")
-            }
-            paper_gain = defense_of(base) == "static-des"
-            display_rows.append(
-                {
-                    "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
-                    "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
-                    "Seeds": "",
-                    "Clean": fmt(gain["clean"], signed=True),
-                    "Paper clean (CIFAR-10)": Cell(
-                        fmt(claimed_gain["clean"], 1, signed=True) if paper_gain else "—", "claim"
-                    ),
-                    "Δ clean": "",
-                    f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
-                    "Paper PGD-20 (CIFAR-10)": Cell(
-                        fmt(claimed_gain["pgd20"], 1, signed=True) if paper_gain else "—", "claim"
-                    ),
-                    "Δ PGD": "",
-                    "eps spread (last pass)": "",
-                    "r(eps, cue) within batch": "",
-                }
-            )
-            export_rows.append(
-                {
-                    "method": f"{variant_label(variant)} - {variant_label(base)}",
-                    "clean_mean": gain["clean"],
-                    "pgd_mean": gain["pgd"],
-                    "paper_clean": claimed_gain["clean"] if paper_gain else None,
-                    "paper_pgd20": claimed_gain["pgd20"] if paper_gain else None,
-                }
-            )
-    return export_rows, display_rows
+    baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1]
+    baselines += [v for v in controls if defense_of(v) == "cat"][:1]
+    pairs = [(v, b) for v in scheduled for b in baselines if v != b and defense_of(v) != "static-des"]
+    rows = [_gain_row(variants, variant, base, checkpoint) for variant, base in pairs]
+    return [export for export, _ in rows], [display for _, display in rows]
+
+
+def _gain_row(variants: dict[str, list[Run]], variant: str, base: str, checkpoint: str) -> tuple[dict, dict]:
+    """`variant` minus `base` in mean clean and PGD accuracy, beside the paper's gain where it claims one."""
+    claimed_gain = reference.paper_ablation_gain()  # learned minus static, the paper's Table 2
+    gain = {
+        m: np.mean(final_values(variants[variant], checkpoint, m))
+        - np.mean(final_values(variants[base], checkpoint, m))
+        for m in ("clean", "pgd")
+    }
+    paper_gain = defense_of(base) == "static-des"
+    claimed = {m: fmt(claimed_gain[m], 1, signed=True) if paper_gain else "—" for m in ("clean", "pgd20")}
+    display = {
+        "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
+        "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
+        "Seeds": "",
+        "Clean": fmt(gain["clean"], signed=True),
+        "Paper clean (CIFAR-10)": Cell(claimed["clean"], "claim"),
+        "Δ clean": "",
+        f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
+        "Paper PGD-20 (CIFAR-10)": Cell(claimed["pgd20"], "claim"),
+        "Δ PGD": "",
+        "eps spread (last pass)": "",
+        "r(eps, cue) within batch": "",
+    }
+    export = {
+        "method": f"{variant_label(variant)} - {variant_label(base)}",
+        "clean_mean": gain["clean"],
+        "pgd_mean": gain["pgd"],
+        "paper_clean": claimed_gain["clean"] if paper_gain else None,
+        "paper_pgd20": claimed_gain["pgd20"] if paper_gain else None,
+    }
+    return export, display
 
 
 def _table2_notes(
