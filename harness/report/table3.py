@@ -80,22 +80,16 @@ def _table3_row(
     ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
     paper_s = reference.paper_seconds(variant)
     cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
-    floors = {}
-    if peak and flops and cost and examples:
-        floors = {
-            kind: compute.floor_seconds(flops, cost.forward_equivalents, examples, tflops)
-            for kind, tflops in (("fp32", peak.fp32_tflops), ("tensor", peak.tensor_tflops))
-        }
+    floors = _floors(peak, flops, cost, examples)
     mean, std = mean_std(seconds)
+    n_seeds = len({r.seed for r in runs})
     export = {
         "method": variant_label(variant),
         "seconds_per_epoch": mean,
         "seconds_std": std,
         "epochs_timed": len(seconds),
-        "seeds": len({r.seed for r in runs}),
-        "ratio_to_pgd_at": ratio.value if ratio else None,
-        "ratio_low": ratio.interval.low if ratio and ratio.interval else None,
-        "ratio_high": ratio.interval.high if ratio and ratio.interval else None,
+        "seeds": n_seeds,
+        **_ratio_fields(ratio),
         "paper_seconds": paper_s,
         "paper_ratio": paper_s / paper_pgd if paper_s else None,
         "device": device,
@@ -104,29 +98,58 @@ def _table3_row(
         "floor_seconds_fp32": floors.get("fp32"),
         "floor_seconds_tensor": floors.get("tensor"),
     }
-    ratio_text = "—"
-    if variant == "pgd-at":
-        ratio_text = "×1.00 (reference)"
-    elif ratio:
-        ratio_text = f"×{ratio.value:.2f}" + (
-            f" [{ratio.interval.low:.2f}, {ratio.interval.high:.2f}]" if ratio.interval else ""
-        )
     display = {
         "Method": Cell(variant_label(variant), "method"),
         "s / epoch": f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
-        "Seeds": seed_count_mark(Cell(str(len({r.seed for r in runs}))), len({r.seed for r in runs})),
+        "Seeds": seed_count_mark(Cell(str(n_seeds)), n_seeds),
         "Epochs timed": str(len(seconds)),
-        "× PGD-AT [95%]": Cell(ratio_text, title=ratio.interval.method if ratio and ratio.interval else ""),
+        "× PGD-AT [95%]": Cell(
+            _ratio_text(variant, ratio), title=ratio.interval.method if ratio and ratio.interval else ""
+        ),
         "Paper s / epoch (V100)": Cell(fmt(paper_s, 0), "claim"),
         "Paper ×": Cell(f"×{paper_s / paper_pgd:.2f}" if paper_s else "—", "claim"),
-        "Fwd-equiv / example": Cell(
-            fmt(cost.forward_equivalents, 0) if cost else "?",
-            title=cost.assumption if cost else "no cost model for this method",
-        ),
+        "Fwd-equiv / example": _cost_cell(cost),
         "Floor s (fp32 peak)": fmt(floors.get("fp32")) if floors else "—",
         "Floor s (fp16 tensor peak)": fmt(floors.get("tensor")) if floors else "—",
     }
     return export, display
+
+
+def _floors(peak: compute.DevicePeak | None, flops: float | None, cost, examples: int | None) -> dict[str, float]:
+    """The seconds an epoch cannot beat at the device's fp32 and tensor peaks ({} without a cost model)."""
+    if not (peak and flops and cost and examples):
+        return {}
+    return {
+        kind: compute.floor_seconds(flops, cost.forward_equivalents, examples, tflops)
+        for kind, tflops in (("fp32", peak.fp32_tflops), ("tensor", peak.tensor_tflops))
+    }
+
+
+def _ratio_fields(ratio) -> dict[str, float | None]:
+    """The export's ratio to PGD-AT and its interval (None where there is none)."""
+    interval = ratio.interval if ratio else None
+    return {
+        "ratio_to_pgd_at": ratio.value if ratio else None,
+        "ratio_low": interval.low if interval else None,
+        "ratio_high": interval.high if interval else None,
+    }
+
+
+def _cost_cell(cost) -> Cell:
+    """Forward-equivalents per example, the cost model's assumption on hover."""
+    if cost is None:
+        return Cell("?", title="no cost model for this method")
+    return Cell(fmt(cost.forward_equivalents, 0), title=cost.assumption)
+
+
+def _ratio_text(variant: str, ratio) -> str:
+    if variant == "pgd-at":
+        return "×1.00 (reference)"
+    if ratio:
+        return f"×{ratio.value:.2f}" + (
+            f" [{ratio.interval.low:.2f}, {ratio.interval.high:.2f}]" if ratio.interval else ""
+        )
+    return "—"
 
 
 def _table3_notes(
@@ -163,6 +186,13 @@ def _table3_notes(
         )
     if baseline is None:
         notes.append("No PGD-AT run on this device under this protocol: ratios are missing.")
+    notes.extend(_busy_and_cost_notes(variants))
+    return notes
+
+
+def _busy_and_cost_notes(variants: dict[str, list[Run]]) -> list[str]:
+    """Which rows were timed on a busy machine (no verdict), and each method's cost-model assumption."""
+    notes = []
     busy = sorted(
         {
             variant_label(v)
@@ -178,15 +208,8 @@ def _table3_notes(
             f"{CONTENTION_CORES} CPU cores busy): {', '.join(busy)}; their seconds and ratios "
             "are shown but carry no verdict."
         )
-    notes.extend(
-        sorted(
-            {
-                f"{variant_label(v)}: {c.assumption}."
-                for v, runs in variants.items()
-                if (c := compute.step_cost(v, runs[0].record["defense"].get("config")))
-            }
-        )
-    )
+    costs = (compute.step_cost(v, runs[0].record["defense"].get("config")) for v, runs in variants.items())
+    notes.extend(sorted({f"{variant_label(v)}: {c.assumption}." for v, c in zip(variants, costs) if c}))
     return notes
 
 
