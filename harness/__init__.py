@@ -11,9 +11,6 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it (imported when the name is first used). `report` is the
-# harness.report package itself, which is callable (harness.api.report): an import of the package would
-# rebind the name `harness.report` to it anyway.
 __all__ = [
     "Accuracy",
     "EvaluationResult",
@@ -26,17 +23,15 @@ __all__ = [
     "report",
     "train",
 ]
-_CALLABLE_PACKAGES = ("report",)
+# public name -> the module that defines it (imported when the name is first used)
 _LAZY = {
-    **{name: "harness.api" for name in __all__ if name not in (*_CALLABLE_PACKAGES, "__version__")},
+    **{name: "harness.api" for name in __all__ if name != "__version__"},
     "evaluate": "harness.evaluation.pipeline",
     "EvaluationResult": "harness.evaluation.pipeline",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CALLABLE_PACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here: the hook runs once
     if name not in _LAZY:
         raise AttributeError(f"module 'harness' has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.config import RunSpec
-    from harness.executors import Executor, Job, Outcome
-    from harness.report.render import Report
-    from harness.runner import RunOptions
+    from harness.core.config import RunSpec
+    from harness.reporting.render import Report
+    from harness.scale.executors import Executor, Job, Outcome
+    from harness.training.runner import RunOptions
 
 Say = Callable[[str], None]
 
@@ -59,8 +59,8 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> RunRecord:
-        """Through harness.records' upgrade (the one owner of record.json's older shapes)."""
-        from harness.records import upgrade_record
+        """Through harness.storage.records' upgrade (the one owner of record.json's older shapes)."""
+        from harness.storage.records import upgrade_record
 
         spec = upgrade_record(record)["spec"]
         final = {label: Accuracy(m["clean"], m["pgd"], m["n"]) for label, m in record["final"].items()}
@@ -131,9 +131,9 @@ def run_label(spec: RunSpec) -> str:
 
 
 def run_jobs(specs: list[RunSpec], options: RunOptions) -> list[Job]:
-    """One job per spec, calling `harness.runner.run`; a retry after a lost worker resumes, never forces."""
-    from harness.executors import Job
-    from harness.runner import run
+    """One job per spec, calling `harness.training.runner.run`; a retry after a lost worker resumes, never forces."""
+    from harness.scale.executors import Job
+    from harness.training.runner import run
 
     retry = dataclasses.replace(options, resume=True, force=False)
     return [Job(label=run_label(s), fn=run, args=(s, options), retry_args=(s, retry)) for s in specs]
@@ -141,7 +141,7 @@ def run_jobs(specs: list[RunSpec], options: RunOptions) -> list[Job]:
 
 def complete_labels(specs: list[RunSpec], results_dir: Path, force: bool) -> frozenset[str]:
     """Labels of the runs already complete before this call: the summary counts them as skipped."""
-    from harness.records import run_state
+    from harness.storage.records import run_state
 
     if force:
         return frozenset()
@@ -150,7 +150,7 @@ def complete_labels(specs: list[RunSpec], results_dir: Path, force: bool) -> fro
 
 def check_run_paths(specs: list[RunSpec], results_dir: Path, data_dir: Path | None, force: bool) -> None:
     """One-line errors for paths that would fail later, before a results directory is created."""
-    from harness.storage import ensure_writable_dir, existing_dir
+    from harness.storage.atomic import ensure_writable_dir, existing_dir
 
     if data_dir is not None:
         existing_dir(data_dir, "--data-dir", hint="create it or pass an existing --data-dir")
@@ -172,7 +172,7 @@ def train_specs(
 ) -> list[Outcome]:
     """Every spec through `executor` (skip, resume or force as `options` says), then the summary;
     a HarnessError unless every run is complete (a single run's error is that run's)."""
-    from harness.executors import execute_all
+    from harness.scale.executors import execute_all
 
     resume_mode(options.resume, options.force)
     skipped = complete_labels(specs, options.results_dir, options.force)
@@ -198,14 +198,14 @@ def train(
 ) -> TrainResult:
     """Train one defense and evaluate it, as `harness run -m METHOD` does, writing the same record.
 
-    Give a `RunSpec` (e.g. from `harness.runner.make_spec` or a grid; `dataset`, `preset` and `seed`
+    Give a `RunSpec` (e.g. from `harness.training.runner.make_spec` or a grid; `dataset`, `preset` and `seed`
     are then its own), or `method` with the keywords of `make_spec` (epochs, eps, model, dropout,
     overrides, precision_name, batchnorm, compile_model).
     """
-    from harness.environment import resolve_device
-    from harness.executor_cli import absolute
-    from harness.executors import LocalExecutor
-    from harness.runner import RunOptions, make_spec
+    from harness.core.environment import resolve_device
+    from harness.scale.executor_cli import absolute
+    from harness.scale.executors import LocalExecutor
+    from harness.training.runner import RunOptions, make_spec
 
     if (spec is None) == (method is None):
         raise HarnessError("give train() either a RunSpec or method=NAME, not both or neither")
@@ -231,7 +231,7 @@ def train(
 
 def load_run(run_dir: str | Path) -> TrainResult:
     """The result of a finished run from its directory (what `train` returns)."""
-    from harness.records import RECORD_NAME, read_record
+    from harness.storage.records import RECORD_NAME, read_record
 
     run_dir = Path(run_dir)
     return TrainResult(record=RunRecord.from_dict(read_record(run_dir / RECORD_NAME)), run_dir=run_dir)
@@ -246,8 +246,8 @@ DEFAULT_REPORTS = Path("reports")
 def report(results: str | Path = "results", out: str | Path | None = None, checkpoint: str = "last") -> ReportResult:
     """Tables 1-3, curves and claim verdicts from the records in `results`, as `harness report` writes
     them (out: default reports/<results folder name>). Trains and attacks nothing."""
-    from harness.report import build, load_results, write
-    from harness.storage import ensure_writable_dir
+    from harness.reporting import build, load_results, write
+    from harness.storage.atomic import ensure_writable_dir
 
     results_dir = Path(results)
     out_dir = Path(out) if out is not None else DEFAULT_REPORTS / (results_dir.resolve().name or "results")

@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from harness.allocator import keep_freed_memory
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
+from harness.training.allocator import keep_freed_memory
 
 
 class HarnessGroup(click.Group):

@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 import torch
 
-from harness.defense import Defense, Perturbation, adversarial_ce_step, register_defense
-from harness.pgd import pgd
-from harness.validation import DefenseConfig, at_least, positive, rules
+from harness.core.defense import Defense, Perturbation, adversarial_ce_step, register_defense
+from harness.core.pgd import pgd
+from harness.core.validation import DefenseConfig, at_least, positive, rules
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from harness.config import Schedule
-from harness.defense import Defense, Perturbation, StepCost, adversarial_ce_step, register_defense
-from harness.distributed import sum_over_processes
-from harness.pgd import pgd
-from harness.protocol import (
+from harness.core.config import Schedule
+from harness.core.defense import Defense, Perturbation, StepCost, adversarial_ce_step, register_defense
+from harness.core.pgd import pgd
+from harness.core.protocol import (
     INPUT_RAW,
     OUR_SELECTION,
     PAPER_EPS,
@@ -54,7 +53,8 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, at_least, between, increasing, non_negative, positive, require, rules
+from harness.core.validation import DefenseConfig, at_least, between, increasing, non_negative, positive, require, rules
+from harness.scale.distributed import sum_over_processes
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class FAT(Defense):
             5, "early-stopped PGD: at least one attack step + training step (a lower bound; at most 23 with PGD-10)"
         )
 
-    # harness.distributed: early stopping is per example and its loop ends on every rank together
+    # harness.scale.distributed: early stopping is per example and its loop ends on every rank together
     # (`any_rank`); the mean-steps diagnostic is summed over ranks. Step noise is drawn per rank.
     distributed_ready = True
     reference_schedule: ClassVar[Schedule] = Schedule(

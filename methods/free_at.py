@@ -36,11 +36,10 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from harness import precision
-from harness.config import Schedule, to_jsonable
-from harness.defense import Defense, Perturbation, StepCost, accuracy, register_defense
-from harness.pgd import pgd
-from harness.protocol import (
+from harness.core.config import Schedule, to_jsonable
+from harness.core.defense import Defense, Perturbation, StepCost, accuracy, register_defense
+from harness.core.pgd import pgd
+from harness.core.protocol import (
     INPUT_PER_IMAGE,
     OUR_SELECTION,
     PAPER_SCHEDULE,
@@ -48,7 +47,8 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, at_least, positive, rules
+from harness.core.validation import DefenseConfig, at_least, positive, rules
+from harness.training import precision
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from harness.config import Schedule, to_jsonable
-from harness.defense import (
+from harness.core.config import Schedule, to_jsonable
+from harness.core.defense import (
     PerExampleEps,
     Perturbation,
     StepCost,
@@ -44,8 +44,8 @@ from harness.defense import (
     configured_steps,
     register_defense,
 )
-from harness.pgd import model_mode, pgd
-from harness.protocol import (
+from harness.core.pgd import model_mode, pgd
+from harness.core.protocol import (
     INPUT_RAW,
     OUR_SELECTION,
     PAPER_INPUT,
@@ -54,7 +54,7 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, at_least, between, non_negative, positive, rules
+from harness.core.validation import DefenseConfig, at_least, between, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class IAAT(PerExampleEps):
         k = configured_steps(config)
         return StepCost(3 * 2 * k + 3, f"about 3 PGD-{k} attacks per batch (docs/recipes.md) + training step")
 
-    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
+    distributed_ready = True  # harness.scale.distributed: batch-mean losses, rank-agreeing control flow
     # yogeshbalaji/Instance_Adaptive_Adversarial_Training configs/train_adaptive.json and
     # trainers/trainer_adaptive.py: WRN (depth 32, width 10 as named there), 110 epochs, batch 256,
     # lr 0.1 x0.2 at epochs 70, 90 and 100, wd 5e-4.

@@ -33,8 +33,8 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from harness.config import Schedule
-from harness.defense import (
+from harness.core.config import Schedule
+from harness.core.defense import (
     Defense,
     Perturbation,
     StepCost,
@@ -44,8 +44,8 @@ from harness.defense import (
     register_defense,
     sgd_step,
 )
-from harness.pgd import pgd
-from harness.protocol import (
+from harness.core.pgd import pgd
+from harness.core.protocol import (
     INPUT_RAW,
     OUR_SELECTION,
     PAPER_EPS,
@@ -55,7 +55,7 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, at_least, non_negative, positive, rules
+from harness.core.validation import DefenseConfig, at_least, non_negative, positive, rules
 
 LOG_FLOOR = 1e-12  # added inside logs of probabilities, as in the reference
 BOOST_OFFSET = 1.0001  # -log(1.0001 - p) stays finite when a wrong class takes all the mass
@@ -111,7 +111,7 @@ class MART(Defense):
         k = configured_steps(config)
         return StepCost(2 * k + 6, f"PGD-{k} + training forward/backward on clean and adversarial inputs")
 
-    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
+    distributed_ready = True  # harness.scale.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=90,
         batch_size=128,

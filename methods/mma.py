@@ -44,8 +44,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from harness.config import Schedule, to_jsonable
-from harness.defense import (
+from harness.core.config import Schedule, to_jsonable
+from harness.core.defense import (
     PerExampleEps,
     Perturbation,
     StepCost,
@@ -54,9 +54,8 @@ from harness.defense import (
     register_defense,
     sgd_step,
 )
-from harness.distributed import any_rank
-from harness.pgd import model_mode, per_sample, pgd
-from harness.protocol import (
+from harness.core.pgd import model_mode, per_sample, pgd
+from harness.core.protocol import (
     INPUT_PER_IMAGE,
     OUR_SELECTION,
     PAPER_SCHEDULE,
@@ -64,7 +63,8 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, at_least, between, positive, require, rules
+from harness.core.validation import DefenseConfig, at_least, between, positive, require, rules
+from harness.scale.distributed import any_rank
 
 
 def soft_logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ class MMA(PerExampleEps):
             f"AN-PGD-{k} + 10 bisection forwards + clean forward + training on adversarial and clean inputs (rough)",
         )
 
-    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
+    distributed_ready = True  # harness.scale.distributed: batch-mean losses, rank-agreeing control flow
     # BorealisAI/mma_training config.py (LinfCIFAR10), train.py: WRN-28-4 on a 45k/5k split,
     # 50k SGD steps of batch 128 (~142 epochs), lr 0.3 -> 0.09 -> 0.03 -> 0.009 at 40/60/80% of
     # training, wd 2e-4; the reference keeps the checkpoint with the highest mean validation eps.

@@ -21,10 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from harness.config import Schedule
-from harness.defense import Defense, Perturbation, StepCost, adversarial_ce_step, configured_steps, register_defense
-from harness.pgd import pgd
-from harness.protocol import (
+from harness.core.config import Schedule
+from harness.core.defense import (
+    Defense,
+    Perturbation,
+    StepCost,
+    adversarial_ce_step,
+    configured_steps,
+    register_defense,
+)
+from harness.core.pgd import pgd
+from harness.core.protocol import (
     INPUT_MEAN_STD,
     OUR_SELECTION,
     PAPER_SCHEDULE,
@@ -32,7 +39,7 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, at_least, positive, rules
+from harness.core.validation import DefenseConfig, at_least, positive, rules
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class PGDAT(Defense):
         k = configured_steps(config)
         return StepCost(2 * k + 3, f"PGD-{k}: {k} x (forward + input backward) + one training forward/backward")
 
-    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
+    distributed_ready = True  # harness.scale.distributed: batch-mean losses, rank-agreeing control flow
     # Rice et al.: 200 epochs, lr 0.1 -> 0.01 at 100 -> 0.001 at 150, batch 128, wd 5e-4.
     reference_schedule = Schedule(epochs=200, batch_size=128, lr=0.1, lr_milestones=(0.5, 0.75), weight_decay=5e-4)
     reference_protocol = ReferenceProtocol(

@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from harness.config import Schedule
-from harness.defense import (
+from harness.core.config import Schedule
+from harness.core.defense import (
     Defense,
     Perturbation,
     StepCost,
@@ -47,8 +47,8 @@ from harness.defense import (
     register_defense,
     sgd_step,
 )
-from harness.pgd import model_mode, pgd
-from harness.protocol import (
+from harness.core.pgd import model_mode, pgd
+from harness.core.protocol import (
     INPUT_RAW,
     OUR_SELECTION,
     PAPER_EPS,
@@ -58,7 +58,7 @@ from harness.protocol import (
     Setting,
     schedule_settings,
 )
-from harness.validation import DefenseConfig, Rule, at_least, non_negative, positive, rules
+from harness.core.validation import DefenseConfig, Rule, at_least, non_negative, positive, rules
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class TRADES(Defense):
             f"attack's target, training forward/backward on clean and adversarial inputs",
         )
 
-    distributed_ready = True  # harness.distributed: batch-mean losses, rank-agreeing control flow
+    distributed_ready = True  # harness.scale.distributed: batch-mean losses, rank-agreeing control flow
     reference_schedule: ClassVar[Schedule] = Schedule(
         epochs=76, batch_size=128, lr=0.1, lr_milestones=(74 / 76,), lr_decay=0.1, momentum=0.9, weight_decay=2e-4
     )

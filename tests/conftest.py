@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import methods  # noqa: F401  (registers every defense)
-from harness.data import DATASETS, Batch, load_split, write_synthetic_cifar
+from harness.core.datasets import DATASETS, Batch, load_split, write_synthetic_cifar
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -34,7 +34,7 @@ def _trained_small_cnn(data_dir, synthetic_info):
     reaches 0.7: most examples classified correctly, several with a soft margin (MMA's "correct"
     needs p_y > 1/2), so defenses that treat correct and misclassified examples differently see
     both kinds. (A fixed 60 steps left this model at chance: its learning curve is a cliff.)"""
-    from harness.models import build_model
+    from harness.core.models import build_model
 
     torch.manual_seed(0)
     split = load_split(synthetic_info, data_dir, train=True)

@@ -68,7 +68,7 @@ def store_for(directory, n: int):
 def train_tiny_at(steps: int = 300, seed: int = 0, eps: float = 0.06) -> nn.Module:
     """The tiny classifier adversarially trained (PGD-5 at eps): an honest model with some robustness,
     on which a PGD with enough steps and restarts converges."""
-    from harness.pgd import pgd
+    from harness.core.pgd import pgd
 
     model = tiny_model(seed)
     x, y = template_data(2000, seed=1)

@@ -1,4 +1,4 @@
-"""A small results directory for the report tests: run records written through harness.records
+"""A small results directory for the report tests: run records written through harness.storage.records
 (so they validate), evaluation records and flags following contract B, ADES diagnostics following
 contract A, one corrupt record and a second protocol."""
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.records import SCHEMA_VERSION, write_record
-from harness.storage import write_json
+from harness.storage.atomic import write_json
+from harness.storage.records import SCHEMA_VERSION, write_record
 
 V100 = "Tesla V100-SXM2-16GB"
 SWEEP = ("0", "2/255", "4/255", "8/255", "12/255")

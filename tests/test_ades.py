@@ -10,17 +10,17 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.cues import grad_norm, mc_variance_full, mc_variance_head, minmax
-from harness.data import Batch
-from harness.defense import DEFENSES, DefenseContext
-from harness.eps_stats import collapse_warning, eps_summary, spearman
-from harness.errors import HarnessError
-from harness.models import build_model
-from harness.pgd import input_gradient, model_mode, pgd
-from harness.runner import make_spec
-from harness.validation import validate_config
-from methods.cue_schedule import hold_mean
-from methods.eps_scheduler import through_eps
+from harness.core.datasets import Batch
+from harness.core.defense import DEFENSES, DefenseContext
+from harness.core.errors import HarnessError
+from harness.core.models import build_model
+from harness.core.pgd import input_gradient, model_mode, pgd
+from harness.core.validation import validate_config
+from harness.training.eps_stats import collapse_warning, eps_summary, spearman
+from harness.training.runner import make_spec
+from methods.ades.cue_schedule import hold_mean
+from methods.ades.cues import grad_norm, mc_variance_full, mc_variance_head, minmax
+from methods.ades.eps_scheduler import through_eps
 
 VARIANTS = ("ades", "ades-joint", "static-des")
 
@@ -131,7 +131,7 @@ def test_hold_mean_keeps_mean_bounds_and_order():
 
 
 def test_joint_variant_drifts_towards_eps_min(trained_model, data_dir, synthetic_info):
-    from harness.data import load_split
+    from harness.core.datasets import load_split
 
     split = load_split(synthetic_info, data_dir, train=True)
     defense = make("ades-joint", synthetic_info, scheduler_lr=0.05)
@@ -342,7 +342,7 @@ def test_bad_static_weights_and_good_full_mode_spec():
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=1,0",))
     with pytest.raises(HarnessError, match="^static-des: weights must be of positive sum, got 0.0,0.0,0.0$"):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("weights=0,0,0",))
-    with pytest.raises(HarnessError, match="is outside"):  # --set parses eps bounds as eps (harness.config)
+    with pytest.raises(HarnessError, match="is outside"):  # --set parses eps bounds as eps (harness.core.config)
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_max=3/2",))
     with pytest.raises(HarnessError, match="strictly between"):
         make_spec("static-des", "fashion-mnist", "smoke", overrides=("eps_target_rel=1.5",))

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.cues import clean_pass, compute_cues, entropy, grad_norm, mc_variance_full, minmax
-from harness.defense import DEFENSES, DefenseContext
-from harness.eps_stats import collapse_warning
-from harness.models import build_model
-from harness.runner import RunOptions, make_spec, run
-from harness.validation import validate_config
-from methods.cue_schedule import hold_mean, preserved_buffers
-from methods.eps_scheduler import through_eps
+from harness.core.defense import DEFENSES, DefenseContext
+from harness.core.models import build_model
+from harness.core.validation import validate_config
+from harness.training.eps_stats import collapse_warning
+from harness.training.runner import RunOptions, make_spec, run
+from methods.ades.cue_schedule import hold_mean, preserved_buffers
+from methods.ades.cues import clean_pass, compute_cues, entropy, grad_norm, mc_variance_full, minmax
+from methods.ades.eps_scheduler import through_eps
 
 DETERMINISTIC_CUES = ("grad_norm", "entropy")  # head-mode MC dropout draws fresh masks every call
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from harness.data import DATASETS, Split
-from harness.defense import DEFENSES, DefenseContext
-from harness.errors import HarnessError
-from harness.pgd import per_sample
-from harness.records import read_record
-from harness.runner import Run, RunOptions, make_spec, prepare_data, run
-from harness.validation import validate_config
-from methods.eps_scheduler import through_eps
+from harness.core.datasets import DATASETS, Split
+from harness.core.defense import DEFENSES, DefenseContext
+from harness.core.errors import HarnessError
+from harness.core.pgd import per_sample
+from harness.core.validation import validate_config
+from harness.storage.records import read_record
+from harness.training.runner import Run, RunOptions, make_spec, prepare_data, run
+from methods.ades.eps_scheduler import through_eps
 
 
 def make_bilevel(info, held_out, **changes):
@@ -170,7 +170,7 @@ def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(train
 def one_train_step(model, train_batch, synthetic_info, spy: dict):
     """`train_step` on 16 training examples with the other 16 held out; `spy` records what the
     hypergradient step received and the buffers around the held-out attack."""
-    from harness.data import Batch
+    from harness.core.datasets import Batch
 
     held = Split(train_batch.x[16:], train_batch.y[16:])
     defense = make_bilevel(synthetic_info, held, held_out_batch=16)

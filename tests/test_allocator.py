@@ -1,4 +1,4 @@
-"""harness.allocator: freed tensor memory stays in the process, so steps stop page-faulting."""
+"""harness.training.allocator: freed tensor memory stays in the process, so steps stop page-faulting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import resource
 import pytest
 import torch
 
-from harness.allocator import allocator_state, keep_freed_memory
+from harness.training.allocator import allocator_state, keep_freed_memory
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
 

@@ -12,7 +12,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from harness.benchmarking import BENCHMARKS
+from harness.benchmarks.timing import BENCHMARKS
 from harness.cli import main
 
 
@@ -50,7 +50,7 @@ def test_unwritable_json_path_fails_before_benchmarking(tmp_path):
 def test_each_benchmark_has_its_own_default_rounds_and_repeats_overrides_them():
     import torch
 
-    from harness.benchmarking import Benchmark, BenchOptions
+    from harness.benchmarks.timing import Benchmark, BenchOptions
 
     seen = []
     bench = Benchmark("probe", "records the rounds it was given", lambda o: seen.append(o.repeats) or [], rounds=3)

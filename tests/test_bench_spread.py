@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.benchmarking import BenchResult, Timings, verdict
+from harness.benchmarks.timing import BenchResult, Timings, verdict
 
 IDLE = {"wall_seconds": 10.0, "cpu_seconds": 19.0, "load_1min": 2.0, "cpus": 2}
 
@@ -43,7 +43,7 @@ def test_busy_cores_sees_a_process_that_is_not_ours():
     import subprocess
     import sys
 
-    from harness.resources import busy_cores
+    from harness.training.resources import busy_cores
 
     quiet = busy_cores(1.0)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])

@@ -9,11 +9,11 @@ import report_fixture as fx
 import torch
 
 import methods.cat as cat_module
-from harness.defense import DEFENSES, DefenseContext
-from harness.errors import HarnessError
-from harness.report import build, load_results
-from harness.runner import make_spec
-from harness.validation import validate_config
+from harness.core.defense import DEFENSES, DefenseContext
+from harness.core.errors import HarnessError
+from harness.core.validation import validate_config
+from harness.reporting import build, load_results
+from harness.training.runner import make_spec
 from methods.cat import lesson_for, mixed_steps
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.data import Split
-from harness.defense import DEFENSES, Defense, DefenseContext, Perturbation
-from harness.report import compute, reference
-from harness.validation import DefenseConfig
+from harness.core.datasets import Split
+from harness.core.defense import DEFENSES, Defense, DefenseContext, Perturbation
+from harness.core.validation import DefenseConfig
+from harness.reporting import compute, reference
 
 ALL = DEFENSES.names()
 
@@ -178,7 +178,7 @@ def test_labels_are_distinct_and_unknown_names_stay_as_they_are():
 
 
 def test_defense_base_declares_the_documented_defaults():
-    from harness.defense import NoConfig
+    from harness.core.defense import NoConfig
 
     class Bare(Defense):
         def perturb(self, model, batch):

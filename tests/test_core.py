@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import parse_eps
-from harness.errors import DuplicateNameError, HarnessError, UnknownNameError
-from harness.pgd import model_mode, pgd
-from harness.records import CorruptRecordError, iter_records, validate
-from harness.registry import Registry
-from harness.storage import write_json
+from harness.core.config import parse_eps
+from harness.core.errors import DuplicateNameError, HarnessError, UnknownNameError
+from harness.core.pgd import model_mode, pgd
+from harness.core.registry import Registry
+from harness.storage.atomic import write_json
+from harness.storage.records import CorruptRecordError, iter_records, validate
 
 
 def test_registry_duplicates_and_suggestions():
@@ -97,7 +97,7 @@ def test_pgd_respects_per_sample_balls_box_and_leaves_model_alone(trained_model,
 
 
 def test_pgd_train_mode_updates_batchnorm_statistics(synthetic_info, train_batch):
-    from harness.models import build_model
+    from harness.core.models import build_model
 
     model = build_model("preact-resnet18", synthetic_info)
     stats = model.features[-4].running_mean.clone()
@@ -118,8 +118,8 @@ def test_model_mode_restores_mixed_flags(trained_model):
 
 @pytest.mark.parametrize("name", ["small-cnn", "preact-resnet18", "wrn-28-4"])
 def test_models_are_sized_by_dataset(name):
-    from harness.data import DATASETS
-    from harness.models import build_model
+    from harness.core.datasets import DATASETS
+    from harness.core.models import build_model
 
     for dataset in ("fashion-mnist", "cifar100"):
         info = DATASETS.get(dataset)

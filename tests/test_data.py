@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import DATASETS, TensorLoader, crop_flip, load_split, read_idx, split_train_val
-from harness.errors import HarnessError
+from harness.core.datasets import DATASETS, TensorLoader, crop_flip, load_split, read_idx, split_train_val
+from harness.core.errors import HarnessError
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import distributed
-from harness.data import Batch
-from harness.errors import HarnessError
-from harness.runner import RunOptions, make_spec, run, with_execution
-from harness.storage import load_torch
+from harness.core.datasets import Batch
+from harness.core.errors import HarnessError
+from harness.scale import distributed
+from harness.storage.atomic import load_torch
+from harness.training.runner import RunOptions, make_spec, run, with_execution
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, ar
     run_dir = tmp_path / "two" / with_execution(spec, False, 2).run_id  # world size: part of the identity
     assert with_execution(spec, False, 2).run_id != spec.run_id
     assert done.stdout.count("[1/1]") == 1  # rank 0 alone reports (and writes)
-    from harness.records import read_record
+    from harness.storage.records import read_record
 
     record = read_record(run_dir / "record.json")
     assert record["execution"]["distributed"]["world_size"] == 2
@@ -121,8 +121,8 @@ def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir
     """Issue 22: with seed 0 held by another process, rank 0 used to skip it while rank 1 trained it,
     then the ranks trained different runs together (a hybrid seed-1 record marked complete). Now rank
     0's decision is every rank's: seed 0 fails once, in one line; seed 1 is the same run as one process."""
-    from harness.locks import hold
-    from harness.records import read_record
+    from harness.storage.locks import hold
+    from harness.storage.records import read_record
 
     args = ["--method", "pgd-at", "--seed", "0", "--seed", "1", "--set", "random_start=false"]
     held, trained = (
@@ -202,8 +202,8 @@ def test_shards_are_contiguous_and_weighted():
 
 def test_defense_not_checked_for_ranks_is_refused():
     import methods  # noqa: F401
-    from harness.defense import DEFENSES
-    from harness.training import Execution
+    from harness.core.defense import DEFENSES
+    from harness.training.engine import Execution
 
     ades = DEFENSES.get("ades")
     assert not ades.distributed_ready and DEFENSES.get("pgd-at").distributed_ready
@@ -229,7 +229,7 @@ def _exact_worker(rank: int, port: int, n: int, out: str) -> None:
     results = {}
     for name, config in (("pgd-at", {"random_start": False}), ("mma", {"random_start": False, "steps": 3})):
         net, defense, opt, batches = _exact_setup(name, config, n)
-        from harness import precision
+        from harness.training import precision
 
         net = distributed.global_batchnorm(net, device)
         model = distributed.data_parallel(net, device)
@@ -260,9 +260,9 @@ def _exact_worker(rank: int, port: int, n: int, out: str) -> None:
 def _exact_setup(name: str, config: dict, n: int):
     import dataclasses
 
-    from harness.data import DATASETS
-    from harness.defense import DEFENSES, DefenseContext
-    from harness.models import build_model
+    from harness.core.datasets import DATASETS
+    from harness.core.defense import DEFENSES, DefenseContext
+    from harness.core.models import build_model
 
     info = DATASETS.get("synthetic")
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import torch
 from evaluation_helpers import template_data, train_tiny
 from torch import nn
 
+from harness.core.pgd import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
-from harness.pgd import frozen_parameters, model_mode, pgd
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ class Threshold(nn.Module):
 
 
 def test_the_final_iterate_is_checked_one_step_that_crosses_the_boundary_breaks_the_point():
-    from harness.pgd import pgd_until_fooled
+    from harness.core.pgd import pgd_until_fooled
 
     x, y = torch.full((8, 1, 1, 1), 0.45), torch.zeros(8, dtype=torch.long)
     x_adv, fooled = pgd_until_fooled(Threshold(), x, y, 0.1, steps=1, step_size=0.1, random_start=False)

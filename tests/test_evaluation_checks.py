@@ -10,7 +10,7 @@ import torch
 from evaluation_helpers import store_for, template_data, train_tiny
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
 from harness.evaluation.attacks import ATTACKS, AttackOptions
 from harness.evaluation.checks import model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, percent, read_evaluation

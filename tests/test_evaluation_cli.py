@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.data import DATASETS
+from harness.core.datasets import DATASETS
+from harness.core.models import build_model
 from harness.evaluation.flags import load_flags
-from harness.models import build_model
 
 
 def eval_args(data_dir, *extra):
@@ -255,7 +255,7 @@ def test_missing_robustbench_file_hint_is_a_command_current_gdown_accepts(tmp_pa
 
 
 def test_published_eps_joins_the_default_sweep():
-    from harness.data import DATASETS
+    from harness.core.datasets import DATASETS
     from harness.evaluation.checkpoints import RobustBenchName, published_eps
     from harness.evaluation.pipeline import sweep_eps
 

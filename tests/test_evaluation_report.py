@@ -13,11 +13,11 @@ import report_fixture as fx
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.data import DATASETS
+from harness.core.datasets import DATASETS
 from harness.evaluation.checkpoints import RobustBenchName, import_robustbench, published_eps
 from harness.evaluation.flags import EvaluationStore
 from harness.evaluation.pipeline import sweep_eps
-from harness.report import build, load_results, render, table_robustbench
+from harness.reporting import build, load_results, render, table_robustbench
 
 # two published model_info JSONs (RobustBench, cifar10/Linf), between them every field the published files use
 PUBLISHED_MODEL_INFO = Path(__file__).resolve().parent / "data" / "robustbench_model_info"

@@ -22,13 +22,13 @@ from click.testing import CliRunner
 
 from harness.api import run_jobs
 from harness.cli import main
-from harness.errors import HarnessError
-from harness.executor_cli import build_executor, target_jobs, worker_device
-from harness.executors import LocalExecutor, RayExecutor, summarise
-from harness.grid import load_grid
-from harness.records import read_record
-from harness.runner import RunOptions, make_spec
-from harness.storage import load_torch
+from harness.core.errors import HarnessError
+from harness.scale.executor_cli import build_executor, target_jobs, worker_device
+from harness.scale.executors import LocalExecutor, RayExecutor, summarise
+from harness.scale.grid import load_grid
+from harness.storage.atomic import load_torch
+from harness.storage.records import read_record
+from harness.training.runner import RunOptions, make_spec
 
 EPOCHS = 3
 SEEDS = (0, 1)
@@ -200,8 +200,8 @@ def test_ray_eval_per_target_matches_local(ray_instance, local_records, tmp_path
 def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path):
     good = tmp_path / "grid.toml"
     good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
-    from harness.executors import Job
-    from harness.grid import load_grid as fn
+    from harness.scale.executors import Job
+    from harness.scale.grid import load_grid as fn
 
     jobs = [Job("bad", fn, (tmp_path / "absent.toml",)), Job("good", fn, (good,)), Job("bug", int, ("x",))]
     lines = []
@@ -221,7 +221,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(ray_instance, tmp_path)
 
 @pytest.mark.slow
 def test_a_worker_that_died_every_time_fails_after_its_retries(ray_instance, tmp_path):
-    from harness.executors import Job
+    from harness.scale.executors import Job
 
     lines = []
     outcomes = list(RayExecutor(max_retries=1).execute([Job("dies", os._exit, (3,))], lines.append))
@@ -236,7 +236,7 @@ def test_a_job_no_node_can_start_is_said_in_one_line(ray_instance, monkeypatch):
     said once however long the job waits; leaving the loop (Ctrl-C) cancels the waiting task. The
     interruption comes from the executor's own check 4 s in (several checks past the 1 s warning), so
     a dropped warning fails here instead of hanging, and a repeated one is counted."""
-    from harness.executors import Job, StartWatch
+    from harness.scale.executors import Job, StartWatch
 
     class Interrupted(Exception):
         pass
@@ -263,7 +263,7 @@ def test_a_job_no_node_can_start_is_said_in_one_line(ray_instance, monkeypatch):
 
 
 def test_a_worker_checks_its_node_and_sets_its_threads(tmp_path):
-    from harness.executors import WorkerContext, code_identity
+    from harness.scale.executors import WorkerContext, code_identity
 
     context = WorkerContext(threads=1, code=code_identity(), marker=tmp_path / ".harness-driver-x")
     with pytest.raises(HarnessError, match="every Ray node shares"):
@@ -281,7 +281,7 @@ def test_a_worker_checks_its_node_and_sets_its_threads(tmp_path):
 
 
 def test_worker_output_is_sent_line_by_line():
-    from harness.executors import QueueLines
+    from harness.scale.executors import QueueLines
 
     sent = []
     queue = type("FakeQueue", (), {"put": lambda self, item: sent.append(item)})()
@@ -294,7 +294,7 @@ def test_worker_output_is_sent_line_by_line():
 
 
 def test_local_executor_reports_a_failure_and_runs_the_next_job(tmp_path):
-    from harness.executors import Job
+    from harness.scale.executors import Job
 
     good = tmp_path / "grid.toml"
     good.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0]\n')
@@ -312,7 +312,7 @@ def test_local_executor_reports_a_failure_and_runs_the_next_job(tmp_path):
 def test_a_failure_alone_makes_the_grid_an_error_after_its_summary(tmp_path):
     """Issue 22: with one job failed and none held elsewhere, the command still ends in an error
     (exit status 2), after the summary, and the summary is printed when every job is done too."""
-    from harness.executors import Job, Outcome
+    from harness.scale.executors import Job, Outcome
 
     jobs = [Job("a", int, ()), Job("b", int, ())]
     lines: list[str] = []
@@ -326,7 +326,7 @@ def test_a_failure_alone_makes_the_grid_an_error_after_its_summary(tmp_path):
 
 def test_local_executor_under_torchrun_lets_a_bug_end_the_process(tmp_path):
     """catch_all=False: a rank's unexpected error must stop every rank, not leave them out of step."""
-    from harness.executors import Job
+    from harness.scale.executors import Job
 
     jobs = [Job("bug", int, ("x",)), Job("bad", load_grid, (tmp_path / "absent",))]
     with pytest.raises(ValueError):
@@ -363,7 +363,7 @@ def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
 
 @pytest.mark.slow
 def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):
-    from harness.runner import run
+    from harness.training.runner import run
 
     run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))  # progress on
     captured = capsys.readouterr()

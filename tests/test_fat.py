@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness.defense import DefenseContext
-from harness.errors import HarnessError
-from harness.pgd import pgd
-from harness.runner import make_spec
+from harness.core.defense import DefenseContext
+from harness.core.errors import HarnessError
+from harness.core.pgd import pgd
+from harness.training.runner import make_spec
 from methods.fat import FAT, EarlyStop, FATConfig
 
 STEP = 0.01
@@ -73,7 +73,7 @@ def make_fat(info, epochs=10, **overrides):
 
 
 def test_defense_uses_the_tau_of_the_epoch(synthetic_info):
-    from harness.data import Batch
+    from harness.core.datasets import Batch
 
     model, (x, y) = threshold_model(), crossing_batch()
     fat = make_fat(synthetic_info, epochs=12, steps=K, step_size_rel=STEP / 0.5, omega=0.0, random_start=False)

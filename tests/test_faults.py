@@ -1,7 +1,7 @@
 """Fault injection on the command line: SIGKILL at named points, damaged files of every stored kind,
 two processes at once, read-only and full file systems. Each case asserts exit codes and records.
 
-Kills use the test-only hook `HARNESS_TEST_KILL_AT=<point>[:<n>]` (harness/faults.py); read-only
+Kills use the test-only hook `HARNESS_TEST_KILL_AT=<point>[:<n>]` (harness/training/faults.py); read-only
 and full file systems are real tmpfs mounts in a private user+mount namespace (`unshare -rm`).
 """
 
@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.evaluation.flags import load_flags
-from harness.records import read_record, write_record
+from harness.storage.records import read_record, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke", "--epochs", "2", "-q"]
@@ -419,7 +419,7 @@ def test_report_out_on_a_read_only_file_system(reference, tmp_path):
 def test_force_on_a_symlinked_run_directory_is_refused_and_keeps_both(tmp_path, data_dir):
     """Issue 22: --force deleted the run directory to restart it; through a symbolic link that would
     delete (or half-delete) whatever the link points to. One line, exit 2, link and target intact."""
-    from harness.runner import make_spec
+    from harness.training.runner import make_spec
 
     results, target = tmp_path / "results", tmp_path / "elsewhere"
     results.mkdir()
@@ -443,7 +443,7 @@ def test_report_refuses_an_evaluation_number_edited_against_its_flags(edit, tmp_
     sys.path.insert(0, str(Path(__file__).parent))
     import report_fixture as fx
 
-    from harness.report import load_results
+    from harness.reporting import load_results
 
     fx.build_results(tmp_path, runs=fx.RUNS[:1], corrupt=False)
     path = next(tmp_path.glob("*/eval/*/evaluation.json"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.data import Batch
-from harness.defense import DefenseContext
-from harness.runner import RunOptions, make_spec, run
+from harness.core.datasets import Batch
+from harness.core.defense import DefenseContext
+from harness.training.runner import RunOptions, make_spec, run
 from methods.free_at import FreeAT, FreeATConfig
 
 M = 3

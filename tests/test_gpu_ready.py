@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from harness.errors import HarnessError
-from harness.runner import Run, RunOptions, make_spec, run
+from harness.core.errors import HarnessError
+from harness.training.runner import Run, RunOptions, make_spec, run
 
 HOST_READS = {
     torch.Tensor.item,
@@ -57,7 +57,7 @@ def test_a_training_pass_reads_the_device_once_per_statistic_not_per_step(tmp_pa
 
 
 def test_out_of_memory_in_training_becomes_one_line_naming_a_batch_that_fits(tmp_path, data_dir, monkeypatch):
-    from harness.defense import DEFENSES
+    from harness.core.defense import DEFENSES
 
     cls = DEFENSES.get("pgd-at")
     original = cls.train_step

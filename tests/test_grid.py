@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.defense import DEFENSES
-from harness.errors import HarnessError
-from harness.grid import load_grid, parse_grid
+from harness.core.defense import DEFENSES
+from harness.core.errors import HarnessError
+from harness.scale.grid import load_grid, parse_grid
 
 GRIDS = Path(__file__).resolve().parent.parent / "grids"
 VALID = {"preset": "smoke", "methods": ["pgd-at", "trades"], "datasets": ["synthetic"], "seeds": [0, 1]}
@@ -142,8 +142,8 @@ def test_grid_on_the_command_line_conflicts_and_reruns(tmp_path, data_dir):
 def test_a_local_grid_with_a_failing_run_finishes_and_summarises(tmp_path, data_dir, monkeypatch):
     """A bug in one run (not a HarnessError) and a run held by another process: the others still run,
     the summary names each with its reason once, the exit status is 2, and `runs --grid` shows the state."""
-    from harness import faults
-    from harness.locks import hold
+    from harness.storage.locks import hold
+    from harness.training import faults
 
     grid = tmp_path / "grid.toml"
     grid.write_text('preset = "smoke"\nmethods = ["pgd-at"]\ndatasets = ["synthetic"]\nseeds = [0, 1, 2]\n')

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.data import DATASETS, Batch
-from harness.defense import DefenseContext
+from harness.core.datasets import DATASETS, Batch
+from harness.core.defense import DefenseContext
 from methods.iaat import IAAT, IAATConfig
 
 EPS = Fraction(1, 10)

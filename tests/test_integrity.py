@@ -21,15 +21,15 @@ import pytest
 import torch
 
 import methods  # noqa: F401
-from harness.data import DATASETS, load_split, write_synthetic_cifar
-from harness.defense import DEFENSES
-from harness.errors import HarnessError
+from harness.core.datasets import DATASETS, load_split, write_synthetic_cifar
+from harness.core.defense import DEFENSES
+from harness.core.errors import HarnessError
+from harness.core.validation import DefenseConfig, at_least, check_seed, rules, validate_config
 from harness.evaluation.flags import FLAGS_NAME, EvaluationStore, cell_key
-from harness.integrity import CorruptFileError, read_json
-from harness.locks import Holder, hold, holder, lock_path, remove_stale_temps
-from harness.records import CorruptRecordError, iter_records, read_record, write_record
-from harness.storage import atomic_write, load_torch, save_torch, write_json
-from harness.validation import DefenseConfig, at_least, check_seed, rules, validate_config
+from harness.storage.atomic import atomic_write, load_torch, save_torch, write_json
+from harness.storage.integrity import CorruptFileError, read_json
+from harness.storage.locks import Holder, hold, holder, lock_path, remove_stale_temps
+from harness.storage.records import CorruptRecordError, iter_records, read_record, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def test_python2_style_and_numpy_batches_still_load(tmp_path):
 def test_concurrent_synthetic_preparation(tmp_path):
     """Two processes creating the synthetic set in one fresh directory: both succeed, same data."""
     code = (
-        "import sys; from pathlib import Path; from harness.data import DATASETS, load_split; "
+        "import sys; from pathlib import Path; from harness.core.datasets import DATASETS, load_split; "
         "s = load_split(DATASETS.get('synthetic'), Path(sys.argv[1]), train=False); print(int(s.images.sum()))"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -328,7 +328,7 @@ def test_a_killed_holder_is_told_from_a_live_one(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from harness.locks import hold\n"
+            "import sys, time; from harness.storage.locks import hold\n"
             f"with hold(__import__('pathlib').Path({str(run)!r}), what='r'):\n"
             "    print('held', flush=True); time.sleep(60)",
         ],
@@ -442,7 +442,7 @@ def test_one_message_format_for_per_field_and_cross_field_rules(defense, changes
 
 
 def test_config_base_defaults_declare_no_rules():
-    from harness.defense import NoConfig
+    from harness.core.defense import NoConfig
 
     assert dict(DefenseConfig.RULES) == {} and NoConfig().validate() is None
     assert validate_config(NoConfig(), "none") == NoConfig()

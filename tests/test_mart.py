@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.errors import HarnessError
-from harness.runner import make_spec
+from harness.core.errors import HarnessError
+from harness.training.runner import make_spec
 from methods.mart import MART, mart_loss, misclassification_weight, strongest_wrong_class
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness.data import DATASETS
-from harness.defense import DefenseContext
-from harness.runner import Run, RunOptions, make_spec, run
-from harness.storage import load_torch
+from harness.core.datasets import DATASETS
+from harness.core.defense import DefenseContext
+from harness.storage.atomic import load_torch
+from harness.training.runner import Run, RunOptions, make_spec, run
 from methods.mma import MMA, MMAConfig, soft_logit_margin
 
 
@@ -79,9 +79,9 @@ def test_per_example_eps_survives_resume(tmp_path, data_dir, trained_model, monk
     The run starts from the conftest's partly trained model (patched into the runner), so that
     examples already have margins after one pass and the check is not a comparison of zeros.
     """
-    import harness.runner
+    import harness.training.runner
 
-    monkeypatch.setattr(harness.runner, "build_model", lambda *args, **kwargs: trained_model)
+    monkeypatch.setattr(harness.training.runner, "build_model", lambda *args, **kwargs: trained_model)
     # fewer attack steps: what is tested is where the state goes, not how it is computed
     spec = make_spec("mma", "synthetic", "smoke", seed=0, epochs=2, overrides=("steps=3", "search_steps=4"))
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import precision
-from harness.defense import sgd_step
-from harness.errors import HarnessError
-from harness.runner import RunOptions, make_spec, run
+from harness.core.defense import sgd_step
+from harness.core.errors import HarnessError
+from harness.training import precision
+from harness.training.runner import RunOptions, make_spec, run
 
 
 def options(tmp_path, data_dir, **kw):
@@ -19,7 +19,7 @@ def options(tmp_path, data_dir, **kw):
 @pytest.fixture
 def output_dtypes(monkeypatch):
     """(training?, logits dtype) of every forward of the model the runner builds."""
-    import harness.runner as runner
+    import harness.training.runner as runner
 
     seen: list[tuple[bool, torch.dtype]] = []
     build = runner.build_model
@@ -185,7 +185,7 @@ def test_every_training_forward_uses_the_current_weights(tmp_path, data_dir, mon
     """The collapse's mechanism, checked at every train-mode forward of a 3-step run: the classifier's
     output equals the linear map of its input with the weights the optimiser has just written
     (autocast's weight cache, kept across steps, served the first step's weights instead)."""
-    import harness.runner as runner
+    import harness.training.runner as runner
 
     build, mismatches, forwards = runner.build_model, [], []
 
@@ -208,7 +208,7 @@ def test_every_training_forward_uses_the_current_weights(tmp_path, data_dir, mon
 
 
 def test_a_run_that_predicts_one_class_is_flagged(tmp_path, data_dir, monkeypatch, capsys):
-    import harness.runner as runner
+    import harness.training.runner as runner
 
     build = runner.build_model
 
@@ -240,9 +240,9 @@ def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatc
     """The record's flag reaches `harness runs` (a column) and the report's list of problems."""
     from click.testing import CliRunner
 
-    import harness.runner as runner
+    import harness.training.runner as runner
     from harness.cli import main
-    from harness.report.loading import load_results
+    from harness.reporting.loading import load_results
 
     build = runner.build_model
 
@@ -269,7 +269,7 @@ def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatc
 def test_a_near_constant_predictor_is_collapsed_too():
     """ADES in fp16 (issue 22) ended at chance with 968 of 1000 test predictions in one class: flagged;
     a model that learned something (its largest class a fifth of the predictions) is not."""
-    from harness.runner import collapse_diagnostics
+    from harness.training.runner import collapse_diagnostics
 
     diverged = {"predicted_classes": [0, 0, 0, 0, 0, 32, 968, 0, 0, 0]}
     learned = {"predicted_classes": [200, 90, 110, 100, 100, 80, 120, 70, 60, 70]}
@@ -283,7 +283,7 @@ def test_cue_scheduled_eps_are_fp32_inside_fp16_autocast(name, trained_model, tr
     to ~5e-4 relative: static-des fp16 measured 0.0313721 for 0.0313725)."""
     import dataclasses
 
-    from harness.defense import DEFENSES, DefenseContext
+    from harness.core.defense import DEFENSES, DefenseContext
 
     cls = DEFENSES.get(name)
     config = dataclasses.replace(cls.Config(), steps=1)

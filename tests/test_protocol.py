@@ -10,12 +10,12 @@ import report_fixture as fx
 import torch
 from torch import nn
 
-from harness.models import build_model, normalizes_input
-from harness.optim import decayed_and_undecayed, sgd_for
-from harness.protocol import INPUT_RAW, NO_REFERENCE, protocol_diff, reference_of, run_protocol
-from harness.report import build, load_results
-from harness.report.render import render_html
-from harness.runner import MinibatchBudget, Run, RunOptions, make_spec
+from harness.core.models import build_model, normalizes_input
+from harness.core.protocol import INPUT_RAW, NO_REFERENCE, protocol_diff, reference_of, run_protocol
+from harness.reporting import build, load_results
+from harness.reporting.render import render_html
+from harness.training.optim import decayed_and_undecayed, sgd_for
+from harness.training.runner import MinibatchBudget, Run, RunOptions, make_spec
 from methods.fat import FAT
 
 
@@ -88,7 +88,7 @@ def test_fat_reference_schedule_is_the_authors_exactly():
 def test_run_record_carries_the_diff(tmp_path, synthetic_info):
     spec = make_spec("trades", "synthetic", "smoke")
     run = Run(spec, RunOptions(results_dir=tmp_path, data_dir=None, device=torch.device("cpu"), progress=False))
-    from harness.defense import DEFENSES, DefenseContext
+    from harness.core.defense import DEFENSES, DefenseContext
 
     defense = DEFENSES.get("trades")(
         spec.defense_config,
@@ -169,7 +169,7 @@ def test_table1_marks_numbers_of_departing_runs(report):
 
 
 def test_fat_is_not_paired_with_fat_trades():
-    from harness.report import reference, table1
+    from harness.reporting import reference, table1
 
     hits = reference.robustbench()
     row = hits[hits["name"] == "Zhang2020Attacks"].iloc[0]

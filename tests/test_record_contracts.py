@@ -1,4 +1,4 @@
-"""One owner per record contract: harness.records (record.json) and harness.evaluation.evaluation_record
+"""One owner per record contract: harness.storage.records (record.json) and harness.evaluation.evaluation_record
 (evaluation.json + flags.npz). Each older shape the readers handled upgrades to the current view; a
 writer's record reads back unchanged; a future schema is refused in one line."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from report_fixture import FakeRun, run_record
 
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
 from harness.evaluation.evaluation_record import (
     CorruptEvaluationError,
     EvaluationRecord,
@@ -21,10 +21,10 @@ from harness.evaluation.evaluation_record import (
     read_for_report,
 )
 from harness.evaluation.flags import EvaluationStore, vouched_cells
-from harness.integrity import read_json
-from harness.records import CorruptRecordError, StoredRun, read_record, write_record
-from harness.report.loading import load_results
-from harness.storage import write_json
+from harness.reporting.loading import load_results
+from harness.storage.atomic import write_json
+from harness.storage.integrity import read_json
+from harness.storage.records import CorruptRecordError, StoredRun, read_record, write_record
 
 # ------------------------------------------------------------------------------------------ evaluation.json
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.data import Batch
-from harness.defense import DefenseContext
+from harness.core.datasets import Batch
+from harness.core.defense import DefenseContext
 from methods.fat import FAT, FATConfig
 from methods.free_at import FreeAT, FreeATConfig
 from methods.iaat import IAAT, IAATConfig

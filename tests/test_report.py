@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from scipy import stats as scipy_stats
 
 from harness.cli import main
-from harness.errors import HarnessError
-from harness.report import build, compute, load_results, make_report, stats, table2, tables, verdicts
-from harness.report.loading import eps_key
+from harness.core.errors import HarnessError
+from harness.reporting import build, compute, load_results, make_report, stats, table2, tables, verdicts
+from harness.reporting.loading import eps_key
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +205,8 @@ def test_paper_floor_flags_pgd_at_claim_as_impossible(report):
 
 def test_forward_flops_match_a_hand_count():
     """FlopCounterMode's count equals 2 x multiply-adds of small-cnn's convolutions and linear layers."""
-    from harness.data import DATASETS
-    from harness.models import build_model
+    from harness.core.datasets import DATASETS
+    from harness.core.models import build_model
 
     info = DATASETS.get("synthetic")
     model = build_model("small-cnn", info).eval()

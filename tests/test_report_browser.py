@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import report_fixture as fx
 
-from harness.report import make_report
+from harness.reporting import make_report
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = (

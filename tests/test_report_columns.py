@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from report_fixture import build_results
 
-from harness.report import compute, make_report
-from harness.report.table3 import FLOOR_COLUMNS, PAPER_SETTING, floor_rows, paper_floor_table
+from harness.reporting import compute, make_report
+from harness.reporting.table3 import FLOOR_COLUMNS, PAPER_SETTING, floor_rows, paper_floor_table
 
 
 def test_paper_floor_csv_follows_its_column_spec(tmp_path):

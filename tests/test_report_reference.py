@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.defense import DEFENSES
-from harness.report import reference
+from harness.core.defense import DEFENSES
+from harness.reporting import reference
 
 
 def test_every_paper_method_has_a_harness_name():

@@ -10,7 +10,7 @@ import report_fixture as fx
 from markupsafe import escape
 from scipy import stats as scipy_stats
 
-from harness.report import build, load_results, make_report, stats, verdicts
+from harness.reporting import build, load_results, make_report, stats, verdicts
 
 
 def _beats(tmp_path, runs, metric="PGD-20"):
@@ -165,7 +165,7 @@ def test_probability_of_improvement_counts_ties_half():
 def test_eps_curve_draws_every_seed_and_the_seed_range(tmp_path):
     from matplotlib.figure import Figure
 
-    from harness.report import figures
+    from harness.reporting import figures
 
     ax = Figure().add_subplot()
     figures._seed_spread(ax, [0.0, 1.0], [[50.0, 52.0, 55.0], [30.0, 31.0, 36.0]], "#000000")
@@ -198,7 +198,7 @@ def test_tables_show_mean_std_and_seed_count_and_mark_fewer_than_three(tmp_path)
 
 
 def test_every_curve_hands_each_seed_to_the_spread(tmp_path, monkeypatch):
-    from harness.report import figures
+    from harness.reporting import figures
 
     calls = []
     monkeypatch.setattr(figures, "_seed_spread", lambda ax, x, values, color: calls.append(values))

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from report_fixture import FakeRun, run_record
 
-from harness.report.loading import Run
-from harness.report.table3 import table3
-from harness.report.tables import group_runs
-from harness.report.verdicts import INCONCLUSIVE, cost
-from harness.resources import contended
+from harness.reporting.loading import Run
+from harness.reporting.table3 import table3
+from harness.reporting.tables import group_runs
+from harness.reporting.verdicts import INCONCLUSIVE, cost
+from harness.training.resources import contended
 
 
 def runs(tmp_path: Path, busy: bool = False, ades_precision: str = "fp32") -> list[Run]:

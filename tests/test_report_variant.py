@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.report import reference, tables, verdicts
-from harness.report.variant import Variant, defense_of
+from harness.reporting import reference, tables, verdicts
+from harness.reporting.variant import Variant, defense_of
 
 
 @pytest.mark.parametrize("key, defense, digest", [("ades", "ades", ""), ("pgd-at#1a2b3c", "pgd-at", "1a2b3c")])
@@ -37,7 +37,7 @@ def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):
     """The wired-up Table 2: change the paper's static row and the claimed gain in the report changes with it."""
     import report_fixture as fx
 
-    from harness.report import build, load_results
+    from harness.reporting import build, load_results
 
     fx.build_results(tmp_path, corrupt=False)
     edited = reference.paper_table2()

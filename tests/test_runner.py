@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.records import read_record, runs_table
-from harness.runner import Run, RunOptions, make_spec, run
+from harness.core.errors import HarnessError
+from harness.storage.records import read_record, runs_table
+from harness.training.runner import Run, RunOptions, make_spec, run
 
 
 def options(tmp_path, data_dir, **kw):
@@ -145,7 +145,7 @@ def test_reference_preset_uses_the_defense_schedule():
     [(3, 40, 1, 3, 40), (3, 40, 8, 1, 15), (200, 391, 8, 25, 391), (3, 4, 2, 2, 2)],
 )
 def test_minibatch_budget_matches_sgd_steps(epochs, batches, replays, passes, last):
-    from harness.runner import MinibatchBudget
+    from harness.training.runner import MinibatchBudget
 
     budget = MinibatchBudget(epochs, batches, replays)
     assert budget.passes == passes and budget.minibatches_in_pass(passes - 1) == last
@@ -167,7 +167,7 @@ def test_compile_and_world_size_are_part_of_the_identity():
         make_spec("pgd-at", "fashion-mnist", "smoke", precision_name="bf16").run_id,
     }
     assert len(ids) == 4
-    from harness.report.loading import numerics_label  # the report's protocol: never one cell
+    from harness.reporting.loading import numerics_label  # the report's protocol: never one cell
 
     labels = {
         numerics_label(make_spec("pgd-at", "fashion-mnist", "quick", **kw).to_dict())

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-import harness.runner
+import harness.training.runner
 from harness.cli import main
-from harness.grid import parse_grid
+from harness.scale.grid import parse_grid
 
 VALID = {"preset": "smoke", "methods": ["pgd-at"], "datasets": ["synthetic"], "seeds": 3}
 
@@ -21,7 +21,7 @@ def asked(monkeypatch):
         specs.append(spec)
         return {"final": {"last": {"clean": 0.0, "pgd": 0.0, "n": 1}}}
 
-    monkeypatch.setattr(harness.runner, "run", fake_run)
+    monkeypatch.setattr(harness.training.runner, "run", fake_run)
     return specs
 
 
@@ -37,7 +37,7 @@ def test_seeds_n_runs_seeds_0_to_n_minus_1_for_every_method(tmp_path, asked):
 
 def test_seeds_with_all_covers_every_defense(tmp_path, asked):
     import methods  # noqa: F401
-    from harness.defense import DEFENSES
+    from harness.core.defense import DEFENSES
 
     assert _run(tmp_path, "--all", "-d", "synthetic", "--preset", "smoke", "--seeds", "2").exit_code == 0
     assert len(asked) == 2 * len(DEFENSES.names()) and {s.seed for s in asked} == {0, 1}

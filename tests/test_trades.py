@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.defense import DefenseContext
-from harness.errors import HarnessError
-from harness.runner import make_spec
+from harness.core.defense import DefenseContext
+from harness.core.errors import HarnessError
+from harness.training.runner import make_spec
 from methods.trades import TRADES, TRADESConfig, kl_per_example, trades_loss
 
 

@@ -19,13 +19,13 @@ from collections.abc import Callable
 
 import torch
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark, spread
 from harness.benchmarks.at_step import make_batch
-from harness.config import PRESETS
-from harness.data import DATASETS, Split
-from harness.defense import DEFENSES, Defense, DefenseContext
-from harness.environment import synchronize
-from harness.models import build_model
+from harness.benchmarks.timing import BenchOptions, BenchResult, alternate, register_benchmark, spread
+from harness.core.config import PRESETS
+from harness.core.datasets import DATASETS, Split
+from harness.core.defense import DEFENSES, Defense, DefenseContext
+from harness.core.environment import synchronize
+from harness.core.models import build_model
 
 FULL_MODE_DROPOUT = 0.1
 TARGETS = {"ades (head) / pgd-at": 1.05, "static-des / pgd-at": 1.03}

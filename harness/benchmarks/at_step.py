@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
-from harness.data import DATASETS, Batch
-from harness.defense import DEFENSES, DefenseContext, sgd_step
-from harness.models import build_model
+from harness.benchmarks.timing import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.core.datasets import DATASETS, Batch
+from harness.core.defense import DEFENSES, DefenseContext, sgd_step
+from harness.core.models import build_model
 
 CASES = (("small-cnn", "fashion-mnist", 128), ("preact-resnet18", "cifar10", 32))
 TARGET = 8.5

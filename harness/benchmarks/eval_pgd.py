@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
-from harness.data import DATASETS, load_split
-from harness.errors import HarnessError
+from harness.benchmarks.timing import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.core.datasets import DATASETS, load_split
+from harness.core.errors import HarnessError
+from harness.core.models import build_model
+from harness.core.pgd import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import PGDAttack
-from harness.models import build_model
-from harness.pgd import frozen_parameters, model_mode, pgd
 
 TARGET = 0.8
 STEPS = 20

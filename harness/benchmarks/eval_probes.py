@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from harness.benchmarking import BenchOptions, BenchResult, alternate, ratio_result, register_benchmark
 from harness.benchmarks.eval_pgd import bench_data, warm_up_pgd_at
+from harness.benchmarks.timing import BenchOptions, BenchResult, alternate, ratio_result, register_benchmark
+from harness.core.models import build_model
 from harness.evaluation.attacks import ATTACKS, AttackOptions
 from harness.evaluation.flags import EvaluationStore
 from harness.evaluation.masking import ProbeBudget
 from harness.evaluation.sweep import sweep
-from harness.models import build_model
 
 
 @register_benchmark(

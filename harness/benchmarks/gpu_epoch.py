@@ -17,12 +17,12 @@ import os
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import precision
-from harness.benchmarking import BenchOptions, BenchResult, alternate, register_benchmark
 from harness.benchmarks.at_step import make_batch
-from harness.data import DATASETS
-from harness.defense import DEFENSES, DefenseContext
-from harness.models import build_model
+from harness.benchmarks.timing import BenchOptions, BenchResult, alternate, register_benchmark
+from harness.core.datasets import DATASETS
+from harness.core.defense import DEFENSES, DefenseContext
+from harness.core.models import build_model
+from harness.training import precision
 
 EPOCH_IMAGES = 50_000
 TARGET_BF16_SECONDS = 50.0

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from harness.benchmarking import BenchOptions, BenchResult, Timings, alternate, ratio_result, register_benchmark
-from harness.config import RunSpec
-from harness.data import DATASETS, load_split
-from harness.errors import HarnessError
-from harness.executors import Executor, LocalExecutor, RayExecutor, raise_failures
-from harness.resources import busy_cores
-from harness.runner import RunOptions, make_spec
+from harness.benchmarks.timing import BenchOptions, BenchResult, Timings, alternate, ratio_result, register_benchmark
+from harness.core.config import RunSpec
+from harness.core.datasets import DATASETS, load_split
+from harness.core.errors import HarnessError
+from harness.scale.executors import Executor, LocalExecutor, RayExecutor, raise_failures
+from harness.training.resources import busy_cores
+from harness.training.runner import RunOptions, make_spec
 
 QUICK_GRID_TARGET = 0.8
 

@@ -32,10 +32,10 @@ from harness.cli import main
 )
 def bench_command(names, device, repeats, warmup, quick, json_path):
     """Run benchmarks (all, or the NAMES given; see `harness list benchmarks`) and print ratios."""
-    from harness.benchmarking import BENCHMARKS, BenchOptions
-    from harness.environment import environment, resolve_device
-    from harness.errors import HarnessError
-    from harness.storage import ensure_writable_dir
+    from harness.benchmarks.timing import BENCHMARKS, BenchOptions
+    from harness.core.environment import environment, resolve_device
+    from harness.core.errors import HarnessError
+    from harness.storage.atomic import ensure_writable_dir
 
     if (repeats is not None and repeats < 1) or warmup < 0:
         raise HarnessError("--repeats must be at least 1 and --warmup at least 0")
@@ -48,7 +48,7 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
     info = env["device"]
     click.echo(
         f"device: {info['name']}, torch threads {info['torch_threads']}, "
-        f"freed memory kept (harness.allocator): {'yes' if info['keep_freed_memory'] else 'no'}"
+        f"freed memory kept (harness.training.allocator): {'yes' if info['keep_freed_memory'] else 'no'}"
     )
     results = []
     for bench in selected:
@@ -69,7 +69,7 @@ def bench_command(names, device, repeats, warmup, quick, json_path):
 
 def _write_results(json_path: Path, repeats: int | None, warmup: int, quick: bool, env: dict, results: list) -> None:
     """The results with the options and environment that produced them (commit, versions, device)."""
-    from harness.storage import write_json
+    from harness.storage.atomic import write_json
 
     statistic = (
         "per-round ratios over alternating calls (min/median/max), warm-up excluded; "

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from harness.cli import main
-from harness.executor_cli import executor_options
+from harness.scale.executor_cli import executor_options
 
 DEFAULT_RESULTS = Path("results")
 
@@ -146,7 +146,7 @@ def eval_command(targets, device, executor, address, cpus_per_run, gpus_per_run,
     command that runs them. Rerunning the same command skips a complete evaluation; an interrupted one
     continues with --resume (AutoAttack from its own state file).
     """
-    from harness.executor_cli import build_executor, run_targets
+    from harness.scale.executor_cli import build_executor, run_targets
 
     settings = request_of(**options).settings()
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, settings.results_dir)
@@ -251,7 +251,7 @@ def check_lines(record: dict) -> list[str]:
 
 def summary_line(store, eps_list: list[Fraction], headline_eps: Fraction) -> str:
     """--quiet: one line per target, enough to see a failed check and where the details are."""
-    from harness.config import fraction_str
+    from harness.core.config import fraction_str
     from harness.evaluation.flags import WORST_CASE
 
     record = store.record

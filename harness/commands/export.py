@@ -40,10 +40,10 @@ from harness.cli import main
 def export_command(fmt: str, results_dir: Path, out_dir: Path, label: str, eps: str | None) -> None:
     """Write runs evaluated with AutoAttack as RobustBench model_info JSON (clean, AutoAttack, eps,
     architecture; defense, schedule, seed, commit and failed checks in the footnote)."""
-    from harness.config import fraction_str, parse_eps
-    from harness.errors import HarnessError
+    from harness.core.config import fraction_str, parse_eps
+    from harness.core.errors import HarnessError
     from harness.evaluation.model_info import exports
-    from harness.storage import write_json
+    from harness.storage.atomic import write_json
 
     if not Path(results_dir).is_dir():
         raise HarnessError(f"--results {results_dir} is not a directory")

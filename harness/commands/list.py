@@ -12,12 +12,12 @@ def _first_line(text: str | None) -> str:
 
 
 def registry_rows() -> dict[str, list[tuple[str, str]]]:
-    from harness.benchmarking import BENCHMARKS
-    from harness.config import PRESETS
-    from harness.data import DATASETS
-    from harness.defense import DEFENSES
+    from harness.benchmarks.timing import BENCHMARKS
+    from harness.core.config import PRESETS
+    from harness.core.datasets import DATASETS
+    from harness.core.defense import DEFENSES
+    from harness.core.models import MODELS
     from harness.evaluation.attacks import ATTACKS
-    from harness.models import MODELS
 
     return {
         "defenses": [(n, _first_line(c.__doc__)) for n, c in DEFENSES.items()],

@@ -9,7 +9,7 @@ import click
 from click.core import ParameterSource
 
 from harness.cli import main
-from harness.executor_cli import executor_options
+from harness.scale.executor_cli import executor_options
 
 DEFAULT_RESULTS = Path("results")
 GRID_SETS = {
@@ -156,8 +156,9 @@ def run_command(ctx, grid_path, n_seeds, executor, address, cpus_per_run, gpus_p
       harness run -m pgd-at -m trades -d cifar10 --preset paper --seed 0 --seed 1
       harness run --grid grids/paper.toml --executor ray --address auto --gpus-per-run 0.5
     """
-    from harness import api, distributed
-    from harness.errors import HarnessError
+    from harness import api
+    from harness.core.errors import HarnessError
+    from harness.scale import distributed
 
     resume = api.resume_mode(options["resume"], options["force"], grid=grid_path is not None)
     world = distributed.world_from_env()  # torchrun: one run across its processes
@@ -188,7 +189,7 @@ def run_command(ctx, grid_path, n_seeds, executor, address, cpus_per_run, gpus_p
 
 def _specs(ctx, grid_path: Path | None, n_seeds: int | None, world, o: dict) -> list:
     """The runs asked for: the grid file's (its seeds replaced by --seeds), or the command line's."""
-    from harness.grid import load_grid
+    from harness.scale.grid import load_grid
 
     if grid_path is not None:
         _no_grid_options(ctx, grid_path)
@@ -203,7 +204,7 @@ def _specs(ctx, grid_path: Path | None, n_seeds: int | None, world, o: dict) -> 
 
 def _no_grid_options(ctx, grid_path: Path) -> None:
     """A grid file says which runs to do: the options it sets are refused on the command line."""
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     given = [flag for name, flag in GRID_SETS.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if given:
@@ -214,15 +215,15 @@ def _no_grid_options(ctx, grid_path: Path) -> None:
 
 def _executed_specs(specs, compile_model: bool, world) -> list:
     """Refused once before any work if torchrun cannot train them; compile and world size join each identity."""
-    from harness.runner import with_execution
-    from harness.training import check_distributable
+    from harness.training.engine import check_distributable
+    from harness.training.runner import with_execution
 
     check_distributable(specs, world)
     return [with_execution(spec, compile_model, world.size) for spec in specs]
 
 
 def _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir):
-    from harness.executor_cli import build_executor
+    from harness.scale.executor_cli import build_executor
 
     chosen = build_executor(executor, address, cpus_per_run, gpus_per_run, max_retries, results_dir)
     return replace(chosen, catch_all=False) if world.distributed else chosen  # one rank's bug ends every rank
@@ -230,11 +231,11 @@ def _executor(world, executor, address, cpus_per_run, gpus_per_run, max_retries,
 
 def _options(results_dir, data_dir, device: str, chosen, world, **policy):
     """RunOptions with absolute paths and this process's device (joining torchrun's process group)."""
-    from harness import distributed
-    from harness.environment import resolve_device
-    from harness.executor_cli import absolute, worker_device
-    from harness.executors import LocalExecutor
-    from harness.runner import RunOptions
+    from harness.core.environment import resolve_device
+    from harness.scale import distributed
+    from harness.scale.executor_cli import absolute, worker_device
+    from harness.scale.executors import LocalExecutor
+    from harness.training.runner import RunOptions
 
     device_now = (
         distributed.start(world, resolve_device(device))
@@ -257,7 +258,7 @@ def _result_line(outcome, results_dir: Path, echo) -> None:
 
 def _seeds_option(ctx, seeds: tuple[int, ...], n_seeds: int | None) -> tuple[int, ...]:
     """--seeds N is seeds 0..N-1; given with an explicit --seed it is an error, not a silent choice."""
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     if n_seeds is None:
         return seeds
@@ -286,9 +287,9 @@ def _command_line_specs(
     batchnorm,
     ranks,
 ):
-    from harness.defense import DEFENSES
-    from harness.errors import HarnessError
-    from harness.runner import make_spec
+    from harness.core.defense import DEFENSES
+    from harness.core.errors import HarnessError
+    from harness.training.runner import make_spec
 
     if all_methods and methods_:
         raise HarnessError("give either --all or --method, not both")

@@ -53,9 +53,9 @@ def runs_command(results_dir: Path, include_running: bool, grid_path: Path | Non
     """One row per run: defense, data set, model, seed, precision, compile, world size, final clean/PGD
     accuracy, epoch time and status ("running (pid N)" only while its process lives; "interrupted" once it
     was killed: rerun it with --resume)."""
-    from harness.errors import HarnessError
-    from harness.records import runs_table
-    from harness.storage import existing_dir
+    from harness.core.errors import HarnessError
+    from harness.storage.atomic import existing_dir
+    from harness.storage.records import runs_table
 
     warn = lambda message: click.echo(f"warning: {message}", err=True)  # noqa: E731
     if grid_path is not None:
@@ -80,8 +80,8 @@ def grid_table(grid_path: Path, results_dir: Path, warn):
     """Every run of the grid in its order: its record's row, or its identity and "not started"."""
     import pandas as pd
 
-    from harness.grid import load_grid
-    from harness.records import RECORD_NAME, record_row, run_state
+    from harness.scale.grid import load_grid
+    from harness.storage.records import RECORD_NAME, record_row, run_state
 
     rows = []
     for spec in load_grid(grid_path).specs():

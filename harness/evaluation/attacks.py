@@ -24,20 +24,21 @@ import abc
 import ast
 import logging
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.pgd import LossFn, cross_entropy, per_sample, pgd_until_fooled
-from harness.config import fraction_str, parse_eps
-from harness.errors import HarnessError
-from harness.registry import Registry
+from harness.core.config import fraction_str, parse_eps
+from harness.core.errors import HarnessError
+from harness.core.pgd import LossFn, cross_entropy, per_sample, pgd_until_fooled
+from harness.core.registry import Registry
 
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 AutoAttackVersion = Literal["standard", "plus", "rand", "custom"]

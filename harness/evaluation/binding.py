@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
-from harness.integrity import mismatch, sha256_file
-from harness.locks import hold, remove_stale_temps
-from harness.records import RECORD_NAME, read_record, upgrade_record
+from harness.core.errors import HarnessError
+from harness.storage.integrity import mismatch, sha256_file
+from harness.storage.locks import hold, remove_stale_temps
+from harness.storage.records import RECORD_NAME, read_record, upgrade_record
 
 
 def bind(loaded) -> dict[str, Any]:
@@ -70,8 +70,8 @@ def check_clean_accuracy(
     model: torch.nn.Module, loaded, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int
 ) -> None:
     """Clean accuracy on the record's test points must equal the record's (harness runs only)."""
+    from harness.core.pgd import frozen_parameters, model_mode
     from harness.evaluation.sweep import clean_flags
-    from harness.pgd import frozen_parameters, model_mode
 
     if loaded.checkpoint.get("source") != "harness":
         return

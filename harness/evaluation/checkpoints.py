@@ -5,7 +5,7 @@
 - `robustbench:<dataset>/<threat>/<Name>` through robustbench's `load_model`, from a local
   model directory (there may be no network: a missing file is reported with where to put it).
 
-Own checkpoints load with weights-only unpickling (`harness.storage.load_torch`); state dicts and
+Own checkpoints load with weights-only unpickling (`harness.storage.atomic.load_torch`); state dicts and
 RobustBench files through `safe_load` (weights-only, inert extras such as an argparse Namespace
 allow-listed, HTML pages and code-running pickles refused in one line).
 """
@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.config import parse_eps
-from harness.data import DATASETS
-from harness.errors import HarnessError
+from harness.core.config import parse_eps
+from harness.core.datasets import DATASETS
+from harness.core.errors import HarnessError
+from harness.core.models import MODELS, build_model
 from harness.evaluation.safe_load import allowing, load_checkpoint_file, required_globals
-from harness.models import MODELS, build_model
-from harness.records import RECORD_NAME, read_record, upgrade_record
-from harness.storage import load_torch
+from harness.storage.atomic import load_torch
+from harness.storage.records import RECORD_NAME, read_record, upgrade_record
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 DEFAULT_ROBUSTBENCH_DIR = Path(

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.pgd import model_mode
-from harness.config import fraction_str
+from harness.core.config import fraction_str
+from harness.core.pgd import model_mode
 from harness.evaluation.attacks import cw_margin_loss
 from harness.evaluation.flags import cell_key, percent
 from harness.evaluation.nesting import raw_key

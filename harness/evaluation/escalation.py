@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.config import fraction_str
-from harness.environment import synchronize
+from harness.core.config import fraction_str
+from harness.core.environment import synchronize
 from harness.evaluation.attacks import AttackOutcome, PGDAttack
 from harness.evaluation.checks import Thresholds
 from harness.evaluation.flags import WORST_CASE, cell_key, percent

@@ -2,7 +2,7 @@
 
 Reading, validating, upgrading older shapes and writing live here only: the evaluation store
 (harness.evaluation.flags, which resumes and finishes an evaluation) and the report
-(harness.report.loading) both read through `read_evaluation` / `read_for_report` and the typed
+(harness.reporting.loading) both read through `read_evaluation` / `read_for_report` and the typed
 `EvaluationRecord` view, so a field added to the record is upgraded in one place.
 
 Two levels of validation, on purpose: the store must resume a record it wrote itself (all of
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import HarnessError
-from harness.integrity import CorruptFileError, read_json, sha256_bytes
-from harness.storage import atomic_write, write_json
+from harness.core.errors import HarnessError
+from harness.storage.atomic import atomic_write, write_json
+from harness.storage.integrity import CorruptFileError, read_json, sha256_bytes
 
 SCHEMA_VERSION = 1
 EVALUATION_NAME = "evaluation.json"

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.config import fraction_str
-from harness.errors import HarnessError
+from harness.core.config import fraction_str
+from harness.core.errors import HarnessError
 from harness.evaluation.evaluation_record import (  # noqa: F401  (re-exported: the store's names)
     EVALUATION_NAME,
     FLAGS_NAME,
@@ -28,7 +28,7 @@ from harness.evaluation.evaluation_record import (  # noqa: F401  (re-exported: 
     read_flags,
     write_evaluation,
 )
-from harness.integrity import CorruptFileError, mismatch
+from harness.storage.integrity import CorruptFileError, mismatch
 
 WORST_CASE = "worst-case"
 

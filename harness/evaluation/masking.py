@@ -39,13 +39,12 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from harness.config import fraction_str
-from harness.evaluation.attacks import (AttackOutcome, EvalAttack, PGDAttack, QuickSquare, predict_correct,
-                                       step_size)
+from harness.core.config import fraction_str
+from harness.core.pgd import input_gradient
+from harness.evaluation.attacks import AttackOutcome, EvalAttack, PGDAttack, QuickSquare, predict_correct, step_size
 from harness.evaluation.checks import PROBE_SIZE, Check, Skipped, Thresholds, ce_gradients_not_vanishing
-from harness.evaluation.escalation import EscalationBudget, Escalated, escalate, escalated_worst_case
+from harness.evaluation.escalation import Escalated, EscalationBudget, escalate, escalated_worst_case
 from harness.evaluation.flags import WORST_CASE, cell_key, percent
-from harness.pgd import input_gradient
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ class Standing:
     subset: torch.Tensor  # (n,) bool: the first `budget.subset` of them
 
     @classmethod
-    def of(cls, robust: torch.Tensor, eps: Fraction, size: int) -> "Standing":
+    def of(cls, robust: torch.Tensor, eps: Fraction, size: int) -> Standing:
         subset = torch.zeros_like(robust)
         subset[robust.nonzero().squeeze(1)[:size]] = True
         return cls(eps, robust, subset)
@@ -294,8 +293,8 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _seed(attacks: list[EvalAttack]) -> int:
-    return next((getattr(a, "seed") for a in attacks if hasattr(a, "seed")), 0)
+    return next((a.seed for a in attacks if hasattr(a, "seed")), 0)
 
 
 def _batch(attacks: list[EvalAttack]) -> int:
-    return next((getattr(a, "batch_size") for a in attacks if hasattr(a, "batch_size")), 500)
+    return next((a.batch_size for a in attacks if hasattr(a, "batch_size")), 500)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import fraction_str, parse_eps
-from harness.errors import HarnessError
+from harness.core.config import fraction_str, parse_eps
+from harness.core.errors import HarnessError
 from harness.evaluation.evaluation_record import EvaluationRecord
 from harness.evaluation.flags import iter_evaluations
-from harness.records import RECORD_NAME, read_record
+from harness.storage.records import RECORD_NAME, read_record
 
 # robustbench.utils.ModelInfo's fields, in its order (robustbench 1.1.1)
 MODEL_INFO_FIELDS = (

@@ -20,7 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +41,7 @@ def _silent(_: str) -> None:
 
 def parse_eps_list(text: str) -> list[Fraction]:
     """'0,2/255,8/255' -> the sorted distinct eps (exact fractions)."""
-    from harness.config import parse_eps
+    from harness.core.config import parse_eps
 
     items = [t for t in text.replace(" ", "").split(",") if t]
     if not items:
@@ -131,8 +131,8 @@ def load_target(target: str | nn.Module, s: EvalSettings) -> LoadedCheckpoint:
 
 
 def _evaluate_locked(target: str | nn.Module, s: EvalSettings, dev, locks: ExitStack, say: Say) -> Evaluated:
-    from harness.data import DATASETS, load_split
-    from harness.environment import environment
+    from harness.core.datasets import DATASETS, load_split
+    from harness.core.environment import environment
     from harness.evaluation.binding import bind, check_clean_accuracy, reading_run, writing_evaluation
 
     loaded = load_target(target, s)
@@ -209,7 +209,7 @@ def sweep_eps(
 
 def evaluation_config(s: EvalSettings, eps_list: list[Fraction], count: int):
     """The recorded config (its digest names the evaluation directory), thresholds and probe budget."""
-    from harness.config import fraction_str
+    from harness.core.config import fraction_str
     from harness.evaluation.attacks import ATTACKS
     from harness.evaluation.checks import Thresholds
     from harness.evaluation.masking import ProbeBudget
@@ -420,7 +420,7 @@ def evaluate(
     record, default its class name), a run directory or id, a state-dict file (with `model_name`
     and `dataset`) or 'robustbench:<dataset>/<threat>/<Name>'. `options` are `EvalRequest`'s fields,
     `harness eval`'s options by their Python names (`attacks`, `eps` e.g. ["0", "8/255"], `n`, ...)."""
-    from harness.environment import resolve_device
+    from harness.core.environment import resolve_device
 
     settings = EvalRequest.of({**options, "quiet": not progress}).settings()
     target = str(target) if isinstance(target, Path) else target

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
 
 # Constructors of plain data: calling them builds a value and nothing else.
 INERT_GLOBALS = frozenset(

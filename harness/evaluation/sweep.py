@@ -12,21 +12,21 @@ attacks, and the reliability checks and masking probes run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
 
 import torch
 from torch import nn
 
-from harness.pgd import frozen_parameters, model_mode
-from harness.config import fraction_str
-from harness.environment import synchronize
-from harness.errors import HarnessError
+from harness.core.config import fraction_str
+from harness.core.environment import synchronize
+from harness.core.errors import HarnessError
+from harness.core.pgd import frozen_parameters, model_mode
 from harness.evaluation.attacks import AttackOutcome, EvalAttack, eps_tensor, predict_correct
 from harness.evaluation.checks import PROBE_SIZE, Check, Skipped, Thresholds, model_checks, result_checks
-from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, percent, worst_case
 from harness.evaluation.escalation import ESCALATED, Escalated, escalated_worst_case
+from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, percent, worst_case
 from harness.evaluation.masking import ProbeBudget, ProbeResult, gradient_check, masking_probes, probes_skipped
 from harness.evaluation.nesting import nest_balls
 

@@ -1,0 +1,1 @@
+"""Running many runs: grids, executors (local, Ray) and torchrun data parallelism."""

@@ -1,0 +1,1 @@
+"""What is written to disk: run records, atomic checksummed writes, integrity, locks."""
