@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, EvalAttack
-from harness.evaluation.escalation import ESCALATED, EscalationBudget
+from harness.evaluation.escalation import ESCALATED, WHITEBOX_ESCALATED, EscalationBudget
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
 from harness.evaluation.masking import ProbeBudget, off_grid, probe_eps
 from harness.evaluation.sweep import sweep
@@ -193,9 +193,51 @@ def test_square_probe_moves_to_an_eps_with_enough_survivors(tiny, data, tmp_path
     with torch.no_grad():
         correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
     attack = Lying("lying", {eps[-1]: correct[1:]})
-    result = sweep(tiny, x, y, [attack], eps, store_for(tmp_path, len(y)), batch_size=200)
+    result = sweep(tiny, x, y, [attack], eps, store_for(tmp_path, len(y)), batch_size=200,
+                   probes=ProbeBudget(white_box=None))
     square = check(result, "square-probe")
     assert not square.passed and "at 9/100" in square.detail, square.detail
+
+
+def test_a_square_alarm_on_a_weak_sweep_is_escalated_with_apgd_and_passes(tiny, data, tmp_path):
+    """The sweep's attack is weak (it breaks nothing at 9/100 on a non-robust model), Square finds
+    that, APGD finds it too: the number is escalated (worst case from APGD, verified, record + cell),
+    Square's breaks are re-checked against it, and the check passes saying so."""
+    x, y = data
+    eps = [Fraction(0), Fraction(9, 100), Fraction(15, 100)]
+    with torch.no_grad():
+        correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
+    result = sweep(tiny, x, y, [Lying("lying", {eps[-1]: correct[1:]})], eps, store_for(tmp_path, len(y)),
+                   batch_size=200)
+    square, store = check(result, "square-probe"), result.store
+    assert square.passed and "escalated with white-box attacks" in square.detail, square.detail
+    [record] = store.record["escalations"]
+    assert record["trigger"] == "square-probe" and record["eps"] == "9/100" and record["after"] < record["before"]
+    assert record["budget_passes_per_point"] == 100 + 9 * 100 and record["verified"]["failed"] == 0
+    assert [r["attack"] for r in record["rounds"]] == ["apgd-ce-100", "apgd-t-100x9"]
+    escalated = store.flags[cell_key(WHITEBOX_ESCALATED, eps[1])]
+    assert (store.flags[cell_key(WORST_CASE, eps[1])] == (store.flags[cell_key("lying", eps[1])] & escalated)).all()
+    assert (store.flags[cell_key(WORST_CASE, eps[2])] <= escalated).all()  # nested balls
+    assert store.accuracy(WORST_CASE, eps[1]) == record["after"]
+
+
+def test_square_recheck_fails_when_the_white_box_escalation_misses_what_square_breaks(tiny, data, tmp_path,
+                                                                                     monkeypatch):
+    """If the white-box attack cannot account for Square's breaks (here it is made to break nothing:
+    what masked gradients do to it), the re-check keeps the alarm: FAILED, not a silent pass."""
+    import harness.evaluation.attacks as attacks_module
+
+    x, y = data
+    eps = [Fraction(0), Fraction(9, 100), Fraction(15, 100)]
+    with torch.no_grad():
+        correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
+    monkeypatch.setattr(attacks_module.APGDAttack, "robust",
+                        lambda self, model, x, y, eps, candidates: AttackOutcome(x.clone(), candidates.clone()))
+    result = sweep(tiny, x, y, [Lying("lying", {eps[-1]: correct[1:]})], eps, store_for(tmp_path, len(y)),
+                   batch_size=200)
+    square = check(result, "square-probe")
+    assert not square.passed and "re-check" in square.detail and "still misses" in square.detail, square.detail
+    assert result.store.record["escalations"][0]["after"] == result.store.record["escalations"][0]["before"]
     assert probe_eps(result.store.flags, eps, 1) == eps[-1]  # the old choice: the largest with a survivor
     assert probe_eps(result.store.flags, eps, 20) == eps[1]
 

@@ -91,7 +91,7 @@ def test_pgd20_that_has_not_converged_is_flagged_without_an_escalation_budget(ti
     """An absolute step far below eps/4 (the TRADES scripts' 0.003 at a large eps) stops short."""
     x, y = data
     result = sweep(tiny, x, y, attacks("pgd-20", pgd_step="0.001"), EPS, store_for(tmp_path, len(y)),
-                   batch_size=200, probes=ProbeBudget(escalation=None))
+                   batch_size=200, probes=ProbeBudget(escalation=None, white_box=None))
     assert "more-steps" in failed(result) and "escalations" not in result.store.record
 
 

@@ -350,6 +350,49 @@ class QuickSquare(EvalAttack):
         return AttackOutcome(x_adv, robust)
 
 
+@dataclass(frozen=True)
+class APGDAttack(EvalAttack):
+    """pyautoattack's APGD-CE (`targeted` False) or APGD-T (targeted DLR on the `target_classes`
+    most likely wrong classes), `iterations` steps per restart or target: the white-box attacks that
+    AutoAttack's number rests on, run on the candidates only (the escalation after a Square alarm)."""
+
+    name: str
+    targeted: bool
+    iterations: int
+    seed: int
+    batch_size: int
+    target_classes: int = 9
+
+    def config(self) -> dict:
+        return {"kind": "apgd-t" if self.targeted else "apgd-ce", "package": "pyautoattack",
+                "iterations": self.iterations, "target_classes": self.target_classes if self.targeted else None,
+                "seed": self.seed, "batch_size": self.batch_size}
+
+    def passes_per_point(self) -> int:
+        """Forward-backward passes one candidate can cost."""
+        return self.iterations * (self.target_classes if self.targeted else 1)
+
+    def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
+        from pyautoattack.autopgd_base import APGDAttack as CE, APGDAttack_targeted as Targeted
+
+        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+            raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
+        settings = dict(n_iter=self.iterations, norm="Linf", n_restarts=1, eps=float(eps), seed=self.seed,
+                        device=x.device)
+        apgd = (Targeted(model, n_target_classes=self.target_classes, **settings) if self.targeted
+                else CE(model, loss="ce", **settings))
+        robust, x_adv = candidates.clone(), x.clone()
+
+        def attack(chunk: torch.Tensor) -> None:
+            adv = apgd.perturb(x[chunk], y[chunk])
+            x_adv[chunk] = adv
+            robust[chunk] = predict_correct(model, adv, y[chunk], len(chunk))
+
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            in_batches_that_fit(candidates.nonzero().squeeze(1), self.batch_size, attack)
+        return AttackOutcome(x_adv, robust)
+
+
 # --------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)

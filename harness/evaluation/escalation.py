@@ -31,11 +31,13 @@ from torch import nn
 
 from harness.config import fraction_str
 from harness.environment import synchronize
-from harness.evaluation.attacks import AttackOutcome, PGDAttack
+from harness.evaluation.attacks import APGDAttack, AttackOutcome, PGDAttack
 from harness.evaluation.checks import Thresholds
 from harness.evaluation.flags import WORST_CASE, cell_key, percent
 
 ESCALATED = "pgd-escalated"  # the flags cell of the escalated worst case
+WHITEBOX_ESCALATED = "apgd-escalated"  # the flags cell of the white-box escalation after a Square alarm
+ESCALATED_CELLS = (ESCALATED, WHITEBOX_ESCALATED)
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,13 @@ class Escalated:
     converged: bool
     passes_per_point: int
     seconds: float  # wall time of the rounds
+    cell: str = ESCALATED  # the flags cell that holds what it left robust
+    trigger: str = "more-steps"  # the probe whose alarm started it
 
     def record(self, after: float, verified: dict) -> dict:
         """`after`: the reported worst case at eps once every escalation counted (nested balls)."""
         return {"eps": fraction_str(self.eps), "escalated": "worst-case", "instead_of": "pgd-20",
+                "trigger": self.trigger, "cell": self.cell,
                 "before": self.before, "after": after, "drop": self.before - after,
                 "rounds": list(self.rounds), "converged": self.converged,
                 "budget_passes_per_point": self.passes_per_point, "seconds": self.seconds, "verified": verified}
@@ -135,3 +140,44 @@ def _round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, at
         x_adv[from_probe] = probed[1].x_adv[from_probe]
         broken |= from_probe
     return broken
+
+
+@dataclass(frozen=True)
+class WhiteBoxBudget:
+    """The white-box escalation after a Square alarm: APGD-CE, then APGD-T on the points it left robust."""
+
+    iterations: int = 100
+    target_classes: int = 9
+
+    def plan(self, seed: int, batch_size: int) -> list[APGDAttack]:
+        return [APGDAttack(f"apgd-ce-{self.iterations}", False, self.iterations, seed, batch_size),
+                APGDAttack(f"apgd-t-{self.iterations}x{self.target_classes}", True, self.iterations, seed,
+                           batch_size, self.target_classes)]
+
+    def passes_per_point(self) -> int:
+        """Most forward-backward passes one still-robust point can cost (100 + 9 x 100 by default)."""
+        return sum(a.passes_per_point() for a in self.plan(0, 1))
+
+
+def escalate_white_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, standing: torch.Tensor,
+                       budget: WhiteBoxBudget, seed: int, batch_size: int) -> Escalated:
+    """Square broke points beyond the sweep at eps: before calling that masking, attack every point
+    still robust there (`standing`) with the strongest white-box attacks. What they break counts
+    (verified, like any cell); whether they account for Square's breaks is the Square re-check's call."""
+    n = len(y)
+    synchronize(x.device)
+    t0 = time.perf_counter()
+    robust, x_adv, rounds = standing.clone(), x.clone(), []
+    for attack in budget.plan(seed, batch_size):
+        attacked = int(robust.sum())
+        outcome = attack.robust(model, x, y, eps, robust.clone())
+        broken = robust & ~outcome.robust
+        x_adv[broken] = outcome.x_adv[broken]
+        robust &= ~broken
+        k = int(broken.sum())
+        rounds.append({"attack": attack.name, "iterations": attack.iterations, "seed": attack.seed,
+                       "passes_per_point": attack.passes_per_point(), "attacked": attacked, "broken": k,
+                       "broken_percent": 100.0 * k / n})
+    synchronize(x.device)
+    return Escalated(eps, robust, x_adv, percent(standing.cpu().numpy()), tuple(rounds), True,
+                     budget.passes_per_point(), time.perf_counter() - t0, WHITEBOX_ESCALATED, "square-probe")

@@ -43,7 +43,8 @@ from harness.config import fraction_str
 from harness.evaluation.attacks import (AttackOutcome, EvalAttack, PGDAttack, QuickSquare, predict_correct,
                                        step_size)
 from harness.evaluation.checks import PROBE_SIZE, Check, Skipped, Thresholds, ce_gradients_not_vanishing
-from harness.evaluation.escalation import EscalationBudget, Escalated, escalate, escalated_worst_case
+from harness.evaluation.escalation import (EscalationBudget, Escalated, WhiteBoxBudget, escalate, escalate_white_box,
+                                           escalated_worst_case)
 from harness.evaluation.flags import WORST_CASE, cell_key, percent
 from harness.pgd import input_gradient
 
@@ -59,6 +60,7 @@ class ProbeBudget:
     cw_steps: int = 30  # the CW-inf of the sweep
     data_grid: int = 255  # inputs are multiples of 1/data_grid (8-bit images): Square probes off that grid
     escalation: EscalationBudget | None = EscalationBudget()  # None: a failed more-steps probe stays failed
+    white_box: WhiteBoxBudget | None = WhiteBoxBudget()  # None: a Square alarm fails without escalating
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,16 +180,22 @@ def masking_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: di
         checks.append(step_check)
     worst = escalated_worst_case(flags, eps_list, escalations, nested)
     standing = Standing.of(torch.from_numpy(worst[eps]).to(x.device), eps, budget.subset)
-    checks.append(square_probe(model, x, y, standing, budget, t, _seed(attacks), _batch(attacks)))
+    attack_step = float(step_size(pgd20.step if isinstance(pgd20, PGDAttack) else "eps/4",
+                                  torch.tensor([float(eps)]))[0])
+    ascends = gradient_ascends(model, x[:PROBE_SIZE], y[:PROBE_SIZE], eps, attack_step, budget, _seed(attacks), t)
+    square_check, square_broken = square_probe(model, x, y, standing, budget, t, _seed(attacks), _batch(attacks))
+    # a stronger gradient attack repairs a weak attack, never a lying gradient: no escalation then
+    if not square_check.passed and budget.white_box is not None and ascends.passed:
+        square_check, escalations = square_escalation(model, x, y, flags, eps_list, standing, square_broken,
+                                                      square_check, escalations, budget, t, nested, attacks)
+    # the CW probe still asks what PGD's cross-entropy missed: it compares with the standing before APGD
+    checks.append(square_check)
     if isinstance(pgd20, PGDAttack) and "cw-inf" not in by_name:
         cw = replace(pgd20, name=f"cw-{budget.cw_steps}", steps=budget.cw_steps, loss="cw")
         checks.append(_verdict("pgd20-cw-gap", *standing.attack(model, x, y, cw)[:2], cw.name, standing,
                                t.pgd_cw_gap, t, "the CW margin breaks what cross-entropy PGD cannot "
                                                 "(saturated softmax?)"))
-    attack_step = float(step_size(pgd20.step if isinstance(pgd20, PGDAttack) else "eps/4",
-                                  torch.tensor([float(eps)]))[0])
-    checks.append(gradient_ascends(model, x[:PROBE_SIZE], y[:PROBE_SIZE], eps, attack_step, budget,
-                                   _seed(attacks), t))
+    checks.append(ascends)
     skipped = [] if pgd20 is not None else [Skipped(name, "needs PGD-20 to compare with", ("pgd-20",))
                                             for name in ("more-steps", "pgd20-cw-gap")]
     return ProbeResult(checks, skipped, escalations)
@@ -208,17 +216,47 @@ def _measured(attack: str, k: int, estimate: float, where: str, limit: float) ->
     return f"{attack} breaks {k} {where} (≈{estimate:.2f}% of n, limit {limit:g})"
 
 
+SQUARE_MEANING = ("a gradient-free attack beats the gradient attacks (gradient masking); run AutoAttack before "
+                  "trusting these numbers")
+
+
 def square_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, standing: Standing, budget: ProbeBudget,
-                 t: Thresholds, seed: int, batch_size: int) -> Check:
-    """Square at the probe eps moved off the data's grid (a point broken there is broken at eps)."""
+                 t: Thresholds, seed: int, batch_size: int) -> tuple[Check, torch.Tensor]:
+    """Square at the probe eps moved off the data's grid (a point broken there is broken at eps).
+    Returns the check and the mask of subset points Square broke."""
     square = QuickSquare(f"square-{budget.square_queries}q", budget.square_queries, seed, batch_size)
     at = off_grid(standing.eps, budget.data_grid)
-    k, estimate, _ = standing.attack(model, x, y, square, at)
+    k, estimate, outcome = standing.attack(model, x, y, square, at)
     where = standing.where() + (f", queries at {fraction_str(at)} (off the 1/{budget.data_grid} grid)"
                                 if at != standing.eps else "")
-    return _verdict("square-probe", k, estimate, square.name, standing, t.square_extra, t,
-                    "a gradient-free attack beats the gradient attacks (gradient masking); run "
-                    "AutoAttack before trusting these numbers", where)
+    return (_verdict("square-probe", k, estimate, square.name, standing, t.square_extra, t, SQUARE_MEANING, where),
+            standing.subset & ~outcome.robust)
+
+
+def square_escalation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: dict[str, np.ndarray],
+                      eps_list: list[Fraction], standing: Standing, square_broken: torch.Tensor, alarm: Check,
+                      escalations: list[Escalated], budget: ProbeBudget, t: Thresholds, nested: bool,
+                      attacks: list[EvalAttack]) -> tuple[Check, list[Escalated]]:
+    """Square broke too many survivors: PGD-20 may just be weak there, or the gradients may be masked.
+    A strong white-box attack (APGD-CE, APGD-T) on every point still robust at the probe eps tells
+    them apart: its verified breaks count in the worst case, then the same Square breaks are
+    re-checked against that worst case. If the white-box attack found them (Square no longer breaks
+    beyond the limit), the check passes, saying it escalated; if Square still beats it, that is the
+    signature of masked gradients and the check fails."""
+    white = escalate_white_box(model, x, y, standing.eps, standing.robust, budget.white_box, _seed(attacks),
+                               _batch(attacks))
+    escalations = escalations + [white]
+    worst = torch.from_numpy(escalated_worst_case(flags, eps_list, escalations, nested)[standing.eps]).to(x.device)
+    after = Standing(standing.eps, worst, standing.subset & worst)
+    k = int((after.subset & square_broken).sum())
+    estimate = 100.0 * k / max(1, int(after.subset.sum())) * int(worst.sum()) / len(y)
+    recheck = _verdict("square-probe", k, estimate, "square (same queries)", after, t.square_extra, t,
+                       "a strong white-box attack still misses what Square finds: " + SQUARE_MEANING,
+                       f"beyond the escalated worst case, {after.where()}")
+    text = (f"{alarm.detail.split(': a gradient-free')[0]} | escalated with white-box attacks on every point still "
+            f"robust ({white.passes_per_point} passes per point): {white.summary(percent(worst.cpu().numpy()))} | "
+            f"re-check: {recheck.detail}")
+    return Check("square-probe", recheck.passed, text), escalations
 
 
 def step_count_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: dict[str, np.ndarray],

@@ -26,7 +26,7 @@ from harness.errors import HarnessError
 from harness.evaluation.attacks import AttackOutcome, EvalAttack, eps_tensor, predict_correct
 from harness.evaluation.checks import PROBE_SIZE, Check, Skipped, Thresholds, model_checks, result_checks
 from harness.evaluation.flags import WORST_CASE, EvaluationStore, cell_key, percent, worst_case
-from harness.evaluation.escalation import ESCALATED, Escalated, escalated_worst_case
+from harness.evaluation.escalation import ESCALATED_CELLS, Escalated, escalated_worst_case
 from harness.evaluation.masking import ProbeBudget, ProbeResult, gradient_check, masking_probes, probes_skipped
 from harness.evaluation.nesting import nest_balls
 
@@ -81,7 +81,7 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Eval
             say(f"escalated {escalated.summary(store.accuracy(WORST_CASE, escalated.eps))}  "
                 f"({escalated.seconds:.1f}s)")
         checks, skipped = result_checks(store.flags, names, eps_list, store.record["results"], thresholds,
-                                        also_verified=(ESCALATED,))
+                                        also_verified=ESCALATED_CELLS)
     all_checks = probe + gradient + checks + masking.checks
     all_skipped = [s.to_dict(_command(s, names, rerun)) for s in gradient_skipped + skipped + masking.skipped]
     store.finish([c.to_dict() for c in all_checks], all_skipped)
@@ -112,9 +112,10 @@ def record_escalations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, store
     if not escalations:
         return
     verified = {}
-    for escalated in escalations:
-        standing = torch.from_numpy(store.flags[cell_key(WORST_CASE, escalated.eps)]).to(x.device)
-        row = store.add_cell(ESCALATED, escalated.eps, escalated.robust.cpu().numpy(), escalated.seconds)
+    for i, escalated in enumerate(escalations):  # each ran on what the ones before it left robust
+        standing = torch.from_numpy(escalated_worst_case(store.flags, eps_list, escalations[:i], nested)
+                                    [escalated.eps]).to(x.device)
+        row = store.add_cell(escalated.cell, escalated.eps, escalated.robust.cpu().numpy(), escalated.seconds)
         row["verified"] = verified[escalated.eps] = verify(
             model, x, y, escalated.eps, AttackOutcome(escalated.x_adv, escalated.robust), standing)
     worst = escalated_worst_case(store.flags, eps_list, escalations, nested)
@@ -154,7 +155,7 @@ def _command(skipped: Skipped, names: list[str], rerun: Callable[[list[str]], st
 def accuracy_table(store: EvaluationStore, attacks: list[str], eps_list: list[Fraction]) -> list[list[str]]:
     """Rows of formatted accuracies: header, one row per attack, worst case last."""
     rows = [["attack"] + [fraction_str(e) for e in eps_list]]
-    escalated = [ESCALATED] if any(cell_key(ESCALATED, e) in store.flags for e in eps_list) else []
+    escalated = [c for c in ESCALATED_CELLS if any(cell_key(c, e) in store.flags for e in eps_list)]
     for name in attacks + escalated + [WORST_CASE]:
         rows.append([name] + [f"{percent(store.flags[cell_key(name, e)]):.2f}"
                               if cell_key(name, e) in store.flags else "-" for e in eps_list])
