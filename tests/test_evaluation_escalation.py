@@ -219,6 +219,10 @@ def test_a_square_alarm_on_a_weak_sweep_is_escalated_with_apgd_and_passes(tiny, 
     assert (store.flags[cell_key(WORST_CASE, eps[1])] == (store.flags[cell_key("lying", eps[1])] & escalated)).all()
     assert (store.flags[cell_key(WORST_CASE, eps[2])] <= escalated).all()  # nested balls
     assert store.accuracy(WORST_CASE, eps[1]) == record["after"]
+    from harness.commands.eval import _escalation_note, escalation_lines
+
+    assert "escalated worst-case@9/100 (white-box after Square)" in _escalation_note(store.record)
+    assert "apgd-ce-100, apgd-t-100x9" in escalation_lines(store.record)[0]
 
 
 def test_square_recheck_fails_when_the_white_box_escalation_misses_what_square_breaks(tiny, data, tmp_path,

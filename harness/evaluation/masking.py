@@ -15,6 +15,9 @@ for itself, on at most `subset` points at one eps, so its cost is bounded whatev
   leaving a number it knows is too high behind a "FAILED".
 - `square-probe`: Square with a small query budget, gradient-free, against every attack of the sweep
   (and the escalation), at the probe eps moved off the data's 1/255 grid, where PGD's iterates are.
+  On an alarm, unless the backward pass lies (`gradient-ascends-loss` failed), APGD-CE then APGD-T
+  escalate at that eps (`square_escalation`) and Square's breaks are re-checked against the new worst
+  case: it passes when the white-box attack found them, fails (masking) when it did not.
 - `gradient-ascends-loss`: one small step along the model's own input gradient, from PGD's kind of
   random start, must raise the loss it is the gradient of; a lying backward pass (noise, zero, the
   negated gradient, a quantised or shattered input) fails it even where the others pass.
