@@ -255,7 +255,7 @@ def square_escalation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags:
     estimate = 100.0 * k / max(1, int(after.subset.sum())) * int(worst.sum()) / len(y)
     recheck = _verdict("square-probe", k, estimate, "square (same queries)", after, t.square_extra, t,
                        "a strong white-box attack still misses what Square finds: " + SQUARE_MEANING,
-                       f"beyond the escalated worst case, {after.where()}")
+                       f"beyond the escalated worst case, {after.where().replace('the sweep left', 'the escalation left')}")
     text = (f"{alarm.detail.split(': a gradient-free')[0]} | escalated with white-box attacks on every point still "
             f"robust ({white.passes_per_point} passes per point): {white.summary(percent(worst.cpu().numpy()))} | "
             f"re-check: {recheck.detail}")
