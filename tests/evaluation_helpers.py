@@ -61,8 +61,18 @@ class Shattered(nn.Module):
 def store_for(directory, n: int):
     from harness.evaluation.flags import EvaluationStore
 
-    return EvaluationStore.create(directory, {"checkpoint": {}, "dataset": "t", "model": "m", "n": n,
-                                              "test_indices": f"0..{n - 1}", "config": {}, "environment": {}})
+    return EvaluationStore.create(
+        directory,
+        {
+            "checkpoint": {},
+            "dataset": "t",
+            "model": "m",
+            "n": n,
+            "test_indices": f"0..{n - 1}",
+            "config": {},
+            "environment": {},
+        },
+    )
 
 
 def train_tiny_at(steps: int = 300, seed: int = 0, eps: float = 0.06) -> nn.Module:

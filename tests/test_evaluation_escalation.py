@@ -28,7 +28,7 @@ from evaluation_helpers import (
 )
 
 from harness.evaluation.attacks import ATTACKS, AttackOptions, AttackOutcome, EvalAttack
-from harness.evaluation.escalation import ESCALATED, EscalationBudget
+from harness.evaluation.escalation import ESCALATED, WHITEBOX_ESCALATED, EscalationBudget
 from harness.evaluation.flags import WORST_CASE, cell_key, load_flags, read_evaluation
 from harness.evaluation.masking import ProbeBudget, off_grid, probe_eps
 from harness.evaluation.sweep import sweep
@@ -75,6 +75,7 @@ def check(result, name: str):
 
 # --------------------------------------------------------------------------- escalation
 
+
 def test_unconverged_pgd20_is_escalated_on_every_point_still_robust_and_reported(robust_tiny, data400, tmp_path):
     """Step 0.003: 20 steps cannot leave a ball of 0.06 around the start, 100 can. The number at the
     probe eps is repaired (not FAILED), on every survivor (not the probe's 10), and both are kept."""
@@ -119,12 +120,12 @@ def test_escalation_walks_down_the_sweep_and_keeps_the_worst_case_monotone(robus
     assert worst[1] == pgd[1] and all(w < p - 1 for w, p in zip(worst[2:], pgd[2:]))  # 1/25 not escalated
 
 
-def test_escalation_that_runs_out_of_budget_fails_and_still_reports_the_worst_case(robust_tiny, data400,
-                                                                                   tmp_path):
+def test_escalation_that_runs_out_of_budget_fails_and_still_reports_the_worst_case(robust_tiny, data400, tmp_path):
     """No rounds beyond the probe's PGD-100: the number still falls by more than the limit, so the check
     fails (an upper bound, not a repaired number), while the record has what did run."""
-    result = run(robust_tiny, data400, tmp_path, probes=ProbeBudget(escalation=EscalationBudget(rounds=())),
-                 pgd_step="0.001")
+    result = run(
+        robust_tiny, data400, tmp_path, probes=ProbeBudget(escalation=EscalationBudget(rounds=())), pgd_step="0.001"
+    )
     assert "more-steps" in failed(result)
     first = result.store.record["escalations"][0]
     assert not first["converged"] and [r["attack"] for r in first["rounds"]] == ["pgd-100"]
@@ -141,8 +142,10 @@ MASKED = {  # kind -> the checks that must flag it (at least two independent one
     "noise gradient": (lambda m, x, y: LyingBackward(m, "noise"), {"square-probe", "gradient-ascends-loss"}),
     "zero gradient": (lambda m, x, y: LyingBackward(m, "zero"), {"nonzero-input-gradients", "gradient-ascends-loss"}),
     "input quantisation": (lambda m, x, y: Quantised(m), {"nonzero-input-gradients", "gradient-ascends-loss"}),
-    "quantisation with gradient jitter": (lambda m, x, y: Quantised(m, jitter=0.5),
-                                          {"more-steps", "gradient-ascends-loss"}),
+    "quantisation with gradient jitter": (
+        lambda m, x, y: Quantised(m, jitter=0.5),
+        {"more-steps", "gradient-ascends-loss"},
+    ),
     "randomised": (lambda m, x, y: Randomised(m), {"deterministic-outputs", "gradient-ascends-loss"}),
     "off-grid detector": (lambda m, x, y: OffGridMasked(m, x, y), {"square-probe", "gradient-ascends-loss"}),
 }
@@ -205,14 +208,68 @@ def test_square_probe_moves_to_an_eps_with_enough_survivors(tiny, data, tmp_path
     with torch.no_grad():
         correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
     attack = Lying("lying", {eps[-1]: correct[1:]})
-    result = sweep(tiny, x, y, [attack], eps, store_for(tmp_path, len(y)), batch_size=200)
+    result = sweep(
+        tiny, x, y, [attack], eps, store_for(tmp_path, len(y)), batch_size=200, probes=ProbeBudget(white_box=None)
+    )
     square = check(result, "square-probe")
     assert not square.passed and "at 9/100" in square.detail, square.detail
+
+
+def test_a_square_alarm_on_a_weak_sweep_is_escalated_with_apgd_and_passes(tiny, data, tmp_path):
+    """The sweep's attack is weak (it breaks nothing at 9/100 on a non-robust model), Square finds
+    that, APGD finds it too: the number is escalated (worst case from APGD, verified, record + cell),
+    Square's breaks are re-checked against it, and the check passes saying so."""
+    x, y = data
+    eps = [Fraction(0), Fraction(9, 100), Fraction(15, 100)]
+    with torch.no_grad():
+        correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
+    result = sweep(
+        tiny, x, y, [Lying("lying", {eps[-1]: correct[1:]})], eps, store_for(tmp_path, len(y)), batch_size=200
+    )
+    square, store = check(result, "square-probe"), result.store
+    assert square.passed and "escalated with white-box attacks" in square.detail, square.detail
+    [record] = store.record["escalations"]
+    assert record["trigger"] == "square-probe" and record["eps"] == "9/100" and record["after"] < record["before"]
+    assert record["budget_passes_per_point"] == 100 + 9 * 100 and record["verified"]["failed"] == 0
+    assert [r["attack"] for r in record["rounds"]] == ["apgd-ce-100", "apgd-t-100x9"]
+    escalated = store.flags[cell_key(WHITEBOX_ESCALATED, eps[1])]
+    assert (store.flags[cell_key(WORST_CASE, eps[1])] == (store.flags[cell_key("lying", eps[1])] & escalated)).all()
+    assert (store.flags[cell_key(WORST_CASE, eps[2])] <= escalated).all()  # nested balls
+    assert store.accuracy(WORST_CASE, eps[1]) == record["after"]
+    from harness.commands.eval import _escalation_note, escalation_lines
+
+    assert "escalated worst-case@9/100 (white-box after Square)" in _escalation_note(store.record)
+    assert "apgd-ce-100, apgd-t-100x9" in escalation_lines(store.record)[0]
+
+
+def test_square_recheck_fails_when_the_white_box_escalation_misses_what_square_breaks(
+    tiny, data, tmp_path, monkeypatch
+):
+    """If the white-box attack cannot account for Square's breaks (here it is made to break nothing:
+    what masked gradients do to it), the re-check keeps the alarm: FAILED, not a silent pass."""
+    import harness.evaluation.attacks as attacks_module
+
+    x, y = data
+    eps = [Fraction(0), Fraction(9, 100), Fraction(15, 100)]
+    with torch.no_grad():
+        correct = (tiny(x).argmax(1) == y).nonzero().squeeze(1).tolist()
+    monkeypatch.setattr(
+        attacks_module.APGDAttack,
+        "robust",
+        lambda self, model, x, y, eps, candidates: AttackOutcome(x.clone(), candidates.clone()),
+    )
+    result = sweep(
+        tiny, x, y, [Lying("lying", {eps[-1]: correct[1:]})], eps, store_for(tmp_path, len(y)), batch_size=200
+    )
+    square = check(result, "square-probe")
+    assert not square.passed and "re-check" in square.detail and "still misses" in square.detail, square.detail
+    assert result.store.record["escalations"][0]["after"] == result.store.record["escalations"][0]["before"]
     assert probe_eps(result.store.flags, eps, 1) == eps[-1]  # the old choice: the largest with a survivor
     assert probe_eps(result.store.flags, eps, 20) == eps[1]
 
 
 # --------------------------------------------------------------------------- the wired-up path
+
 
 def test_cli_line_record_and_report_say_which_number_was_escalated_and_by_how_much(run_dir, data_dir, tmp_path):
     """`harness eval` (the README main job's command) on a run whose PGD-20 cannot converge (step 0.001):
@@ -225,8 +282,20 @@ def test_cli_line_record_and_report_say_which_number_was_escalated_and_by_how_mu
     from harness.cli import main
 
     run = shutil.copytree(run_dir, tmp_path / "results" / run_dir.name, ignore=shutil.ignore_patterns("eval"))
-    args = ["eval", str(run), "--attack", "pgd-20", "--n", "64", "--eps", "0,4/255,8/255", "--pgd-step", "0.001",
-            "--data-dir", str(data_dir)]
+    args = [
+        "eval",
+        str(run),
+        "--attack",
+        "pgd-20",
+        "--n",
+        "64",
+        "--eps",
+        "0,4/255,8/255",
+        "--pgd-step",
+        "0.001",
+        "--data-dir",
+        str(data_dir),
+    ]
     out = CliRunner().invoke(main, args + ["--quiet"])
     assert out.exit_code == 0, out.output
     (line,) = out.output.strip().splitlines()

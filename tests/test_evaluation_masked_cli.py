@@ -33,18 +33,36 @@ def run_dir(data_dir, tmp_path_factory):
     Square finds nothing beyond it; the gradient check flags the shattered backward pass.)"""
     results = tmp_path_factory.mktemp("results")
     with torch_threads(1):
-        out = CliRunner().invoke(main, ["run", "-m", "pgd-at", "--dataset", "synthetic", "--preset", "smoke",
-                                        "--data-dir", str(data_dir), "--results", str(results), "-q"])
+        out = CliRunner().invoke(
+            main,
+            [
+                "run",
+                "-m",
+                "pgd-at",
+                "--dataset",
+                "synthetic",
+                "--preset",
+                "smoke",
+                "--data-dir",
+                str(data_dir),
+                "--results",
+                str(results),
+                "-q",
+            ],
+        )
     assert out.exit_code == 0, out.output
     (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
     return run
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("wrapper, expected", [(ScaledLogits, ("ce-gradients-not-vanishing", "pgd20-cw-gap")),
-                                               (Shattered, ("gradient-ascends-loss",))])
-def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir, data_dir, tmp_path, monkeypatch,
-                                                                         wrapper, expected, threads):
+@pytest.mark.parametrize(
+    "wrapper, expected",
+    [(ScaledLogits, ("ce-gradients-not-vanishing", "pgd20-cw-gap")), (Shattered, ("gradient-ascends-loss",))],
+)
+def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(
+    run_dir, data_dir, tmp_path, monkeypatch, wrapper, expected, threads
+):
     """The evaluation itself under 1 and 2 threads, on the same weights: the verdict must not move."""
     from harness.evaluation import checkpoints
 
@@ -53,13 +71,28 @@ def test_main_job_command_flags_a_masked_model_in_the_cli_and_the_report(run_dir
     def masked(target, **kwargs):  # the run's own weights behind the masking wrapper: no longer the run's
         loaded = real(target, **kwargs)  # model, so it is evaluated as a plain weights file would be
         checkpoint = {**loaded.checkpoint, "source": "state_dict", "run_id": None}
-        return dataclasses.replace(loaded, model=wrapper(loaded.model), eval_root=tmp_path / "eval",
-                                   checkpoint=checkpoint)
+        return dataclasses.replace(
+            loaded, model=wrapper(loaded.model), eval_root=tmp_path / "eval", checkpoint=checkpoint
+        )
 
     monkeypatch.setattr(checkpoints, "load_checkpoint", masked)
     with torch_threads(threads):
-        out = CliRunner().invoke(main, ["eval", str(run_dir), "--attack", "pgd-20", "--n", "64",
-                                        "--eps", "0,4/255,8/255", "--data-dir", str(data_dir), "--quiet"])
+        out = CliRunner().invoke(
+            main,
+            [
+                "eval",
+                str(run_dir),
+                "--attack",
+                "pgd-20",
+                "--n",
+                "64",
+                "--eps",
+                "0,4/255,8/255",
+                "--data-dir",
+                str(data_dir),
+                "--quiet",
+            ],
+        )
     assert out.exit_code == 0, out.output
     (line,) = out.output.strip().splitlines()
     assert "FAILED" in line and all(name in line for name in expected), line
@@ -81,8 +114,23 @@ def test_no_probes_shows_the_probes_as_skipped_with_the_command_that_runs_them(r
     import shutil
 
     run = shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("eval"))
-    out = CliRunner().invoke(main, ["eval", str(run), "--attack", "pgd-20", "--n", "32", "--eps", "0,8/255",
-                                    "--data-dir", str(data_dir), "--quiet", "--no-probes"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(run),
+            "--attack",
+            "pgd-20",
+            "--n",
+            "32",
+            "--eps",
+            "0,8/255",
+            "--data-dir",
+            str(data_dir),
+            "--quiet",
+            "--no-probes",
+        ],
+    )
     assert out.exit_code == 0, out.output
     (line,) = out.output.strip().splitlines()
     assert "to run them: harness eval" in line and "--no-probes" not in line.split("to run them:")[1], line
@@ -103,10 +151,35 @@ def test_printed_rerun_command_reproduces_every_option_of_the_evaluation(run_dir
     from harness.commands.eval import eval_command
 
     run = shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("eval"))
-    original = [str(run), "--checkpoint", "best", "--attack", "pgd-20", "--n", "16", "--eps", "0,8/255",
-                "--pgd-step", "eps/5", "--pgd-restarts", "2", "--seed", "3", "--batch-size", "8",
-                "--autoattack-attacks", "apgd-ce", "--results", str(tmp_path / "elsewhere"),
-                "--data-dir", str(data_dir), "--no-nested-balls", "--no-download", "--quiet", "--no-probes"]
+    original = [
+        str(run),
+        "--checkpoint",
+        "best",
+        "--attack",
+        "pgd-20",
+        "--n",
+        "16",
+        "--eps",
+        "0,8/255",
+        "--pgd-step",
+        "eps/5",
+        "--pgd-restarts",
+        "2",
+        "--seed",
+        "3",
+        "--batch-size",
+        "8",
+        "--autoattack-attacks",
+        "apgd-ce",
+        "--results",
+        str(tmp_path / "elsewhere"),
+        "--data-dir",
+        str(data_dir),
+        "--no-nested-balls",
+        "--no-download",
+        "--quiet",
+        "--no-probes",
+    ]
     out = CliRunner().invoke(main, ["eval", *original])
     assert out.exit_code == 0, out.output
     (line,) = out.output.strip().splitlines()

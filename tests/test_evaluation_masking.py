@@ -41,8 +41,16 @@ def attacks(*names: str, **options) -> list[EvalAttack]:
 
 def pgd20_sweep(model, data, tmp_path, **options):
     x, y = data
-    return sweep(model, x, y, attacks("pgd-20", **options), EPS, store_for(tmp_path, len(y)), batch_size=200,
-                 rerun=lambda names: "harness eval T " + " ".join(f"-a {n}" for n in names))
+    return sweep(
+        model,
+        x,
+        y,
+        attacks("pgd-20", **options),
+        EPS,
+        store_for(tmp_path, len(y)),
+        batch_size=200,
+        rerun=lambda names: "harness eval T " + " ".join(f"-a {n}" for n in names),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,7 @@ def test_honest_model_passes_every_check_with_pgd20_alone(robust_tiny, data400, 
     result = pgd20_sweep(robust_tiny, data400, tmp_path)
     assert failed(result) == set()
     ran = {c.name for c in result.checks}
-    assert {"ce-gradients-not-vanishing", "square-probe", "more-steps", "pgd20-cw-gap",
-            "gradient-ascends-loss"} <= ran
+    assert {"ce-gradients-not-vanishing", "square-probe", "more-steps", "pgd20-cw-gap", "gradient-ascends-loss"} <= ran
     skipped = {s["name"]: s for s in result.skipped}
     assert skipped["pgd20-autoattack-gap"]["command"] == "harness eval T -a pgd-20 -a autoattack-standard"
     assert read_evaluation(tmp_path / "evaluation.json")["checks_skipped"] == result.skipped
@@ -82,16 +89,25 @@ def test_shattered_gradients_are_flagged_by_pgd20_alone(tiny, data, tmp_path):
 def test_probes_off_leaves_masking_unflagged(tiny, data, tmp_path):
     """The probes are what catches it (this is the measurement of the issue, kept as a control)."""
     x, y = data
-    result = sweep(Shattered(tiny), x, y, attacks("pgd-20"), EPS, store_for(tmp_path, len(y)), batch_size=200,
-                   probes=None)
+    result = sweep(
+        Shattered(tiny), x, y, attacks("pgd-20"), EPS, store_for(tmp_path, len(y)), batch_size=200, probes=None
+    )
     assert failed(result) == set()
 
 
 def test_pgd20_that_has_not_converged_is_flagged_without_an_escalation_budget(tiny, data, tmp_path):
     """An absolute step far below eps/4 (the TRADES scripts' 0.003 at a large eps) stops short."""
     x, y = data
-    result = sweep(tiny, x, y, attacks("pgd-20", pgd_step="0.001"), EPS, store_for(tmp_path, len(y)),
-                   batch_size=200, probes=ProbeBudget(escalation=None))
+    result = sweep(
+        tiny,
+        x,
+        y,
+        attacks("pgd-20", pgd_step="0.001"),
+        EPS,
+        store_for(tmp_path, len(y)),
+        batch_size=200,
+        probes=ProbeBudget(escalation=None, white_box=None),
+    )
     assert "more-steps" in failed(result) and "escalations" not in result.store.record
 
 
@@ -101,13 +117,23 @@ def test_honest_model_raises_no_alarm_under_any_attack_seed(robust_tiny, data400
     assert failed(pgd20_sweep(robust_tiny, data400, tmp_path, seed=seed)) == set()
 
 
-@pytest.mark.parametrize("wrapper, expected", [(ScaledLogits, {"pgd20-autoattack-gap", "pgd20-cw-gap"}),
-                                               (Shattered, {"pgd20-autoattack-gap"})])
+@pytest.mark.parametrize(
+    "wrapper, expected",
+    [(ScaledLogits, {"pgd20-autoattack-gap", "pgd20-cw-gap"}), (Shattered, {"pgd20-autoattack-gap"})],
+)
 def test_masked_models_are_flagged_by_the_default_attack_set(tiny, data, tmp_path, wrapper, expected):
     x, y = data[0][:16], data[1][:16]  # AutoAttack on a shattered model runs every attack on every point
     eps = [Fraction(0), Fraction(9, 100)]
-    result = sweep(wrapper(tiny), x, y, attacks("pgd-20", "cw-inf", "autoattack-standard"), eps,
-                   store_for(tmp_path, len(y)), batch_size=200, probes=ProbeBudget(subset=16))
+    result = sweep(
+        wrapper(tiny),
+        x,
+        y,
+        attacks("pgd-20", "cw-inf", "autoattack-standard"),
+        eps,
+        store_for(tmp_path, len(y)),
+        batch_size=200,
+        probes=ProbeBudget(subset=16),
+    )
     assert expected <= failed(result)
 
 
@@ -124,12 +150,21 @@ def test_probe_cost_is_bounded_by_the_subset(tiny, data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(masking.QuickSquare, "robust", spy)
     x, y = data
-    sweep(Shattered(tiny), x, y, attacks("pgd-20"), EPS, store_for(tmp_path, len(y)), batch_size=200,
-          probes=ProbeBudget(subset=17))
+    sweep(
+        Shattered(tiny),
+        x,
+        y,
+        attacks("pgd-20"),
+        EPS,
+        store_for(tmp_path, len(y)),
+        batch_size=200,
+        probes=ProbeBudget(subset=17),
+    )
     assert seen == [(17, off_grid(EPS[-1], 255))]  # Square queries off the data's 1/255 grid
 
 
 # --------------------------------------------------------------------------- nested balls, eps 0
+
 
 @dataclass(frozen=True)
 class Scripted(EvalAttack):
@@ -154,8 +189,7 @@ def test_nested_balls_combine_flags_and_keep_the_raw_ones(tiny, data, tmp_path):
     x, y = data
     a, b = Fraction(4, 100), Fraction(9, 100)
     attack = Scripted("scripted", {a: [0, 1, 2], b: [1, 2]}, [])  # point 0: broken at 4/100 only
-    result = sweep(tiny, x, y, [attack], [Fraction(0), a, b], store_for(tmp_path, len(y)), batch_size=200,
-                   probes=None)
+    result = sweep(tiny, x, y, [attack], [Fraction(0), a, b], store_for(tmp_path, len(y)), batch_size=200, probes=None)
     flags = load_flags(tmp_path)
     clean = flags["clean"]
     assert not flags[cell_key("scripted", b)][0] and flags[raw_key("scripted", b)][0] == clean[0]
@@ -179,8 +213,7 @@ def test_nested_balls_can_be_turned_off(tiny, data, tmp_path):
 def test_points_counted_broken_without_an_adversarial_example_fail_verification(tiny, data, tmp_path):
     x, y = data
     attack = Scripted("scripted", {Fraction(4, 100): [3, 4, 5]}, [])
-    result = sweep(tiny, x, y, [attack], [Fraction(4, 100)], store_for(tmp_path, len(y)), batch_size=200,
-                   probes=None)
+    result = sweep(tiny, x, y, [attack], [Fraction(4, 100)], store_for(tmp_path, len(y)), batch_size=200, probes=None)
     assert "adversarial-examples-verified" in failed(result)
     detail = next(c.detail for c in result.checks if c.name == "adversarial-examples-verified")
     assert "still classified correctly" in detail
@@ -200,7 +233,8 @@ def test_autoattack_clean_pass_at_eps0_is_batched(tiny, data):
     x, y = data
     model = BatchSizes(tiny)
     outcome = AutoAttackEval("autoattack-standard", "standard", 0, 50, None).robust(
-        model, x, y, Fraction(0), torch.ones(len(y), dtype=torch.bool))
+        model, x, y, Fraction(0), torch.ones(len(y), dtype=torch.bool)
+    )
     assert max(model.sizes) == 50 and sum(model.sizes) == len(y)
     assert torch.equal(outcome.robust, tiny(x).argmax(1) == y)
 
@@ -261,8 +295,9 @@ def test_step_count_probe_starts_each_point_where_pgd20_started(tiny, data, tmp_
 
     monkeypatch.setattr(attacks_module, "pgd_until_fooled", spy)
     x, y = data
-    result = sweep(tiny, x, y, attacks("pgd-20"), [Fraction(0), Fraction(6, 100)], store_for(tmp_path, len(y)),
-                   batch_size=200)
+    result = sweep(
+        tiny, x, y, attacks("pgd-20"), [Fraction(0), Fraction(6, 100)], store_for(tmp_path, len(y)), batch_size=200
+    )
     assert "more-steps" in {c.name for c in result.checks}
     assert len(starts[100]) > 5
     for point, start in starts[100].items():

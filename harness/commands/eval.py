@@ -212,7 +212,7 @@ def _print_summary(store, names: list[str], eps_list: list[Fraction]) -> None:
 def escalation_lines(record: dict) -> list[str]:
     """Which worst-case numbers were escalated (PGD-20 had not converged there), and by how much."""
     return [
-        f"escalated {e['escalated']}@{e['eps']}: {e['before']:.2f}% -> {e['after']:.2f}% "
+        f"escalated {e['escalated']}@{e['eps']}{_trigger(e)}: {e['before']:.2f}% -> {e['after']:.2f}% "
         f"({', '.join(r['attack'] for r in e['rounds'])}; "
         f"{'converged' if e['converged'] else 'budget spent, still falling'}); pgd-20 alone is kept in the record"
         for e in record.get("escalations", [])
@@ -223,10 +223,15 @@ def _escalation_note(record: dict) -> str:
     """--quiet: '; escalated worst-case@1/5 14.20% -> 12.00%' for every escalated number."""
     escalations = record.get("escalations", [])
     return "".join(
-        f"; escalated {e['escalated']}@{e['eps']} {e['before']:.2f}% -> {e['after']:.2f}%"
+        f"; escalated {e['escalated']}@{e['eps']}{_trigger(e)} {e['before']:.2f}% -> {e['after']:.2f}%"
         + ("" if e["converged"] else " (not converged)")
         for e in escalations
     )
+
+
+def _trigger(escalation: dict) -> str:
+    """' (white-box after Square)' for the escalation a Square alarm started; '' for PGD's step count."""
+    return " (white-box after Square)" if escalation.get("trigger") == "square-probe" else ""
 
 
 def check_lines(record: dict) -> list[str]:

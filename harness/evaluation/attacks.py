@@ -63,8 +63,10 @@ class AttackOptions:
         step_size(self.pgd_step, torch.ones(1))  # validate now, not after the first cell
         unknown = [a for a in self.autoattack_attacks if a not in AUTOATTACK_ATTACKS]
         if unknown or not self.autoattack_attacks:
-            raise HarnessError(f"--autoattack-attacks: unknown {', '.join(unknown) or '(empty list)'}; "
-                               f"choose from {', '.join(AUTOATTACK_ATTACKS)}")
+            raise HarnessError(
+                f"--autoattack-attacks: unknown {', '.join(unknown) or '(empty list)'}; "
+                f"choose from {', '.join(AUTOATTACK_ATTACKS)}"
+            )
 
 
 def step_size(spec: str, eps: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,9 @@ def step_size(spec: str, eps: torch.Tensor) -> torch.Tensor:
     try:
         value = parse_eps(spec)
     except HarnessError:
-        raise HarnessError(f"--pgd-step {spec!r}: give eps/K (e.g. eps/4) or an absolute step "
-                           f"such as 2/255 or 0.003") from None
+        raise HarnessError(
+            f"--pgd-step {spec!r}: give eps/K (e.g. eps/4) or an absolute step such as 2/255 or 0.003"
+        ) from None
     if value == 0:
         raise HarnessError("--pgd-step must be positive")
     return torch.full_like(eps, float(value))
@@ -104,8 +107,14 @@ class EvalAttack(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction | float | torch.Tensor,
-               candidates: torch.Tensor) -> AttackOutcome:
+    def robust(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: Fraction | float | torch.Tensor,
+        candidates: torch.Tensor,
+    ) -> AttackOutcome:
         """Attack the candidates (model already in eval mode, parameters frozen)."""
 
     @abc.abstractmethod
@@ -120,6 +129,7 @@ def eps_tensor(eps: Fraction | float | torch.Tensor, x: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------- PGD family
+
 
 def cw_margin_loss(kappa: float) -> LossFn:
     """CW margin loss to maximise: -clamp(z_y - max_{j != y} z_j + kappa, min=0) per sample."""
@@ -144,9 +154,18 @@ class PGDAttack(EvalAttack):
     kappa: float = 50.0
 
     def config(self) -> dict:
-        out = {"kind": "pgd", "loss": self.loss, "steps": self.steps, "step_size": self.step,
-               "restarts": self.restarts, "random_start": "uniform", "bn": "eval", "seed": self.seed,
-               "broken_when": "any iterate misclassified", "batch_size": self.batch_size}
+        out = {
+            "kind": "pgd",
+            "loss": self.loss,
+            "steps": self.steps,
+            "step_size": self.step,
+            "restarts": self.restarts,
+            "random_start": "uniform",
+            "bn": "eval",
+            "seed": self.seed,
+            "broken_when": "any iterate misclassified",
+            "batch_size": self.batch_size,
+        }
         if self.loss == "cw":
             out["kappa"] = self.kappa
         return out
@@ -166,11 +185,18 @@ class PGDAttack(EvalAttack):
                 # (and a single restart starts exactly where torchattacks' PGD with this seed does).
                 noise = torch.rand_like(x) * 2 - 1
 
-                def attack(chunk: torch.Tensor) -> None:
+                def attack(chunk: torch.Tensor, noise: torch.Tensor = noise) -> None:  # this restart's start
                     e = eps_t[chunk]
                     adv, fooled = pgd_until_fooled(
-                        model, x[chunk], y[chunk], e, steps=self.steps, step_size=steps_t[chunk],
-                        loss_fn=self.loss_fn(), delta_init=noise[chunk] * e.view(-1, 1, 1, 1))
+                        model,
+                        x[chunk],
+                        y[chunk],
+                        e,
+                        steps=self.steps,
+                        step_size=steps_t[chunk],
+                        loss_fn=self.loss_fn(),
+                        delta_init=noise[chunk] * e.view(-1, 1, 1, 1),
+                    )
                     x_adv[chunk] = adv
                     robust[chunk[fooled]] = False
 
@@ -183,7 +209,7 @@ def in_batches_that_fit(indices: torch.Tensor, batch_size: int, run: Callable[[t
     memory (per-point results do not depend on the batch in eval mode, so this changes only speed)."""
     start, size = 0, batch_size
     while start < len(indices):
-        chunk = indices[start:start + size]
+        chunk = indices[start : start + size]
         try:
             run(chunk)
         except torch.OutOfMemoryError:
@@ -196,6 +222,7 @@ def in_batches_that_fit(indices: torch.Tensor, batch_size: int, run: Callable[[t
 
 
 # --------------------------------------------------------------------------- AutoAttack
+
 
 @contextmanager
 def collect_autoattack_warnings() -> Iterator[list[str]]:
@@ -230,15 +257,28 @@ class AutoAttackEval(EvalAttack):
     state_dir: Path | None = field(default=None, compare=False)
 
     def config(self) -> dict:
-        return {"kind": "autoattack", "package": "pyautoattack", "version": self.version, "norm": "Linf",
-                "attacks": list(self.attacks) if self.attacks else None, "seed": self.seed,
-                "batch_size": self.batch_size}
+        return {
+            "kind": "autoattack",
+            "package": "pyautoattack",
+            "version": self.version,
+            "norm": "Linf",
+            "attacks": list(self.attacks) if self.attacks else None,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
 
     def build(self, model: nn.Module, eps: float, device: torch.device):
         from pyautoattack import AutoAttack
 
-        return AutoAttack(model, attacks=list(self.attacks) if self.version == "custom" else None,
-                          device=device, eps=eps, norm="Linf", seed=self.seed, version=self.version)
+        return AutoAttack(
+            model,
+            attacks=list(self.attacks) if self.version == "custom" else None,
+            device=device,
+            eps=eps,
+            norm="Linf",
+            seed=self.seed,
+            version=self.version,
+        )
 
     def state_path(self, eps: Fraction | float) -> Path | None:
         if self.state_dir is None:
@@ -252,26 +292,32 @@ class AutoAttackEval(EvalAttack):
         if float(eps) == 0:  # the ball is the point itself: evaluating there is the whole attack
             return AttackOutcome(x.clone(), candidates & predict_correct(model, x, y, self.batch_size))
         with collect_autoattack_warnings() as messages:
-            x_adv, robust, unverifiable = run_autoattack(self.build(model, float(eps), x.device), x, y,
-                                                         batch_size=self.batch_size,
-                                                         state_path=self.state_path(eps))
+            x_adv, robust, unverifiable = run_autoattack(
+                self.build(model, float(eps), x.device),
+                x,
+                y,
+                batch_size=self.batch_size,
+                state_path=self.state_path(eps),
+            )
         return AttackOutcome(x_adv, candidates & robust, tuple(dict.fromkeys(messages)), unverifiable)
 
 
-def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, state_path: Path | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def run_autoattack(
+    adversary, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, state_path: Path | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`run_standard_evaluation` with its state file; (x_adv, robust flags) in AutoAttack's batches.
 
     pyautoattack 0.2.0 cannot continue from its own state file (`y_adv` is unset on that path, and the
-    attack set it reads back is a string), so an interrupted run is continued here from the same file: the attacks it has not finished run on the
-    points it still lists as robust, in the same order and batches as an uninterrupted run.
+    attack set it reads back is a string), so an interrupted run is continued here from the same file:
+    the attacks it has not finished run on the points it still lists as robust, in the same order and batches as an uninterrupted run.
     Returns (x_adv, robust flags, the points broken before an interruption, whose examples are lost).
     """
     if state_path is not None and state_path.exists():
         state = read_autoattack_state(state_path)
         if state.attacks_to_run != set(adversary.attacks_to_run):
-            raise HarnessError(f"{state_path} belongs to another AutoAttack configuration; delete it "
-                               f"or rerun with --force")
+            raise HarnessError(
+                f"{state_path} belongs to another AutoAttack configuration; delete it or rerun with --force"
+            )
         if state.robust_flags is not None:
             return _continue_autoattack(adversary, state, x, y, batch_size)
         state_path.unlink()
@@ -293,8 +339,7 @@ def read_autoattack_state(path: Path):
     return state
 
 
-def _continue_autoattack(adversary, state, x, y, batch_size
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _continue_autoattack(adversary, state, x, y, batch_size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     robust = state.robust_flags.to(x.device).clone()
     broken_before = ~robust
     remaining = [a for a in adversary.attacks_to_run if a not in state.run_attacks]
@@ -314,6 +359,7 @@ def _continue_autoattack(adversary, state, x, y, batch_size
 
 # --------------------------------------------------------------------------- Square, small budget
 
+
 @dataclass(frozen=True)
 class QuickSquare(EvalAttack):
     """Square with `queries` model calls per point and its p-schedule rescaled to that budget
@@ -327,16 +373,33 @@ class QuickSquare(EvalAttack):
     batch_size: int
 
     def config(self) -> dict:
-        return {"kind": "square", "package": "pyautoattack", "queries": self.queries, "p_init": 0.8,
-                "rescaled_schedule": True, "loss": "margin", "seed": self.seed, "batch_size": self.batch_size}
+        return {
+            "kind": "square",
+            "package": "pyautoattack",
+            "queries": self.queries,
+            "p_init": 0.8,
+            "rescaled_schedule": True,
+            "loss": "margin",
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
 
     def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
         from pyautoattack.square import SquareAttack
 
         if isinstance(eps, torch.Tensor) and eps.dim() > 0:
             raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
-        square = SquareAttack(model, norm="Linf", n_queries=self.queries, eps=float(eps), p_init=0.8,
-                              n_restarts=1, seed=self.seed, resc_schedule=True, device=x.device)
+        square = SquareAttack(
+            model,
+            norm="Linf",
+            n_queries=self.queries,
+            eps=float(eps),
+            p_init=0.8,
+            n_restarts=1,
+            seed=self.seed,
+            resc_schedule=True,
+            device=x.device,
+        )
         robust = candidates.clone()
         x_adv = x.clone()
 
@@ -351,7 +414,61 @@ class QuickSquare(EvalAttack):
         return AttackOutcome(x_adv, robust)
 
 
+@dataclass(frozen=True)
+class APGDAttack(EvalAttack):
+    """pyautoattack's APGD-CE (`targeted` False) or APGD-T (targeted DLR on the `target_classes`
+    most likely wrong classes), `iterations` steps per restart or target: the white-box attacks that
+    AutoAttack's number rests on, run on the candidates only (the escalation after a Square alarm)."""
+
+    name: str
+    targeted: bool
+    iterations: int
+    seed: int
+    batch_size: int
+    target_classes: int = 9
+
+    def config(self) -> dict:
+        return {
+            "kind": "apgd-t" if self.targeted else "apgd-ce",
+            "package": "pyautoattack",
+            "iterations": self.iterations,
+            "target_classes": self.target_classes if self.targeted else None,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    def passes_per_point(self) -> int:
+        """Forward-backward passes one candidate can cost."""
+        return self.iterations * (self.target_classes if self.targeted else 1)
+
+    def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
+        from pyautoattack.autopgd_base import APGDAttack as CE
+        from pyautoattack.autopgd_base import APGDAttack_targeted as Targeted
+
+        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+            raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
+        settings = dict(
+            n_iter=self.iterations, norm="Linf", n_restarts=1, eps=float(eps), seed=self.seed, device=x.device
+        )
+        apgd = (
+            Targeted(model, n_target_classes=self.target_classes, **settings)
+            if self.targeted
+            else CE(model, loss="ce", **settings)
+        )
+        robust, x_adv = candidates.clone(), x.clone()
+
+        def attack(chunk: torch.Tensor) -> None:
+            adv = apgd.perturb(x[chunk], y[chunk])
+            x_adv[chunk] = adv
+            robust[chunk] = predict_correct(model, adv, y[chunk], len(chunk))
+
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            in_batches_that_fit(candidates.nonzero().squeeze(1), self.batch_size, attack)
+        return AttackOutcome(x_adv, robust)
+
+
 # --------------------------------------------------------------------------- registry
+
 
 @dataclass(frozen=True)
 class AttackInfo:
@@ -371,38 +488,55 @@ def register_attack(name: str, description: str):
     return decorate
 
 
-@register_attack("pgd-20", "PGD-20 on cross-entropy, uniform start, step eps/4 (2/255 at 8/255), "
-                           "restarts on survivors; broken if any iterate fools")
+@register_attack(
+    "pgd-20",
+    "PGD-20 on cross-entropy, uniform start, step eps/4 (2/255 at 8/255), "
+    "restarts on survivors; broken if any iterate fools",
+)
 def _pgd20(o: AttackOptions) -> EvalAttack:
-    return PGDAttack("pgd-20", steps=20, loss="ce", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed,
-                     batch_size=o.batch_size)
+    return PGDAttack(
+        "pgd-20", steps=20, loss="ce", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed, batch_size=o.batch_size
+    )
 
 
 @register_attack("cw-inf", "PGD-30 on the CW margin loss, kappa 50 (FAT/CAT/Madry convention)")
 def _cw_inf(o: AttackOptions) -> EvalAttack:
-    return PGDAttack("cw-inf", steps=30, loss="cw", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed,
-                     batch_size=o.batch_size)
+    return PGDAttack(
+        "cw-inf", steps=30, loss="cw", restarts=o.pgd_restarts, step=o.pgd_step, seed=o.seed, batch_size=o.batch_size
+    )
 
 
 def _autoattack(version: AutoAttackVersion) -> Callable[[AttackOptions], EvalAttack]:
     def build(o: AttackOptions) -> EvalAttack:
-        return AutoAttackEval(f"autoattack-{version}", version, o.seed, o.batch_size,
-                              tuple(o.autoattack_attacks) if version == "custom" else None, o.state_dir)
+        return AutoAttackEval(
+            f"autoattack-{version}",
+            version,
+            o.seed,
+            o.batch_size,
+            tuple(o.autoattack_attacks) if version == "custom" else None,
+            o.state_dir,
+        )
 
     return build
 
 
-register_attack("autoattack-standard", "AutoAttack standard: APGD-CE, APGD-T (9), FAB-T (9), Square "
-                                       "(5000 queries), via pyautoattack")(_autoattack("standard"))
-register_attack("autoattack-plus", "AutoAttack plus: APGD-CE/DLR (5 restarts), FAB, Square, APGD-T, "
-                                   "FAB-T")(_autoattack("plus"))
-register_attack("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with 20-sample EOT, for "
-                                   "randomised models")(_autoattack("rand"))
-register_attack("autoattack-custom", "AutoAttack with the attacks of --autoattack-attacks "
-                                     "(quick runs)")(_autoattack("custom"))
+register_attack(
+    "autoattack-standard",
+    "AutoAttack standard: APGD-CE, APGD-T (9), FAB-T (9), Square (5000 queries), via pyautoattack",
+)(_autoattack("standard"))
+register_attack("autoattack-plus", "AutoAttack plus: APGD-CE/DLR (5 restarts), FAB, Square, APGD-T, FAB-T")(
+    _autoattack("plus")
+)
+register_attack("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with 20-sample EOT, for randomised models")(
+    _autoattack("rand")
+)
+register_attack("autoattack-custom", "AutoAttack with the attacks of --autoattack-attacks (quick runs)")(
+    _autoattack("custom")
+)
 
 
-@register_attack("square", "Square attack alone (black box, 5000 queries): beating the white-box "
-                           "attacks flags gradient masking")
+@register_attack(
+    "square", "Square attack alone (black box, 5000 queries): beating the white-box attacks flags gradient masking"
+)
 def _square(o: AttackOptions) -> EvalAttack:
     return AutoAttackEval("square", "custom", o.seed, o.batch_size, ("square",), o.state_dir)

@@ -79,22 +79,33 @@ class Thresholds:
 
 # --------------------------------------------------------------------------- model checks
 
+
 def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds = Thresholds()) -> list[Check]:
     """Checks on a probe batch (a few hundred points is plenty); the model is put in eval mode."""
     with model_mode(model, "eval"):
-        return [logits_not_probabilities(model, x, t), deterministic(model, x, t),
-                nonzero_input_gradients(model, x, y, t)]
+        return [
+            logits_not_probabilities(model, x, t),
+            deterministic(model, x, t),
+            nonzero_input_gradients(model, x, y, t),
+        ]
 
 
 def logits_not_probabilities(model: nn.Module, x: torch.Tensor, t: Thresholds) -> Check:
     with torch.no_grad():
         out = model(x).float()
-    looks_like_probs = bool(out.min() >= -t.probability_tol and out.max() <= 1 + t.probability_tol
-                            and ((out.sum(1) - 1).abs() <= t.probability_tol).all())
-    return Check("outputs-are-logits", not looks_like_probs,
-                 "outputs are non-negative and sum to 1: the model returns probabilities, so CE attacks "
-                 "see saturated gradients; return logits" if looks_like_probs
-                 else f"outputs span [{float(out.min()):.3g}, {float(out.max()):.3g}], rows do not sum to 1")
+    looks_like_probs = bool(
+        out.min() >= -t.probability_tol
+        and out.max() <= 1 + t.probability_tol
+        and ((out.sum(1) - 1).abs() <= t.probability_tol).all()
+    )
+    return Check(
+        "outputs-are-logits",
+        not looks_like_probs,
+        "outputs are non-negative and sum to 1: the model returns probabilities, so CE attacks "
+        "see saturated gradients; return logits"
+        if looks_like_probs
+        else f"outputs span [{float(out.min()):.3g}, {float(out.max()):.3g}], rows do not sum to 1",
+    )
 
 
 def deterministic(model: nn.Module, x: torch.Tensor, t: Thresholds) -> Check:
@@ -103,9 +114,12 @@ def deterministic(model: nn.Module, x: torch.Tensor, t: Thresholds) -> Check:
     change = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
     flips = int((a.argmax(1) != b.argmax(1)).sum())
     ok = change <= t.output_change and flips == 0
-    return Check("deterministic-outputs", ok,
-                 f"two identical calls differ by {change:.2e} (relative), {flips} predictions flip"
-                 + ("" if ok else "; a randomised model needs EOT: use autoattack-rand"))
+    return Check(
+        "deterministic-outputs",
+        ok,
+        f"two identical calls differ by {change:.2e} (relative), {flips} predictions flip"
+        + ("" if ok else "; a randomised model needs EOT: use autoattack-rand"),
+    )
 
 
 def nonzero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds) -> Check:
@@ -121,11 +135,18 @@ def nonzero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     zero = float((per_point[correct] == 0).float().mean()) if bool(correct.any()) else 0.0
     nan = int((~torch.isfinite(per_point)).sum())
     ok = zero <= t.zero_gradient_fraction and nan == 0
-    return Check("nonzero-input-gradients", ok,
-                 f"{zero:.1%} of {int(correct.sum())} clean-correct probe points have an all-zero input gradient, "
-                 f"{nan} non-finite"
-                 + ("" if ok else "; gradient-based attacks are blind here (masking): trust only black-box "
-                                  "and AutoAttack numbers, or fix the model"))
+    return Check(
+        "nonzero-input-gradients",
+        ok,
+        f"{zero:.1%} of {int(correct.sum())} clean-correct probe points have an all-zero input gradient, "
+        f"{nan} non-finite"
+        + (
+            ""
+            if ok
+            else "; gradient-based attacks are blind here (masking): trust only black-box "
+            "and AutoAttack numbers, or fix the model"
+        ),
+    )
 
 
 def ce_gradients_not_vanishing(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: Thresholds) -> Check:
@@ -134,7 +155,7 @@ def ce_gradients_not_vanishing(model: nn.Module, x: torch.Tensor, y: torch.Tenso
     with model_mode(model, "eval"):
         xg = x.detach().clone().requires_grad_(True)
         logits = model(xg)
-        correct = (logits.detach().argmax(1) == y)
+        correct = logits.detach().argmax(1) == y
         loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xg)
     largest = grad.flatten(1).abs().max(1).values[correct]
@@ -142,17 +163,31 @@ def ce_gradients_not_vanishing(model: nn.Module, x: torch.Tensor, y: torch.Tenso
         return Check("ce-gradients-not-vanishing", True, "no clean-correct probe point to test")
     vanished = float(((largest <= t.vanishing_gradient) | ~torch.isfinite(largest)).float().mean())
     ok = vanished <= t.vanishing_ce_fraction
-    return Check("ce-gradients-not-vanishing", ok,
-                 f"{vanished:.1%} of {len(largest)} clean-correct probe points have a vanishing cross-entropy "
-                 f"input gradient" + ("" if ok else "; the softmax saturates, so PGD on CE cannot move there "
-                                                    "(gradient masking): trust CW/DLR-based numbers"))
+    return Check(
+        "ce-gradients-not-vanishing",
+        ok,
+        f"{vanished:.1%} of {len(largest)} clean-correct probe points have a vanishing cross-entropy "
+        f"input gradient"
+        + (
+            ""
+            if ok
+            else "; the softmax saturates, so PGD on CE cannot move there "
+            "(gradient masking): trust CW/DLR-based numbers"
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- result checks
 
-def result_checks(flags: dict[str, np.ndarray], attacks: list[str], eps_list: list[Fraction],
-                  rows: list[dict], t: Thresholds = Thresholds(), also_verified: tuple[str, ...] = ()
-                  ) -> tuple[list[Check], list[Skipped]]:
+
+def result_checks(
+    flags: dict[str, np.ndarray],
+    attacks: list[str],
+    eps_list: list[Fraction],
+    rows: list[dict],
+    t: Thresholds = Thresholds(),
+    also_verified: tuple[str, ...] = (),
+) -> tuple[list[Check], list[Skipped]]:
     """Checks on the flags and result rows of a finished sweep; returns (checks, skipped checks).
     `also_verified`: cells beyond the attacks whose examples are checked too (the escalation's)."""
     checks: list[Check] = []
@@ -167,8 +202,11 @@ def result_checks(flags: dict[str, np.ndarray], attacks: list[str], eps_list: li
     if autoattacks and "pgd-20" in attacks and positive:
         checks.extend(_autoattack_vs_pgd(flags, autoattacks, positive, t))
     else:
-        needs = tuple(a for a in ("pgd-20", "autoattack-standard") if a not in attacks and
-                      not (a == "autoattack-standard" and autoattacks))
+        needs = tuple(
+            a
+            for a in ("pgd-20", "autoattack-standard")
+            if a not in attacks and not (a == "autoattack-standard" and autoattacks)
+        )
         for name in ("autoattack-le-pgd20", "pgd20-autoattack-gap"):
             skipped.append(Skipped(name, "needs pgd-20 and an AutoAttack at eps > 0", needs))
 
@@ -179,15 +217,24 @@ def result_checks(flags: dict[str, np.ndarray], attacks: list[str], eps_list: li
     if "square" in attacks and white and positive:
         checks.append(_square_vs_white_box(flags, white, positive, t))
     else:
-        skipped.append(Skipped("square-vs-white-box", "needs the full Square attack (5000 queries) besides a "
-                               "white-box attack; the square-probe check runs a small budget instead",
-                               tuple(a for a in ("pgd-20", "square") if a not in attacks and not
-                                     (a == "pgd-20" and white))))
+        skipped.append(
+            Skipped(
+                "square-vs-white-box",
+                "needs the full Square attack (5000 queries) besides a "
+                "white-box attack; the square-probe check runs a small budget instead",
+                tuple(a for a in ("pgd-20", "square") if a not in attacks and not (a == "pgd-20" and white)),
+            )
+        )
 
     if autoattacks or "square" in attacks:
         messages = sorted({m for row in rows for m in row.get("warnings", [])})
-        checks.append(Check("autoattack-warnings", not messages,
-                            "AutoAttack raised no warning" if not messages else " | ".join(messages)[:500]))
+        checks.append(
+            Check(
+                "autoattack-warnings",
+                not messages,
+                "AutoAttack raised no warning" if not messages else " | ".join(messages)[:500],
+            )
+        )
     else:
         skipped.append(Skipped("autoattack-warnings", "AutoAttack did not run", ("autoattack-standard",)))
     return checks, skipped
@@ -206,8 +253,13 @@ def _monotone(flags, attacks, eps_sorted, t: Thresholds) -> Check:
         for (e0, a0), (e1, a1) in zip(accs, accs[1:]):
             if a1 > a0 + t.monotone:
                 rises.append(f"{attack} {a0:.2f} -> {a1:.2f} from {fraction_str(e0)} to {fraction_str(e1)}")
-    return Check("monotone-in-eps", not rises, "raw accuracy never rises with eps" if not rises
-                 else "raw accuracy rises with eps (weak or masked attack): " + "; ".join(rises[:3]))
+    return Check(
+        "monotone-in-eps",
+        not rises,
+        "raw accuracy never rises with eps"
+        if not rises
+        else "raw accuracy rises with eps (weak or masked attack): " + "; ".join(rises[:3]),
+    )
 
 
 def _examples_verified(rows: list[dict], attacks: list[str]) -> Check:
@@ -223,10 +275,13 @@ def _examples_verified(rows: list[dict], attacks: list[str]) -> Check:
         if info["failed"]:
             failures.append(f"{row['attack']}@{row['eps']}: {info['failed']} of {info['broken']} ({info['why']})")
     note = f" ({unverifiable} broken before an interruption, examples not kept)" if unverifiable else ""
-    return Check("adversarial-examples-verified", not failures,
-                 f"all {broken - unverifiable} broken points re-checked: misclassified, in the ball, in [0,1]{note}"
-                 if not failures else "points counted as broken without a valid adversarial example: "
-                 + "; ".join(failures[:3]))
+    return Check(
+        "adversarial-examples-verified",
+        not failures,
+        f"all {broken - unverifiable} broken points re-checked: misclassified, in the ball, in [0,1]{note}"
+        if not failures
+        else "points counted as broken without a valid adversarial example: " + "; ".join(failures[:3]),
+    )
 
 
 def _autoattack_vs_pgd(flags, autoattacks, eps_list, t: Thresholds) -> list[Check]:
@@ -240,12 +295,23 @@ def _autoattack_vs_pgd(flags, autoattacks, eps_list, t: Thresholds) -> list[Chec
                 above.append(f"{attack} {aa:.2f} > pgd-20 {pgd:.2f} at {fraction_str(e)}")
             if pgd - aa > t.pgd_autoattack_gap:
                 gaps.append(f"pgd-20 {pgd:.2f} vs {attack} {aa:.2f} at {fraction_str(e)}")
-    return [Check("autoattack-le-pgd20", not above, "AutoAttack is at most PGD-20 at every eps" if not above
-                  else "AutoAttack weaker than PGD-20: " + "; ".join(above[:3])),
-            Check("pgd20-autoattack-gap", not gaps,
-                  f"PGD-20 within {t.pgd_autoattack_gap:g} points of AutoAttack" if not gaps else
-                  f"PGD-20 overestimates by more than {t.pgd_autoattack_gap:g} points (gradient masking?): "
-                  + "; ".join(gaps[:3]))]
+    return [
+        Check(
+            "autoattack-le-pgd20",
+            not above,
+            "AutoAttack is at most PGD-20 at every eps"
+            if not above
+            else "AutoAttack weaker than PGD-20: " + "; ".join(above[:3]),
+        ),
+        Check(
+            "pgd20-autoattack-gap",
+            not gaps,
+            f"PGD-20 within {t.pgd_autoattack_gap:g} points of AutoAttack"
+            if not gaps
+            else f"PGD-20 overestimates by more than {t.pgd_autoattack_gap:g} points (gradient masking?): "
+            + "; ".join(gaps[:3]),
+        ),
+    ]
 
 
 def _pgd_vs_cw(flags, eps_list, t: Thresholds) -> Check:
@@ -259,8 +325,13 @@ def _pgd_vs_cw(flags, eps_list, t: Thresholds) -> Check:
         extra = percent(pgd & ~cw)
         if extra > t.pgd_cw_gap and int(np.sum(pgd & ~cw)) >= t.probe_min_points:
             gaps.append(f"cw-inf breaks {extra:.2f}% that pgd-20 left robust at {fraction_str(e)}")
-    return Check("pgd20-cw-gap", not gaps, f"CW-inf breaks at most {t.pgd_cw_gap:g}% of points PGD-20 left robust"
-                 if not gaps else "PGD-20 misled (saturated cross-entropy?): " + "; ".join(gaps[:3]))
+    return Check(
+        "pgd20-cw-gap",
+        not gaps,
+        f"CW-inf breaks at most {t.pgd_cw_gap:g}% of points PGD-20 left robust"
+        if not gaps
+        else "PGD-20 misled (saturated cross-entropy?): " + "; ".join(gaps[:3]),
+    )
 
 
 def _square_vs_white_box(flags, white, eps_list, t: Thresholds) -> Check:
@@ -273,5 +344,10 @@ def _square_vs_white_box(flags, white, eps_list, t: Thresholds) -> Check:
         extra = percent(white_robust & ~flags[cell_key("square", e)])
         if extra > t.square_extra:
             worse.append(f"Square breaks {extra:.2f}% more at {fraction_str(e)}")
-    return Check("square-vs-white-box", not worse, "Square breaks no point the white-box attacks missed"
-                 if not worse else "black-box beats white-box (gradient masking): " + "; ".join(worse[:3]))
+    return Check(
+        "square-vs-white-box",
+        not worse,
+        "Square breaks no point the white-box attacks missed"
+        if not worse
+        else "black-box beats white-box (gradient masking): " + "; ".join(worse[:3]),
+    )

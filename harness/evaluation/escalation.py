@@ -31,11 +31,13 @@ from torch import nn
 
 from harness.core.config import fraction_str
 from harness.core.environment import synchronize
-from harness.evaluation.attacks import AttackOutcome, PGDAttack
+from harness.evaluation.attacks import APGDAttack, AttackOutcome, PGDAttack
 from harness.evaluation.checks import Thresholds
 from harness.evaluation.flags import WORST_CASE, cell_key, percent
 
 ESCALATED = "pgd-escalated"  # the flags cell of the escalated worst case
+WHITEBOX_ESCALATED = "apgd-escalated"  # the flags cell of the white-box escalation after a Square alarm
+ESCALATED_CELLS = (ESCALATED, WHITEBOX_ESCALATED)
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,40 @@ class Escalated:
     converged: bool
     passes_per_point: int
     seconds: float  # wall time of the rounds
+    cell: str = ESCALATED  # the flags cell that holds what it left robust
+    trigger: str = "more-steps"  # the probe whose alarm started it
 
     def record(self, after: float, verified: dict) -> dict:
         """`after`: the reported worst case at eps once every escalation counted (nested balls)."""
-        return {"eps": fraction_str(self.eps), "escalated": "worst-case", "instead_of": "pgd-20",
-                "before": self.before, "after": after, "drop": self.before - after,
-                "rounds": list(self.rounds), "converged": self.converged,
-                "budget_passes_per_point": self.passes_per_point, "seconds": self.seconds, "verified": verified}
+        return {
+            "eps": fraction_str(self.eps),
+            "escalated": "worst-case",
+            "instead_of": "pgd-20",
+            "trigger": self.trigger,
+            "cell": self.cell,
+            "before": self.before,
+            "after": after,
+            "drop": self.before - after,
+            "rounds": list(self.rounds),
+            "converged": self.converged,
+            "budget_passes_per_point": self.passes_per_point,
+            "seconds": self.seconds,
+            "verified": verified,
+        }
 
     def summary(self, after: float) -> str:
         """'worst-case@1/5 14.20% -> 12.00% (pgd-100 broke 9 of 71, pgd-100x2 broke 1 of 62; converged)'."""
         rounds = ", ".join(f"{r['attack']} broke {r['broken']} of {r['attacked']}" for r in self.rounds)
-        return (f"worst-case@{fraction_str(self.eps)} {self.before:.2f}% -> {after:.2f}% ({rounds}; "
-                + ("converged" if self.converged else "budget spent, still falling") + ")")
+        return (
+            f"worst-case@{fraction_str(self.eps)} {self.before:.2f}% -> {after:.2f}% ({rounds}; "
+            + ("converged" if self.converged else "budget spent, still falling")
+            + ")"
+        )
 
 
-def escalated_worst_case(flags: dict[str, np.ndarray], eps_list: list[Fraction], escalations: list[Escalated],
-                         nested: bool) -> dict[Fraction, np.ndarray]:
+def escalated_worst_case(
+    flags: dict[str, np.ndarray], eps_list: list[Fraction], escalations: list[Escalated], nested: bool
+) -> dict[Fraction, np.ndarray]:
     """The worst case per eps after the escalations: each one counts at its eps and, with nested
     balls, at every larger eps (a point broken in a smaller ball is broken in a larger one)."""
     worst = {e: flags[cell_key(WORST_CASE, e)].copy() for e in eps_list if cell_key(WORST_CASE, e) in flags}
@@ -91,13 +110,23 @@ def escalated_worst_case(flags: dict[str, np.ndarray], eps_list: list[Fraction],
 
 def escalation_plan(probe: PGDAttack, budget: EscalationBudget) -> list[PGDAttack]:
     """The probe's attack first (PGD-20's start), then each round with new starts (its own seed)."""
-    return [probe] + [replace(probe, name=f"pgd-{steps}x{restarts}", steps=steps, restarts=restarts,
-                              seed=probe.seed + i) for i, (steps, restarts) in enumerate(budget.rounds, 1)]
+    return [probe] + [
+        replace(probe, name=f"pgd-{steps}x{restarts}", steps=steps, restarts=restarts, seed=probe.seed + i)
+        for i, (steps, restarts) in enumerate(budget.rounds, 1)
+    ]
 
 
-def escalate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, standing: torch.Tensor,
-             probe: PGDAttack, probed: tuple[torch.Tensor, AttackOutcome], budget: EscalationBudget,
-             t: Thresholds) -> Escalated:
+def escalate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Fraction,
+    standing: torch.Tensor,
+    probe: PGDAttack,
+    probed: tuple[torch.Tensor, AttackOutcome],
+    budget: EscalationBudget,
+    t: Thresholds,
+) -> Escalated:
     """Run the plan on the points `standing` (robust at eps after the sweep) until a round breaks no
     more than the probe's limit. `probed` = (subset mask, the probe's outcome on it), reused."""
     n = len(y)
@@ -110,19 +139,43 @@ def escalate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, 
         broken = _round(model, x, y, eps, attack, robust, x_adv, probed if i == 0 else None)
         robust &= ~broken
         k = int(broken.sum())
-        rounds.append({"attack": attack.name, "steps": attack.steps, "restarts": attack.restarts,
-                       "seed": attack.seed, "attacked": attacked, "broken": k, "broken_percent": 100.0 * k / n})
+        rounds.append(
+            {
+                "attack": attack.name,
+                "steps": attack.steps,
+                "restarts": attack.restarts,
+                "seed": attack.seed,
+                "attacked": attacked,
+                "broken": k,
+                "broken_percent": 100.0 * k / n,
+            }
+        )
         if 100.0 * k / n <= t.more_steps_drop or k < t.probe_min_points:
             converged = True
             break
     synchronize(x.device)
-    return Escalated(eps, robust, x_adv, percent(standing.cpu().numpy()), tuple(rounds), converged,
-                     budget.passes_per_point(probe), time.perf_counter() - t0)
+    return Escalated(
+        eps,
+        robust,
+        x_adv,
+        percent(standing.cpu().numpy()),
+        tuple(rounds),
+        converged,
+        budget.passes_per_point(probe),
+        time.perf_counter() - t0,
+    )
 
 
-def _round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, attack: PGDAttack,
-           robust: torch.Tensor, x_adv: torch.Tensor, probed: tuple[torch.Tensor, AttackOutcome] | None
-           ) -> torch.Tensor:
+def _round(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Fraction,
+    attack: PGDAttack,
+    robust: torch.Tensor,
+    x_adv: torch.Tensor,
+    probed: tuple[torch.Tensor, AttackOutcome] | None,
+) -> torch.Tensor:
     """One round on the points still robust; writes the examples it finds into x_adv, returns the
     mask of points it broke. With `probed`, the probe's subset takes the probe's outcome instead."""
     done = torch.zeros_like(robust) if probed is None else probed[0] & robust
@@ -135,3 +188,78 @@ def _round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Fraction, at
         x_adv[from_probe] = probed[1].x_adv[from_probe]
         broken |= from_probe
     return broken
+
+
+@dataclass(frozen=True)
+class WhiteBoxBudget:
+    """The white-box escalation after a Square alarm: APGD-CE, then APGD-T on the points it left robust."""
+
+    iterations: int = 100
+    target_classes: int = 9
+
+    def plan(self, seed: int, batch_size: int) -> list[APGDAttack]:
+        return [
+            APGDAttack(f"apgd-ce-{self.iterations}", False, self.iterations, seed, batch_size),
+            APGDAttack(
+                f"apgd-t-{self.iterations}x{self.target_classes}",
+                True,
+                self.iterations,
+                seed,
+                batch_size,
+                self.target_classes,
+            ),
+        ]
+
+    def passes_per_point(self) -> int:
+        """Most forward-backward passes one still-robust point can cost (100 + 9 x 100 by default)."""
+        return sum(a.passes_per_point() for a in self.plan(0, 1))
+
+
+def escalate_white_box(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Fraction,
+    standing: torch.Tensor,
+    budget: WhiteBoxBudget,
+    seed: int,
+    batch_size: int,
+) -> Escalated:
+    """Square broke points beyond the sweep at eps: before calling that masking, attack every point
+    still robust there (`standing`) with the strongest white-box attacks. What they break counts
+    (verified, like any cell); whether they account for Square's breaks is the Square re-check's call."""
+    n = len(y)
+    synchronize(x.device)
+    t0 = time.perf_counter()
+    robust, x_adv, rounds = standing.clone(), x.clone(), []
+    for attack in budget.plan(seed, batch_size):
+        attacked = int(robust.sum())
+        outcome = attack.robust(model, x, y, eps, robust.clone())
+        broken = robust & ~outcome.robust
+        x_adv[broken] = outcome.x_adv[broken]
+        robust &= ~broken
+        k = int(broken.sum())
+        rounds.append(
+            {
+                "attack": attack.name,
+                "iterations": attack.iterations,
+                "seed": attack.seed,
+                "passes_per_point": attack.passes_per_point(),
+                "attacked": attacked,
+                "broken": k,
+                "broken_percent": 100.0 * k / n,
+            }
+        )
+    synchronize(x.device)
+    return Escalated(
+        eps,
+        robust,
+        x_adv,
+        percent(standing.cpu().numpy()),
+        tuple(rounds),
+        True,
+        budget.passes_per_point(),
+        time.perf_counter() - t0,
+        WHITEBOX_ESCALATED,
+        "square-probe",
+    )
