@@ -309,7 +309,8 @@ def run_autoattack(
 
     pyautoattack 0.2.0 cannot continue from its own state file (`y_adv` is unset on that path, and the
     attack set it reads back is a string), so an interrupted run is continued here from the same file:
-    the attacks it has not finished run on the points it still lists as robust, in the same order and batches as an uninterrupted run.
+    the attacks it has not finished run on the points it still lists as robust, in the same order and
+    batches as an uninterrupted run.
     Returns (x_adv, robust flags, the points broken before an interruption, whose examples are lost).
     """
     if state_path is not None and state_path.exists():

@@ -217,27 +217,26 @@ def result_checks(
     if "square" in attacks and white and positive:
         checks.append(_square_vs_white_box(flags, white, positive, t))
     else:
-        skipped.append(
-            Skipped(
-                "square-vs-white-box",
-                "needs the full Square attack (5000 queries) besides a "
-                "white-box attack; the square-probe check runs a small budget instead",
-                tuple(a for a in ("pgd-20", "square") if a not in attacks and not (a == "pgd-20" and white)),
-            )
-        )
+        needs = tuple(a for a in ("pgd-20", "square") if a not in attacks and not (a == "pgd-20" and white))
+        skipped.append(Skipped("square-vs-white-box", SQUARE_NEEDS, needs))
 
     if autoattacks or "square" in attacks:
-        messages = sorted({m for row in rows for m in row.get("warnings", [])})
-        checks.append(
-            Check(
-                "autoattack-warnings",
-                not messages,
-                "AutoAttack raised no warning" if not messages else " | ".join(messages)[:500],
-            )
-        )
+        checks.append(_autoattack_warnings(rows))
     else:
         skipped.append(Skipped("autoattack-warnings", "AutoAttack did not run", ("autoattack-standard",)))
     return checks, skipped
+
+
+SQUARE_NEEDS = (
+    "needs the full Square attack (5000 queries) besides a white-box attack; "
+    "the square-probe check runs a small budget instead"
+)
+
+
+def _autoattack_warnings(rows: list[dict]) -> Check:
+    messages = sorted({m for row in rows for m in row.get("warnings", [])})
+    detail = "AutoAttack raised no warning" if not messages else " | ".join(messages)[:500]
+    return Check("autoattack-warnings", not messages, detail)
 
 
 def _raw(flags, attack, e):

@@ -61,12 +61,7 @@ def sweep(
 
     `rerun(attack names)` gives the command that would run a skipped check (stored with it).
     """
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
-        raise HarnessError(
-            f"inputs span [{lo:.3g}, {hi:.3g}], outside [0, 1]: eps is in [0, 1] pixel units, "
-            f"so normalisation belongs inside the model"
-        )
+    _check_unit_range(x)
     names = [a.name for a in attacks]
     with model_mode(model, "eval"), frozen_parameters(model):
         probe = model_checks(model, x[:PROBE_SIZE], y[:PROBE_SIZE], thresholds)
@@ -82,22 +77,8 @@ def sweep(
                     _run_cell(model, x, y, attack, eps, clean, store, say)
         if nested:
             nest_balls(store, names, eps_list)
-        for eps in eps_list:
-            store.add_cell(
-                WORST_CASE,
-                eps,
-                worst_case(store.flags, names, eps),
-                sum(
-                    r["seconds"]
-                    for r in store.record["results"]
-                    if r["eps"] == fraction_str(eps) and r["attack"] in names
-                ),
-            )
-        masking = (
-            ProbeResult([], probes_skipped(attacks))
-            if probes is None
-            else masking_probes(model, x, y, store.flags, attacks, eps_list, probes, thresholds, nested)
-        )
+        _add_worst_case(store, names, eps_list)
+        masking = _probes(model, x, y, store, attacks, eps_list, probes, thresholds, nested)
         record_escalations(model, x, y, store, masking.escalations, eps_list, nested)
         for escalated in masking.escalations:
             say(f"escalated {escalated.summary(store.accuracy(WORST_CASE, escalated.eps))}  ({escalated.seconds:.1f}s)")
@@ -108,6 +89,30 @@ def sweep(
     all_skipped = [s.to_dict(_command(s, names, rerun)) for s in gradient_skipped + skipped + masking.skipped]
     store.finish([c.to_dict() for c in all_checks], all_skipped)
     return SweepResult(store, all_checks, all_skipped)
+
+
+def _check_unit_range(x: torch.Tensor) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise HarnessError(
+            f"inputs span [{lo:.3g}, {hi:.3g}], outside [0, 1]: eps is in [0, 1] pixel units, "
+            f"so normalisation belongs inside the model"
+        )
+
+
+def _add_worst_case(store: EvaluationStore, names: list[str], eps_list: list[Fraction]) -> None:
+    """The pointwise worst case over the attacks per eps; its seconds are the attacks' at that eps."""
+    for eps in eps_list:
+        seconds = sum(
+            r["seconds"] for r in store.record["results"] if r["eps"] == fraction_str(eps) and r["attack"] in names
+        )
+        store.add_cell(WORST_CASE, eps, worst_case(store.flags, names, eps), seconds)
+
+
+def _probes(model, x, y, store, attacks, eps_list, probes: ProbeBudget | None, thresholds, nested: bool) -> ProbeResult:
+    if probes is None:
+        return ProbeResult([], probes_skipped(attacks))
+    return masking_probes(model, x, y, store.flags, attacks, eps_list, probes, thresholds, nested)
 
 
 def _run_cell(
