@@ -11,6 +11,24 @@ from click.testing import CliRunner
 from harness.cli import main
 
 
+def smoke_run(data_dir, results: str) -> list[str]:
+    """`harness run` of a smoke PGD-AT run on the synthetic set into `results` (the tests' usual run)."""
+    return [
+        "run",
+        "-m",
+        "pgd-at",
+        "--dataset",
+        "synthetic",
+        "--preset",
+        "smoke",
+        "-q",
+        "--data-dir",
+        str(data_dir),
+        "--results",
+        results,
+    ]
+
+
 def invoke(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
@@ -98,20 +116,7 @@ def test_a_file_given_as_a_directory_is_called_a_file(tmp_path):
 def test_unwritable_results_dir(tmp_path, data_dir):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = invoke(
-        "run",
-        "-m",
-        "pgd-at",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "-q",
-        "--data-dir",
-        str(data_dir),
-        "--results",
-        str(blocker / "results"),
-    )
+    result = invoke(*smoke_run(data_dir, str(blocker / "results")))
     assert result.exit_code == 2 and "not writable" in result.output
 
 
@@ -141,20 +146,7 @@ def test_run_then_interrupted_rerun_needs_resume(tmp_path, data_dir):
 
 def test_runs_table_after_a_run(tmp_path, data_dir):
     assert invoke("runs", "--results", str(tmp_path / "none")).exit_code == 2
-    invoke(
-        "run",
-        "-m",
-        "pgd-at",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "-q",
-        "--data-dir",
-        str(data_dir),
-        "--results",
-        str(tmp_path / "r"),
-    )
+    invoke(*smoke_run(data_dir, str(tmp_path / "r")))
     result = invoke("runs", "--results", str(tmp_path / "r"), "--csv")
     assert result.exit_code == 0
     header, row = result.output.strip().splitlines()
@@ -169,20 +161,7 @@ def test_runs_table_after_a_run(tmp_path, data_dir):
 
 
 def test_run_records_the_allocator_setting(tmp_path, data_dir):
-    invoke(
-        "run",
-        "-m",
-        "pgd-at",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "-q",
-        "--data-dir",
-        str(data_dir),
-        "--results",
-        str(tmp_path / "r"),
-    )
+    invoke(*smoke_run(data_dir, str(tmp_path / "r")))
     record = json.loads(next((tmp_path / "r").glob("*/record.json")).read_text())
     expected = platform.libc_ver()[0] == "glibc"
     assert record["environment"]["device"]["keep_freed_memory"] is expected
