@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core.config import DEFAULT_RESULTS
 from harness.core.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ def train(
     dataset: str = "fashion-mnist",
     preset: str = "quick",
     seed: int = 0,
-    results: str | Path = "results",
+    results: str | Path = DEFAULT_RESULTS,
     data_dir: str | Path | None = None,
     device: str = "auto",
     resume: bool = False,
@@ -243,7 +244,9 @@ def load_run(run_dir: str | Path) -> TrainResult:
 DEFAULT_REPORTS = Path("reports")
 
 
-def report(results: str | Path = "results", out: str | Path | None = None, checkpoint: str = "last") -> ReportResult:
+def report(
+    results: str | Path = DEFAULT_RESULTS, out: str | Path | None = None, checkpoint: str = "last"
+) -> ReportResult:
     """Tables 1-3, curves and claim verdicts from the records in `results`, as `harness report` writes
     them (out: default reports/<results folder name>). Trains and attacks nothing."""
     from harness.reporting import build, load_results, write

@@ -1,1 +1,2 @@
-"""Subcommands of `harness`; every module here is imported by `harness.cli` and adds one command."""
+"""Subcommands of `harness`: `harness.cli` imports every module here, and each adds one command
+(`path_options` holds the options several of them share)."""

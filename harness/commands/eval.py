@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from harness.cli import main
+from harness.commands.path_options import data_dir_option, results_option
 from harness.scale.executor_cli import executor_options
-
-DEFAULT_RESULTS = Path("results")
 
 
 @main.command("eval")
@@ -84,20 +83,8 @@ DEFAULT_RESULTS = Path("results")
     "--model", "model_name", default=None, help="Architecture of a plain state-dict TARGET (see `harness list models`)."
 )
 @click.option("--dataset", default=None, help="Data set of a plain state-dict TARGET (default fashion-mnist).")
-@click.option(
-    "--results",
-    "results_dir",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_RESULTS,
-    show_default=True,
-    help="Where run ids are looked up and external models' evaluations go.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where data sets are (default $HARNESS_DATA or ~/.cache/harness/data).",
-)
+@results_option("Where run ids are looked up and external models' evaluations go.")
+@data_dir_option("Where data sets are (default $HARNESS_DATA or ~/.cache/harness/data).")
 @click.option(
     "--robustbench-dir",
     type=click.Path(path_type=Path),

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from harness.cli import main
+from harness.commands.path_options import results_option
 
 
 @main.command("export")
@@ -17,14 +18,7 @@ from harness.cli import main
     required=True,
     help="robustbench: one model_info JSON per run, as in RobustBench's model_info/ folder.",
 )
-@click.option(
-    "--results",
-    "results_dir",
-    type=click.Path(path_type=Path),
-    default=Path("results"),
-    show_default=True,
-    help="Run records and their `harness eval` records.",
-)
+@results_option("Run records and their `harness eval` records.")
 @click.option(
     "--out",
     "out_dir",

@@ -7,19 +7,11 @@ from pathlib import Path
 import click
 
 from harness.cli import main
-
-DEFAULT_RESULTS = Path("results")
+from harness.commands.path_options import results_option
 
 
 @main.command("report")
-@click.option(
-    "--results",
-    "results_dir",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_RESULTS,
-    show_default=True,
-    help="Directory of run records (and `harness eval` records).",
-)
+@results_option("Directory of run records (and `harness eval` records).")
 @click.option(
     "--out",
     "out_dir",

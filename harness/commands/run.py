@@ -9,9 +9,9 @@ import click
 from click.core import ParameterSource
 
 from harness.cli import main
+from harness.commands.path_options import data_dir_option, results_option
 from harness.scale.executor_cli import executor_options
 
-DEFAULT_RESULTS = Path("results")
 GRID_SETS = {
     "methods_": "--method",
     "all_methods": "--all",
@@ -103,20 +103,8 @@ GRID_SETS = {
     show_default=True,
     help="Under --executor ray: cuda when --gpus-per-run > 0, else cpu.",
 )
-@click.option(
-    "--results",
-    "results_dir",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_RESULTS,
-    show_default=True,
-    help="Directory of run records and checkpoints (under ray: one every node shares).",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where data sets are (or are downloaded to). Default: $HARNESS_DATA or ~/.cache/harness/data.",
-)
+@results_option("Directory of run records and checkpoints (under ray: one every node shares).")
+@data_dir_option("Where data sets are (or are downloaded to). Default: $HARNESS_DATA or ~/.cache/harness/data.")
 @click.option("--resume", is_flag=True, help="Continue interrupted runs from their last checkpoint.")
 @click.option("--force", is_flag=True, help="Rerun from scratch even if a run with this config exists.")
 @click.option("--wait", is_flag=True, help="Wait for another process training the same run, instead of failing.")

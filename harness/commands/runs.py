@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from harness.cli import main
+from harness.commands.path_options import results_option
 
 COLUMNS = (
     "defense",
@@ -31,14 +32,7 @@ COLUMNS = (
 
 
 @main.command("runs")
-@click.option(
-    "--results",
-    "results_dir",
-    type=click.Path(path_type=Path),
-    default=Path("results"),
-    show_default=True,
-    help="Directory of run records.",
-)
+@results_option("Directory of run records.")
 @click.option("--all", "include_running", is_flag=True, help="Include unfinished (running or interrupted) runs.")
 @click.option(
     "--grid",

@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Literal
 
 from harness.core.errors import HarnessError
@@ -128,6 +129,8 @@ class RunSpec:
     def run_id(self) -> str:
         return f"{self.dataset}_{self.defense}_{self.model}_seed{self.seed}_{self.digest}"
 
+
+DEFAULT_RESULTS = Path("results")  # where runs and evaluations are written unless told otherwise
 
 LATER_FIELDS = {"precision": "fp32", "batchnorm": "global", "compile": "none", "world_size": 1}
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.core.config import parse_eps
+from harness.core.config import DEFAULT_RESULTS, parse_eps
 from harness.core.datasets import DATASETS
 from harness.core.errors import HarnessError
 from harness.core.models import MODELS, build_model
@@ -61,7 +61,7 @@ def load_checkpoint(
     target: str,
     *,
     label: str = "last",
-    results_dir: Path = Path("results"),
+    results_dir: Path = DEFAULT_RESULTS,
     model_name: str | None = None,
     dataset: str | None = None,
     robustbench_dir: Path = DEFAULT_ROBUSTBENCH_DIR,

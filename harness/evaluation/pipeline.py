@@ -20,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core.config import DEFAULT_RESULTS
 from harness.core.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -342,7 +343,7 @@ class EvalRequest:
     dataset: str | None = None
     model_name: str | None = None
     checkpoint: str = "last"
-    results: Path = Path("results")
+    results: Path = DEFAULT_RESULTS
     data_dir: Path | None = None
     robustbench_dir: Path | None = None
     seed: int = 0
