@@ -10,7 +10,14 @@ from evaluation_helpers import template_data, train_tiny
 from torch import nn
 
 from harness.core.pgd import frozen_parameters, model_mode, pgd
-from harness.evaluation.attacks import AutoAttackEval, PGDAttack, cw_margin_loss, run_autoattack
+from harness.evaluation.attacks import (
+    APGDAttack,
+    AutoAttackEval,
+    PGDAttack,
+    QuickSquare,
+    cw_margin_loss,
+    run_autoattack,
+)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +255,27 @@ def test_resumed_autoattack_attacks_only_the_points_its_state_file_lists_as_robu
     resumed = ours_autoattack(tiny, x, y, eps, attacks, batch_size=32, state_dir=tmp_path)
     assert not resumed[listed_broken].any()
     assert torch.equal(resumed, state_flags)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        PGDAttack("pgd", steps=3, loss="ce", restarts=2, step="eps/4", seed=5, batch_size=32),
+        QuickSquare("square", queries=20, seed=5, batch_size=32),
+        APGDAttack("apgd-ce", targeted=False, iterations=3, seed=5, batch_size=32),
+        APGDAttack("apgd-t", targeted=True, iterations=2, seed=5, batch_size=32, target_classes=2),
+    ],
+    ids=lambda a: a.name,
+)
+def test_an_attack_leaves_the_callers_random_state_as_it_found_it(tiny, test_set, attack):
+    """Attacks reseed torch's generator (pyautoattack's do so themselves); an evaluation must not shift the
+    randomness of whatever runs after it, e.g. the next attack's start or a training run in the same process."""
+    x, y = test_set
+    x, y = x[:40], y[:40]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with model_mode(tiny, "eval"), frozen_parameters(tiny):
+        outcome = attack.robust(tiny, x, y, Fraction(8, 255), torch.ones_like(y, dtype=torch.bool))
+    assert outcome.robust.shape == y.shape
+    assert torch.equal(torch.rand(3), expected_next)

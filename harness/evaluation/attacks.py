@@ -178,7 +178,7 @@ class PGDAttack(EvalAttack):
         steps_t = step_size(self.step, eps_t)
         robust = candidates.clone()
         x_adv = x.clone()
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with caller_rng_kept(x.device):
             torch.manual_seed(self.seed)
             for _ in range(self.restarts):
                 # Drawn for every point, so a point's start does not depend on which others still stand
@@ -202,6 +202,40 @@ class PGDAttack(EvalAttack):
 
                 in_batches_that_fit(robust.nonzero().squeeze(1), self.batch_size, attack)
         return AttackOutcome(x_adv, robust)
+
+
+def caller_rng_kept(device: torch.device):
+    """Attacks reseed torch's generators (pyautoattack's do it themselves): inside this, the caller's random
+    state is saved and restored, so an evaluation never shifts the randomness of what runs after it."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def single_eps(name: str, eps: Fraction | float | torch.Tensor) -> float:
+    if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+        raise HarnessError(f"{name} takes one eps for all points, not a per-sample tensor")
+    return float(eps)
+
+
+def perturb_candidates(
+    perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    candidates: torch.Tensor,
+    batch_size: int,
+) -> AttackOutcome:
+    """A pyautoattack attack's `perturb(x, y)` on the candidates only, in batches that fit; the caller's random
+    state is kept."""
+    robust, x_adv = candidates.clone(), x.clone()
+
+    def attack(chunk: torch.Tensor) -> None:
+        adv = perturb(x[chunk], y[chunk])
+        x_adv[chunk] = adv
+        robust[chunk] = predict_correct(model, adv, y[chunk], len(chunk))
+
+    with caller_rng_kept(x.device):
+        in_batches_that_fit(candidates.nonzero().squeeze(1), batch_size, attack)
+    return AttackOutcome(x_adv, robust)
 
 
 def in_batches_that_fit(indices: torch.Tensor, batch_size: int, run: Callable[[torch.Tensor], None]) -> None:
@@ -388,31 +422,18 @@ class QuickSquare(EvalAttack):
     def robust(self, model, x, y, eps, candidates) -> AttackOutcome:
         from pyautoattack.square import SquareAttack
 
-        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
-            raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
         square = SquareAttack(
             model,
             norm="Linf",
             n_queries=self.queries,
-            eps=float(eps),
+            eps=single_eps(self.name, eps),
             p_init=0.8,
             n_restarts=1,
             seed=self.seed,
             resc_schedule=True,
             device=x.device,
         )
-        robust = candidates.clone()
-        x_adv = x.clone()
-
-        def attack(chunk: torch.Tensor) -> None:
-            adv = square.perturb(x[chunk], y[chunk])
-            x_adv[chunk] = adv
-            robust[chunk] = predict_correct(model, adv, y[chunk], len(chunk))
-
-        # Square reseeds the global generator itself: keep the caller's random state untouched
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            in_batches_that_fit(candidates.nonzero().squeeze(1), self.batch_size, attack)
-        return AttackOutcome(x_adv, robust)
+        return perturb_candidates(square.perturb, model, x, y, candidates, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -446,26 +467,20 @@ class APGDAttack(EvalAttack):
         from pyautoattack.autopgd_base import APGDAttack as CE
         from pyautoattack.autopgd_base import APGDAttack_targeted as Targeted
 
-        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
-            raise HarnessError(f"{self.name} takes one eps for all points, not a per-sample tensor")
         settings = dict(
-            n_iter=self.iterations, norm="Linf", n_restarts=1, eps=float(eps), seed=self.seed, device=x.device
+            n_iter=self.iterations,
+            norm="Linf",
+            n_restarts=1,
+            eps=single_eps(self.name, eps),
+            seed=self.seed,
+            device=x.device,
         )
         apgd = (
             Targeted(model, n_target_classes=self.target_classes, **settings)
             if self.targeted
             else CE(model, loss="ce", **settings)
         )
-        robust, x_adv = candidates.clone(), x.clone()
-
-        def attack(chunk: torch.Tensor) -> None:
-            adv = apgd.perturb(x[chunk], y[chunk])
-            x_adv[chunk] = adv
-            robust[chunk] = predict_correct(model, adv, y[chunk], len(chunk))
-
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            in_batches_that_fit(candidates.nonzero().squeeze(1), self.batch_size, attack)
-        return AttackOutcome(x_adv, robust)
+        return perturb_candidates(apgd.perturb, model, x, y, candidates, self.batch_size)
 
 
 # --------------------------------------------------------------------------- registry
