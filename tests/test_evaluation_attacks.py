@@ -9,6 +9,7 @@ import torch
 from evaluation_helpers import template_data, train_tiny
 from torch import nn
 
+from harness.core.errors import HarnessError
 from harness.core.pgd import frozen_parameters, model_mode, pgd
 from harness.evaluation.attacks import (
     APGDAttack,
@@ -279,3 +280,17 @@ def test_an_attack_leaves_the_callers_random_state_as_it_found_it(tiny, test_set
         outcome = attack.robust(tiny, x, y, Fraction(8, 255), torch.ones_like(y, dtype=torch.bool))
     assert outcome.robust.shape == y.shape
     assert torch.equal(torch.rand(3), expected_next)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        QuickSquare("square", queries=5, seed=0, batch_size=8),
+        APGDAttack("apgd-ce", targeted=False, iterations=2, seed=0, batch_size=8),
+    ],
+    ids=lambda a: a.name,
+)
+def test_pyautoattack_attacks_refuse_a_per_sample_eps_in_one_line(tiny, test_set, attack):
+    x, y = test_set
+    with pytest.raises(HarnessError, match="one eps for all points"):
+        attack.robust(tiny, x[:4], y[:4], torch.full((4,), 8 / 255), torch.ones(4, dtype=torch.bool))
