@@ -108,6 +108,39 @@ def escalated_worst_case(
     return worst
 
 
+@dataclass
+class _Progress:
+    """What an escalation keeps while its rounds run: the points still robust, the examples found so far,
+    one row per round, and the wall time from its start (device synchronised at both ends)."""
+
+    standing: torch.Tensor
+    robust: torch.Tensor
+    x_adv: torch.Tensor
+    started: float
+    rounds: list[dict]
+
+    @classmethod
+    def start(cls, standing: torch.Tensor, x: torch.Tensor) -> _Progress:
+        synchronize(x.device)
+        return cls(standing, standing.clone(), x.clone(), time.perf_counter(), [])
+
+    def add_round(self, fields: dict, broken: torch.Tensor) -> int:
+        """Record a round that broke `broken` (its examples already in x_adv); returns how many it broke."""
+        attacked, k = int(self.robust.sum()), int(broken.sum())
+        self.robust &= ~broken
+        share = 100.0 * k / len(self.robust)
+        self.rounds.append({**fields, "attacked": attacked, "broken": k, "broken_percent": share})
+        return k
+
+    def result(self, eps: Fraction, converged: bool, passes_per_point: int, *kind: str) -> Escalated:
+        synchronize(self.x_adv.device)
+        before = percent(self.standing.cpu().numpy())
+        seconds = time.perf_counter() - self.started
+        return Escalated(
+            eps, self.robust, self.x_adv, before, tuple(self.rounds), converged, passes_per_point, seconds, *kind
+        )
+
+
 def escalation_plan(probe: PGDAttack, budget: EscalationBudget) -> list[PGDAttack]:
     """The probe's attack first (PGD-20's start), then each round with new starts (its own seed)."""
     return [probe] + [
@@ -129,41 +162,16 @@ def escalate(
 ) -> Escalated:
     """Run the plan on the points `standing` (robust at eps after the sweep) until a round breaks no
     more than the probe's limit. `probed` = (subset mask, the probe's outcome on it), reused."""
-    n = len(y)
-    synchronize(x.device)
-    t0 = time.perf_counter()
-    robust, x_adv = standing.clone(), x.clone()
-    rounds, converged = [], False
+    progress = _Progress.start(standing, x)
+    converged = False
     for i, attack in enumerate(escalation_plan(probe, budget)):
-        attacked = int(robust.sum())
-        broken = _round(model, x, y, eps, attack, robust, x_adv, probed if i == 0 else None)
-        robust &= ~broken
-        k = int(broken.sum())
-        rounds.append(
-            {
-                "attack": attack.name,
-                "steps": attack.steps,
-                "restarts": attack.restarts,
-                "seed": attack.seed,
-                "attacked": attacked,
-                "broken": k,
-                "broken_percent": 100.0 * k / n,
-            }
-        )
-        if 100.0 * k / n <= t.more_steps_drop or k < t.probe_min_points:
+        broken = _round(model, x, y, eps, attack, progress.robust, progress.x_adv, probed if i == 0 else None)
+        fields = {"attack": attack.name, "steps": attack.steps, "restarts": attack.restarts, "seed": attack.seed}
+        k = progress.add_round(fields, broken)
+        if 100.0 * k / len(y) <= t.more_steps_drop or k < t.probe_min_points:
             converged = True
             break
-    synchronize(x.device)
-    return Escalated(
-        eps,
-        robust,
-        x_adv,
-        percent(standing.cpu().numpy()),
-        tuple(rounds),
-        converged,
-        budget.passes_per_point(probe),
-        time.perf_counter() - t0,
-    )
+    return progress.result(eps, converged, budget.passes_per_point(probe))
 
 
 def _round(
@@ -228,38 +236,16 @@ def escalate_white_box(
     """Square broke points beyond the sweep at eps: before calling that masking, attack every point
     still robust there (`standing`) with the strongest white-box attacks. What they break counts
     (verified, like any cell); whether they account for Square's breaks is the Square re-check's call."""
-    n = len(y)
-    synchronize(x.device)
-    t0 = time.perf_counter()
-    robust, x_adv, rounds = standing.clone(), x.clone(), []
+    progress = _Progress.start(standing, x)
     for attack in budget.plan(seed, batch_size):
-        attacked = int(robust.sum())
-        outcome = attack.robust(model, x, y, eps, robust.clone())
-        broken = robust & ~outcome.robust
-        x_adv[broken] = outcome.x_adv[broken]
-        robust &= ~broken
-        k = int(broken.sum())
-        rounds.append(
-            {
-                "attack": attack.name,
-                "iterations": attack.iterations,
-                "seed": attack.seed,
-                "passes_per_point": attack.passes_per_point(),
-                "attacked": attacked,
-                "broken": k,
-                "broken_percent": 100.0 * k / n,
-            }
-        )
-    synchronize(x.device)
-    return Escalated(
-        eps,
-        robust,
-        x_adv,
-        percent(standing.cpu().numpy()),
-        tuple(rounds),
-        True,
-        budget.passes_per_point(),
-        time.perf_counter() - t0,
-        WHITEBOX_ESCALATED,
-        "square-probe",
-    )
+        outcome = attack.robust(model, x, y, eps, progress.robust.clone())
+        broken = progress.robust & ~outcome.robust
+        progress.x_adv[broken] = outcome.x_adv[broken]
+        fields = {
+            "attack": attack.name,
+            "iterations": attack.iterations,
+            "seed": attack.seed,
+            "passes_per_point": attack.passes_per_point(),
+        }
+        progress.add_round(fields, broken)
+    return progress.result(eps, True, budget.passes_per_point(), WHITEBOX_ESCALATED, "square-probe")
