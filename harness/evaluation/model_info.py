@@ -39,20 +39,8 @@ MODEL_INFO_FIELDS = (
     "autoattack_acc",
     "footnote",
 )
-LEADERBOARD_FIELDS = (
-    "link",
-    "name",
-    "authors",
-    "additional_data",
-    "number_forward_passes",
-    "dataset",
-    "venue",
-    "architecture",
-    "eps",
-    "clean_acc",
-    "reported",
-    "autoattack_acc",
-)  # the template's example
+# the fields the leaderboard's template example fills: the corruption entries and the footnote are optional
+LEADERBOARD_FIELDS = tuple(f for f in MODEL_INFO_FIELDS if not f.startswith("corruptions") and f != "footnote")
 
 
 @dataclass(frozen=True)
