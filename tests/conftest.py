@@ -118,6 +118,18 @@ def run_options(data_dir):
     return make
 
 
+@pytest.fixture
+def passes_trained():
+    """`(hook, trained)`: a `RunOptions.around_pass` hook that notes each pass it is entered for in `trained`."""
+    trained: list[int] = []
+
+    def note(pass_index: int) -> contextlib.AbstractContextManager:
+        trained.append(pass_index)
+        return contextlib.nullcontext()
+
+    return note, trained
+
+
 @pytest.fixture(scope="session")
 def interrupt_at_pass():
     """`interrupt_at_pass(n, error=KeyboardInterrupt)`: a `RunOptions.around_pass` hook that raises `error`
