@@ -72,12 +72,12 @@ def train_batch(data_dir, synthetic_info) -> Batch:
 
 @pytest.fixture(scope="session")
 def smoke_run_args(data_dir):
-    """`smoke_run_args(results, *extra, defenses=("pgd-at",))`: the `harness run` arguments of the tests'
-    usual run (the smoke preset on the synthetic set, quiet), into `results`, with `extra` appended."""
+    """`smoke_run_args(results, *extra, defenses=("pgd-at",), data=data_dir)`: the `harness run` arguments of
+    the tests' usual run (the smoke preset on the synthetic set, quiet), into `results`, `extra` appended."""
 
-    def args(results: Path, *extra: str, defenses: tuple[str, ...] = ("pgd-at",)) -> list[str]:
+    def args(results: Path, *extra: str, defenses: tuple[str, ...] = ("pgd-at",), data: Path = data_dir) -> list[str]:
         chosen = [word for name in defenses for word in ("-m", name)]
-        usual = ["--dataset", "synthetic", "--preset", "smoke", "-q", "--data-dir", str(data_dir)]
+        usual = ["--dataset", "synthetic", "--preset", "smoke", "-q", "--data-dir", str(data)]
         return ["run", *chosen, *usual, "--results", str(results), *extra]
 
     return args

@@ -28,7 +28,7 @@ from harness.scale.executors import LocalExecutor, RayExecutor, summarise
 from harness.scale.grid import load_grid
 from harness.storage.atomic import load_torch
 from harness.storage.records import read_record
-from harness.training.runner import RunOptions, make_spec
+from harness.training.runner import make_spec
 
 EPOCHS = 3
 SEEDS = (0, 1)
@@ -48,10 +48,6 @@ def ray_instance():
 
 def specs():
     return [make_spec("pgd-at", "synthetic", "smoke", seed, epochs=EPOCHS) for seed in SEEDS]
-
-
-def options(results: Path, data_dir: Path) -> RunOptions:
-    return RunOptions(results_dir=results, data_dir=data_dir, device=torch.device("cpu"))
 
 
 def comparable(obj):
@@ -79,17 +75,17 @@ def records(results: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def local_records(tmp_path_factory, data_dir):
+def local_records(tmp_path_factory, run_options):
     """The reference: the local executor, one torch thread."""
     results = tmp_path_factory.mktemp("local") / "results"
-    outcomes = list(LocalExecutor(threads=1).execute(run_jobs(specs(), options(results, data_dir)), print))
+    outcomes = list(LocalExecutor(threads=1).execute(run_jobs(specs(), run_options(results, progress=True)), print))
     assert [o.error for o in outcomes] == [None, None]
     return results, records(results)
 
 
 @pytest.mark.slow
 def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
-    ray_instance, local_records, data_dir, tmp_path
+    ray_instance, local_records, run_options, tmp_path
 ):
     results = tmp_path / "results"
     seed0 = specs()[0]
@@ -113,7 +109,7 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
 
     executor = RayExecutor(cpus_per_run=1, max_retries=2, shared_dir=results, poll_seconds=0.05)
     outcomes = {}
-    for outcome in executor.execute(run_jobs(specs(), options(results, data_dir)), say):
+    for outcome in executor.execute(run_jobs(specs(), run_options(results, progress=True)), say):
         label = outcome.job.label  # its last line came before its outcome
         assert outcome.error is not None or any(
             line.startswith(f"[{label}] pgd-at [last] test clean") for line in lines
@@ -362,17 +358,17 @@ def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
 
 
 @pytest.mark.slow
-def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):
+def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, run_options, capsys):
     from harness.training.runner import run
 
-    run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))  # progress on
+    run(make_spec("pgd-at", "synthetic", "smoke"), run_options(tmp_path, progress=True))  # progress on
     captured = capsys.readouterr()
     assert "pgd-at pass 1/1" in captured.out and "test clean" in captured.out
     assert "batch" not in captured.err and "\r" not in captured.err  # no tqdm bar went to a log
 
 
-def test_retries_resume_and_never_force(tmp_path, data_dir):
-    opts = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), force=True)
+def test_retries_resume_and_never_force(tmp_path, run_options):
+    opts = run_options(tmp_path, force=True)
     for job in run_jobs(specs(), opts):
         first, retry = job.args[1], job.retry_args[1]
         assert first.force and not first.resume and retry.resume and not retry.force
