@@ -134,6 +134,7 @@ def test_the_seam_rule_sees_a_private_patch(tmp_path):
         "    monkeypatch.setattr(Run, '__repr__', None)\n"  # a protocol method: allowed
         "    monkeypatch.setattr(figures, '_seed_spread', None)\n"  # a module's function: not a class
         "    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', None)\n"  # not ours
+        "    monkeypatch.setattr(torch.Tensor, '_make_subclass', None)\n"  # not our class
     )
     found = private_patches([tmp_path / "test_a.py"], root=tmp_path)
     assert [line.split(" ", 1)[0] for line in found] == ["test_a.py:7", "test_a.py:9"]
