@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -66,31 +67,80 @@ def train_batch(data_dir, synthetic_info) -> Batch:
     return Batch(x.contiguous(memory_format=torch.channels_last), split.labels[:32], torch.arange(32))
 
 
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    """A smoke PGD-AT run made through the CLI, one per test module (modules add evaluations to it)."""
+# --------------------------------------------------------------------------- the tests' usual run
+
+
+@pytest.fixture(scope="session")
+def smoke_run_args(data_dir):
+    """`smoke_run_args(results, *extra, defenses=("pgd-at",), data=data_dir)`: the `harness run` arguments of
+    the tests' usual run (the smoke preset on the synthetic set, quiet), into `results`, `extra` appended."""
+
+    def args(results: Path, *extra: str, defenses: tuple[str, ...] = ("pgd-at",), data: Path = data_dir) -> list[str]:
+        chosen = [word for name in defenses for word in ("-m", name)]
+        usual = ["--dataset", "synthetic", "--preset", "smoke", "-q", "--data-dir", str(data)]
+        return ["run", *chosen, *usual, "--results", str(results), *extra]
+
+    return args
+
+
+@pytest.fixture(scope="session")
+def train_smoke_run(smoke_run_args):
+    """`train_smoke_run(results)`: the smoke PGD-AT run made through the CLI into `results`; its directory."""
     from click.testing import CliRunner
 
     from harness.cli import main
 
-    results = tmp_path_factory.mktemp("results")
-    out = CliRunner().invoke(
-        main,
-        [
-            "run",
-            "-m",
-            "pgd-at",
-            "--dataset",
-            "synthetic",
-            "--preset",
-            "smoke",
-            "--data-dir",
-            str(data_dir),
-            "--results",
-            str(results),
-            "-q",
-        ],
-    )
-    assert out.exit_code == 0, out.output
-    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
-    return run
+    def train(results: Path) -> Path:
+        out = CliRunner().invoke(main, smoke_run_args(results))
+        assert out.exit_code == 0, out.output
+        (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
+        return run
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def run_dir(train_smoke_run, tmp_path_factory):
+    """A smoke PGD-AT run made through the CLI, one per test module (modules add evaluations to it)."""
+    return train_smoke_run(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="session")
+def run_options(data_dir):
+    """`run_options(results, **changes)`: the RunOptions of a test run (the CPU, the tests' data, no
+    progress output), any field changed by keyword."""
+    from harness.training.runner import RunOptions
+
+    def make(results: Path, **changes) -> RunOptions:
+        defaults = {"results_dir": results, "data_dir": data_dir, "device": torch.device("cpu"), "progress": False}
+        return RunOptions(**{**defaults, **changes})
+
+    return make
+
+
+@pytest.fixture
+def passes_trained():
+    """`(hook, trained)`: a `RunOptions.around_pass` hook that notes each pass it is entered for in `trained`."""
+    trained: list[int] = []
+
+    def note(pass_index: int) -> contextlib.AbstractContextManager:
+        trained.append(pass_index)
+        return contextlib.nullcontext()
+
+    return note, trained
+
+
+@pytest.fixture(scope="session")
+def interrupt_at_pass():
+    """`interrupt_at_pass(n, error=KeyboardInterrupt)`: a `RunOptions.around_pass` hook that raises `error`
+    as training pass n (0-based) starts, as a crash there would: passes 0..n-1 are checkpointed, n is not."""
+
+    def hook_for(n: int, error: type[BaseException] = KeyboardInterrupt):
+        def around_pass(pass_index: int) -> contextlib.AbstractContextManager:
+            if pass_index == n:
+                raise error(f"interrupted as pass {n} starts")
+            return contextlib.nullcontext()
+
+        return around_pass
+
+    return hook_for

@@ -61,23 +61,40 @@ def ades_diagnostics(epoch: int) -> dict[str, Any]:
     }
 
 
+def epoch_entry(run: FakeRun, p: int) -> dict[str, Any]:
+    """The record's entry for pass p: a falling loss, rising accuracies, ADES diagnostics for the ADES family."""
+    return {
+        "pass": p + 1,
+        "equivalent_epoch": p + 1,
+        "lr": 0.1,
+        "train_seconds": run.epoch_seconds * (1 + 0.02 * ((p + run.seed) % 3)),
+        "val_seconds": 1.0,
+        "train": {"loss": 2.0 - 0.3 * p, "adv_acc": 0.2 + 0.1 * p},
+        "val": {"clean": run.clean - 5 + 2 * p, "pgd": run.pgd - 5 + 2 * p, "n": 100},
+        "defense": ades_diagnostics(p) if run.defense in ("ades", "ades-joint", "static-des") else {},
+    }
+
+
+def spec_of(run: FakeRun) -> dict[str, Any]:
+    return {
+        "defense": run.defense,
+        "dataset": run.dataset,
+        "model": run.model,
+        "eps": run.eps,
+        "preset": "quick",
+        "seed": run.seed,
+        "dropout": 0.0,
+        "eval_step": "2/255",
+        "defense_config": {"steps": 10},
+        "schedule": {"epochs": run.epochs},
+        "eval": {"pgd_steps": 20, "pgd_restarts": 1, "test_examples": run.n_test},
+    }
+
+
 def run_record(run: FakeRun, results: Path) -> dict[str, Any]:
     digest = hashlib.sha256(repr(run).encode()).hexdigest()[:10]
     run_id = f"{run.dataset}_{run.defense}_{run.model}_seed{run.seed}_{digest}"
     directory = results / run_id
-    epochs = []
-    for p in range(run.epochs):
-        entry = {
-            "pass": p + 1,
-            "equivalent_epoch": p + 1,
-            "lr": 0.1,
-            "train_seconds": run.epoch_seconds * (1 + 0.02 * ((p + run.seed) % 3)),
-            "val_seconds": 1.0,
-            "train": {"loss": 2.0 - 0.3 * p, "adv_acc": 0.2 + 0.1 * p},
-            "val": {"clean": run.clean - 5 + 2 * p, "pgd": run.pgd - 5 + 2 * p, "n": 100},
-            "defense": ades_diagnostics(p) if run.defense in ("ades", "ades-joint", "static-des") else {},
-        }
-        epochs.append(entry)
     final = {
         label: {"clean": run.clean - shift, "pgd": run.pgd - shift, "n": run.n_test, "pass": run.epochs, "seconds": 3.0}
         for label, shift in (("last", 0.0), ("best", 0.5))
@@ -86,19 +103,7 @@ def run_record(run: FakeRun, results: Path) -> dict[str, Any]:
         "schema": SCHEMA_VERSION,
         "run_id": run_id,
         "status": "complete",
-        "spec": {
-            "defense": run.defense,
-            "dataset": run.dataset,
-            "model": run.model,
-            "eps": run.eps,
-            "preset": "quick",
-            "seed": run.seed,
-            "dropout": 0.0,
-            "eval_step": "2/255",
-            "defense_config": {"steps": 10},
-            "schedule": {"epochs": run.epochs},
-            "eval": {"pgd_steps": 20, "pgd_restarts": 1, "test_examples": run.n_test},
-        },
+        "spec": spec_of(run),
         "defense": {"name": run.defense, "config": {"steps": 10}, "replays": 1},
         "environment": {"device": {"name": run.device, "type": "cuda"}, "git": {"commit": "0" * 40}},
         "protocol": {
@@ -110,7 +115,7 @@ def run_record(run: FakeRun, results: Path) -> dict[str, Any]:
             "test_indices": f"0..{run.n_test - 1}",
             "eval_attack": {"name": "pgd", "steps": 20, "step_size": "2/255", "restarts": 1},
         },
-        "epochs": epochs,
+        "epochs": [epoch_entry(run, p) for p in range(run.epochs)],
         "final": final,
         "checkpoints": {"last": str(directory / "last.pt"), "best": str(directory / "best.pt")},
         "created": "2026-01-01T00:00:00+00:00",
@@ -133,15 +138,8 @@ def evaluation_record(
     results = []
     for i, ((attack, eps), acc) in enumerate(sorted(robust.items())):
         flags[f"{attack}@{eps}"] = _flags(n, acc, seed * 100 + i)
-        results.append(
-            {
-                "attack": attack,
-                "eps": eps,
-                "robust_accuracy": float(flags[f"{attack}@{eps}"].mean() * 100),
-                "n": n,
-                "seconds": 1.0,
-            }
-        )
+        accuracy = float(flags[f"{attack}@{eps}"].mean() * 100)
+        results.append({"attack": attack, "eps": eps, "robust_accuracy": accuracy, "n": n, "seconds": 1.0})
     checks = [
         {"name": "robust_le_clean", "passed": True, "detail": "ok"},
         {

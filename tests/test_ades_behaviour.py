@@ -14,7 +14,7 @@ from harness.core.defense import DEFENSES, DefenseContext
 from harness.core.models import build_model
 from harness.core.validation import validate_config
 from harness.training.eps_stats import collapse_warning
-from harness.training.runner import RunOptions, make_spec, run
+from harness.training.runner import make_spec, run
 from methods.ades.cue_schedule import hold_mean, preserved_buffers
 from methods.ades.cues import clean_pass, compute_cues, entropy, grad_norm, mc_variance_full, minmax
 from methods.ades.eps_scheduler import through_eps
@@ -192,10 +192,9 @@ def test_within_batch_correlation_is_not_the_pooled_one(trained_model, synthetic
     assert diag["spearman"]["entropy"] is None and diag["eps_std_rel"] > 0
 
 
-def test_a_frozen_scheduler_run_warns_that_it_is_pgd_at(tmp_path, data_dir, capsys):
+def test_a_frozen_scheduler_run_warns_that_it_is_pgd_at(tmp_path, run_options, capsys):
     spec = make_spec("ades", "synthetic", "smoke", overrides=("scheduler_lr=0", "steps=2"))
-    options = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False)
-    record = run(spec, options)
+    record = run(spec, run_options(tmp_path))
     warning = record["epochs"][0]["defense"]["collapse_warning"]
     assert warning and "held mean" in warning and "PGD-AT" in warning
     assert "held mean" in capsys.readouterr().out

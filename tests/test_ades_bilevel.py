@@ -16,7 +16,7 @@ from harness.core.errors import HarnessError
 from harness.core.pgd import per_sample
 from harness.core.validation import validate_config
 from harness.storage.records import read_record
-from harness.training.runner import Run, RunOptions, make_spec, prepare_data, run
+from harness.training.runner import make_spec, prepare_data, run
 from methods.ades.eps_scheduler import through_eps
 
 
@@ -59,9 +59,9 @@ def test_bilevel_needs_a_held_out_split(trained_model, synthetic_info):
         make_bilevel(synthetic_info, None).setup(trained_model)
 
 
-def test_held_out_split_is_carved_from_training_and_disjoint(tmp_path, data_dir):
+def test_held_out_split_is_carved_from_training_and_disjoint(tmp_path, run_options):
     spec = make_spec("ades-bilevel", "synthetic", "smoke")
-    options = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False)
+    options = run_options(tmp_path)
     data = prepare_data(spec, DATASETS.get("synthetic"), options)
     assert len(data.held_out.labels) == 25 and data.train.num_examples == 256 - 25
 
@@ -90,31 +90,17 @@ def strip_times(record):
     return epochs, final
 
 
-def test_bilevel_run_resumes_exactly(tmp_path, data_dir, monkeypatch):
+def test_bilevel_run_resumes_exactly(tmp_path, run_options, interrupt_at_pass, passes_trained):
     spec = make_spec("ades-bilevel", "synthetic", "smoke", epochs=2, overrides=("steps=2",))
-
-    def options(sub, **kw):
-        return RunOptions(
-            results_dir=tmp_path / sub, data_dir=data_dir, device=torch.device("cpu"), progress=False, **kw
-        )
-
-    reference = run(spec, options("a"))
+    reference = run(spec, run_options(tmp_path / "a"))
     assert reference["protocol"]["held_out_examples"] == 25
     assert reference["defense"]["scheduler"]["direction"].startswith("minimise held-out")
-    original = Run._train_pass
-
-    def crash_in_second_pass(self, model, optimizer, defense, data, p, budget):
-        if p == 1:
-            raise KeyboardInterrupt
-        return original(self, model, optimizer, defense, data, p, budget)
-
-    monkeypatch.setattr(Run, "_train_pass", crash_in_second_pass)
     with pytest.raises(KeyboardInterrupt):
-        run(spec, options("b"))
+        run(spec, run_options(tmp_path / "b", around_pass=interrupt_at_pass(1)))
     assert len(read_record(tmp_path / "b" / spec.run_id / "record.json")["epochs"]) == 1
-    monkeypatch.setattr(Run, "_train_pass", original)
-    resumed = run(spec, options("b", resume=True))
-    assert strip_times(resumed) == strip_times(reference)
+    note, trained = passes_trained
+    resumed = run(spec, run_options(tmp_path / "b", resume=True, around_pass=note))
+    assert trained == [1] and strip_times(resumed) == strip_times(reference)
 
 
 def test_hypergradient_step_descends_the_held_out_loss_after_the_lookahead(trained_model, train_batch, synthetic_info):

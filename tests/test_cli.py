@@ -11,24 +11,6 @@ from click.testing import CliRunner
 from harness.cli import main
 
 
-def smoke_run(data_dir, results: str) -> list[str]:
-    """`harness run` of a smoke PGD-AT run on the synthetic set into `results` (the tests' usual run)."""
-    return [
-        "run",
-        "-m",
-        "pgd-at",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "-q",
-        "--data-dir",
-        str(data_dir),
-        "--results",
-        results,
-    ]
-
-
 def invoke(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
@@ -74,21 +56,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
 
 
-def test_missing_data_dir(tmp_path):
-    result = invoke(
-        "run",
-        "-m",
-        "pgd-at",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "-q",
-        "--data-dir",
-        str(tmp_path / "absent"),
-        "--results",
-        str(tmp_path / "r"),
-    )
+def test_missing_data_dir(tmp_path, smoke_run_args):
+    result = invoke(*smoke_run_args(tmp_path / "r", data=tmp_path / "absent"))
     assert result.exit_code == 2 and result.output.strip() == (
         f"error: --data-dir directory {tmp_path / 'absent'} does not exist; create it or pass an existing --data-dir"
     )
@@ -113,28 +82,15 @@ def test_a_file_given_as_a_directory_is_called_a_file(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_unwritable_results_dir(tmp_path, data_dir):
+def test_unwritable_results_dir(tmp_path, smoke_run_args):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = invoke(*smoke_run(data_dir, str(blocker / "results")))
+    result = invoke(*smoke_run_args(blocker / "results"))
     assert result.exit_code == 2 and "not writable" in result.output
 
 
-def test_run_then_interrupted_rerun_needs_resume(tmp_path, data_dir):
-    args = [
-        "run",
-        "-m",
-        "pgd-at",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "-q",
-        "--data-dir",
-        str(data_dir),
-        "--results",
-        str(tmp_path / "r"),
-    ]
+def test_run_then_interrupted_rerun_needs_resume(tmp_path, smoke_run_args):
+    args = smoke_run_args(tmp_path / "r")
     first = invoke(*args)
     assert first.exit_code == 0 and "PGD-5" in first.output
     record = next((tmp_path / "r").glob("*/record.json"))
@@ -144,9 +100,9 @@ def test_run_then_interrupted_rerun_needs_resume(tmp_path, data_dir):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
-def test_runs_table_after_a_run(tmp_path, data_dir):
+def test_runs_table_after_a_run(tmp_path, smoke_run_args):
     assert invoke("runs", "--results", str(tmp_path / "none")).exit_code == 2
-    invoke(*smoke_run(data_dir, str(tmp_path / "r")))
+    invoke(*smoke_run_args(tmp_path / "r"))
     result = invoke("runs", "--results", str(tmp_path / "r"), "--csv")
     assert result.exit_code == 0
     header, row = result.output.strip().splitlines()
@@ -160,8 +116,8 @@ def test_runs_table_after_a_run(tmp_path, data_dir):
     )
 
 
-def test_run_records_the_allocator_setting(tmp_path, data_dir):
-    invoke(*smoke_run(data_dir, str(tmp_path / "r")))
+def test_run_records_the_allocator_setting(tmp_path, smoke_run_args):
+    invoke(*smoke_run_args(tmp_path / "r"))
     record = json.loads(next((tmp_path / "r").glob("*/record.json")).read_text())
     expected = platform.libc_ver()[0] == "glibc"
     assert record["environment"]["device"]["keep_freed_memory"] is expected

@@ -21,7 +21,7 @@ from harness.core.datasets import Batch
 from harness.core.errors import HarnessError
 from harness.scale import distributed
 from harness.storage.atomic import load_torch
-from harness.training.runner import RunOptions, make_spec, run, with_execution
+from harness.training.runner import make_spec, run, with_execution
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,39 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], results: Path, data_dir: Path) -> subprocess.CompletedProcess:
+def torchrun(run_args: list[str]) -> subprocess.CompletedProcess:
+    """`harness run_args...` on two CPU processes under torchrun."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "harness",
-        "run",
-        "--dataset",
-        "synthetic",
-        "--preset",
-        "smoke",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--results",
-        str(results),
-        "--quiet",
-        *args,
-    ]
+    launch = ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "harness", *run_args, "--device", "cpu"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-
-
-def single(spec, results: Path, data_dir: Path) -> dict:
-    return run(spec, RunOptions(results_dir=results, data_dir=data_dir, device=torch.device("cpu"), progress=False))
 
 
 def assert_same_run(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
@@ -91,13 +64,13 @@ def assert_same_run(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
     ],
 )
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, args):
+def test_torchrun_two_processes_equal_one_process(tmp_path, run_options, smoke_run_args, method, args):
     overrides = tuple(v for k, v in zip(args, args[1:]) if k == "--set")
     epochs = int(args[args.index("--epochs") + 1]) if "--epochs" in args else None
     spec = make_spec(method, "synthetic", "smoke", epochs=epochs, overrides=overrides)
-    reference = single(spec, tmp_path / "one", data_dir)
+    reference = run(spec, run_options(tmp_path / "one"))
 
-    done = torchrun(["--method", method, *args], tmp_path / "two", data_dir)
+    done = torchrun(smoke_run_args(tmp_path / "two", *args, defenses=(method,)))
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "two" / with_execution(spec, False, 2).run_id  # world size: part of the identity
     assert with_execution(spec, False, 2).run_id != spec.run_id
@@ -117,20 +90,20 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, data_dir, method, ar
 
 
 @pytest.mark.slow
-def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir):
+def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, run_options, smoke_run_args):
     """Issue 22: with seed 0 held by another process, rank 0 used to skip it while rank 1 trained it,
     then the ranks trained different runs together (a hybrid seed-1 record marked complete). Now rank
     0's decision is every rank's: seed 0 fails once, in one line; seed 1 is the same run as one process."""
     from harness.storage.locks import hold
     from harness.storage.records import read_record
 
-    args = ["--method", "pgd-at", "--seed", "0", "--seed", "1", "--set", "random_start=false"]
+    args = smoke_run_args(tmp_path / "two", "--seed", "0", "--seed", "1", "--set", "random_start=false")
     held, trained = (
         make_spec("pgd-at", "synthetic", "smoke", seed=seed, ranks=2, overrides=("random_start=false",))
         for seed in (0, 1)
     )
     with hold(tmp_path / "two" / held.run_id, what="a test's run"):
-        done = torchrun(args, tmp_path / "two", data_dir)
+        done = torchrun(args)
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "mismatch" not in output, output[-3000:]
     assert done.stdout.count("in use by another harness process") == 1, output[-3000:]
@@ -138,7 +111,7 @@ def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir
     record = read_record(tmp_path / "two" / trained.run_id / "record.json")
     assert record["status"] == "complete" and record["spec"]["world_size"] == 2
     one = make_spec("pgd-at", "synthetic", "smoke", seed=1, overrides=("random_start=false",))
-    reference = single(one, tmp_path / "one", data_dir)
+    reference = run(one, run_options(tmp_path / "one"))
     assert_same_run(reference, record, tmp_path / "one" / one.run_id, tmp_path / "two" / trained.run_id)
     # tighter than assert_same_run: the hybrid record's loss was 3.7e-3 off one process's, a true
     # two-process seed-1 run 2e-5 (one smoke pass, no random starts)
@@ -146,7 +119,7 @@ def test_ranks_follow_rank_0_when_another_process_holds_a_run(tmp_path, data_dir
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_defense_not_ready_is_refused_once_before_any_work(tmp_path, data_dir, monkeypatch, rank):
+def test_a_defense_not_ready_is_refused_once_before_any_work(tmp_path, smoke_run_args, monkeypatch, rank):
     """Under torchrun (its environment, no process group yet): rank 0 prints one line and exits 2, the
     other ranks exit 2 silently, before the process group, the data or a results directory."""
     from click.testing import CliRunner
@@ -155,29 +128,8 @@ def test_a_defense_not_ready_is_refused_once_before_any_work(tmp_path, data_dir,
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
-    out = CliRunner().invoke(
-        main,
-        [
-            "run",
-            "-m",
-            "pgd-at",
-            "-m",
-            "cat",
-            "-m",
-            "ades",
-            "--dataset",
-            "synthetic",
-            "--preset",
-            "smoke",
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(data_dir),
-            "--results",
-            str(tmp_path / "results"),
-            "-q",
-        ],
-    )
+    defenses = ("pgd-at", "cat", "ades")
+    out = CliRunner().invoke(main, smoke_run_args(tmp_path / "results", "--device", "cpu", defenses=defenses))
     assert out.exit_code == 2
     lines = out.output.strip().splitlines()
     assert lines == (

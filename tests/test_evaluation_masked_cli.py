@@ -25,34 +25,14 @@ def torch_threads(n: int):
 
 
 @pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
+def run_dir(train_smoke_run, tmp_path_factory):
     """The smoke PGD-AT run, trained on one thread: SGD's float sums depend on the thread count and
     compound over training, so the weights (clean accuracy 29.69% on one thread, 26.56% on two on
     this test's 64 points) and what the Shattered model's escalation and probes find would otherwise
     depend on the machine's cores. (The escalation repairs the Shattered model's PGD-20 number, so
     Square finds nothing beyond it; the gradient check flags the shattered backward pass.)"""
-    results = tmp_path_factory.mktemp("results")
     with torch_threads(1):
-        out = CliRunner().invoke(
-            main,
-            [
-                "run",
-                "-m",
-                "pgd-at",
-                "--dataset",
-                "synthetic",
-                "--preset",
-                "smoke",
-                "--data-dir",
-                str(data_dir),
-                "--results",
-                str(results),
-                "-q",
-            ],
-        )
-    assert out.exit_code == 0, out.output
-    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
-    return run
+        return train_smoke_run(tmp_path_factory.mktemp("results"))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

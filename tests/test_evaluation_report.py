@@ -102,35 +102,9 @@ def test_failed_and_skipped_checks_are_shown_with_the_command(tmp_path):
 # --------------------------------------------------------------------------- export
 
 
-@pytest.fixture(scope="module")
-def evaluated_run(data_dir, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    runner = CliRunner()
-    out = runner.invoke(
-        main,
-        [
-            "run",
-            "-m",
-            "pgd-at",
-            "--dataset",
-            "synthetic",
-            "--preset",
-            "smoke",
-            "--data-dir",
-            str(data_dir),
-            "--results",
-            str(results),
-            "-q",
-        ],
-    )
-    assert out.exit_code == 0, out.output
-    (run,) = [p for p in results.iterdir() if (p / "record.json").exists()]
-    return results, run
-
-
 @pytest.mark.slow
-def test_export_without_autoattack_says_which_command_to_run(evaluated_run, data_dir, tmp_path):
-    results, run = evaluated_run
+def test_export_without_autoattack_says_which_command_to_run(run_dir, data_dir, tmp_path):
+    results, run = run_dir.parent, run_dir  # the module's smoke run (conftest)
     out = CliRunner().invoke(
         main, ["export", "--format", "robustbench", "--results", str(results), "--out", str(tmp_path / "mi")]
     )
@@ -138,11 +112,11 @@ def test_export_without_autoattack_says_which_command_to_run(evaluated_run, data
     assert f"harness eval {run} --checkpoint last -a autoattack --eps 0,8/255" in out.output
 
 
-def test_export_writes_model_info_that_robustbench_reads(evaluated_run, data_dir, tmp_path):
+def test_export_writes_model_info_that_robustbench_reads(run_dir, data_dir, tmp_path):
     utils, *_ = import_robustbench()
     ModelInfo = utils.ModelInfo
 
-    results, run = evaluated_run
+    results, run = run_dir.parent, run_dir  # the module's smoke run (conftest)
     runner = CliRunner()
     out = runner.invoke(
         main,

@@ -28,7 +28,7 @@ from harness.scale.executors import LocalExecutor, RayExecutor, summarise
 from harness.scale.grid import load_grid
 from harness.storage.atomic import load_torch
 from harness.storage.records import read_record
-from harness.training.runner import RunOptions, make_spec
+from harness.training.runner import make_spec
 
 EPOCHS = 3
 SEEDS = (0, 1)
@@ -48,10 +48,6 @@ def ray_instance():
 
 def specs():
     return [make_spec("pgd-at", "synthetic", "smoke", seed, epochs=EPOCHS) for seed in SEEDS]
-
-
-def options(results: Path, data_dir: Path) -> RunOptions:
-    return RunOptions(results_dir=results, data_dir=data_dir, device=torch.device("cpu"))
 
 
 def comparable(obj):
@@ -79,21 +75,17 @@ def records(results: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def local_records(tmp_path_factory, data_dir):
+def local_records(tmp_path_factory, run_options):
     """The reference: the local executor, one torch thread."""
     results = tmp_path_factory.mktemp("local") / "results"
-    outcomes = list(LocalExecutor(threads=1).execute(run_jobs(specs(), options(results, data_dir)), print))
+    outcomes = list(LocalExecutor(threads=1).execute(run_jobs(specs(), run_options(results, progress=True)), print))
     assert [o.error for o in outcomes] == [None, None]
     return results, records(results)
 
 
-@pytest.mark.slow
-def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
-    ray_instance, local_records, data_dir, tmp_path
-):
-    results = tmp_path / "results"
-    seed0 = specs()[0]
-    killed_label = f"pgd-at/synthetic/seed{seed0.seed}"
+def killer_after_pass_1(results: Path, spec, label: str):
+    """`(say, lines, killed)`: an executor's `say` that keeps every line and SIGKILLs the worker of run
+    `label` once its pass 1 is checkpointed (and before the run finishes); `killed` gets that pid."""
     lines, pids, killed = [], {}, []
 
     def say(line: str) -> None:
@@ -101,19 +93,42 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
         started = re.match(r"\[(.+?)\] started on .* \(pid (\d+),", line)
         if started:
             pids[started[1]] = int(started[2])
-        if line.startswith(f"[{killed_label}] pgd-at pass 1/{EPOCHS}") and not killed:
-            record_path = results / seed0.run_id / "record.json"
+        if line.startswith(f"[{label}] pgd-at pass 1/{EPOCHS}") and not killed:
+            record_path = results / spec.run_id / "record.json"
             deadline = time.monotonic() + 60
             while not (record_path.exists() and read_record(record_path)["epochs"]):  # pass 1 is checkpointed
                 assert time.monotonic() < deadline, "pass 1 was never checkpointed"
                 time.sleep(0.01)
             assert read_record(record_path)["status"] == "running", "the run finished before it could be killed"
-            os.kill(pids[killed_label], signal.SIGKILL)
-            killed.append(pids[killed_label])
+            os.kill(pids[label], signal.SIGKILL)
+            killed.append(pids[label])
 
+    return say, lines, killed
+
+
+def assert_equal_to_local(results: Path, local_records) -> dict[int, dict]:
+    """Every seed's record and weights under `results` equal the local executor's; the records by seed."""
+    reference = local_records[1]
+    got = records(results)
+    for seed in SEEDS:
+        assert got[seed]["status"] == "complete" and len(got[seed]["epochs"]) == EPOCHS
+        assert got[seed]["environment"]["device"]["torch_threads"] == 1
+        assert comparable(got[seed]) == comparable(reference[seed])
+        same_weights(results / got[seed]["run_id"], local_records[0] / reference[seed]["run_id"])
+    return got
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
+    ray_instance, local_records, run_options, tmp_path
+):
+    results = tmp_path / "results"
+    seed0 = specs()[0]
+    killed_label = f"pgd-at/synthetic/seed{seed0.seed}"
+    say, lines, killed = killer_after_pass_1(results, seed0, killed_label)
     executor = RayExecutor(cpus_per_run=1, max_retries=2, shared_dir=results, poll_seconds=0.05)
     outcomes = {}
-    for outcome in executor.execute(run_jobs(specs(), options(results, data_dir)), say):
+    for outcome in executor.execute(run_jobs(specs(), run_options(results, progress=True)), say):
         label = outcome.job.label  # its last line came before its outcome
         assert outcome.error is not None or any(
             line.startswith(f"[{label}] pgd-at [last] test clean") for line in lines
@@ -131,13 +146,7 @@ def test_killed_worker_is_retried_resumes_and_records_equal_the_local_ones(
         passes = {int(p) for p in re.findall(rf"\[{re.escape(label)}\] pgd-at pass (\d)/{EPOCHS}", text)}
         assert passes == set(range(1, EPOCHS + 1)), text
 
-    reference = local_records[1]
-    got = records(results)
-    for seed in SEEDS:
-        assert got[seed]["status"] == "complete" and len(got[seed]["epochs"]) == EPOCHS
-        assert got[seed]["environment"]["device"]["torch_threads"] == 1
-        assert comparable(got[seed]) == comparable(reference[seed])
-        same_weights(results / got[seed]["run_id"], local_records[0] / reference[seed]["run_id"])
+    got = assert_equal_to_local(results, local_records)
     assert outcomes[killed_label].value == json.loads(json.dumps(got[seed0.seed]))
     assert not list(results.glob(".harness-driver-*"))  # the driver's marker is gone
 
@@ -362,17 +371,17 @@ def test_ray_without_a_gpu_share_on_a_gpu_cluster_warns_in_one_line():
 
 
 @pytest.mark.slow
-def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, data_dir, capsys):
+def test_progress_lines_without_bars_where_stderr_is_no_terminal(tmp_path, run_options, capsys):
     from harness.training.runner import run
 
-    run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))  # progress on
+    run(make_spec("pgd-at", "synthetic", "smoke"), run_options(tmp_path, progress=True))  # progress on
     captured = capsys.readouterr()
     assert "pgd-at pass 1/1" in captured.out and "test clean" in captured.out
     assert "batch" not in captured.err and "\r" not in captured.err  # no tqdm bar went to a log
 
 
-def test_retries_resume_and_never_force(tmp_path, data_dir):
-    opts = RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), force=True)
+def test_retries_resume_and_never_force(tmp_path, run_options):
+    opts = run_options(tmp_path, force=True)
     for job in run_jobs(specs(), opts):
         first, retry = job.args[1], job.retry_args[1]
         assert first.force and not first.resume and retry.resume and not retry.force

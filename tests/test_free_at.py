@@ -11,7 +11,7 @@ from torch import nn
 
 from harness.core.datasets import Batch
 from harness.core.defense import DefenseContext
-from harness.training.runner import RunOptions, make_spec, run
+from harness.training.runner import make_spec, run
 from methods.free_at import FreeAT, FreeATConfig
 
 M = 3
@@ -78,16 +78,13 @@ def test_perturbation_persists_across_minibatches_and_a_smaller_last_batch(train
     assert torch.equal(restored.delta, defense.delta)
 
 
-def test_runner_matches_sgd_steps_and_keeps_the_lr_schedule(tmp_path, data_dir):
+def test_runner_matches_sgd_steps_and_keeps_the_lr_schedule(tmp_path, run_options):
     """Smoke: 4 minibatches per pass. epochs 3 with m = 2 is 3 * 4 / 2 = 6 minibatches (12 SGD
     steps, as PGD-AT's 3 epochs): one full pass and 2 minibatches of a second. The milestone at
     half the run (1.5 equivalent epochs) falls at the 4th minibatch of the first pass."""
     spec = make_spec("free-at", "synthetic", "smoke", epochs=3, overrides=("replays=2",))
     spec = dataclasses.replace(spec, schedule=dataclasses.replace(spec.schedule, lr_milestones=(0.5,)))
-    options = RunOptions(
-        results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), download=False, progress=False
-    )
-    record = run(spec, options)
+    record = run(spec, run_options(tmp_path, download=False))
     protocol = record["protocol"]
     assert (protocol["passes"], protocol["minibatches"], protocol["sgd_steps"]) == (2, 6, 12)
     assert protocol["equivalent_epochs"] == 3

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from harness.core.errors import HarnessError
-from harness.training.runner import Run, RunOptions, make_spec, run
+from harness.training.runner import make_spec, run
 
 HOST_READS = {
     torch.Tensor.item,
@@ -33,30 +35,25 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_training_pass_reads_the_device_once_per_statistic_not_per_step(tmp_path, data_dir, monkeypatch):
-    counts = []
-    original = Run._train_pass
+def test_a_training_pass_reads_the_device_once_per_statistic_not_per_step(tmp_path, run_options):
+    reads = []
 
-    def counted(self, *args, **kwargs):
+    @contextlib.contextmanager
+    def count_host_reads(pass_index):
         with HostReads() as mode:
-            entry = original(self, *args, **kwargs)
-        counts.append((mode.count, entry["minibatches"], len(entry["train"])))
-        return entry
+            yield
+        reads.append(mode.count)
 
-    monkeypatch.setattr(Run, "_train_pass", counted)
-    record = run(
-        make_spec("pgd-at", "synthetic", "smoke"),
-        RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False),
-    )
-    ((reads, batches, stats),) = counts
-    assert batches == 4 and reads <= stats  # the epoch means, read once at the end of the pass
-    resources = record["epochs"][0]["resources"]
+    record = run(make_spec("pgd-at", "synthetic", "smoke"), run_options(tmp_path, around_pass=count_host_reads))
+    (entry,), (host_reads,) = record["epochs"], reads
+    assert entry["minibatches"] == 4 and host_reads <= len(entry["train"])  # the pass's means, read once at its end
+    resources = entry["resources"]
     assert resources["peak_memory"]["kind"] == "resident" and resources["peak_memory"]["bytes"] > 2**20
     assert resources["cpu_seconds"] > 0 and resources["cpus"] >= 1 and "load_1min" in resources
-    assert record["epochs"][0]["cpu_seconds"] == resources["cpu_seconds"]
+    assert entry["cpu_seconds"] == resources["cpu_seconds"]
 
 
-def test_out_of_memory_in_training_becomes_one_line_naming_a_batch_that_fits(tmp_path, data_dir, monkeypatch):
+def test_out_of_memory_in_training_becomes_one_line_naming_a_batch_that_fits(tmp_path, run_options, monkeypatch):
     from harness.core.defense import DEFENSES
 
     cls = DEFENSES.get("pgd-at")
@@ -69,10 +66,7 @@ def test_out_of_memory_in_training_becomes_one_line_naming_a_batch_that_fits(tmp
 
     monkeypatch.setattr(cls, "train_step", tight_memory)
     with pytest.raises(HarnessError) as err:
-        run(
-            make_spec("pgd-at", "synthetic", "smoke"),
-            RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False),
-        )
+        run(make_spec("pgd-at", "synthetic", "smoke"), run_options(tmp_path))
     message = str(err.value)
     assert "\n" not in message and "64 examples per device" in message and "a batch of 16 fits" in message
     assert "--nproc-per-node 4" in message and "global batch of 64" in message

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = sorted([*ROOT.glob("harness/**/*.py"), *ROOT.glob("methods/**/*.py")])
+TESTS = sorted(ROOT.glob("tests/**/*.py"))
 MAX_FUNCTION_LINES = 50  # from `def` (decorators excluded) to the last line, docstring included
 
 
@@ -26,7 +27,8 @@ def long_functions(paths: list[Path], limit: int = MAX_FUNCTION_LINES, root: Pat
 
 
 def test_no_function_over_50_lines():
-    assert long_functions(LIBRARY) == []
+    """In the library and in the tests: a test helper is read as often as the code it checks."""
+    assert long_functions(LIBRARY + TESTS) == []
 
 
 def test_the_length_rule_sees_a_long_function(tmp_path):
@@ -62,3 +64,77 @@ def test_harness_is_grouped_by_role():
     assert top == ["__init__.py", "__main__.py", "api.py", "cli.py"]
     packages = sorted(p.name for p in (ROOT / "harness").iterdir() if (p / "__init__.py").exists())
     assert packages == ["benchmarks", "commands", "core", "evaluation", "reporting", "scale", "storage", "training"]
+
+
+# --------------------------------------------------------------------------- tests use public seams
+
+OURS = ("harness", "methods")
+
+
+def _bound_to_ours(tree: ast.Module) -> set[str]:
+    """The names a file binds to harness or methods objects (`from harness.x import Run`, `import harness.x`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in OURS:
+            names |= {alias.asname or alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in OURS}
+    return names
+
+
+def _private_class_attribute(node: ast.AST, ours: set[str]) -> bool:
+    """`<patch>.setattr(<our class>, "_name", ...)`: a private attribute of a harness or methods class
+    (a CapWords name, reached from a name bound to one of our modules) replaced by a test."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"):
+        return False
+    if len(node.args) < 2 or not isinstance(node.args[1], ast.Constant) or not isinstance(node.args[1].value, str):
+        return False
+    target, name = node.args[0], node.args[1].value
+    chain = []
+    while isinstance(target, ast.Attribute):
+        chain.append(target.attr)
+        target = target.value
+    if not isinstance(target, ast.Name) or target.id not in ours:
+        return False
+    owner = chain[0] if chain else target.id  # the object whose attribute is replaced
+    return owner[:1].isupper() and name.startswith("_") and not name.startswith("__")
+
+
+def private_patches(paths: list[Path], root: Path = ROOT) -> list[str]:
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        ours = _bound_to_ours(tree)
+        found += [
+            f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}"
+            for node in ast.walk(tree)
+            if _private_class_attribute(node, ours)
+        ]
+    return found
+
+
+def test_tests_patch_no_private_attribute_of_a_harness_class():
+    """A test that replaces `Run._train_pass` breaks when the method is renamed or split, and tests a
+    copy of the runner rather than the runner; tests use public seams (RunOptions.around_pass) instead."""
+    assert private_patches(TESTS) == []
+
+
+def test_the_seam_rule_sees_a_private_patch(tmp_path):
+    (tmp_path / "test_a.py").write_text(
+        "from harness.training.runner import Run\n"
+        "import harness.training.runner as runner\n"
+        "from harness.reporting import figures\n"
+        "from methods.mma import MMA\n"
+        "import torch\n"
+        "def test_a(monkeypatch):\n"
+        "    monkeypatch.setattr(Run, '_train_pass', None)\n"
+        "    with monkeypatch.context() as patch:\n"
+        "        patch.setattr(runner.Run, '_decide', None)\n"
+        "    monkeypatch.setattr(MMA, 'start_epoch', None)\n"  # public: allowed
+        "    monkeypatch.setattr(Run, '__repr__', None)\n"  # a protocol method: allowed
+        "    monkeypatch.setattr(figures, '_seed_spread', None)\n"  # a module's function: not a class
+        "    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', None)\n"  # not ours
+        "    monkeypatch.setattr(torch.Tensor, '_make_subclass', None)\n"  # not our class
+    )
+    found = private_patches([tmp_path / "test_a.py"], root=tmp_path)
+    assert [line.split(" ", 1)[0] for line in found] == ["test_a.py:7", "test_a.py:9"]

@@ -11,7 +11,7 @@ from torch import nn
 from harness.core.datasets import DATASETS
 from harness.core.defense import DefenseContext
 from harness.storage.atomic import load_torch
-from harness.training.runner import Run, RunOptions, make_spec, run
+from harness.training.runner import make_spec, run
 from methods.mma import MMA, MMAConfig, soft_logit_margin
 
 
@@ -73,7 +73,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_per_example_eps_survives_resume(tmp_path, data_dir, trained_model, monkeypatch):
+def test_per_example_eps_survives_resume(tmp_path, run_options, interrupt_at_pass, trained_model, monkeypatch):
     """A smoke run interrupted after its first pass resumes with the eps it had remembered.
 
     The run starts from the conftest's partly trained model (patched into the runner), so that
@@ -84,41 +84,27 @@ def test_per_example_eps_survives_resume(tmp_path, data_dir, trained_model, monk
     monkeypatch.setattr(harness.training.runner, "build_model", lambda *args, **kwargs: trained_model)
     # fewer attack steps: what is tested is where the state goes, not how it is computed
     spec = make_spec("mma", "synthetic", "smoke", seed=0, epochs=2, overrides=("steps=3", "search_steps=4"))
-
-    def options(resume=False):
-        return RunOptions(
-            results_dir=tmp_path,
-            data_dir=data_dir,
-            device=torch.device("cpu"),
-            resume=resume,
-            download=False,
-            progress=False,
-        )
-
     at_pass_end, at_pass_start = [], []
-    original_pass, original_start = Run._train_pass, MMA.start_epoch
+    original_start, original_end = MMA.start_epoch, MMA.end_epoch
 
-    def interrupt_second_pass(self, model, optimizer, defense, data, p, passes):
-        if p == 1:
-            raise Interrupted
-        entry = original_pass(self, model, optimizer, defense, data, p, passes)
-        at_pass_end.append(defense.eps_state.clone())
-        return entry
+    def spy_end(self, epoch):
+        diagnostics = original_end(self, epoch)
+        at_pass_end.append(self.eps_state.clone())
+        return diagnostics
 
-    monkeypatch.setattr(Run, "_train_pass", interrupt_second_pass)
+    monkeypatch.setattr(MMA, "end_epoch", spy_end)
     with pytest.raises(Interrupted):
-        run(spec, options())
+        run(spec, run_options(tmp_path, download=False, around_pass=interrupt_at_pass(1, Interrupted)))
     saved = load_torch(tmp_path / spec.run_id / "last.pt")["defense"]["eps"]
     assert (saved > 0).sum() >= 10, "too few examples had a margin: the check would be vacuous"
-    assert torch.equal(saved, at_pass_end[0])
+    assert len(at_pass_end) == 1 and torch.equal(saved, at_pass_end[0])
 
     def spy_start(self, epoch):
         at_pass_start.append((epoch, self.eps_state.clone()))
         original_start(self, epoch)
 
-    monkeypatch.setattr(Run, "_train_pass", original_pass)
     monkeypatch.setattr(MMA, "start_epoch", spy_start)
-    record = run(spec, options(resume=True))
+    record = run(spec, run_options(tmp_path, resume=True, download=False))
     assert record["status"] == "complete" and len(record["epochs"]) == 2
     assert [epoch for epoch, _ in at_pass_start] == [1]  # only the missing pass was trained
     assert torch.equal(at_pass_start[0][1], saved)

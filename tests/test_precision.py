@@ -9,11 +9,7 @@ import torch.nn.functional as F
 from harness.core.defense import sgd_step
 from harness.core.errors import HarnessError
 from harness.training import precision
-from harness.training.runner import RunOptions, make_spec, run
-
-
-def options(tmp_path, data_dir, **kw):
-    return RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False, **kw)
+from harness.training.runner import make_spec, run
 
 
 @pytest.fixture
@@ -33,9 +29,9 @@ def output_dtypes(monkeypatch):
     return seen
 
 
-def test_bf16_run_trains_in_bf16_evaluates_in_fp32_and_says_so(tmp_path, data_dir, output_dtypes):
+def test_bf16_run_trains_in_bf16_evaluates_in_fp32_and_says_so(tmp_path, run_options, output_dtypes):
     spec = make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16")
-    record = run(spec, options(tmp_path, data_dir))
+    record = run(spec, run_options(tmp_path))
     assert record["spec"]["precision"] == "bf16" and record["execution"]["precision"] == "bf16"
     assert record["execution"]["eval_precision"] == "fp32" and record["execution"]["compile"] is False
     assert spec.run_id != make_spec("pgd-at", "synthetic", "smoke").run_id  # never the same run as fp32
@@ -56,14 +52,14 @@ def test_fp32_default_keeps_run_names_and_trains_in_fp32(tmp_path, data_dir):
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_compiled_run_is_recorded(tmp_path, data_dir, monkeypatch):
+def test_compiled_run_is_recorded(tmp_path, run_options, monkeypatch):
     monkeypatch.setenv("HARNESS_COMPILE_BACKEND", "aot_eager")
     spec = make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16", compile_model=True)
     assert (
         spec.compile == "aot_eager"
         and spec.run_id != make_spec("pgd-at", "synthetic", "smoke", precision_name="bf16").run_id
     )
-    record = run(spec, options(tmp_path, data_dir))
+    record = run(spec, run_options(tmp_path))
     assert record["execution"]["compile"] == "aot_eager" and record["spec"]["compile"] == "aot_eager"
     assert record["status"] == "complete" and torch.isfinite(torch.tensor(record["epochs"][0]["train"]["loss"]))
 
@@ -129,7 +125,7 @@ CLEAN_TOLERANCE, PGD_TOLERANCE = 15.0, 35.0
 
 
 @pytest.fixture(scope="module")
-def fp32_small_runs(tmp_path_factory, data_dir):
+def fp32_small_runs(tmp_path_factory, run_options):
     """method -> its fp32 small run, each run once per module."""
     runs: dict[str, dict] = {}
 
@@ -137,7 +133,7 @@ def fp32_small_runs(tmp_path_factory, data_dir):
         if method not in runs:
             runs[method] = run(
                 small_spec("fp32", epochs=8, batch=16, subset=64, method=method),
-                options(tmp_path_factory.mktemp(f"{method}-fp32"), data_dir),
+                run_options(tmp_path_factory.mktemp(f"{method}-fp32")),
             )
         return runs[method]
 
@@ -146,11 +142,11 @@ def fp32_small_runs(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("method", ["pgd-at", "ades"])
 @pytest.mark.parametrize("name", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
-def test_reduced_precision_run_learns_like_fp32(tmp_path, data_dir, fp32_small_runs, name, method):
+def test_reduced_precision_run_learns_like_fp32(tmp_path, run_options, fp32_small_runs, name, method):
     """32 SGD steps of batch 16 through the runner. fp16 is slow-marked: ~1 s per step on a CPU
     without AMX-FP16 (the weight gradient of each convolution takes torch's reference path), ~35 s
     for pgd-at, ~50 s of CPU for ades (its cue pass and eps map on top)."""
-    record = run(small_spec(name, epochs=8, batch=16, subset=64, method=method), options(tmp_path, data_dir))
+    record = run(small_spec(name, epochs=8, batch=16, subset=64, method=method), run_options(tmp_path))
     reference = fp32_small_runs(method)
     ref, got = reference["final"]["last"], record["final"]["last"]
     assert ref["clean"] >= 90  # the scale is one where fp32 learns
@@ -160,19 +156,19 @@ def test_reduced_precision_run_learns_like_fp32(tmp_path, data_dir, fp32_small_r
 
 
 @pytest.fixture(scope="module")
-def fp32_ades_steps(tmp_path_factory, data_dir):
+def fp32_ades_steps(tmp_path_factory, run_options):
     return run(
         small_spec("fp32", epochs=1, batch=16, subset=64, method="ades"),
-        options(tmp_path_factory.mktemp("ades-fp32"), data_dir),
+        run_options(tmp_path_factory.mktemp("ades-fp32")),
     )
 
 
 @pytest.mark.slow
-def test_ades_fp16_keeps_its_loss_scale_and_tracks_fp32(tmp_path, data_dir, fp32_ades_steps):
+def test_ades_fp16_keeps_its_loss_scale_and_tracks_fp32(tmp_path, run_options, fp32_ades_steps):
     """Issue 22: ADES's eps map ran in fp16, its mean-holding renormalisation's gradient overflowed on
     every step, so the loss scale halved each step (65536 -> 4096 over these 4 steps; ~5e-32 over a
     quick run, which then diverged to chance) and phi never stepped. 4 runner steps, ~6 s of CPU."""
-    got = run(small_spec("fp16", epochs=1, batch=16, subset=64, method="ades"), options(tmp_path, data_dir))
+    got = run(small_spec("fp16", epochs=1, batch=16, subset=64, method="ades"), run_options(tmp_path))
     got, ref = got["epochs"][0], fp32_ades_steps["epochs"][0]
     assert got["loss_scale"] >= 2.0**15  # at most one of the 4 steps overflowed (measured: none)
     # fp16 vs fp32 measured: loss 2.567 / 2.565, eps std 2.05e-4 / 2.02e-4; phi frozen gives ~2.5e-5
@@ -181,7 +177,7 @@ def test_ades_fp16_keeps_its_loss_scale_and_tracks_fp32(tmp_path, data_dir, fp32
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_every_training_forward_uses_the_current_weights(tmp_path, data_dir, monkeypatch, name):
+def test_every_training_forward_uses_the_current_weights(tmp_path, run_options, monkeypatch, name):
     """The collapse's mechanism, checked at every train-mode forward of a 3-step run: the classifier's
     output equals the linear map of its input with the weights the optimiser has just written
     (autocast's weight cache, kept across steps, served the first step's weights instead)."""
@@ -203,11 +199,11 @@ def test_every_training_forward_uses_the_current_weights(tmp_path, data_dir, mon
         return model
 
     monkeypatch.setattr(runner, "build_model", build_with_check)
-    run(small_spec(name, epochs=1, batch=16, subset=48), options(tmp_path, data_dir))
+    run(small_spec(name, epochs=1, batch=16, subset=48), run_options(tmp_path))
     assert len(forwards) == 3 * 2 and mismatches == []  # 3 steps x (1 attack iterate + the training forward)
 
 
-def test_a_run_that_predicts_one_class_is_flagged(tmp_path, data_dir, monkeypatch, capsys):
+def test_a_run_that_predicts_one_class_is_flagged(tmp_path, run_options, monkeypatch, capsys):
     import harness.training.runner as runner
 
     build = runner.build_model
@@ -219,24 +215,24 @@ def test_a_run_that_predicts_one_class_is_flagged(tmp_path, data_dir, monkeypatc
         return model
 
     monkeypatch.setattr(runner, "build_model", build_constant)
-    record = run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))
+    record = run(make_spec("pgd-at", "synthetic", "smoke"), run_options(tmp_path))
     assert record["diagnostics"]["collapsed"] == ["last", "best"]  # one pass: best is last
     assert record["final"]["last"]["predicted_classes"][3] == record["final"]["last"]["n"] == 64
     assert record["status"] == "complete"
     assert "collapsed" in capsys.readouterr().err
 
 
-def test_emulated_dtype_warns_once_and_is_recorded(tmp_path, data_dir, monkeypatch, capsys):
+def test_emulated_dtype_warns_once_and_is_recorded(tmp_path, run_options, monkeypatch, capsys):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert precision.native_support("fp32", torch.device("cpu"))
-    record = run(small_spec("bf16", epochs=1, batch=16, subset=16), options(tmp_path, data_dir))
+    record = run(small_spec("bf16", epochs=1, batch=16, subset=16), run_options(tmp_path))
     assert record["execution"]["native_precision"] is False
     warnings = [line for line in capsys.readouterr().err.splitlines() if "no native bf16" in line]
     assert len(warnings) == 1
 
 
-def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatch):
+def test_collapse_is_shown_by_runs_and_the_report(tmp_path, run_options, monkeypatch):
     """The record's flag reaches `harness runs` (a column) and the report's list of problems."""
     from click.testing import CliRunner
 
@@ -253,7 +249,7 @@ def test_collapse_is_shown_by_runs_and_the_report(tmp_path, data_dir, monkeypatc
         return model
 
     monkeypatch.setattr(runner, "build_model", build_constant)
-    record = run(make_spec("pgd-at", "synthetic", "smoke"), options(tmp_path, data_dir))
+    record = run(make_spec("pgd-at", "synthetic", "smoke"), run_options(tmp_path))
     out = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--csv"])
     assert out.exit_code == 0, out.output
     import io

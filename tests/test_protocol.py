@@ -15,7 +15,7 @@ from harness.core.protocol import INPUT_RAW, NO_REFERENCE, protocol_diff, refere
 from harness.reporting import build, load_results
 from harness.reporting.render import render_html
 from harness.training.optim import decayed_and_undecayed, sgd_for
-from harness.training.runner import MinibatchBudget, Run, RunOptions, make_spec
+from harness.training.runner import make_spec, run
 from methods.fat import FAT
 
 
@@ -85,19 +85,9 @@ def test_fat_reference_schedule_is_the_authors_exactly():
     assert {epoch: lr(epoch) for epoch in expected} == pytest.approx(expected)
 
 
-def test_run_record_carries_the_diff(tmp_path, synthetic_info):
+def test_run_record_carries_the_diff(tmp_path, run_options):
     spec = make_spec("trades", "synthetic", "smoke")
-    run = Run(spec, RunOptions(results_dir=tmp_path, data_dir=None, device=torch.device("cpu"), progress=False))
-    from harness.core.defense import DEFENSES, DefenseContext
-
-    defense = DEFENSES.get("trades")(
-        spec.defense_config,
-        DefenseContext(eps=spec.eps, dataset=synthetic_info, train_size=64, epochs=1, device=torch.device("cpu")),
-    )
-    data = SimpleNamespace(
-        train=SimpleNamespace(num_examples=64), held_out=None, val=SimpleNamespace(labels=[0] * 8), test_indices=[0, 1]
-    )
-    record = run._new_record(defense, data, MinibatchBudget(1, 1, 1))
+    record = run(spec, run_options(tmp_path))
     stored = record["reference_protocol"]
     assert stored["source"].startswith("yaodongyu/TRADES")
     assert stored == protocol_diff(reference_of("trades"), record)

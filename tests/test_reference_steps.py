@@ -302,17 +302,7 @@ def fat_reference_step(model, opt, data, target, step_size, epsilon, perturb_ste
     while K > 0:
         iter_adv.requires_grad_()
         output = model(iter_adv)
-        pred = output.max(1)[1]
-        keep, leave = [], []
-        for i in range(len(pred)):
-            if pred[i] != labels[i]:
-                if control[i] == 0:
-                    leave.append(i)
-                else:
-                    control[i] -= 1
-                    keep.append(i)
-            else:
-                keep.append(i)
+        keep, leave = earlystop_partition(output.max(1)[1], labels, control)
         if leave:
             out_adv.append(iter_adv[leave].detach())
             out_where.append(where[leave])
@@ -332,7 +322,28 @@ def fat_reference_step(model, opt, data, target, step_size, epsilon, perturb_ste
     else:
         out_adv.append(iter_adv.detach())
         out_where.append(where)
-    friendly, positions = torch.cat(out_adv), torch.cat(out_where)
+    return (*fat_reference_train(model, opt, torch.cat(out_adv), torch.cat(out_where), target), count)
+
+
+def earlystop_partition(pred, labels, control) -> tuple[list[int], list[int]]:
+    """earlystop's per-example test, as the reference loops it: a misclassified example with budget
+    left spends one step of `control` (in place) and keeps stepping, one with none leaves; a correct
+    one keeps stepping. Returns (keep, leave) positions."""
+    keep, leave = [], []
+    for i in range(len(pred)):
+        if pred[i] != labels[i]:
+            if control[i] == 0:
+                leave.append(i)
+            else:
+                control[i] -= 1
+                keep.append(i)
+        else:
+            keep.append(i)
+    return keep, leave
+
+
+def fat_reference_train(model, opt, friendly, positions, target):
+    """FAT.py `train`: one SGD step on the friendly examples; they come back in the original order, with the loss."""
     model.train()
     opt.zero_grad()
     loss = F.cross_entropy(model(friendly), target[positions])
@@ -340,7 +351,7 @@ def fat_reference_step(model, opt, data, target, step_size, epsilon, perturb_ste
     opt.step()
     ordered = torch.empty_like(friendly)
     ordered[positions] = friendly
-    return ordered, loss.detach(), count
+    return ordered, loss.detach()
 
 
 @pytest.mark.parametrize("tau", [0, 2])

@@ -9,13 +9,7 @@ import torch
 
 from harness.core.errors import HarnessError
 from harness.storage.records import read_record, runs_table
-from harness.training.runner import Run, RunOptions, make_spec, run
-
-
-def options(tmp_path, data_dir, **kw):
-    return RunOptions(
-        results_dir=tmp_path / "results", data_dir=data_dir, device=torch.device("cpu"), progress=False, **kw
-    )
+from harness.training.runner import make_spec, run
 
 
 def strip_times(record):
@@ -25,9 +19,9 @@ def strip_times(record):
     return epochs, final
 
 
-def test_record_has_provenance_and_metrics(tmp_path, data_dir):
+def test_record_has_provenance_and_metrics(tmp_path, run_options):
     spec = make_spec("pgd-at", "synthetic", "smoke", seed=1)
-    record = run(spec, options(tmp_path, data_dir))
+    record = run(spec, run_options(tmp_path / "results"))
     on_disk = read_record(tmp_path / "results" / spec.run_id / "record.json")
     assert on_disk == json.loads(json.dumps(record))
     assert on_disk["status"] == "complete"
@@ -43,45 +37,36 @@ def test_record_has_provenance_and_metrics(tmp_path, data_dir):
     assert list(table["defense"]) == ["pgd-at"] and "last_pgd" in table
 
 
-def test_completed_run_is_skipped_unless_forced(tmp_path, data_dir, monkeypatch):
+def test_completed_run_is_skipped_unless_forced(tmp_path, run_options):
     spec = make_spec("pgd-at", "synthetic", "smoke")
-    first = run(spec, options(tmp_path, data_dir))
+    first = run(spec, run_options(tmp_path))
 
-    def fail(*args, **kwargs):
+    def no_training(pass_index):  # called as each training pass starts
         raise AssertionError("a completed run was retrained")
 
-    monkeypatch.setattr(Run, "_train_and_evaluate", fail)
-    assert run(spec, options(tmp_path, data_dir)) == first
+    assert run(spec, run_options(tmp_path, around_pass=no_training)) == first
     with pytest.raises(AssertionError, match="retrained"):
-        run(spec, options(tmp_path, data_dir, force=True))
+        run(spec, run_options(tmp_path, force=True, around_pass=no_training))
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_record(tmp_path, data_dir, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_record(tmp_path, run_options, interrupt_at_pass, passes_trained):
     spec = make_spec("pgd-at", "synthetic", "smoke", epochs=3)
-    reference = run(spec, options(tmp_path / "a", data_dir))
-
-    original = Run._train_pass
-
-    def crash_in_third_pass(self, model, optimizer, defense, data, p, passes):
-        if p == 2:
-            raise KeyboardInterrupt
-        return original(self, model, optimizer, defense, data, p, passes)
-
-    monkeypatch.setattr(Run, "_train_pass", crash_in_third_pass)
+    reference = run(spec, run_options(tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):
-        run(spec, options(tmp_path / "b", data_dir))
-    partial = read_record(tmp_path / "b" / "results" / spec.run_id / "record.json")
+        run(spec, run_options(tmp_path / "b", around_pass=interrupt_at_pass(2)))
+    partial = read_record(tmp_path / "b" / spec.run_id / "record.json")
     assert partial["status"] == "running" and len(partial["epochs"]) == 2
-    monkeypatch.setattr(Run, "_train_pass", original)
 
     with pytest.raises(HarnessError, match="--resume"):
-        run(spec, options(tmp_path / "b", data_dir))
-    resumed = run(spec, options(tmp_path / "b", data_dir, resume=True))
+        run(spec, run_options(tmp_path / "b"))
+    note, trained = passes_trained
+    resumed = run(spec, run_options(tmp_path / "b", resume=True, around_pass=note))
+    assert trained == [2]  # only the missing pass (a restart from scratch would reproduce the record too)
     assert strip_times(resumed) == strip_times(reference)
 
 
-def test_no_partial_files_after_a_crash(tmp_path, data_dir, monkeypatch):
+def test_no_partial_files_after_a_crash(tmp_path, run_options, monkeypatch):
     spec = make_spec("pgd-at", "synthetic", "smoke")
 
     def explode(*args, **kwargs):
@@ -89,8 +74,8 @@ def test_no_partial_files_after_a_crash(tmp_path, data_dir, monkeypatch):
 
     monkeypatch.setattr(torch, "save", explode)
     with pytest.raises(RuntimeError):
-        run(spec, options(tmp_path, data_dir))
-    run_dir = tmp_path / "results" / spec.run_id
+        run(spec, run_options(tmp_path))
+    run_dir = tmp_path / spec.run_id
     leftovers = [p.name for p in run_dir.iterdir()] if run_dir.exists() else []
     assert not [n for n in leftovers if n.endswith(".tmp") or n.endswith(".pt")]
 
@@ -176,8 +161,8 @@ def test_compile_and_world_size_are_part_of_the_identity():
     assert labels == {"fp32", "fp32, compiled inductor", "fp32, 2 processes"}
 
 
-def test_a_spec_for_another_world_size_is_refused(tmp_path, data_dir):
+def test_a_spec_for_another_world_size_is_refused(tmp_path, run_options):
     spec = make_spec("pgd-at", "synthetic", "smoke", ranks=2)
     with pytest.raises(HarnessError, match="2 process"):
-        run(spec, RunOptions(results_dir=tmp_path, data_dir=data_dir, device=torch.device("cpu"), progress=False))
+        run(spec, run_options(tmp_path))
     assert not (tmp_path / spec.run_id).exists()

@@ -15,7 +15,8 @@ import random
 import shutil
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +45,21 @@ from harness.training.optim import sgd_for
 from harness.training.resources import EpochMeter, is_out_of_memory
 
 
+def as_is(pass_index: int) -> AbstractContextManager[Any]:
+    """The default `RunOptions.around_pass`: nothing around any pass."""
+    return nullcontext()
+
+
 @dataclass(frozen=True)
 class RunOptions:
+    """How a run is executed (where, resume or force, output); none of it is part of the run's identity.
+
+    `around_pass(pass_index)` returns a context manager the runner enters around each training pass
+    (0-based; the pass alone, not its validation or checkpoint), on every rank: a seam to profile or
+    watch a pass, or to stop a run at a chosen pass (an exception raised there leaves the run as a
+    crash there would, resumable from the last checkpoint). The default does nothing.
+    """
+
     results_dir: Path
     data_dir: Path | None
     device: torch.device
@@ -55,6 +69,7 @@ class RunOptions:
     progress: bool = True  # a line per epoch; bars too where stderr is a terminal (not a log, not a Ray worker)
     wait: bool = False  # wait for another process holding this run's lock instead of failing
     world: World = distributed.SINGLE  # this process's place in a torchrun launch
+    around_pass: Callable[[int], AbstractContextManager[Any]] = as_is
 
 
 def _schedule(preset, defense_cls, epochs: int | None):
@@ -310,7 +325,8 @@ class Run:
         for p in range(start, passes):
             if world.distributed:  # per rank and per pass, so a resumed run replays the same noise
                 torch.manual_seed(distributed.pass_seed(self.spec.seed, p, world.rank))
-            entry = self._train_pass(t.execution, t.optimizer, t.defense, t.data, p, t.budget)
+            with self.options.around_pass(p):
+                entry = self._train_pass(t.execution, t.optimizer, t.defense, t.data, p, t.budget)
             if world.is_main:
                 record["epochs"].append(self._validate(t.net, t.data, entry, passes))
                 best_val = self._checkpoint(t, record, p, best_val)
