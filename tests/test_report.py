@@ -18,6 +18,7 @@ from harness.cli import main
 from harness.core.errors import HarnessError
 from harness.reporting import build, compute, load_results, make_report, stats, table2, tables, verdicts
 from harness.reporting.loading import eps_key
+from harness.reporting.variant import Variant
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,9 @@ def test_two_configs_of_one_defense_are_separate_variants(tmp_path):
     fx.write_record(tmp_path / record["run_id"] / "record.json", record)
     groups = tables.group_runs(load_results(tmp_path).runs)
     (variants,) = groups.values()
-    assert len(variants) == 2 and all(v.startswith("pgd-at#") for v in variants)
+    assert len(variants) == 2 and all(isinstance(v, Variant) for v in variants)
+    assert {v.defense for v in variants} == {"pgd-at"} and all(v.digest for v in variants)
+    assert len({v.digest for v in variants}) == 2
 
 
 def test_table3_ratio_and_floor(report):

@@ -5,20 +5,35 @@ from __future__ import annotations
 import pytest
 
 from harness.reporting import reference, tables, verdicts
-from harness.reporting.variant import Variant, defense_of
+from harness.reporting.variant import Variant
 
 
 @pytest.mark.parametrize("key, defense, digest", [("ades", "ades", ""), ("pgd-at#1a2b3c", "pgd-at", "1a2b3c")])
 def test_variant_parse_format_round_trip(key, defense, digest):
     variant = Variant.parse(key)
     assert (variant.defense, variant.digest) == (defense, digest)
-    assert variant.format() == key and defense_of(key) == defense
+    assert variant.format() == key
     assert variant.slug() == key.replace("#", "_")
 
 
 def test_variant_label_names_the_configuration():
-    assert tables.variant_label("pgd-at#1a2b3c") == "PGD-AT (config 1a2b3c)"
-    assert tables.variant_label("pgd-at") == "PGD-AT"
+    assert tables.variant_label(Variant("pgd-at", "1a2b3c")) == "PGD-AT (config 1a2b3c)"
+    assert tables.variant_label(Variant("pgd-at")) == "PGD-AT"
+
+
+def test_groups_are_keyed_by_typed_variants_in_the_paper_order(tmp_path):
+    """Groups hold Variant objects (parsed once), ordered by the paper's method order, not by the text."""
+    import report_fixture as fx
+
+    from harness.reporting import load_results
+
+    fx.build_results(tmp_path, corrupt=False)
+    groups = tables.group_runs(load_results(tmp_path).runs)
+    for variants in groups.values():
+        assert variants and all(type(v) is Variant for v in variants)
+        order = [reference.METHOD_ORDER.index(v.defense) for v in variants]
+        assert order == sorted(order)
+    assert all(v.digest == "" for variants in groups.values() for v in variants)  # one config per defense
 
 
 def test_ablation_gain_and_cost_ratio_come_from_the_data_files():

@@ -28,13 +28,13 @@ from harness.reporting.tables import (
     seeds_note,
     variant_label,
 )
-from harness.reporting.variant import defense_of
+from harness.reporting.variant import Variant
 
 
-def _published(results: Results, dataset: str, defense: str) -> str:
+def _published(results: Results, dataset: str, variant: Variant) -> str:
     """RobustBench's numbers for the official checkpoints of this baseline, and ours where evaluated."""
     table = reference.robustbench()
-    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense_of(defense))]
+    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == variant.defense)]
     parts = []
     for _, r in hits.iterrows():
         text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']}" + (
@@ -56,13 +56,13 @@ def table1(results: Results, groups: Groups) -> list[Table]:
     ]
 
 
-def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict[str, list[Run]]) -> Table:
+def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict[Variant, list[Run]]) -> Table:
     """Table 1 for one protocol: a row per (method, checkpoint), the paper's numbers beside where it has them."""
     with_paper = not reference.paper_table1().query("dataset == @protocol.dataset").empty
     steps = next(iter(variants.values()))[0].pgd_steps
     export_rows, display_rows = [], []
     for variant, runs in variants.items():
-        claim = reference.paper_claim(protocol.dataset, variant) if with_paper else None
+        claim = reference.paper_claim(protocol.dataset, variant.defense) if with_paper else None
         for checkpoint in CHECKPOINTS:
             rows = _table1_row(results, protocol, variant, checkpoint, runs, with_paper, claim, steps)
             if rows is not None:
@@ -81,7 +81,7 @@ def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict
 def _table1_row(
     results: Results,
     protocol: Protocol,
-    variant: str,
+    variant: Variant,
     checkpoint: str,
     runs: list[Run],
     with_paper: bool,
@@ -137,7 +137,7 @@ def _paper_autoattack(row: dict[str, Any], row_export: dict[str, Any], claim, aa
 def _add_reliability_and_published(
     results: Results,
     protocol: Protocol,
-    variant: str,
+    variant: Variant,
     checkpoint: str,
     runs: list[Run],
     aa: AutoAttackValues,
@@ -175,7 +175,7 @@ def _table1_notes(protocol: Protocol, pgd_name: str, with_paper: bool, steps: in
 
 
 def _export_row(
-    variant: str,
+    variant: Variant,
     checkpoint: str,
     runs: list[Run],
     n_test: list[int],
@@ -187,7 +187,7 @@ def _export_row(
     """The numbers of one Table 1 row, for CSV and LaTeX."""
     return {
         "method": variant_label(variant),
-        "defense": variant,
+        "defense": variant.format(),
         "checkpoint": checkpoint,
         "seeds": len(runs),
         "test_examples": ",".join(map(str, n_test)),

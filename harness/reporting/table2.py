@@ -23,7 +23,7 @@ from harness.reporting.tables import (
     seeds_note,
     variant_label,
 )
-from harness.reporting.variant import defense_of
+from harness.reporting.variant import Variant
 
 
 def last_pass_diagnostics(runs: list[Run]) -> list[dict[str, Any]]:
@@ -75,10 +75,10 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
     and CAT (dynamic over training, not per sample); with each run's eps spread and cue correlations."""
     tables = []
     for protocol, variants in groups.items():
-        scheduled = [v for v in variants if defense_of(v) in reference.TABLE2_ROWS]
+        scheduled = [v for v in variants if v.defense in reference.TABLE2_ROWS]
         if not scheduled:
             continue
-        controls = [v for v in variants if defense_of(v) in reference.TABLE2_CONTROLS]
+        controls = [v for v in variants if v.defense in reference.TABLE2_CONTROLS]
         rows = [_table2_row(variants[v], v, checkpoint, protocol.dataset == "cifar10") for v in scheduled + controls]
         gain_export, gain_display = _gain_rows(variants, scheduled, controls, checkpoint)
         tables.append(
@@ -94,10 +94,12 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
     return tables
 
 
-def _table2_row(runs: list[Run], variant: str, checkpoint: str, compare: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _table2_row(
+    runs: list[Run], variant: Variant, checkpoint: str, compare: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One scheduler's (or control's) row beside the paper's row of the same reading: (export, display)."""
     clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
-    row_name = reference.TABLE2_ROWS.get(defense_of(variant))
+    row_name = reference.TABLE2_ROWS.get(variant.defense)
     claim = reference.paper_table2().set_index("scheduler").loc[row_name] if row_name else None
     claim_clean = None if claim is None else float(claim["clean"])
     claim_pgd = None if claim is None else float(claim["pgd20"])
@@ -131,17 +133,19 @@ def _table2_row(runs: list[Run], variant: str, checkpoint: str, compare: bool) -
 
 
 def _gain_rows(
-    variants: dict[str, list[Run]], scheduled: list[str], controls: list[str], checkpoint: str
+    variants: dict[Variant, list[Run]], scheduled: list[Variant], controls: list[Variant], checkpoint: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Learned minus static (the paper's gain) and per-sample minus curriculum: (export rows, display rows)."""
-    baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1]
-    baselines += [v for v in controls if defense_of(v) == "cat"][:1]
-    pairs = [(v, b) for v in scheduled for b in baselines if v != b and defense_of(v) != "static-des"]
+    baselines = [v for v in scheduled if v.defense == "static-des"][:1]
+    baselines += [v for v in controls if v.defense == "cat"][:1]
+    pairs = [(v, b) for v in scheduled for b in baselines if v != b and v.defense != "static-des"]
     rows = [_gain_row(variants, variant, base, checkpoint) for variant, base in pairs]
     return [export for export, _ in rows], [display for _, display in rows]
 
 
-def _gain_row(variants: dict[str, list[Run]], variant: str, base: str, checkpoint: str) -> tuple[dict, dict]:
+def _gain_row(
+    variants: dict[Variant, list[Run]], variant: Variant, base: Variant, checkpoint: str
+) -> tuple[dict, dict]:
     """`variant` minus `base` in mean clean and PGD accuracy, beside the paper's gain where it claims one."""
     claimed_gain = reference.paper_ablation_gain()  # learned minus static, the paper's Table 2
     gain = {
@@ -149,7 +153,7 @@ def _gain_row(variants: dict[str, list[Run]], variant: str, base: str, checkpoin
         - np.mean(final_values(variants[base], checkpoint, m))
         for m in ("clean", "pgd")
     }
-    paper_gain = defense_of(base) == "static-des"
+    paper_gain = base.defense == "static-des"
     claimed = {m: fmt(claimed_gain[m], 1, signed=True) if paper_gain else "—" for m in ("clean", "pgd20")}
     display = {
         "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
@@ -175,7 +179,11 @@ def _gain_row(variants: dict[str, list[Run]], variant: str, base: str, checkpoin
 
 
 def _table2_notes(
-    protocol: Protocol, checkpoint: str, variants: dict[str, list[Run]], scheduled: list[str], controls: list[str]
+    protocol: Protocol,
+    checkpoint: str,
+    variants: dict[Variant, list[Run]],
+    scheduled: list[Variant],
+    controls: list[Variant],
 ) -> list[str]:
     """The protocol, what each ADES row and control is, and which rows are missing or trained on less."""
     notes = [
@@ -190,12 +198,12 @@ def _table2_notes(
         "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only).",
     ]
     notes += held_out_notes(variants, scheduled + controls)
-    if not any(defense_of(v) == "static-des" for v in scheduled):
+    if not any(v.defense == "static-des" for v in scheduled):
         notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
     return notes
 
 
-def held_out_notes(variants: dict[str, list[Run]], shown: list[str]) -> list[str]:
+def held_out_notes(variants: dict[Variant, list[Run]], shown: list[Variant]) -> list[str]:
     """Say which rows trained the model on less than the protocol's training subset, and why."""
     notes = []
     for variant in shown:

@@ -25,13 +25,16 @@ from harness.reporting.tables import (
     spec_rows,
     variant_label,
 )
+from harness.reporting.variant import Variant
 from harness.training.resources import CONTENTION_CORES, contended
+
+PGD_AT = Variant("pgd-at")  # the reference of every ratio: PGD-AT's only configuration
 
 
 def table3(groups: Groups) -> list[Table]:
     tables = []
     for protocol, variants in groups.items():
-        by_device: dict[str, dict[str, list[Run]]] = defaultdict(dict)
+        by_device: dict[str, dict[Variant, list[Run]]] = defaultdict(dict)
         for variant, runs in variants.items():
             for device in sorted({r.device for r in runs}):
                 by_device[device][variant] = [r for r in runs if r.device == device]
@@ -40,13 +43,13 @@ def table3(groups: Groups) -> list[Table]:
     return tables
 
 
-def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]]) -> Table:
+def _table3_one(protocol: Protocol, device: str, variants: dict[Variant, list[Run]]) -> Table:
     peak = compute.device_peak(device)
     first = next(iter(variants.values()))[0]
     flops = compute.forward_flops(first.spec["model"], protocol.dataset)
     examples = protocol.train_examples
     variants = {v: runs for v, runs in variants.items() if epoch_seconds(runs)}  # a record without epochs: no time
-    baseline = variants.get("pgd-at")
+    baseline = variants.get(PGD_AT)
     paper_pgd = reference.paper_seconds("pgd-at")
     export_rows, display_rows = [], []
     for variant, runs in variants.items():
@@ -66,7 +69,7 @@ def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]])
 
 
 def _table3_row(
-    variant: str,
+    variant: Variant,
     runs: list[Run],
     baseline: list[Run] | None,
     device: str,
@@ -77,9 +80,9 @@ def _table3_row(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One method's seconds per epoch, ratio to PGD-AT and compute floor: (export row, display row)."""
     seconds = epoch_seconds(runs)
-    ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
-    paper_s = reference.paper_seconds(variant)
-    cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
+    ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != PGD_AT else None
+    paper_s = reference.paper_seconds(variant.defense)
+    cost = compute.step_cost(variant.defense, runs[0].record["defense"].get("config"))
     floors = _floors(peak, flops, cost, examples)
     mean, std = mean_std(seconds)
     n_seeds = len({r.seed for r in runs})
@@ -142,8 +145,8 @@ def _cost_cell(cost) -> Cell:
     return Cell(fmt(cost.forward_equivalents, 0), title=cost.assumption)
 
 
-def _ratio_text(variant: str, ratio) -> str:
-    if variant == "pgd-at":
+def _ratio_text(variant: Variant, ratio) -> str:
+    if variant == PGD_AT:
         return "×1.00 (reference)"
     if ratio:
         return f"×{ratio.value:.2f}" + (
@@ -155,7 +158,7 @@ def _ratio_text(variant: str, ratio) -> str:
 def _table3_notes(
     protocol: Protocol,
     device: str,
-    variants: dict[str, list[Run]],
+    variants: dict[Variant, list[Run]],
     first: Run,
     flops: float | None,
     peak: compute.DevicePeak | None,
@@ -190,7 +193,7 @@ def _table3_notes(
     return notes
 
 
-def _busy_and_cost_notes(variants: dict[str, list[Run]]) -> list[str]:
+def _busy_and_cost_notes(variants: dict[Variant, list[Run]]) -> list[str]:
     """Which rows were timed on a busy machine (no verdict), and each method's cost-model assumption."""
     notes = []
     busy = sorted(
@@ -208,7 +211,7 @@ def _busy_and_cost_notes(variants: dict[str, list[Run]]) -> list[str]:
             f"{CONTENTION_CORES} CPU cores busy): {', '.join(busy)}; their seconds and ratios "
             "are shown but carry no verdict."
         )
-    costs = (compute.step_cost(v, runs[0].record["defense"].get("config")) for v, runs in variants.items())
+    costs = (compute.step_cost(v.defense, runs[0].record["defense"].get("config")) for v, runs in variants.items())
     notes.extend(sorted({f"{variant_label(v)}: {c.assumption}." for v, c in zip(variants, costs) if c}))
     return notes
 

@@ -70,7 +70,7 @@ def spec_rows(columns: Sequence[Column], sources: Iterable[Any]) -> tuple[pd.Dat
 
 # ----------------------------------------------------------------------------------------- grouping
 
-Groups = dict[Protocol, dict[str, list[Run]]]
+Groups = dict[Protocol, dict[Variant, list[Run]]]
 
 
 def group_runs(runs: Iterable[Run]) -> Groups:
@@ -80,19 +80,23 @@ def group_runs(runs: Iterable[Run]) -> Groups:
         by_protocol[run.protocol][run.defense].append(run)
     groups: Groups = {}
     for protocol in sorted(by_protocol, key=lambda p: p.label()):
-        variants: dict[str, list[Run]] = {}
+        variants: dict[Variant, list[Run]] = {}
         for defense, members in by_protocol[protocol].items():
             digests = sorted({r.config_digest() for r in members})
             for digest in digests:
                 chosen = sorted((r for r in members if r.config_digest() == digest), key=lambda r: r.seed)
-                variants[Variant(defense, "" if len(digests) == 1 else digest).format()] = chosen
-        groups[protocol] = dict(sorted(variants.items(), key=lambda kv: reference.method_sort_key(kv[0])))
+                variants[Variant(defense, "" if len(digests) == 1 else digest)] = chosen
+        groups[protocol] = dict(sorted(variants.items(), key=lambda kv: variant_order(kv[0])))
     return groups
 
 
-def variant_label(variant: str) -> str:
-    parsed = Variant.parse(variant)
-    return reference.method_label(parsed.defense) + (f" (config {parsed.digest})" if parsed.digest else "")
+def variant_order(variant: Variant) -> tuple:
+    """The paper's method order (reference.METHOD_ORDER), then name and digest."""
+    return reference.method_sort_key(variant.defense), variant
+
+
+def variant_label(variant: Variant) -> str:
+    return reference.method_label(variant.defense) + (f" (config {variant.digest})" if variant.digest else "")
 
 
 # ----------------------------------------------------------------------------------------- values

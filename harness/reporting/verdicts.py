@@ -36,13 +36,14 @@ from harness.reporting.stats import (
     smallest_resolvable,
 )
 from harness.reporting.tables import AUTOATTACK_PREFERENCE, Groups, best_evaluation, epoch_seconds, variant_label
-from harness.reporting.variant import defense_of
+from harness.reporting.variant import Variant
 from harness.training.resources import CONTENTION_CORES, contended
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 COST_CLAIM = reference.paper_text_claim("ades_cost_ratio")
 COST_TOLERANCE = 0.10  # relative: timing noise on shared machines; stated in the verdict
 ROBUSTBENCH_TEST_EXAMPLES = 10000  # RobustBench evaluates on the full CIFAR test set
+PGD_AT = Variant("pgd-at")  # the cost claim's reference: PGD-AT's only configuration
 METRIC_NAMES = {"clean": "clean", "pgd": "PGD", "autoattack": "AutoAttack"}
 
 
@@ -319,17 +320,17 @@ ABLATION_CLAIMED = {"clean": 0.5, "pgd": 2.5}
 TABLE1_METRIC = {"clean": "clean", "pgd": "pgd", "autoattack": "autoattack"}
 
 
-def claimed_margin(dataset: str, ades: str, baseline: str, metric: str) -> tuple[float, str] | None:
+def claimed_margin(dataset: str, ades: Variant, baseline: Variant, metric: str) -> tuple[float, str] | None:
     """The paper's Table 1 margin of ADES over `baseline` (its CIFAR-10 numbers off CIFAR)."""
     where = dataset if dataset in ("cifar10", "cifar100") else "cifar10"
-    paper_ades, paper_base = reference.paper_claim(where, ades), reference.paper_claim(where, baseline)
+    paper_ades, paper_base = reference.paper_claim(where, ades.defense), reference.paper_claim(where, baseline.defense)
     if paper_ades is None or paper_base is None:
         return None
     return paper_ades[metric] - paper_base[metric], where
 
 
 def smallest_claimed_margin(
-    dataset: str, ades: str, baselines: list[str], metric: str
+    dataset: str, ades: Variant, baselines: list[Variant], metric: str
 ) -> tuple[float, str, str] | None:
     """The paper's margin of ADES over its strongest baseline (on this metric) among `baselines`: the
     smallest difference the claim asserts, so the one a run must resolve."""
@@ -340,12 +341,12 @@ def smallest_claimed_margin(
 
 
 def _beats_family(
-    results: Results, variants: dict[str, list[Run]], protocol: Protocol, checkpoint: str
-) -> dict[tuple[str, str, str], Judged]:
+    results: Results, variants: dict[Variant, list[Run]], protocol: Protocol, checkpoint: str
+) -> dict[tuple[Variant, str, Variant], Judged]:
     """(reading, metric, baseline) -> judged; Holm over every comparison behind the claim here."""
-    baselines = [v for v in variants if defense_of(v) in reference.PAPER_BASELINES]
+    baselines = [v for v in variants if v.defense in reference.PAPER_BASELINES]
     keys, comps = [], []
-    for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
+    for ades in (v for v in variants if v.defense in reference.ADES_VARIANTS):
         for metric in ("pgd", "autoattack", "clean"):
             for base in baselines:
                 comp = comparison(results, variants[ades], variants[base], checkpoint, metric, protocol.eps)
@@ -355,7 +356,7 @@ def _beats_family(
     return dict(zip(keys, judge_family(comps)))
 
 
-def _row_verdict(decisions: dict[str, str], baselines: list[str]) -> str:
+def _row_verdict(decisions: dict[Variant, str], baselines: list[Variant]) -> str:
     if any(d == CONTRADICTED for d in decisions.values()):
         return CONTRADICTED
     if len(decisions) == len(baselines) and all(d == SUPPORTED for d in decisions.values()):
@@ -366,13 +367,13 @@ def _row_verdict(decisions: dict[str, str], baselines: list[str]) -> str:
 def _beats_row(
     results: Results,
     protocol: Protocol,
-    variants: dict[str, list[Run]],
+    variants: dict[Variant, list[Run]],
     checkpoint: str,
-    ades: str,
+    ades: Variant,
     metric: str,
-    family: dict[tuple[str, str, str], Judged],
+    family: dict[tuple[Variant, str, Variant], Judged],
 ) -> Verdict | None:
-    baselines = [v for v in variants if defense_of(v) in reference.PAPER_BASELINES]
+    baselines = [v for v in variants if v.defense in reference.PAPER_BASELINES]
     known = {b: family[(ades, metric, b)] for b in baselines if (ades, metric, b) in family}
     if not known:
         return None
@@ -411,7 +412,7 @@ def _beats_row(
     )
 
 
-def _row_reason(known: dict[str, Judged], strongest: str) -> str:
+def _row_reason(known: dict[Variant, Judged], strongest: Variant) -> str:
     """Why a row is inconclusive: its strongest baseline's reason, else the first undecided baseline's."""
     undecided = [b for b, j in known.items() if j.verdict == INCONCLUSIVE]
     if not undecided:
@@ -421,14 +422,14 @@ def _row_reason(known: dict[str, Judged], strongest: str) -> str:
     return f"{known[undecided[0]].reason} against {variant_label(undecided[0])}"
 
 
-def _absent_notes(variants: dict[str, list[Run]], baselines: list[str], known: dict[str, Judged]) -> list[str]:
+def _absent_notes(
+    variants: dict[Variant, list[Run]], baselines: list[Variant], known: dict[Variant, Judged]
+) -> list[str]:
     notes = []
     missing = [variant_label(b) for b in baselines if b not in known]
     if missing:
         notes.append("no comparable numbers for: " + ", ".join(missing))
-    absent = [
-        reference.method_label(b) for b in reference.PAPER_BASELINES if b not in {defense_of(x) for x in variants}
-    ]
+    absent = [reference.method_label(b) for b in reference.PAPER_BASELINES if b not in {x.defense for x in variants}]
     if absent:
         notes.append("baselines not run under this protocol: " + ", ".join(absent))
     return notes
@@ -438,7 +439,7 @@ def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[V
     verdicts = []
     for protocol, variants in groups.items():
         family = _beats_family(results, variants, protocol, checkpoint)
-        for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
+        for ades in (v for v in variants if v.defense in reference.ADES_VARIANTS):
             for metric in ("pgd", "autoattack", "clean"):
                 row = _beats_row(results, protocol, variants, checkpoint, ades, metric, family)
                 if row is not None:
@@ -466,11 +467,11 @@ def beats_baselines(results: Results, groups: Groups, checkpoint: str) -> list[V
 def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]:
     verdicts = []
     for protocol, variants in groups.items():
-        static = next((v for v in variants if defense_of(v) == "static-des"), None)
+        static = next((v for v in variants if v.defense == "static-des"), None)
         if static is None:
             continue
         keys, comps = [], []
-        for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
+        for ades in (v for v in variants if v.defense in reference.ADES_VARIANTS):
             for metric in ("pgd", "clean"):
                 comp = comparison(results, variants[ades], variants[static], checkpoint, metric, protocol.eps)
                 if comp is not None:
@@ -498,9 +499,9 @@ def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]
 def _ablation_row(
     results: Results,
     protocol: Protocol,
-    variants: dict[str, list[Run]],
-    static: str,
-    ades: str,
+    variants: dict[Variant, list[Run]],
+    static: Variant,
+    ades: Variant,
     metric: str,
     judged: Judged,
     family_size: int,
@@ -539,12 +540,12 @@ def busy_epochs(runs) -> int:
 def cost(groups: Groups) -> list[Verdict]:
     verdicts = []
     for protocol, variants in groups.items():
-        if "pgd-at" not in variants:
+        if PGD_AT not in variants:
             continue
-        for ades in (v for v in variants if defense_of(v) in reference.ADES_VARIANTS):
-            for device in sorted({r.device for r in variants[ades]} & {r.device for r in variants["pgd-at"]}):
+        for ades in (v for v in variants if v.defense in reference.ADES_VARIANTS):
+            for device in sorted({r.device for r in variants[ades]} & {r.device for r in variants[PGD_AT]}):
                 a = [r for r in variants[ades] if r.device == device]
-                b = [r for r in variants["pgd-at"] if r.device == device]
+                b = [r for r in variants[PGD_AT] if r.device == device]
                 verdicts.append(_cost_verdict(protocol, ades, device, a, b))
     if not verdicts:
         verdicts.append(
@@ -561,7 +562,7 @@ def cost(groups: Groups) -> list[Verdict]:
     return verdicts
 
 
-def _cost_verdict(protocol, ades: str, device: str, a: list, b: list) -> Verdict:
+def _cost_verdict(protocol, ades: Variant, device: str, a: list, b: list) -> Verdict:
     """One ADES variant's seconds per epoch over PGD-AT's on one device; withheld when the machine was busy."""
     limit = COST_CLAIM * (1 + COST_TOLERANCE)
     estimate = bootstrap_ratio(epoch_seconds(a), epoch_seconds(b))
