@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from report_fixture import build_results
 
-from harness.reporting import compute, make_report
+from harness.reporting import build, compute, load_results, make_report
+from harness.reporting.protocol_cards import MARK
 from harness.reporting.table3 import FLOOR_COLUMNS, PAPER_SETTING, floor_rows, paper_floor_table
 
 
@@ -41,3 +43,96 @@ def test_paper_floor_display_and_export_agree_cell_by_cell():
         assert shown["Floor s (fp16 tensor, 125 TFLOP/s)"] == f"{exported['floor_seconds_tensor']:.0f}"
         assert shown["Physically possible?"].text == ("yes" if exported["possible"] else "no: below the floor")
         assert exported["possible"] == (exported["paper_seconds"] >= exported["floor_seconds_tensor"])
+
+
+@pytest.fixture(scope="module")
+def fixture_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("columns")
+    build_results(root)
+    return build(load_results(root))
+
+
+SPEC_TABLES = ("table1_", "table3_paper_floor")
+
+
+def test_every_table_is_derived_from_its_declared_columns(fixture_report):
+    """Each table's CSV columns are the keys of its declared columns and its HTML headers their headers, in order:
+    one declaration, two forms, nothing added beside the spec."""
+    checked = 0
+    for table in fixture_report.all_tables:
+        if not table.key.startswith(SPEC_TABLES) or not table.display:
+            continue
+        assert table.spec, f"{table.key} has no declared columns"
+        assert list(table.export.columns) == [c.key for c in table.spec if c.key is not None], table.key
+        assert table.columns == [c.header for c in table.spec if c.header is not None], table.key
+        assert all(list(row) == table.columns for row in table.display), table.key
+        checked += 1
+    assert checked >= 3
+
+
+def test_table1_display_shows_the_exported_numbers(fixture_report):
+    """The HTML cell of a number is the exported number, formatted: the two forms cannot drift apart."""
+    for table in fixture_report.table1:
+        pgd = next(h for h in table.columns if h.startswith("PGD-"))
+        for exported, shown in zip(table.export.to_dict("records"), table.display):
+            assert shown["Method"].text == exported["method"]
+            assert shown["Seeds"].text.split()[0] == str(exported["seeds"])
+            assert shown["Test n"] == exported["test_examples"].replace(",", ", ")
+            assert shown["Clean"].text.startswith(f"{exported['clean_mean']:.2f}")
+            for header, key in ((pgd, "pgd_mean"), ("AutoAttack", "autoattack_mean")):
+                if pd.notna(exported[key]):
+                    assert shown[header].text.startswith(f"{exported[key]:.2f}"), (header, shown[header])
+            if exported["protocol_departures"]:  # the numbers say so, and in what, on hover
+                departs = "departs from the authors' protocol in: " + exported["protocol_departures"]
+                assert shown["Clean"].text.endswith(MARK) and shown["Clean"].title == departs
+                assert shown["Authors' protocol"].title == departs
+            if "Paper clean" in shown:
+                assert shown["Paper clean"].text == f"{exported['paper_clean']:.1f}"
+                delta = float(shown["Δ clean"].text)
+                assert delta == pytest.approx(exported["clean_mean"] - exported["paper_clean"], abs=0.006)
+
+
+def test_table1_column_order_is_the_published_one(fixture_report):
+    """The CSV's column order is a contract with users' scripts; the HTML keeps the paper's reading order."""
+    table = next(t for t in fixture_report.table1 if "cifar10" in t.key)
+    assert list(table.export.columns) == [
+        "method",
+        "defense",
+        "checkpoint",
+        "seeds",
+        "test_examples",
+        "clean_mean",
+        "clean_std",
+        "pgd_mean",
+        "pgd_std",
+        "autoattack_mean",
+        "autoattack_std",
+        "autoattack_seeds",
+        "autoattack_n",
+        "autoattack_version",
+        "paper_clean",
+        "paper_pgd20",
+        "paper_autoattack",
+        "protocol_departures",
+        "robustbench",
+    ]
+    pgd = next(h for h in table.columns if h.startswith("PGD-"))
+    assert table.columns == [
+        "Method",
+        "Checkpoint",
+        "Seeds",
+        "Test n",
+        "Clean",
+        "Paper clean",
+        "Δ clean",
+        pgd,
+        "Paper PGD-20",
+        "Δ PGD",
+        "AutoAttack",
+        "AA n",
+        "Paper AA",
+        "Δ AA",
+        "Authors' protocol",
+        "Reliability",
+        "RobustBench official (clean / AA)",
+    ]

@@ -22,7 +22,7 @@ from harness.reporting.tables import (
     fmt,
     seed_count_mark,
     seeds_note,
-    spec_rows,
+    spec_table,
     variant_label,
 )
 from harness.reporting.variant import Variant
@@ -273,18 +273,17 @@ def paper_floor_table() -> Table:
     """The paper's Table 3 against what a V100 can compute for WRN-34-10 on CIFAR-10."""
     flops = compute.forward_flops(PAPER_SETTING["model"], PAPER_SETTING["dataset"])
     peak = compute.device_peak(PAPER_SETTING["device"])
-    export, display_rows = spec_rows(FLOOR_COLUMNS, floor_rows(flops, peak))
     notes = [
         f"WRN-34-10 forward on one 32×32 input: {flops / 1e9:.2f} GFLOP (measured with FlopCounterMode); "
         f"{PAPER_SETTING['examples']:,} training examples per epoch; V100 peaks from {peak.source}.",
         "The floor assumes every FLOP runs at the device's peak with no data loading, memory traffic or "
         "kernel overhead: real epochs take longer.",
     ]
-    return Table(
+    return spec_table(
         "table3_paper_floor",
         "Table 3b: the paper's timings against the V100 compute floor",
         "CIFAR-10, WRN-34-10, V100",
-        export,
-        display_rows,
+        FLOOR_COLUMNS,
+        floor_rows(flops, peak),
         notes,
     )

@@ -39,6 +39,7 @@ class Table:
     export: pd.DataFrame
     display: list[dict[str, Any]]  # column -> str or Cell
     notes: list[str] = field(default_factory=list)
+    spec: tuple[Column, ...] = ()  # the declared columns both forms were derived from
 
     @property
     def columns(self) -> list[str]:
@@ -53,19 +54,46 @@ class Table:
 
 @dataclass(frozen=True)
 class Column:
-    """One column declared once: its HTML header, its CSV/LaTeX key, and how a row source gives both forms."""
+    """One column declared once: its HTML header, its CSV/LaTeX key, and how a row source gives both forms.
 
-    header: str
-    key: str
-    value: Callable[[Any], Any]  # row source -> number or text for the export
-    display: Callable[[Any], Any]  # row source -> str or Cell for the HTML
+    A column shown in one form only has no key (HTML only, e.g. a Δ or a badge) or no header (export only, e.g.
+    a std); `when` drops a column a table does not have (the paper's columns off the paper's data sets)."""
+
+    header: str | None
+    key: str | None
+    value: Callable[[Any], Any] | None = None  # row source -> number or text for the export
+    display: Callable[[Any], Any] | None = None  # row source -> str or Cell for the HTML
+    when: bool = True
+
+
+def exported(key: str, value: Callable[[Any], Any], when: bool = True) -> Column:
+    """A column of the CSV/LaTeX export only."""
+    return Column(None, key, value, None, when)
+
+
+def shown(header: str, display: Callable[[Any], Any], when: bool = True) -> Column:
+    """A column of the HTML only."""
+    return Column(header, None, None, display, when)
+
+
+def method_column(label: Callable[[Any], str]) -> Column:
+    """The "Method" column every table starts with: the label in the export, styled as a method in the HTML."""
+    return Column("Method", "method", label, lambda r: Cell(label(r), "method"))
 
 
 def spec_rows(columns: Sequence[Column], sources: Iterable[Any]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Export frame and display rows of one table, both derived from its column spec."""
-    sources = list(sources)
-    export = pd.DataFrame([{c.key: c.value(s) for c in columns} for s in sources])
-    return export, [{c.header: c.display(s) for c in columns} for s in sources]
+    sources, live = list(sources), [c for c in columns if c.when]
+    export = pd.DataFrame([{c.key: c.value(s) for c in live if c.key is not None} for s in sources])
+    return export, [{c.header: c.display(s) for c in live if c.header is not None} for s in sources]
+
+
+def spec_table(
+    key: str, title: str, caption: str, columns: Sequence[Column], sources: Iterable[Any], notes: list[str]
+) -> Table:
+    """A table whose export and display both come from `columns`, one row per source."""
+    export, display = spec_rows(columns, sources)
+    return Table(key, title, caption, export, display, notes, tuple(c for c in columns if c.when))
 
 
 # ----------------------------------------------------------------------------------------- grouping
