@@ -136,3 +136,52 @@ def test_table1_column_order_is_the_published_one(fixture_report):
         "Reliability",
         "RobustBench official (clean / AA)",
     ]
+
+
+TABLE3_KEYS = [
+    "method",
+    "seconds_per_epoch",
+    "seconds_std",
+    "epochs_timed",
+    "seeds",
+    "ratio_to_pgd_at",
+    "ratio_low",
+    "ratio_high",
+    "paper_seconds",
+    "paper_ratio",
+    "device",
+    "forward_equivalents",
+    "forward_flops",
+    "floor_seconds_fp32",
+    "floor_seconds_tensor",
+]
+TABLE3_HEADERS = [
+    "Method",
+    "s / epoch",
+    "Seeds",
+    "Epochs timed",
+    "× PGD-AT [95%]",
+    "Paper s / epoch (V100)",
+    "Paper ×",
+    "Fwd-equiv / example",
+    "Floor s (fp32 peak)",
+    "Floor s (fp16 tensor peak)",
+]
+
+
+def test_table3_columns_and_cells_follow_the_export(fixture_report):
+    tables = [t for t in fixture_report.table3 if t.display]
+    assert tables
+    for table in tables:
+        assert list(table.export.columns) == TABLE3_KEYS and table.columns == TABLE3_HEADERS
+        for exported, shown in zip(table.export.to_dict("records"), table.display):
+            assert shown["Method"].text == exported["method"]
+            assert shown["s / epoch"].startswith(f"{exported['seconds_per_epoch']:.2f}")
+            assert shown["Epochs timed"] == str(exported["epochs_timed"])
+            assert shown["Seeds"].text.split()[0] == str(exported["seeds"])
+            if pd.notna(exported["ratio_to_pgd_at"]):
+                low, high = exported["ratio_low"], exported["ratio_high"]
+                assert shown["× PGD-AT [95%]"].text == f"×{exported['ratio_to_pgd_at']:.2f} [{low:.2f}, {high:.2f}]"
+            if pd.notna(exported["floor_seconds_fp32"]):
+                assert shown["Floor s (fp32 peak)"] == f"{exported['floor_seconds_fp32']:.2f}"
+                assert shown["Floor s (fp16 tensor peak)"] == f"{exported['floor_seconds_tensor']:.2f}"
