@@ -52,7 +52,7 @@ def fixture_report(tmp_path_factory):
     return build(load_results(root))
 
 
-SPEC_TABLES = ("table1_", "table3_")
+SPEC_TABLES = ("table1_", "table2_", "table3_")
 
 
 def test_every_table_is_derived_from_its_declared_columns(fixture_report):
@@ -185,3 +185,52 @@ def test_table3_columns_and_cells_follow_the_export(fixture_report):
             if pd.notna(exported["floor_seconds_fp32"]):
                 assert shown["Floor s (fp32 peak)"] == f"{exported['floor_seconds_fp32']:.2f}"
                 assert shown["Floor s (fp16 tensor peak)"] == f"{exported['floor_seconds_tensor']:.2f}"
+
+
+def test_table2_columns_and_cells_follow_the_export(fixture_report):
+    """Scheduler rows and the gain rows under them share one column list; each HTML number is its export, formatted."""
+    (table,) = fixture_report.table2
+    assert list(table.export.columns) == [
+        "method",
+        "seeds",
+        "clean_mean",
+        "clean_std",
+        "pgd_mean",
+        "pgd_std",
+        "paper_clean",
+        "paper_pgd20",
+        "eps_std_rel_last_pass",
+    ]
+    pgd = table.columns[6]
+    assert table.columns == [
+        "Method",
+        "Paper's row",
+        "Seeds",
+        "Clean",
+        "Paper clean (CIFAR-10)",
+        "Δ clean",
+        pgd,
+        "Paper PGD-20 (CIFAR-10)",
+        "Δ PGD",
+        "eps spread (last pass)",
+        "r(eps, cue) within batch",
+    ]
+    gains = 0
+    for exported, shown in zip(table.export.to_dict("records"), table.display):
+        gain = " - " in exported["method"]
+        assert shown["Method"].text == exported["method"].replace(" - ", " − ")
+        if gain:  # learned minus static: signed differences, no per-seed cells
+            gains += 1
+            assert shown["Clean"] == f"{exported['clean_mean']:+.2f}" and shown[pgd] == f"{exported['pgd_mean']:+.2f}"
+            assert pd.isna(exported["seeds"]) and shown["Seeds"] == "" and shown["Δ PGD"] == ""
+            paper_gain = pd.notna(exported["paper_clean"])  # the paper claims learned minus static only
+            assert (shown["Paper's row"] == "MLP − static") == paper_gain
+            assert paper_gain or shown["Paper's row"].text == "per-sample − curriculum"
+        else:
+            assert shown["Seeds"].text.split()[0] == str(int(exported["seeds"]))
+            assert shown["Clean"].text.startswith(f"{exported['clean_mean']:.2f}")
+        if pd.notna(exported["paper_clean"]):
+            fmt = "{:+.1f}" if gain else "{:.1f}"
+            assert shown["Paper clean (CIFAR-10)"].text == fmt.format(exported["paper_clean"])
+            assert shown["Paper PGD-20 (CIFAR-10)"].text == fmt.format(exported["paper_pgd20"])
+    assert gains >= 1
