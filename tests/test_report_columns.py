@@ -52,7 +52,7 @@ def fixture_report(tmp_path_factory):
     return build(load_results(root))
 
 
-SPEC_TABLES = ("table1_", "table2_", "table3_")
+SPEC_TABLES = ("table1_", "table2_", "table3_", "robustbench")
 
 
 def test_every_table_is_derived_from_its_declared_columns(fixture_report):
@@ -234,3 +234,28 @@ def test_table2_columns_and_cells_follow_the_export(fixture_report):
             assert shown["Paper clean (CIFAR-10)"].text == fmt.format(exported["paper_clean"])
             assert shown["Paper PGD-20 (CIFAR-10)"].text == fmt.format(exported["paper_pgd20"])
     assert gains >= 1
+
+
+def test_robustbench_cells_follow_the_export(fixture_report):
+    table = fixture_report.robustbench
+    assert list(table.export.columns)[:5] == ["dataset", "name", "architecture", "eps", "harness_method"]
+    assert table.columns[:5] == ["Data set", "RobustBench model", "Method", "Architecture", "eps"]
+    ours = 0
+    for exported, shown in zip(table.export.to_dict("records"), table.display):
+        assert shown["RobustBench model"].text == exported["name"] and shown["eps"] == exported["eps"]
+        assert shown["Published AA"].text == f"{exported['published_autoattack']:.2f}"
+        if pd.notna(exported["ours_autoattack"]):
+            ours += 1
+            assert shown["Our AA"] == f"{exported['ours_autoattack']:.2f} (n={int(exported['ours_n'])})"
+            delta = exported["ours_autoattack"] - exported["published_autoattack"]
+            assert shown["Δ AA (ours − published)"].text == f"{delta:+.2f}"
+    assert ours >= 1
+
+
+def test_robustbench_ours_are_the_evaluation_record(fixture_report):
+    """'Our' numbers are the `harness eval` record of the official checkpoint, as written on disk."""
+    (ev,) = [e for e in fixture_report.results.external if e.name.endswith("Zhang2019Theoretically")]
+    (aa,) = [r for r in ev.data["results"] if r["attack"].startswith("autoattack") and r["eps"] == "0.031"]
+    row = fixture_report.robustbench.export.set_index("name").loc["Zhang2019Theoretically"]
+    assert row["ours_autoattack"] == pytest.approx(aa["robust_accuracy"]) and row["ours_n"] == aa["n"]
+    assert row["ours_clean"] == pytest.approx(ev.data["clean_accuracy"])
