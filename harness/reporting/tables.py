@@ -2,7 +2,8 @@
 reads from the records, and the cell formatting. Each table lives in its own module (table1, table2, table3,
 table_robustbench), one table per protocol, never averaged across protocols.
 
-Each table keeps two forms: `export` (numbers, for CSV and LaTeX) and `display` (formatted cells, for HTML).
+Each table keeps two forms: `export` (numbers, for CSV and LaTeX) and `display` (formatted cells, for HTML), both
+derived by `spec_table` from the table's one list of `Column`s, so a column is declared once.
 """
 
 from __future__ import annotations
