@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.reporting import reference, tables, verdicts
+from harness.reporting import claims_ablation, claims_cost, reference, tables
 from harness.reporting.variant import Variant
 
 
@@ -44,8 +44,8 @@ def test_ablation_gain_and_cost_ratio_come_from_the_data_files():
         "pgd20": round(learned["pgd20"] - static["pgd20"], 1),
     }
     assert reference.paper_ablation_gain() == {"clean": 0.5, "pgd20": 2.5}  # the paper's text: +0.5 / +2.5
-    assert verdicts.COST_CLAIM == 1.12
-    assert "+0.5 clean, +2.5 PGD-20" in verdicts.CLAIM_ABLATION and "×1.12" in verdicts.CLAIM_COST
+    assert claims_cost.COST_CLAIM == 1.12
+    assert "+0.5 clean, +2.5 PGD-20" in claims_ablation.CLAIM_ABLATION and "×1.12" in claims_cost.CLAIM_COST
 
 
 def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):
