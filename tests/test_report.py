@@ -16,8 +16,21 @@ from scipy import stats as scipy_stats
 
 from harness.cli import main
 from harness.core.errors import HarnessError
-from harness.reporting import build, compute, load_results, make_report, stats, table2, tables, verdicts
+from harness.reporting import (
+    build,
+    claims_accuracy,
+    claims_cost,
+    claims_published,
+    compute,
+    load_results,
+    make_report,
+    stats,
+    table2,
+    tables,
+    verdicts,
+)
 from harness.reporting.loading import eps_key
+from harness.reporting.variant import Variant
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +174,9 @@ def test_two_configs_of_one_defense_are_separate_variants(tmp_path):
     fx.write_record(tmp_path / record["run_id"] / "record.json", record)
     groups = tables.group_runs(load_results(tmp_path).runs)
     (variants,) = groups.values()
-    assert len(variants) == 2 and all(v.startswith("pgd-at#") for v in variants)
+    assert len(variants) == 2 and all(isinstance(v, Variant) for v in variants)
+    assert {v.defense for v in variants} == {"pgd-at"} and all(v.digest for v in variants)
+    assert len({v.digest for v in variants}) == 2
 
 
 def test_table3_ratio_and_floor(report):
@@ -263,9 +278,9 @@ def test_verdicts_follow_the_interval(report):
     assert verdicts.decide(stats.Estimate(-5.0, stats.Interval(-8.0, -2.0, "x"))) == verdicts.CONTRADICTED
     assert verdicts.decide(stats.Estimate(1.0, stats.Interval(-1.0, 3.0, "x"))) == verdicts.INCONCLUSIVE
     assert verdicts.decide(stats.Estimate(1.0, None, "one seed")) == verdicts.INCONCLUSIVE
-    floor = next(v for v in report.verdicts if v.claim == verdicts.CLAIM_FLOOR)
+    floor = next(v for v in report.verdicts if v.claim == claims_cost.CLAIM_FLOOR)
     assert floor.verdict == verdicts.SUPPORTED
-    trades = next(v for v in report.verdicts if v.claim == verdicts.CLAIM_TRADES)
+    trades = next(v for v in report.verdicts if v.claim == claims_published.CLAIM_TRADES)
     assert "our AutoAttack" in trades.details[0]  # the external evaluation in the fixture is used
     for v in report.verdicts:
         assert v.verdict in (verdicts.SUPPORTED, verdicts.CONTRADICTED, verdicts.INCONCLUSIVE)
@@ -288,7 +303,7 @@ def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
         ),
     )
     result = build(load_results(win))
-    beats = [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS]
+    beats = [v for v in result.verdicts if v.claim == claims_accuracy.CLAIM_BEATS]
     assert {v.verdict for v in beats} == {verdicts.SUPPORTED}
     lose = tmp_path / "lose"
     fx.build_results(
@@ -304,11 +319,11 @@ def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
         ),
     )
     result = build(load_results(lose))
-    beats = [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS]
+    beats = [v for v in result.verdicts if v.claim == claims_accuracy.CLAIM_BEATS]
     assert {v.verdict for v in beats} == {verdicts.CONTRADICTED}
     one = tmp_path / "one"
     fx.build_results(one, corrupt=False, runs=(fx.FakeRun("pgd-at", 0, 85, 55, 50), fx.FakeRun("ades", 0, 65, 40, 35)))
-    beats = [v for v in build(load_results(one)).verdicts if v.claim == verdicts.CLAIM_BEATS]
+    beats = [v for v in build(load_results(one)).verdicts if v.claim == claims_accuracy.CLAIM_BEATS]
     assert {v.label for v in beats} == {"inconclusive: 1 seed"}
     assert all("bootstrap" in v.interval and "test-set noise only" in v.interval for v in beats)
 

@@ -10,13 +10,22 @@ import report_fixture as fx
 from markupsafe import escape
 from scipy import stats as scipy_stats
 
-from harness.reporting import build, load_results, make_report, stats, verdicts
+from harness.reporting import (
+    build,
+    claims_ablation,
+    claims_accuracy,
+    load_results,
+    make_report,
+    seed_evidence,
+    stats,
+    verdicts,
+)
 
 
 def _beats(tmp_path, runs, metric="PGD-20"):
     fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
     result = build(load_results(tmp_path))
-    return [v for v in result.verdicts if v.claim == verdicts.CLAIM_BEATS and v.test.endswith(metric)], result
+    return [v for v in result.verdicts if v.claim == claims_accuracy.CLAIM_BEATS and v.test.endswith(metric)], result
 
 
 def _seeds(defense, seeds, clean, pgd, aa, n_test=500):
@@ -130,7 +139,7 @@ def test_claimed_effect_below_resolution_is_said_in_one_sentence(tmp_path):
     )
     fx.build_results(tmp_path, runs=tuple(runs), corrupt=False)
     result = build(load_results(tmp_path))
-    clean = next(v for v in result.verdicts if v.claim == verdicts.CLAIM_ABLATION and v.test.endswith("clean"))
+    clean = next(v for v in result.verdicts if v.claim == claims_ablation.CLAIM_ABLATION and v.test.endswith("clean"))
     assert clean.warning.startswith("This run cannot resolve the paper's claimed +0.5 points")
     # the fixture's flags are independent per model, so its 500-example test subset alone is too noisy
     assert clean.needed.startswith("no seed count for +0.5: the test subset alone limits it to")
@@ -149,9 +158,9 @@ def test_holm_controls_the_family_behind_one_claim():
     """Three comparisons each at p ~ 0.03 would each decide alone; as one claim's family they do not."""
     comps = [stats.SeedComparison(3.0, 3, 3, True, 1.0, 0.0, 3.0 / scipy_stats.t.isf(0.015, 2), 2.0, 1.0, "x")] * 3
     assert all(0.02 < c.p_value < 0.04 for c in comps)
-    judged = verdicts.judge_family(comps)
+    judged = seed_evidence.judge_family(comps)
     assert {j.verdict for j in judged} == {verdicts.INCONCLUSIVE}
-    assert verdicts.judge_family(comps[:1])[0].verdict == verdicts.SUPPORTED
+    assert seed_evidence.judge_family(comps[:1])[0].verdict == verdicts.SUPPORTED
 
 
 def test_probability_of_improvement_counts_ties_half():

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from report_fixture import FakeRun, run_record
 
+from harness.reporting.claims_cost import cost
 from harness.reporting.loading import Run
 from harness.reporting.table3 import table3
 from harness.reporting.tables import group_runs
-from harness.reporting.verdicts import INCONCLUSIVE, cost
+from harness.reporting.verdicts import INCONCLUSIVE
 from harness.training.resources import contended
 
 

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import pytest
 
-from harness.reporting import reference, tables, verdicts
-from harness.reporting.variant import Variant, defense_of
+from harness.reporting import claims_ablation, claims_cost, reference, tables
+from harness.reporting.variant import Variant
 
 
 @pytest.mark.parametrize("key, defense, digest", [("ades", "ades", ""), ("pgd-at#1a2b3c", "pgd-at", "1a2b3c")])
 def test_variant_parse_format_round_trip(key, defense, digest):
     variant = Variant.parse(key)
     assert (variant.defense, variant.digest) == (defense, digest)
-    assert variant.format() == key and defense_of(key) == defense
+    assert variant.format() == key
     assert variant.slug() == key.replace("#", "_")
 
 
 def test_variant_label_names_the_configuration():
-    assert tables.variant_label("pgd-at#1a2b3c") == "PGD-AT (config 1a2b3c)"
-    assert tables.variant_label("pgd-at") == "PGD-AT"
+    assert tables.variant_label(Variant("pgd-at", "1a2b3c")) == "PGD-AT (config 1a2b3c)"
+    assert tables.variant_label(Variant("pgd-at")) == "PGD-AT"
+
+
+def test_groups_are_keyed_by_typed_variants_in_the_paper_order(tmp_path):
+    """Groups hold Variant objects (parsed once), ordered by the paper's method order, not by the text."""
+    import report_fixture as fx
+
+    from harness.reporting import load_results
+
+    fx.build_results(tmp_path, corrupt=False)
+    groups = tables.group_runs(load_results(tmp_path).runs)
+    for variants in groups.values():
+        assert variants and all(type(v) is Variant for v in variants)
+        order = [reference.METHOD_ORDER.index(v.defense) for v in variants]
+        assert order == sorted(order)
+    assert all(v.digest == "" for variants in groups.values() for v in variants)  # one config per defense
 
 
 def test_ablation_gain_and_cost_ratio_come_from_the_data_files():
@@ -29,8 +44,8 @@ def test_ablation_gain_and_cost_ratio_come_from_the_data_files():
         "pgd20": round(learned["pgd20"] - static["pgd20"], 1),
     }
     assert reference.paper_ablation_gain() == {"clean": 0.5, "pgd20": 2.5}  # the paper's text: +0.5 / +2.5
-    assert verdicts.COST_CLAIM == 1.12
-    assert "+0.5 clean, +2.5 PGD-20" in verdicts.CLAIM_ABLATION and "×1.12" in verdicts.CLAIM_COST
+    assert claims_cost.COST_CLAIM == 1.12
+    assert "+0.5 clean, +2.5 PGD-20" in claims_ablation.CLAIM_ABLATION and "×1.12" in claims_cost.CLAIM_COST
 
 
 def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure as MplFigure
 from harness.reporting import reference
 from harness.reporting.loading import Protocol, Results, Run, eps_key
 from harness.reporting.tables import Groups, variant_label
-from harness.reporting.variant import Variant, defense_of
+from harness.reporting.variant import Variant
 
 DPI = 110
 CUES = ("grad_norm", "entropy", "mc_variance")
@@ -51,7 +51,7 @@ def _encode(fig: MplFigure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _color(variant: str):
+def _color(variant: Variant):
     palette = [
         "#1f77b4",
         "#ff7f0e",
@@ -64,11 +64,11 @@ def _color(variant: str):
         "#bcbd22",
         "#17becf",
     ]
-    return palette[reference.method_sort_key(variant)[0] % len(palette)]
+    return palette[reference.method_sort_key(variant.defense)[0] % len(palette)]
 
 
 def eps_curve(
-    results: Results, protocol: Protocol, variants: dict[str, list[Run]], checkpoint: str, index: int
+    results: Results, protocol: Protocol, variants: dict[Variant, list[Run]], checkpoint: str, index: int
 ) -> Figure | None:
     """PGD-20 accuracy against eps for every method (the paper's section 5.4), from `harness eval`."""
     fig = MplFigure(figsize=(6.4, 4.0), layout="constrained")
@@ -134,7 +134,7 @@ def _epoch_series(runs: list[Run], section: str, key: str) -> tuple[list[float],
     return xs, [float(np.mean(by_epoch[x])) for x in xs]
 
 
-def training_curves(protocol: Protocol, variants: dict[str, list[Run]], index: int) -> Figure | None:
+def training_curves(protocol: Protocol, variants: dict[Variant, list[Run]], index: int) -> Figure | None:
     panels = (
         ("train", "loss", "training loss", 1),
         ("train", "adv_acc", "training adversarial accuracy (%)", 100),
@@ -188,7 +188,7 @@ def cue_labels(mc_mode: str | None) -> dict[str, str]:
     }
 
 
-def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: int) -> Figure | None:
+def ades_diagnostics(protocol: Protocol, variant: Variant, runs: list[Run], index: int) -> Figure | None:
     """eps distribution per epoch and the eps-cue rank correlations (contract A diagnostics)."""
     run = runs[0]
     entries = [(e.get("equivalent_epoch", e.get("pass")), e.get("defense") or {}) for e in run.record["epochs"]]
@@ -203,7 +203,7 @@ def ades_diagnostics(protocol: Protocol, variant: str, runs: list[Run], index: i
     for ax in (ax_band, ax_hist, ax_cue):
         ax.grid(alpha=0.3)
     return Figure(
-        f"ades_{index}_{Variant.parse(variant).slug()}",
+        f"ades_{index}_{variant.slug()}",
         f"{variant_label(variant)}: eps distribution and cues — {protocol.dataset}, {protocol.model}",
         _ades_caption(variant, run, entries),
         _encode(fig),
@@ -258,7 +258,7 @@ def _plot_cue_correlations(ax, run: Run, entries: DiagnosticEntries) -> None:
     ax.legend(fontsize=7)
 
 
-def _ades_caption(variant: str, run: Run, entries: DiagnosticEntries) -> str:
+def _ades_caption(variant: Variant, run: Run, entries: DiagnosticEntries) -> str:
     warnings = sorted({str(d["collapse_warning"]) for _, d in entries if d.get("collapse_warning")})
     caption = f"{variant_label(variant)}, run {run.run_id} (seed {run.seed}). "
     spread = [_number(d.get("eps_std_rel")) for _, d in entries]
@@ -289,7 +289,7 @@ def all_figures(results: Results, groups: Groups, checkpoint: str) -> tuple[list
         if curves:
             figures.append(curves)
         for variant, runs in variants.items():
-            if defense_of(variant) in ("ades", "ades-joint", "ades-bilevel", "static-des"):
+            if variant.defense in ("ades", "ades-joint", "ades-bilevel", "static-des"):
                 diag = ades_diagnostics(protocol, variant, runs, index)
                 if diag:
                     figures.append(diag)

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.reporting.variant import defense_of
-
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 # the paper's row a harness defense is compared with; `ades-joint` is the literal reading of the
@@ -69,9 +67,8 @@ def method_label(name: str) -> str:
     return DEFENSES.get(name).label if name in DEFENSES else name
 
 
-def method_sort_key(name: str) -> tuple[int, str]:
-    base = defense_of(name)
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), name)
+def method_sort_key(defense: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(defense) if defense in METHOD_ORDER else len(METHOD_ORDER), defense)
 
 
 @cache
@@ -117,7 +114,7 @@ def robustbench() -> pd.DataFrame:
 
 def paper_claim(dataset: str, defense: str) -> dict[str, float] | None:
     """The paper's Table 1 numbers for the row a harness defense corresponds to, on that data set."""
-    row_name = PAPER_ROW.get(defense_of(defense))
+    row_name = PAPER_ROW.get(defense)
     if row_name is None:
         return None
     table = paper_table1()
@@ -129,7 +126,7 @@ def paper_claim(dataset: str, defense: str) -> dict[str, float] | None:
 
 
 def paper_seconds(defense: str) -> float | None:
-    row_name = PAPER_ROW.get(defense_of(defense))
+    row_name = PAPER_ROW.get(defense)
     table = paper_table3()
     hit = table[table["method"] == row_name]
     return None if hit.empty else float(hit.iloc[0]["seconds_per_epoch"])

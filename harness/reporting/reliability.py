@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-import pandas as pd
-
-from harness.reporting.loading import Results, eps_key
-from harness.reporting.tables import Cell, Table, reliability_cell
+from harness.reporting.loading import Evaluation, Results, eps_key
+from harness.reporting.tables import Cell, Column, Table, exported, reliability_cell, shown, spec_table
 
 
 @dataclass(frozen=True)
@@ -29,13 +27,12 @@ class EvaluationChecks:
 def evaluations_table(results: Results) -> Table | None:
     if not results.evaluations:
         return None
-    rows = [_evaluation_rows(e) for e in results.evaluations]
-    return Table(
+    return spec_table(
         "evaluations",
         "Evaluation records and reliability checks",
         "",
-        pd.DataFrame([export for export, _ in rows]),
-        [display for _, display in rows],
+        EVALUATION_COLUMNS,
+        [EvaluationRow(e) for e in results.evaluations],
         [
             "A check that fails marks every number from that evaluation "
             "“potentially unreliable”; hover a badge for the check's detail.",
@@ -44,46 +41,64 @@ def evaluations_table(results: Results) -> Table | None:
     )
 
 
-def _evaluation_rows(e) -> tuple[dict, dict]:
-    """One evaluation's (export row, display row)."""
-    ordered = sorted(e.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
-    results_text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
-    if len(e.data["results"]) > 12:
-        results_text += f"; … ({len(e.data['results'])} results)"
-    escalated = escalation_text(e.data)
-    if escalated:
-        results_text = f"escalated {escalated}; {results_text}"
-    skipped = [str(c.get("name")) for c in e.skipped_checks]
-    export = {
-        "path": str(e.path.parent),
-        "source": e.source,
-        "name": e.name,
-        "label": e.label,
-        "dataset": e.data["dataset"],
-        "model": e.data["model"],
-        "n": e.data["n"],
-        "clean": e.data["clean_accuracy"],
-        "checks": len(e.checks),
-        "failed_checks": len(e.failed_checks),
-        "skipped_checks": len(skipped),
-        "nested_balls": bool(e.data.get("config", {}).get("nested_balls")),
-        "escalated": escalated,
-        "flags": e.flags_note or "present",
-    }
-    display = {
-        "Checkpoint": Cell(f"{e.name} [{e.label}]", "method", str(e.path.parent)),
-        "Source": e.source,
-        "Data set / model": f"{e.data['dataset']} / {e.data['model']}",
-        "n": str(e.data["n"]),
-        "Clean": f"{float(e.data['clean_accuracy']):.2f}",
-        "Results": results_text,
-        "Reliability": reliability_cell([e]),
-        "Not run": Cell(", ".join(skipped), "muted", "see the list below for the commands")
-        if skipped
-        else Cell("—", "muted"),
-        "Per-example flags": Cell("present", "good") if not e.flags_note else Cell("missing", "muted", e.flags_note),
-    }
-    return export, display
+@dataclass(frozen=True)
+class EvaluationRow:
+    """One evaluation record as a row of the evaluations table; the columns read from it."""
+
+    evaluation: Evaluation
+
+    @property
+    def data(self) -> dict:
+        return self.evaluation.data
+
+    @property
+    def skipped(self) -> list[str]:
+        return [str(c.get("name")) for c in self.evaluation.skipped_checks]
+
+    def results_text(self) -> str:
+        """The first 12 results by attack and eps, after what the evaluation escalated."""
+        ordered = sorted(self.data["results"], key=lambda r: (r["attack"], _eps_value(r["eps"])))
+        text = "; ".join(f"{r['attack']}@{r['eps']}: {r['robust_accuracy']:.2f}" for r in ordered[:12])
+        if len(self.data["results"]) > 12:
+            text += f"; … ({len(self.data['results'])} results)"
+        escalated = escalation_text(self.data)
+        return f"escalated {escalated}; {text}" if escalated else text
+
+
+def _not_run_cell(row: EvaluationRow) -> Cell:
+    if not row.skipped:
+        return Cell("—", "muted")
+    return Cell(", ".join(row.skipped), "muted", "see the list below for the commands")
+
+
+def _flags_cell(row: EvaluationRow) -> Cell:
+    note = row.evaluation.flags_note
+    return Cell("missing", "muted", note) if note else Cell("present", "good")
+
+
+EVALUATION_COLUMNS = (
+    exported("path", lambda r: str(r.evaluation.path.parent)),
+    shown(
+        "Checkpoint",
+        lambda r: Cell(f"{r.evaluation.name} [{r.evaluation.label}]", "method", str(r.evaluation.path.parent)),
+    ),
+    Column("Source", "source", lambda r: r.evaluation.source, lambda r: r.evaluation.source),
+    exported("name", lambda r: r.evaluation.name),
+    exported("label", lambda r: r.evaluation.label),
+    exported("dataset", lambda r: r.data["dataset"]),
+    exported("model", lambda r: r.data["model"]),
+    shown("Data set / model", lambda r: f"{r.data['dataset']} / {r.data['model']}"),
+    Column("n", "n", lambda r: r.data["n"], lambda r: str(r.data["n"])),
+    Column("Clean", "clean", lambda r: r.data["clean_accuracy"], lambda r: f"{float(r.data['clean_accuracy']):.2f}"),
+    shown("Results", EvaluationRow.results_text),
+    exported("checks", lambda r: len(r.evaluation.checks)),
+    exported("failed_checks", lambda r: len(r.evaluation.failed_checks)),
+    shown("Reliability", lambda r: reliability_cell([r.evaluation])),
+    Column("Not run", "skipped_checks", lambda r: len(r.skipped), _not_run_cell),
+    exported("nested_balls", lambda r: bool(r.data.get("config", {}).get("nested_balls"))),
+    exported("escalated", lambda r: escalation_text(r.data)),
+    Column("Per-example flags", "flags", lambda r: r.evaluation.flags_note or "present", _flags_cell),
+)
 
 
 def escalation_text(data: dict) -> str:

@@ -15,7 +15,6 @@ from harness.reporting.figures import Figure, all_figures
 from harness.reporting.loading import Results
 from harness.reporting.protocol_cards import ProtocolCard, protocol_cards
 from harness.reporting.tables import Table
-from harness.reporting.variant import defense_of
 from harness.storage.atomic import atomic_write
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -56,7 +55,7 @@ class Report:
 def build(results: Results, checkpoint: str = "last") -> Report:
     groups = tables.group_runs(results.runs)
     figures, missing = all_figures(results, groups, checkpoint)
-    present = {defense_of(v) for variants in groups.values() for v in variants}
+    present = {v.defense for variants in groups.values() for v in variants}
     expected = list(reference.PAPER_BASELINES) + list(reference.ADES_VARIANTS)
     absent = [reference.method_label(m) for m in expected if m not in present]
     if absent:

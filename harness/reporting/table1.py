@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import pandas as pd
+from dataclasses import dataclass
 
 from harness.reporting import protocol_cards, reference
 from harness.reporting.loading import Protocol, Results, Run
@@ -15,26 +13,31 @@ from harness.reporting.tables import (
     CHECKPOINTS,
     AutoAttackValues,
     Cell,
+    Column,
     Groups,
     Table,
     autoattack_values,
     diff_cell,
+    exported,
     external_match,
     final_values,
     fmt,
     fmt_mean_std,
+    method_column,
     reliability_cell,
     seed_count_mark,
     seeds_note,
+    shown,
+    spec_table,
     variant_label,
 )
-from harness.reporting.variant import defense_of
+from harness.reporting.variant import Variant
 
 
-def _published(results: Results, dataset: str, defense: str) -> str:
+def _published(results: Results, dataset: str, variant: Variant) -> str:
     """RobustBench's numbers for the official checkpoints of this baseline, and ours where evaluated."""
     table = reference.robustbench()
-    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == defense_of(defense))]
+    hits = table[(table["dataset"] == dataset) & (table["harness_method"] == variant.defense)]
     parts = []
     for _, r in hits.iterrows():
         text = f"{r['name']}: {r['clean']} / {r['autoattack']} ({r['architecture']}, eps {r['eps']}" + (
@@ -56,24 +59,58 @@ def table1(results: Results, groups: Groups) -> list[Table]:
     ]
 
 
-def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict[str, list[Run]]) -> Table:
+@dataclass(frozen=True)
+class Table1Row:
+    """One (method, checkpoint) row of Table 1, computed once; the columns read from it."""
+
+    variant: Variant
+    checkpoint: str
+    runs: list[Run]
+    n_test: list[int]
+    clean: list[float]
+    pgd: list[float]
+    aa: AutoAttackValues
+    claim: dict[str, float] | None  # the paper's numbers for the row's method, where it has them
+    pgd_name: str
+    departures: list[str]
+    reliability: Cell
+    published: str  # RobustBench's numbers for the method ('' off the paper's data sets)
+
+    @property
+    def aa_vals(self) -> list[float]:
+        """AutoAttack per seed; none when the seeds used different subsets or versions."""
+        return [] if self.aa.mixed else self.aa.values
+
+    def paper(self, metric: str) -> float | None:
+        return self.claim[metric] if self.claim else None
+
+    def marked(self, cell: Cell) -> Cell:
+        """The number marked where the row's runs depart from the authors' protocol (hover: in what)."""
+        if not self.departures or cell.text in ("—", ""):
+            return cell
+        return Cell(f"{cell.text} {protocol_cards.MARK}", cell.cls, departure_title(self.departures))
+
+
+def departure_title(departures: list[str]) -> str:
+    return "departs from the authors' protocol in: " + "; ".join(departures) if departures else ""
+
+
+def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict[Variant, list[Run]]) -> Table:
     """Table 1 for one protocol: a row per (method, checkpoint), the paper's numbers beside where it has them."""
     with_paper = not reference.paper_table1().query("dataset == @protocol.dataset").empty
     steps = next(iter(variants.values()))[0].pgd_steps
-    export_rows, display_rows = [], []
-    for variant, runs in variants.items():
-        claim = reference.paper_claim(protocol.dataset, variant) if with_paper else None
-        for checkpoint in CHECKPOINTS:
-            rows = _table1_row(results, protocol, variant, checkpoint, runs, with_paper, claim, steps)
-            if rows is not None:
-                export_rows.append(rows[0])
-                display_rows.append(rows[1])
-    return Table(
+    rows = [
+        row
+        for variant, runs in variants.items()
+        for checkpoint in CHECKPOINTS
+        if (row := _table1_row(results, protocol, variant, checkpoint, runs, with_paper, f"PGD-{steps}")) is not None
+    ]
+    return spec_table(
         f"table1_{protocol.slug()}",
         f"Table 1.{index}: accuracy (%) — {protocol.dataset}, {protocol.model}, eps {protocol.eps}",
         protocol.label(),
-        pd.DataFrame(export_rows),
-        display_rows,
+        table1_columns(f"PGD-{steps}", with_paper),
+        rows,
         _table1_notes(protocol, f"PGD-{steps}", with_paper, steps),
     )
 
@@ -81,78 +118,118 @@ def _table1_one(results: Results, index: int, protocol: Protocol, variants: dict
 def _table1_row(
     results: Results,
     protocol: Protocol,
-    variant: str,
+    variant: Variant,
     checkpoint: str,
     runs: list[Run],
     with_paper: bool,
-    claim,
-    steps: int,
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """One (method, checkpoint) row: (export, display); None when no run has that checkpoint's numbers."""
-    pgd_name = f"PGD-{steps}"
+    pgd_name: str,
+) -> Table1Row | None:
+    """One (method, checkpoint) row; None when no run has that checkpoint's numbers."""
     clean = final_values(runs, checkpoint, "clean")
-    pgd = final_values(runs, checkpoint, "pgd")
     if not clean:
         return None
-    n_test = sorted({int(r.record["final"][checkpoint]["n"]) for r in runs})
     aa = autoattack_values(results, runs, checkpoint, protocol.eps)
-    aa_vals = [] if aa.mixed else aa.values
-    row_export = _export_row(variant, checkpoint, runs, n_test, clean, pgd, aa, aa_vals)
-    row = {
-        "Method": Cell(variant_label(variant), "method"),
-        "Checkpoint": CHECKPOINT_LABELS[checkpoint],
-        "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
-        "Test n": ", ".join(map(str, n_test)),
-        "Clean": fmt_mean_std(clean),
-    }
-    if with_paper:
-        row["Paper clean"] = Cell(fmt(claim and claim["clean"], 1), "claim")
-        row["Δ clean"] = diff_cell(clean, claim and claim["clean"])
-    row[pgd_name] = fmt_mean_std(pgd)
-    if with_paper:
-        row["Paper PGD-20"] = Cell(fmt(claim and claim["pgd"], 1), "claim")
-        row["Δ PGD"] = (
-            diff_cell(pgd, claim and claim["pgd"]) if steps == 20 else Cell("n/a", "muted", f"{pgd_name} is not PGD-20")
-        )
-    row["AutoAttack"] = _autoattack_cell(aa, aa_vals, len(runs))
-    row["AA n"] = ", ".join(map(str, sorted(aa.n))) or "—"
-    if with_paper:
-        _paper_autoattack(row, row_export, claim, aa_vals)
-    _mark_departures(row, row_export, runs, (pgd_name, "Clean", "AutoAttack"))
-    _add_reliability_and_published(results, protocol, variant, checkpoint, runs, aa, with_paper, row, row_export)
-    return row_export, row
-
-
-def _paper_autoattack(row: dict[str, Any], row_export: dict[str, Any], claim, aa_vals: list[float]) -> None:
-    """The paper's AutoAttack beside ours, and the paper's three numbers in the export."""
-    row["Paper AA"] = Cell(fmt(claim and claim["autoattack"], 1), "claim")
-    row["Δ AA"] = diff_cell(aa_vals, claim and claim["autoattack"])
-    row_export.update(
-        paper_clean=claim and claim["clean"],
-        paper_pgd20=claim and claim["pgd"],
-        paper_autoattack=claim and claim["autoattack"],
-    )
-
-
-def _add_reliability_and_published(
-    results: Results,
-    protocol: Protocol,
-    variant: str,
-    checkpoint: str,
-    runs: list[Run],
-    aa: AutoAttackValues,
-    with_paper: bool,
-    row: dict[str, Any],
-    row_export: dict[str, Any],
-) -> None:
-    """The row's reliability badge, then RobustBench's published numbers for the method where the paper compares."""
-    row["Reliability"] = reliability_cell(
+    reliability = reliability_cell(
         aa.evaluations or [e for r in runs for e in results.evaluations_of(r.run_id) if e.label == checkpoint]
     )
-    published = _published(results, protocol.dataset, variant) if with_paper else ""
-    if with_paper:
-        row["RobustBench official (clean / AA)"] = Cell(published or "—", "claim" if published else "muted")
-        row_export["robustbench"] = published
+    return Table1Row(
+        variant,
+        checkpoint,
+        runs,
+        sorted({int(r.record["final"][checkpoint]["n"]) for r in runs}),
+        clean,
+        final_values(runs, checkpoint, "pgd"),
+        aa,
+        reference.paper_claim(protocol.dataset, variant.defense) if with_paper else None,
+        pgd_name,
+        protocol_cards.departure_settings(runs),
+        reliability,
+        _published(results, protocol.dataset, variant) if with_paper else "",
+    )
+
+
+def table1_columns(pgd_name: str, with_paper: bool) -> tuple[Column, ...]:
+    """Table 1's columns in order; the paper's columns only where the paper reports this data set."""
+    return _method_columns() + _accuracy_columns(pgd_name, with_paper) + _provenance_columns(with_paper)
+
+
+def _method_columns() -> tuple[Column, ...]:
+    return (
+        method_column(lambda r: variant_label(r.variant)),
+        exported("defense", lambda r: r.variant.format()),
+        Column("Checkpoint", "checkpoint", lambda r: r.checkpoint, lambda r: CHECKPOINT_LABELS[r.checkpoint]),
+        Column("Seeds", "seeds", lambda r: len(r.runs), lambda r: seed_count_mark(Cell(str(len(r.runs))), len(r.runs))),
+        Column(
+            "Test n", "test_examples", lambda r: ",".join(map(str, r.n_test)), lambda r: ", ".join(map(str, r.n_test))
+        ),
+    )
+
+
+def _accuracy_columns(pgd_name: str, with_paper: bool) -> tuple[Column, ...]:
+    """Clean, PGD and AutoAttack over seeds, each with the paper's number and the difference beside it."""
+    return (
+        Column("Clean", "clean_mean", lambda r: mean_std(r.clean)[0], lambda r: r.marked(fmt_mean_std(r.clean))),
+        exported("clean_std", lambda r: mean_std(r.clean)[1]),
+        shown("Paper clean", lambda r: Cell(fmt(r.paper("clean"), 1), "claim"), when=with_paper),
+        shown("Δ clean", lambda r: diff_cell(r.clean, r.paper("clean")), when=with_paper),
+        Column(pgd_name, "pgd_mean", lambda r: _mean(r.pgd), lambda r: r.marked(fmt_mean_std(r.pgd))),
+        exported("pgd_std", lambda r: _std(r.pgd)),
+        shown("Paper PGD-20", lambda r: Cell(fmt(r.paper("pgd"), 1), "claim"), when=with_paper),
+        shown("Δ PGD", _pgd_diff, when=with_paper),
+        Column("AutoAttack", "autoattack_mean", lambda r: _mean(r.aa_vals), lambda r: r.marked(_autoattack_cell(r))),
+        exported("autoattack_std", lambda r: _std(r.aa_vals)),
+        exported("autoattack_seeds", lambda r: len(r.aa_vals)),
+        Column(
+            "AA n",
+            "autoattack_n",
+            lambda r: ",".join(map(str, sorted(r.aa.n))),
+            lambda r: ", ".join(map(str, sorted(r.aa.n))) or "—",
+        ),
+        exported("autoattack_version", lambda r: ",".join(sorted(r.aa.attacks))),
+        shown("Paper AA", lambda r: Cell(fmt(r.paper("autoattack"), 1), "claim"), when=with_paper),
+        shown("Δ AA", lambda r: diff_cell(r.aa_vals, r.paper("autoattack")), when=with_paper),
+    )
+
+
+def _provenance_columns(with_paper: bool) -> tuple[Column, ...]:
+    """The paper's numbers in the export, the protocol departures, the reliability badge, RobustBench's numbers."""
+    return (
+        exported("paper_clean", lambda r: r.paper("clean"), when=with_paper),
+        exported("paper_pgd20", lambda r: r.paper("pgd"), when=with_paper),
+        exported("paper_autoattack", lambda r: r.paper("autoattack"), when=with_paper),
+        Column("Authors' protocol", "protocol_departures", lambda r: "; ".join(r.departures), _departures_cell),
+        shown("Reliability", lambda r: r.reliability),
+        Column(
+            "RobustBench official (clean / AA)",
+            "robustbench",
+            lambda r: r.published,
+            lambda r: Cell(r.published or "—", "claim" if r.published else "muted"),
+            when=with_paper,
+        ),
+    )
+
+
+def _mean(values: list[float]) -> float | None:
+    return mean_std(values)[0] if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    return mean_std(values)[1] if values else None
+
+
+def _pgd_diff(row: Table1Row) -> Cell:
+    """The PGD difference from the paper, only where the runs used the paper's PGD-20."""
+    if row.pgd_name != "PGD-20":
+        return Cell("n/a", "muted", f"{row.pgd_name} is not PGD-20")
+    return diff_cell(row.pgd, row.paper("pgd"))
+
+
+def _departures_cell(row: Table1Row) -> Cell:
+    if not row.departures:
+        return Cell("as published", "good")
+    return Cell(
+        f"{protocol_cards.MARK} {len(row.departures)} setting(s) differ", "muted", departure_title(row.departures)
+    )
 
 
 def _table1_notes(protocol: Protocol, pgd_name: str, with_paper: bool, steps: int) -> list[str]:
@@ -174,64 +251,15 @@ def _table1_notes(protocol: Protocol, pgd_name: str, with_paper: bool, steps: in
     return notes
 
 
-def _export_row(
-    variant: str,
-    checkpoint: str,
-    runs: list[Run],
-    n_test: list[int],
-    clean: list[float],
-    pgd: list[float],
-    aa: AutoAttackValues,
-    aa_vals: list[float],
-) -> dict[str, Any]:
-    """The numbers of one Table 1 row, for CSV and LaTeX."""
-    return {
-        "method": variant_label(variant),
-        "defense": variant,
-        "checkpoint": checkpoint,
-        "seeds": len(runs),
-        "test_examples": ",".join(map(str, n_test)),
-        "clean_mean": mean_std(clean)[0],
-        "clean_std": mean_std(clean)[1],
-        "pgd_mean": mean_std(pgd)[0] if pgd else None,
-        "pgd_std": mean_std(pgd)[1] if pgd else None,
-        "autoattack_mean": mean_std(aa_vals)[0] if aa_vals else None,
-        "autoattack_std": mean_std(aa_vals)[1] if aa_vals else None,
-        "autoattack_seeds": len(aa_vals),
-        "autoattack_n": ",".join(map(str, sorted(aa.n))),
-        "autoattack_version": ",".join(sorted(aa.attacks)),
-    }
-
-
-def _autoattack_cell(aa: AutoAttackValues, aa_vals: list[float], seeds: int) -> Cell:
+def _autoattack_cell(row: Table1Row) -> Cell:
     """AutoAttack mean over seeds, or why it is not averaged (mixed subsets or versions)."""
-    aa_cell = fmt_mean_std(aa_vals)
+    aa = row.aa
     if aa.mixed:
-        aa_cell = Cell(
+        return Cell(
             "not averaged: mixed " + ", ".join(map(str, sorted(aa.n))) + " examples / " + ", ".join(sorted(aa.attacks))
         )
-    else:
-        extra = f" ({len(aa_vals)} of {seeds} seeds)" if aa.missing and aa_vals else ""
-        if aa.attacks and aa.attacks != {"autoattack-standard"}:
-            extra += f" [{', '.join(sorted(aa.attacks))}]"
-        aa_cell = Cell(aa_cell.text + extra, aa_cell.cls, aa_cell.title)
-    return aa_cell
-
-
-def _mark_departures(
-    row: dict[str, Any], row_export: dict[str, Any], runs: list[Run], columns: tuple[str, ...]
-) -> None:
-    """Mark the row's numbers when its runs depart from the authors' protocol, and say in what."""
-    departures = protocol_cards.departure_settings(runs)
-    row_export["protocol_departures"] = "; ".join(departures)
-    title = "departs from the authors' protocol in: " + "; ".join(departures) if departures else ""
-    for column in columns:
-        value = row.get(column)
-        text = value.text if isinstance(value, Cell) else str(value)
-        if departures and text not in ("—", ""):
-            row[column] = Cell(f"{text} {protocol_cards.MARK}", getattr(value, "cls", ""), title)
-    row["Authors' protocol"] = (
-        Cell(f"{protocol_cards.MARK} {len(departures)} setting(s) differ", "muted", title)
-        if departures
-        else Cell("as published", "good")
-    )
+    aa_cell = fmt_mean_std(row.aa_vals)
+    extra = f" ({len(row.aa_vals)} of {len(row.runs)} seeds)" if aa.missing and row.aa_vals else ""
+    if aa.attacks and aa.attacks != {"autoattack-standard"}:
+        extra += f" [{', '.join(sorted(aa.attacks))}]"
+    return Cell(aa_cell.text + extra, aa_cell.cls, aa_cell.title)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from harness.reporting import reference
 from harness.reporting.loading import Protocol, Run
@@ -13,17 +14,21 @@ from harness.reporting.stats import mean_std
 from harness.reporting.tables import (
     CHECKPOINT_LABELS,
     Cell,
+    Column,
     Groups,
     Table,
     diff_cell,
+    exported,
     final_values,
     fmt,
     fmt_mean_std,
     seed_count_mark,
     seeds_note,
+    shown,
+    spec_table,
     variant_label,
 )
-from harness.reporting.variant import defense_of
+from harness.reporting.variant import Variant
 
 
 def last_pass_diagnostics(runs: list[Run]) -> list[dict[str, Any]]:
@@ -75,107 +80,209 @@ def table2(groups: Groups, checkpoint: str) -> list[Table]:
     and CAT (dynamic over training, not per sample); with each run's eps spread and cue correlations."""
     tables = []
     for protocol, variants in groups.items():
-        scheduled = [v for v in variants if defense_of(v) in reference.TABLE2_ROWS]
+        scheduled = [v for v in variants if v.defense in reference.TABLE2_ROWS]
         if not scheduled:
             continue
-        controls = [v for v in variants if defense_of(v) in reference.TABLE2_CONTROLS]
-        rows = [_table2_row(variants[v], v, checkpoint, protocol.dataset == "cifar10") for v in scheduled + controls]
-        gain_export, gain_display = _gain_rows(variants, scheduled, controls, checkpoint)
+        controls = [v for v in variants if v.defense in reference.TABLE2_CONTROLS]
+        compare = protocol.dataset == "cifar10"
+        rows = [_scheduler_row(variants[v], v, checkpoint, compare) for v in scheduled + controls]
         tables.append(
-            Table(
+            spec_table(
                 f"table2_{protocol.slug()}",
                 f"Table 2: ablation — {protocol.dataset}, {protocol.model}",
                 protocol.label(),
-                pd.DataFrame([export for export, _ in rows] + gain_export),
-                [display for _, display in rows] + gain_display,
+                table2_columns(f"PGD-{variants[scheduled[0]][0].pgd_steps}"),
+                rows + _gain_rows(variants, scheduled, controls, checkpoint),
                 _table2_notes(protocol, checkpoint, variants, scheduled, controls),
             )
         )
     return tables
 
 
-def _table2_row(runs: list[Run], variant: str, checkpoint: str, compare: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One scheduler's (or control's) row beside the paper's row of the same reading: (export, display)."""
-    clean, pgd = final_values(runs, checkpoint, "clean"), final_values(runs, checkpoint, "pgd")
-    row_name = reference.TABLE2_ROWS.get(defense_of(variant))
+@dataclass(frozen=True)
+class SchedulerRow:
+    """One scheduler's (or control's) row beside the paper's row of the same reading, computed once."""
+
+    variant: Variant
+    runs: list[Run]
+    clean: list[float]
+    pgd: list[float]
+    paper_row: str | None  # the paper's Table 2 row; None for a control
+    paper_clean: float | None
+    paper_pgd: float | None
+    compare: bool  # the paper's data set (CIFAR-10): differences are computed
+
+    @property
+    def name(self) -> str:
+        return variant_label(self.variant)
+
+    @property
+    def shown_name(self) -> str:
+        return self.name
+
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    def seeds_cell(self) -> Cell:
+        return seed_count_mark(Cell(str(len(self.runs))), len(self.runs))
+
+    def mean(self, metric: str) -> float | None:
+        return mean_std(self.clean if metric == "clean" else self.pgd)[0]
+
+    def std(self, metric: str) -> float | None:
+        return mean_std(self.clean if metric == "clean" else self.pgd)[1]
+
+    def accuracy_cell(self, metric: str) -> Cell:
+        return fmt_mean_std(self.clean if metric == "clean" else self.pgd)
+
+    def paper(self, metric: str) -> float | None:
+        return self.paper_clean if metric == "clean" else self.paper_pgd
+
+    def paper_cell(self, metric: str) -> Cell:
+        return Cell(fmt(self.paper(metric), 1), "claim")
+
+    def paper_row_cell(self) -> str | Cell:
+        return self.paper_row or Cell("control (not in the paper)", "muted")
+
+    def diff(self, metric: str) -> Cell:
+        """Ours minus the paper's, on CIFAR-10 only, and for PGD only where the runs used PGD-20."""
+        if not self.compare or (metric == "pgd" and self.runs[0].pgd_steps != 20):
+            return Cell("n/a", "muted")
+        return diff_cell(self.clean if metric == "clean" else self.pgd, self.paper(metric))
+
+    def spread(self) -> float | None:
+        diags = last_pass_diagnostics(self.runs)
+        known = diags and all(isinstance(d.get("eps_std_rel"), (int, float)) for d in diags)
+        return float(np.mean([d["eps_std_rel"] for d in diags])) if known else None
+
+    def spread_cell(self) -> Cell:
+        return spread_cell(self.runs)
+
+    def correlation_cell(self) -> Cell:
+        return correlation_cell(self.runs)
+
+
+def _scheduler_row(runs: list[Run], variant: Variant, checkpoint: str, compare: bool) -> SchedulerRow:
+    row_name = reference.TABLE2_ROWS.get(variant.defense)
     claim = reference.paper_table2().set_index("scheduler").loc[row_name] if row_name else None
-    claim_clean = None if claim is None else float(claim["clean"])
-    claim_pgd = None if claim is None else float(claim["pgd20"])
-    diags = last_pass_diagnostics(runs)
-    spreads_known = diags and all(isinstance(d.get("eps_std_rel"), (int, float)) for d in diags)
-    export = {
-        "method": variant_label(variant),
-        "seeds": len(runs),
-        "clean_mean": mean_std(clean)[0],
-        "clean_std": mean_std(clean)[1],
-        "pgd_mean": mean_std(pgd)[0],
-        "pgd_std": mean_std(pgd)[1],
-        "paper_clean": claim_clean,
-        "paper_pgd20": claim_pgd,
-        "eps_std_rel_last_pass": float(np.mean([d["eps_std_rel"] for d in diags])) if spreads_known else None,
-    }
-    display = {
-        "Method": Cell(variant_label(variant), "method"),
-        "Paper's row": row_name or Cell("control (not in the paper)", "muted"),
-        "Seeds": seed_count_mark(Cell(str(len(runs))), len(runs)),
-        "Clean": fmt_mean_std(clean),
-        "Paper clean (CIFAR-10)": Cell(fmt(claim_clean, 1), "claim"),
-        "Δ clean": diff_cell(clean, claim_clean) if compare else Cell("n/a", "muted"),
-        f"PGD-{runs[0].pgd_steps}": fmt_mean_std(pgd),
-        "Paper PGD-20 (CIFAR-10)": Cell(fmt(claim_pgd, 1), "claim"),
-        "Δ PGD": diff_cell(pgd, claim_pgd) if compare and runs[0].pgd_steps == 20 else Cell("n/a", "muted"),
-        "eps spread (last pass)": spread_cell(runs),
-        "r(eps, cue) within batch": correlation_cell(runs),
-    }
-    return export, display
+    return SchedulerRow(
+        variant,
+        runs,
+        final_values(runs, checkpoint, "clean"),
+        final_values(runs, checkpoint, "pgd"),
+        row_name,
+        None if claim is None else float(claim["clean"]),
+        None if claim is None else float(claim["pgd20"]),
+        compare,
+    )
+
+
+@dataclass(frozen=True)
+class GainRow:
+    """`variant` minus `base` in mean clean and PGD accuracy, beside the paper's gain where it claims one
+    (learned minus static); per-seed columns are empty."""
+
+    variant: Variant
+    base: Variant
+    gain: dict[str, float]  # clean / pgd -> points
+    claimed: dict[str, float] | None  # the paper's gain (clean / pgd20); None: the paper claims none here
+
+    @property
+    def name(self) -> str:
+        return f"{variant_label(self.variant)} - {variant_label(self.base)}"
+
+    @property
+    def shown_name(self) -> str:
+        return f"{variant_label(self.variant)} − {variant_label(self.base)}"
+
+    def paper_row_cell(self) -> str | Cell:
+        return "MLP − static" if self.claimed else Cell("per-sample − curriculum", "muted")
+
+    def seeds(self) -> float:
+        return NO_VALUE
+
+    def mean(self, metric: str) -> float:
+        return self.gain[metric]
+
+    def accuracy_cell(self, metric: str) -> str:
+        return fmt(self.gain[metric], signed=True)
+
+    def paper(self, metric: str) -> float | None:
+        return self.claimed[PAPER_METRIC[metric]] if self.claimed else None
+
+    def paper_cell(self, metric: str) -> Cell:
+        return Cell(fmt(self.paper(metric), 1, signed=True) if self.claimed else "—", "claim")
+
+    def std(self, metric: str) -> float:
+        return NO_VALUE
+
+    def spread(self) -> float:
+        return NO_VALUE
+
+    def seeds_cell(self) -> str:
+        return ""
+
+    def diff(self, metric: str) -> str:
+        return ""
+
+    def spread_cell(self) -> str:
+        return ""
+
+    def correlation_cell(self) -> str:
+        return ""
+
+
+NO_VALUE = math.nan  # a gain row's per-seed export cells: empty, as pandas fills a cell a row lacks
+PAPER_METRIC = {"clean": "clean", "pgd": "pgd20"}  # our metric -> the paper's Table 2 column
+
+
+def table2_columns(pgd_name: str) -> tuple[Column, ...]:
+    """Table 2's columns in order, read from a SchedulerRow or a GainRow alike."""
+    return (
+        Column("Method", "method", lambda r: r.name, lambda r: Cell(r.shown_name, "method")),
+        shown("Paper's row", lambda r: r.paper_row_cell()),
+        Column("Seeds", "seeds", lambda r: r.seeds(), lambda r: r.seeds_cell()),
+        Column("Clean", "clean_mean", lambda r: r.mean("clean"), lambda r: r.accuracy_cell("clean")),
+        exported("clean_std", lambda r: r.std("clean")),
+        shown("Paper clean (CIFAR-10)", lambda r: r.paper_cell("clean")),
+        shown("Δ clean", lambda r: r.diff("clean")),
+        Column(pgd_name, "pgd_mean", lambda r: r.mean("pgd"), lambda r: r.accuracy_cell("pgd")),
+        exported("pgd_std", lambda r: r.std("pgd")),
+        exported("paper_clean", lambda r: r.paper("clean")),
+        exported("paper_pgd20", lambda r: r.paper("pgd")),
+        shown("Paper PGD-20 (CIFAR-10)", lambda r: r.paper_cell("pgd")),
+        shown("Δ PGD", lambda r: r.diff("pgd")),
+        Column("eps spread (last pass)", "eps_std_rel_last_pass", lambda r: r.spread(), lambda r: r.spread_cell()),
+        shown("r(eps, cue) within batch", lambda r: r.correlation_cell()),
+    )
 
 
 def _gain_rows(
-    variants: dict[str, list[Run]], scheduled: list[str], controls: list[str], checkpoint: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Learned minus static (the paper's gain) and per-sample minus curriculum: (export rows, display rows)."""
-    baselines = [v for v in scheduled if defense_of(v) == "static-des"][:1]
-    baselines += [v for v in controls if defense_of(v) == "cat"][:1]
-    pairs = [(v, b) for v in scheduled for b in baselines if v != b and defense_of(v) != "static-des"]
-    rows = [_gain_row(variants, variant, base, checkpoint) for variant, base in pairs]
-    return [export for export, _ in rows], [display for _, display in rows]
+    variants: dict[Variant, list[Run]], scheduled: list[Variant], controls: list[Variant], checkpoint: str
+) -> list[GainRow]:
+    """Learned minus static (the paper's gain) and per-sample minus curriculum."""
+    baselines = [v for v in scheduled if v.defense == "static-des"][:1]
+    baselines += [v for v in controls if v.defense == "cat"][:1]
+    pairs = [(v, b) for v in scheduled for b in baselines if v != b and v.defense != "static-des"]
+    return [_gain_row(variants, variant, base, checkpoint) for variant, base in pairs]
 
 
-def _gain_row(variants: dict[str, list[Run]], variant: str, base: str, checkpoint: str) -> tuple[dict, dict]:
-    """`variant` minus `base` in mean clean and PGD accuracy, beside the paper's gain where it claims one."""
-    claimed_gain = reference.paper_ablation_gain()  # learned minus static, the paper's Table 2
+def _gain_row(variants: dict[Variant, list[Run]], variant: Variant, base: Variant, checkpoint: str) -> GainRow:
     gain = {
         m: np.mean(final_values(variants[variant], checkpoint, m))
         - np.mean(final_values(variants[base], checkpoint, m))
         for m in ("clean", "pgd")
     }
-    paper_gain = defense_of(base) == "static-des"
-    claimed = {m: fmt(claimed_gain[m], 1, signed=True) if paper_gain else "—" for m in ("clean", "pgd20")}
-    display = {
-        "Method": Cell(f"{variant_label(variant)} − {variant_label(base)}", "method"),
-        "Paper's row": "MLP − static" if paper_gain else Cell("per-sample − curriculum", "muted"),
-        "Seeds": "",
-        "Clean": fmt(gain["clean"], signed=True),
-        "Paper clean (CIFAR-10)": Cell(claimed["clean"], "claim"),
-        "Δ clean": "",
-        f"PGD-{variants[variant][0].pgd_steps}": fmt(gain["pgd"], signed=True),
-        "Paper PGD-20 (CIFAR-10)": Cell(claimed["pgd20"], "claim"),
-        "Δ PGD": "",
-        "eps spread (last pass)": "",
-        "r(eps, cue) within batch": "",
-    }
-    export = {
-        "method": f"{variant_label(variant)} - {variant_label(base)}",
-        "clean_mean": gain["clean"],
-        "pgd_mean": gain["pgd"],
-        "paper_clean": claimed_gain["clean"] if paper_gain else None,
-        "paper_pgd20": claimed_gain["pgd20"] if paper_gain else None,
-    }
-    return export, display
+    claimed = reference.paper_ablation_gain() if base.defense == "static-des" else None
+    return GainRow(variant, base, gain, claimed)
 
 
 def _table2_notes(
-    protocol: Protocol, checkpoint: str, variants: dict[str, list[Run]], scheduled: list[str], controls: list[str]
+    protocol: Protocol,
+    checkpoint: str,
+    variants: dict[Variant, list[Run]],
+    scheduled: list[Variant],
+    controls: list[Variant],
 ) -> list[str]:
     """The protocol, what each ADES row and control is, and which rows are missing or trained on less."""
     notes = [
@@ -190,12 +297,12 @@ def _table2_notes(
         "entropy (H) and the head-dropout variance (v: dropout on the penultimate features only).",
     ]
     notes += held_out_notes(variants, scheduled + controls)
-    if not any(defense_of(v) == "static-des" for v in scheduled):
+    if not any(v.defense == "static-des" for v in scheduled):
         notes.append("No Static-DES run under this protocol: the ablation difference is missing.")
     return notes
 
 
-def held_out_notes(variants: dict[str, list[Run]], shown: list[str]) -> list[str]:
+def held_out_notes(variants: dict[Variant, list[Run]], shown: list[Variant]) -> list[str]:
     """Say which rows trained the model on less than the protocol's training subset, and why."""
     notes = []
     for variant in shown:

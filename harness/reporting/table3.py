@@ -5,33 +5,36 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
-
-import pandas as pd
 
 from harness.core.defense import StepCost
 from harness.reporting import compute, reference
 from harness.reporting.loading import Protocol, Run
-from harness.reporting.stats import bootstrap_ratio, mean_std
+from harness.reporting.stats import Estimate, Interval, bootstrap_ratio, mean_std
 from harness.reporting.tables import (
     Cell,
     Column,
     Groups,
     Table,
     epoch_seconds,
+    exported,
     fmt,
+    method_column,
     seed_count_mark,
     seeds_note,
-    spec_rows,
+    shown,
+    spec_table,
     variant_label,
 )
+from harness.reporting.variant import Variant
 from harness.training.resources import CONTENTION_CORES, contended
+
+PGD_AT = Variant("pgd-at")  # the reference of every ratio: PGD-AT's only configuration
 
 
 def table3(groups: Groups) -> list[Table]:
     tables = []
     for protocol, variants in groups.items():
-        by_device: dict[str, dict[str, list[Run]]] = defaultdict(dict)
+        by_device: dict[str, dict[Variant, list[Run]]] = defaultdict(dict)
         for variant, runs in variants.items():
             for device in sorted({r.device for r in runs}):
                 by_device[device][variant] = [r for r in runs if r.device == device]
@@ -40,79 +43,126 @@ def table3(groups: Groups) -> list[Table]:
     return tables
 
 
-def _table3_one(protocol: Protocol, device: str, variants: dict[str, list[Run]]) -> Table:
+def _table3_one(protocol: Protocol, device: str, variants: dict[Variant, list[Run]]) -> Table:
     peak = compute.device_peak(device)
     first = next(iter(variants.values()))[0]
     flops = compute.forward_flops(first.spec["model"], protocol.dataset)
-    examples = protocol.train_examples
     variants = {v: runs for v, runs in variants.items() if epoch_seconds(runs)}  # a record without epochs: no time
-    baseline = variants.get("pgd-at")
-    paper_pgd = reference.paper_seconds("pgd-at")
-    export_rows, display_rows = [], []
-    for variant, runs in variants.items():
-        export, display = _table3_row(variant, runs, baseline, device, peak, flops, examples, paper_pgd)
-        export_rows.append(export)
-        display_rows.append(display)
-    notes = _table3_notes(protocol, device, variants, first, flops, peak, baseline)
+    baseline = variants.get(PGD_AT)
+    rows = [
+        _table3_row(variant, runs, baseline, device, FloorModel(peak, flops, protocol.train_examples))
+        for variant, runs in variants.items()
+    ]
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
-    return Table(
+    return spec_table(
         f"table3_{protocol.slug()}_{slug}",
         f"Table 3: cost per epoch — {protocol.dataset}, {protocol.model}, {device}",
         protocol.label(),
-        pd.DataFrame(export_rows),
-        display_rows,
-        notes,
+        TABLE3_COLUMNS,
+        rows,
+        _table3_notes(protocol, device, variants, first, flops, peak, baseline),
     )
 
 
+@dataclass(frozen=True)
+class FloorModel:
+    """What bounds an epoch on this device: its peak, the model's forward FLOPs, the examples per epoch."""
+
+    peak: compute.DevicePeak | None
+    flops: float | None
+    examples: int | None
+
+
+@dataclass(frozen=True)
+class Table3Row:
+    """One method's timing on one device, computed once; the columns read from it."""
+
+    variant: Variant
+    device: str
+    seconds: list[float]  # per equivalent epoch, every epoch of every seed
+    seeds: int
+    ratio: Estimate | None  # to PGD-AT on this device
+    paper_seconds: float | None
+    cost: StepCost | None
+    flops: float | None
+    floors: dict[str, float]  # fp32 / tensor -> seconds; {} without a cost model or a known peak
+
+    @property
+    def interval(self) -> Interval | None:
+        return self.ratio.interval if self.ratio else None
+
+    @property
+    def paper_ratio(self) -> float | None:
+        return self.paper_seconds / reference.paper_seconds("pgd-at") if self.paper_seconds else None
+
+
 def _table3_row(
-    variant: str,
-    runs: list[Run],
-    baseline: list[Run] | None,
-    device: str,
-    peak: compute.DevicePeak | None,
-    flops: float | None,
-    examples: int | None,
-    paper_pgd: float,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One method's seconds per epoch, ratio to PGD-AT and compute floor: (export row, display row)."""
+    variant: Variant, runs: list[Run], baseline: list[Run] | None, device: str, floor: FloorModel
+) -> Table3Row:
+    """One method's seconds per epoch, ratio to PGD-AT and compute floor."""
     seconds = epoch_seconds(runs)
-    ratio = bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != "pgd-at" else None
-    paper_s = reference.paper_seconds(variant)
-    cost = compute.step_cost(variant, runs[0].record["defense"].get("config"))
-    floors = _floors(peak, flops, cost, examples)
+    cost = compute.step_cost(variant.defense, runs[0].record["defense"].get("config"))
+    return Table3Row(
+        variant,
+        device,
+        seconds,
+        len({r.seed for r in runs}),
+        bootstrap_ratio(seconds, epoch_seconds(baseline)) if baseline and variant != PGD_AT else None,
+        reference.paper_seconds(variant.defense),
+        cost,
+        floor.flops,
+        _floors(floor.peak, floor.flops, cost, floor.examples),
+    )
+
+
+def _floor_column(header: str, kind: str) -> Column:
+    """The epoch's floor at the device's fp32 or tensor peak ("—" without a cost model or a known peak)."""
+    return Column(header, f"floor_seconds_{kind}", lambda r: r.floors.get(kind), lambda r: fmt(r.floors.get(kind)))
+
+
+TABLE3_COLUMNS = (
+    method_column(lambda r: variant_label(r.variant)),
+    Column("s / epoch", "seconds_per_epoch", lambda r: mean_std(r.seconds)[0], lambda r: _seconds_text(r.seconds)),
+    exported("seconds_std", lambda r: mean_std(r.seconds)[1]),
+    exported("epochs_timed", lambda r: len(r.seconds)),
+    Column("Seeds", "seeds", lambda r: r.seeds, lambda r: seed_count_mark(Cell(str(r.seeds)), r.seeds)),
+    shown("Epochs timed", lambda r: str(len(r.seconds))),
+    Column(
+        "× PGD-AT [95%]",
+        "ratio_to_pgd_at",
+        lambda r: r.ratio.value if r.ratio else None,
+        lambda r: Cell(_ratio_text(r.variant, r.ratio), title=r.interval.method if r.interval else ""),
+    ),
+    exported("ratio_low", lambda r: r.interval.low if r.interval else None),
+    exported("ratio_high", lambda r: r.interval.high if r.interval else None),
+    Column(
+        "Paper s / epoch (V100)",
+        "paper_seconds",
+        lambda r: r.paper_seconds,
+        lambda r: Cell(fmt(r.paper_seconds, 0), "claim"),
+    ),
+    Column(
+        "Paper ×",
+        "paper_ratio",
+        lambda r: r.paper_ratio,
+        lambda r: Cell(f"×{r.paper_ratio:.2f}" if r.paper_seconds else "—", "claim"),
+    ),
+    exported("device", lambda r: r.device),
+    Column(
+        "Fwd-equiv / example",
+        "forward_equivalents",
+        lambda r: r.cost.forward_equivalents if r.cost else None,
+        lambda r: _cost_cell(r.cost),
+    ),
+    exported("forward_flops", lambda r: r.flops),
+    _floor_column("Floor s (fp32 peak)", "fp32"),
+    _floor_column("Floor s (fp16 tensor peak)", "tensor"),
+)
+
+
+def _seconds_text(seconds: list[float]) -> str:
     mean, std = mean_std(seconds)
-    n_seeds = len({r.seed for r in runs})
-    export = {
-        "method": variant_label(variant),
-        "seconds_per_epoch": mean,
-        "seconds_std": std,
-        "epochs_timed": len(seconds),
-        "seeds": n_seeds,
-        **_ratio_fields(ratio),
-        "paper_seconds": paper_s,
-        "paper_ratio": paper_s / paper_pgd if paper_s else None,
-        "device": device,
-        "forward_equivalents": cost.forward_equivalents if cost else None,
-        "forward_flops": flops,
-        "floor_seconds_fp32": floors.get("fp32"),
-        "floor_seconds_tensor": floors.get("tensor"),
-    }
-    display = {
-        "Method": Cell(variant_label(variant), "method"),
-        "s / epoch": f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
-        "Seeds": seed_count_mark(Cell(str(n_seeds)), n_seeds),
-        "Epochs timed": str(len(seconds)),
-        "× PGD-AT [95%]": Cell(
-            _ratio_text(variant, ratio), title=ratio.interval.method if ratio and ratio.interval else ""
-        ),
-        "Paper s / epoch (V100)": Cell(fmt(paper_s, 0), "claim"),
-        "Paper ×": Cell(f"×{paper_s / paper_pgd:.2f}" if paper_s else "—", "claim"),
-        "Fwd-equiv / example": _cost_cell(cost),
-        "Floor s (fp32 peak)": fmt(floors.get("fp32")) if floors else "—",
-        "Floor s (fp16 tensor peak)": fmt(floors.get("tensor")) if floors else "—",
-    }
-    return export, display
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
 def _floors(peak: compute.DevicePeak | None, flops: float | None, cost, examples: int | None) -> dict[str, float]:
@@ -125,16 +175,6 @@ def _floors(peak: compute.DevicePeak | None, flops: float | None, cost, examples
     }
 
 
-def _ratio_fields(ratio) -> dict[str, float | None]:
-    """The export's ratio to PGD-AT and its interval (None where there is none)."""
-    interval = ratio.interval if ratio else None
-    return {
-        "ratio_to_pgd_at": ratio.value if ratio else None,
-        "ratio_low": interval.low if interval else None,
-        "ratio_high": interval.high if interval else None,
-    }
-
-
 def _cost_cell(cost) -> Cell:
     """Forward-equivalents per example, the cost model's assumption on hover."""
     if cost is None:
@@ -142,8 +182,8 @@ def _cost_cell(cost) -> Cell:
     return Cell(fmt(cost.forward_equivalents, 0), title=cost.assumption)
 
 
-def _ratio_text(variant: str, ratio) -> str:
-    if variant == "pgd-at":
+def _ratio_text(variant: Variant, ratio) -> str:
+    if variant == PGD_AT:
         return "×1.00 (reference)"
     if ratio:
         return f"×{ratio.value:.2f}" + (
@@ -155,7 +195,7 @@ def _ratio_text(variant: str, ratio) -> str:
 def _table3_notes(
     protocol: Protocol,
     device: str,
-    variants: dict[str, list[Run]],
+    variants: dict[Variant, list[Run]],
     first: Run,
     flops: float | None,
     peak: compute.DevicePeak | None,
@@ -190,7 +230,7 @@ def _table3_notes(
     return notes
 
 
-def _busy_and_cost_notes(variants: dict[str, list[Run]]) -> list[str]:
+def _busy_and_cost_notes(variants: dict[Variant, list[Run]]) -> list[str]:
     """Which rows were timed on a busy machine (no verdict), and each method's cost-model assumption."""
     notes = []
     busy = sorted(
@@ -208,7 +248,7 @@ def _busy_and_cost_notes(variants: dict[str, list[Run]]) -> list[str]:
             f"{CONTENTION_CORES} CPU cores busy): {', '.join(busy)}; their seconds and ratios "
             "are shown but carry no verdict."
         )
-    costs = (compute.step_cost(v, runs[0].record["defense"].get("config")) for v, runs in variants.items())
+    costs = (compute.step_cost(v.defense, runs[0].record["defense"].get("config")) for v, runs in variants.items())
     notes.extend(sorted({f"{variant_label(v)}: {c.assumption}." for v, c in zip(variants, costs) if c}))
     return notes
 
@@ -270,18 +310,17 @@ def paper_floor_table() -> Table:
     """The paper's Table 3 against what a V100 can compute for WRN-34-10 on CIFAR-10."""
     flops = compute.forward_flops(PAPER_SETTING["model"], PAPER_SETTING["dataset"])
     peak = compute.device_peak(PAPER_SETTING["device"])
-    export, display_rows = spec_rows(FLOOR_COLUMNS, floor_rows(flops, peak))
     notes = [
         f"WRN-34-10 forward on one 32×32 input: {flops / 1e9:.2f} GFLOP (measured with FlopCounterMode); "
         f"{PAPER_SETTING['examples']:,} training examples per epoch; V100 peaks from {peak.source}.",
         "The floor assumes every FLOP runs at the device's peak with no data loading, memory traffic or "
         "kernel overhead: real epochs take longer.",
     ]
-    return Table(
+    return spec_table(
         "table3_paper_floor",
         "Table 3b: the paper's timings against the V100 compute floor",
         "CIFAR-10, WRN-34-10, V100",
-        export,
-        display_rows,
+        FLOOR_COLUMNS,
+        floor_rows(flops, peak),
         notes,
     )

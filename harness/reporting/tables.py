@@ -2,7 +2,8 @@
 reads from the records, and the cell formatting. Each table lives in its own module (table1, table2, table3,
 table_robustbench), one table per protocol, never averaged across protocols.
 
-Each table keeps two forms: `export` (numbers, for CSV and LaTeX) and `display` (formatted cells, for HTML).
+Each table keeps two forms: `export` (numbers, for CSV and LaTeX) and `display` (formatted cells, for HTML), both
+derived by `spec_table` from the table's one list of `Column`s, so a column is declared once.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Table:
     export: pd.DataFrame
     display: list[dict[str, Any]]  # column -> str or Cell
     notes: list[str] = field(default_factory=list)
+    spec: tuple[Column, ...] = ()  # the declared columns both forms were derived from
 
     @property
     def columns(self) -> list[str]:
@@ -53,24 +55,51 @@ class Table:
 
 @dataclass(frozen=True)
 class Column:
-    """One column declared once: its HTML header, its CSV/LaTeX key, and how a row source gives both forms."""
+    """One column declared once: its HTML header, its CSV/LaTeX key, and how a row source gives both forms.
 
-    header: str
-    key: str
-    value: Callable[[Any], Any]  # row source -> number or text for the export
-    display: Callable[[Any], Any]  # row source -> str or Cell for the HTML
+    A column shown in one form only has no key (HTML only, e.g. a Δ or a badge) or no header (export only, e.g.
+    a std); `when` drops a column a table does not have (the paper's columns off the paper's data sets)."""
+
+    header: str | None
+    key: str | None
+    value: Callable[[Any], Any] | None = None  # row source -> number or text for the export
+    display: Callable[[Any], Any] | None = None  # row source -> str or Cell for the HTML
+    when: bool = True
+
+
+def exported(key: str, value: Callable[[Any], Any], when: bool = True) -> Column:
+    """A column of the CSV/LaTeX export only."""
+    return Column(None, key, value, None, when)
+
+
+def shown(header: str, display: Callable[[Any], Any], when: bool = True) -> Column:
+    """A column of the HTML only."""
+    return Column(header, None, None, display, when)
+
+
+def method_column(label: Callable[[Any], str]) -> Column:
+    """The "Method" column every table starts with: the label in the export, styled as a method in the HTML."""
+    return Column("Method", "method", label, lambda r: Cell(label(r), "method"))
 
 
 def spec_rows(columns: Sequence[Column], sources: Iterable[Any]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Export frame and display rows of one table, both derived from its column spec."""
-    sources = list(sources)
-    export = pd.DataFrame([{c.key: c.value(s) for c in columns} for s in sources])
-    return export, [{c.header: c.display(s) for c in columns} for s in sources]
+    sources, live = list(sources), [c for c in columns if c.when]
+    export = pd.DataFrame([{c.key: c.value(s) for c in live if c.key is not None} for s in sources])
+    return export, [{c.header: c.display(s) for c in live if c.header is not None} for s in sources]
+
+
+def spec_table(
+    key: str, title: str, caption: str, columns: Sequence[Column], sources: Iterable[Any], notes: list[str]
+) -> Table:
+    """A table whose export and display both come from `columns`, one row per source."""
+    export, display = spec_rows(columns, sources)
+    return Table(key, title, caption, export, display, notes, tuple(c for c in columns if c.when))
 
 
 # ----------------------------------------------------------------------------------------- grouping
 
-Groups = dict[Protocol, dict[str, list[Run]]]
+Groups = dict[Protocol, dict[Variant, list[Run]]]
 
 
 def group_runs(runs: Iterable[Run]) -> Groups:
@@ -80,19 +109,23 @@ def group_runs(runs: Iterable[Run]) -> Groups:
         by_protocol[run.protocol][run.defense].append(run)
     groups: Groups = {}
     for protocol in sorted(by_protocol, key=lambda p: p.label()):
-        variants: dict[str, list[Run]] = {}
+        variants: dict[Variant, list[Run]] = {}
         for defense, members in by_protocol[protocol].items():
             digests = sorted({r.config_digest() for r in members})
             for digest in digests:
                 chosen = sorted((r for r in members if r.config_digest() == digest), key=lambda r: r.seed)
-                variants[Variant(defense, "" if len(digests) == 1 else digest).format()] = chosen
-        groups[protocol] = dict(sorted(variants.items(), key=lambda kv: reference.method_sort_key(kv[0])))
+                variants[Variant(defense, "" if len(digests) == 1 else digest)] = chosen
+        groups[protocol] = dict(sorted(variants.items(), key=lambda kv: variant_order(kv[0])))
     return groups
 
 
-def variant_label(variant: str) -> str:
-    parsed = Variant.parse(variant)
-    return reference.method_label(parsed.defense) + (f" (config {parsed.digest})" if parsed.digest else "")
+def variant_order(variant: Variant) -> tuple:
+    """The paper's method order (reference.METHOD_ORDER), then name and digest."""
+    return reference.method_sort_key(variant.defense), variant
+
+
+def variant_label(variant: Variant) -> str:
+    return reference.method_label(variant.defense) + (f" (config {variant.digest})" if variant.digest else "")
 
 
 # ----------------------------------------------------------------------------------------- values

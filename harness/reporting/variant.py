@@ -1,8 +1,9 @@
 """A report variant: one defense under one configuration.
 
 Runs of one defense trained with different configurations must never be averaged together, so the report keys
-them by "defense#digest" (the digest is absent for the defense's only configuration). This module is the one
-place that spells that string: `parse` at the boundary, then the typed fields.
+them by this typed variant (hashable, so it keys the report's groups). Its text form "defense#digest" (the digest
+is absent for the defense's only configuration) is spelled here only: `parse` where it is read from data,
+`format` and `slug` where it is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 SEPARATOR = "#"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Variant:
     defense: str
     digest: str = ""  # empty: the defense's only configuration in these results
@@ -28,8 +29,3 @@ class Variant:
     def slug(self) -> str:
         """For file and element names, where the separator is not allowed."""
         return f"{self.defense}_{self.digest}" if self.digest else self.defense
-
-
-def defense_of(key: str) -> str:
-    """The defense a variant key belongs to ("ades#1a2b" -> "ades")."""
-    return Variant.parse(key).defense
