@@ -23,7 +23,6 @@ from harness.core.datasets import DATASETS
 from harness.core.defense import DEFENSES, StepCost
 from harness.core.errors import UnknownNameError
 from harness.core.models import MODELS, build_model
-from harness.reporting.variant import Variant
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,9 @@ def device_peak(device_name: str | None) -> DevicePeak | None:
 def step_cost(defense: str, config: dict[str, Any] | None = None) -> StepCost | None:
     """Forward-equivalents per training example per (equivalent) epoch, with the assumption made: the
     defense's own `step_cost` hook (methods/<name>.py); None for a defense without a cost model or one
-    no longer registered. `defense` is a name as written in records and on the command line, so it may carry
-    a config digest ("trades#ab12"): it is parsed here, at that boundary."""
+    no longer registered. `defense` is a registered name ("trades"), never a variant key."""
     try:
-        cls = DEFENSES.get(Variant.parse(defense).defense)
+        cls = DEFENSES.get(defense)
     except UnknownNameError:
         return None
     return cls.step_cost(config or {})

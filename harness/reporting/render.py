@@ -10,7 +10,17 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from harness.reporting import reference, reliability, table1, table2, table3, table_robustbench, tables, verdicts
+from harness.reporting import (
+    claims,
+    reference,
+    reliability,
+    table1,
+    table2,
+    table3,
+    table_robustbench,
+    tables,
+    verdicts,
+)
 from harness.reporting.figures import Figure, all_figures
 from harness.reporting.loading import Results
 from harness.reporting.protocol_cards import ProtocolCard, protocol_cards
@@ -78,7 +88,7 @@ def build(results: Results, checkpoint: str = "last") -> Report:
         check_details=reliability.check_details(results),
         figures=figures,
         missing=missing,
-        verdicts=verdicts.all_verdicts(results, groups, checkpoint),
+        verdicts=claims.all_verdicts(results, groups, checkpoint),
         protocols=[p.label() for p in groups],
         protocol_cards=protocol_cards(results),
     )

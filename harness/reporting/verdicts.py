@@ -10,18 +10,18 @@ t interval whose variance adds the test-set sampling term to the seed-to-seed te
 Each row also states P(A > B) over seeds, the smallest difference its seeds resolve, and the seeds the
 paper's claimed difference would need.
 
-The claims live by kind: claims_accuracy (ADES beats every baseline), claims_ablation (learned vs static fusion),
-claims_cost (the ×1.12 cost and the V100 floor), claims_published (the paper against official checkpoints); the
-per-seed comparisons behind them in seed_evidence.
+This module holds the verdict type and the decision rules. The claims live by kind: claims_accuracy (ADES beats every
+baseline), claims_ablation (learned vs static fusion), claims_cost (the ×1.12 cost and the V100 floor),
+claims_published (the paper against official checkpoints), gathered in the docs' order by claims.all_verdicts; the
+per-seed comparisons behind them are in seed_evidence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.reporting.loading import Protocol, Results, Run
+from harness.reporting.loading import Protocol, Run
 from harness.reporting.stats import Estimate
-from harness.reporting.tables import Groups
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 
@@ -71,18 +71,4 @@ def scale_text(protocol: Protocol, runs: list[Run], checkpoint: str) -> str:
     return (
         f"{protocol.dataset}, {protocol.model}, {protocol.epochs} epoch(s), eps {protocol.eps}, "
         f"{len(seeds)} seed(s), test {protocol.test_indices}, checkpoint {checkpoint}"
-    )
-
-
-def all_verdicts(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]:
-    """Every claim's verdicts, in the order of docs/paper.md's list."""
-    # the claim modules build Verdicts, so they import this module: imported here, not at the top
-    from harness.reporting import claims_ablation, claims_accuracy, claims_cost, claims_published
-
-    return (
-        claims_accuracy.beats_baselines(results, groups, checkpoint)
-        + claims_ablation.ablation(results, groups, checkpoint)
-        + claims_cost.cost(groups)
-        + claims_published.published_claims(results)
-        + [claims_cost.floor_claim()]
     )

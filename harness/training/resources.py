@@ -4,7 +4,7 @@ Every epoch entry of a run record carries `resources`: the process's CPU seconds
 1-minute load average before and after (the larger is kept), its CPU count, and the peak memory of
 training (device memory on a GPU, resident memory of the process on the CPU). A timing taken while
 other processes kept the CPUs busy is marked contended, and the report withholds cost verdicts
-resting on it (`harness.reporting.verdicts`).
+resting on it (`harness.reporting.claims_cost`).
 
 Also here: the one-line answer to a GPU out-of-memory error, which measures the largest
 per-device batch that fits instead of guessing.
