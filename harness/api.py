@@ -199,14 +199,15 @@ def train(
 ) -> TrainResult:
     """Train one defense and evaluate it, as `harness run -m METHOD` does, writing the same record.
 
-    Give a `RunSpec` (e.g. from `harness.training.runner.make_spec` or a grid; `dataset`, `preset` and `seed`
+    Give a `RunSpec` (e.g. from `harness.training.specs.make_spec` or a grid; `dataset`, `preset` and `seed`
     are then its own), or `method` with the keywords of `make_spec` (epochs, eps, model, dropout,
     overrides, precision_name, batchnorm, compile_model).
     """
     from harness.core.environment import resolve_device
     from harness.scale.executor_cli import absolute
     from harness.scale.executors import LocalExecutor
-    from harness.training.runner import RunOptions, make_spec
+    from harness.training.runner import RunOptions
+    from harness.training.specs import make_spec
 
     if (spec is None) == (method is None):
         raise HarnessError("give train() either a RunSpec or method=NAME, not both or neither")

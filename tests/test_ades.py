@@ -17,7 +17,7 @@ from harness.core.models import build_model
 from harness.core.pgd import input_gradient, model_mode, pgd
 from harness.core.validation import validate_config
 from harness.training.eps_stats import collapse_warning, eps_summary, spearman
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 from methods.ades.cue_schedule import hold_mean
 from methods.ades.cues import grad_norm, mc_variance_full, mc_variance_head, minmax
 from methods.ades.eps_scheduler import through_eps

@@ -14,7 +14,8 @@ from harness.core.defense import DEFENSES, DefenseContext
 from harness.core.models import build_model
 from harness.core.validation import validate_config
 from harness.training.eps_stats import collapse_warning
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 from methods.ades.cue_schedule import hold_mean, preserved_buffers
 from methods.ades.cues import clean_pass, compute_cues, entropy, grad_norm, mc_variance_full, minmax
 from methods.ades.eps_scheduler import through_eps

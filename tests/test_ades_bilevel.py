@@ -16,7 +16,8 @@ from harness.core.errors import HarnessError
 from harness.core.pgd import per_sample
 from harness.core.validation import validate_config
 from harness.storage.records import read_record
-from harness.training.runner import make_spec, prepare_data, run
+from harness.training.runner import prepare_data, run
+from harness.training.specs import make_spec
 from methods.ades.eps_scheduler import through_eps
 
 

@@ -17,7 +17,7 @@ import torch
 import harness
 from harness import api
 from harness.core.errors import HarnessError
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"method": "pgd-at", "dataset": "synthetic", "preset": "smoke"}

@@ -13,7 +13,7 @@ from harness.core.defense import DEFENSES, DefenseContext
 from harness.core.errors import HarnessError
 from harness.core.validation import validate_config
 from harness.reporting import build, load_results
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 from methods.cat import lesson_for, mixed_steps
 
 

@@ -21,7 +21,8 @@ from harness.core.datasets import Batch
 from harness.core.errors import HarnessError
 from harness.scale import distributed
 from harness.storage.atomic import load_torch
-from harness.training.runner import make_spec, run, with_execution
+from harness.training.runner import run
+from harness.training.specs import make_spec, with_execution
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from harness.scale.executors import LocalExecutor, RayExecutor, summarise
 from harness.scale.grid import load_grid
 from harness.storage.atomic import load_torch
 from harness.storage.records import read_record
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 
 EPOCHS = 3
 SEEDS = (0, 1)

@@ -12,7 +12,7 @@ from torch import nn
 from harness.core.defense import DefenseContext
 from harness.core.errors import HarnessError
 from harness.core.pgd import pgd
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 from methods.fat import FAT, EarlyStop, FATConfig
 
 STEP = 0.01

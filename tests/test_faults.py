@@ -419,7 +419,7 @@ def test_report_out_on_a_read_only_file_system(reference, tmp_path):
 def test_force_on_a_symlinked_run_directory_is_refused_and_keeps_both(tmp_path, data_dir):
     """Issue 22: --force deleted the run directory to restart it; through a symbolic link that would
     delete (or half-delete) whatever the link points to. One line, exit 2, link and target intact."""
-    from harness.training.runner import make_spec
+    from harness.training.specs import make_spec
 
     results, target = tmp_path / "results", tmp_path / "elsewhere"
     results.mkdir()

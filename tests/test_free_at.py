@@ -11,7 +11,8 @@ from torch import nn
 
 from harness.core.datasets import Batch
 from harness.core.defense import DefenseContext
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 from methods.free_at import FreeAT, FreeATConfig
 
 M = 3

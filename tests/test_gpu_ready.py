@@ -9,7 +9,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from harness.core.errors import HarnessError
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 
 HOST_READS = {
     torch.Tensor.item,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.core.errors import HarnessError
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 from methods.mart import MART, mart_loss, misclassification_weight, strongest_wrong_class
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from harness.core.datasets import DATASETS
 from harness.core.defense import DefenseContext
 from harness.storage.atomic import load_torch
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 from methods.mma import MMA, MMAConfig, soft_logit_margin
 
 

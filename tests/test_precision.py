@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from harness.core.defense import sgd_step
 from harness.core.errors import HarnessError
 from harness.training import precision
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 
 
 @pytest.fixture

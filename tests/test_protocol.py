@@ -15,7 +15,8 @@ from harness.core.protocol import INPUT_RAW, NO_REFERENCE, protocol_diff, refere
 from harness.reporting import build, load_results
 from harness.reporting.render import render_html
 from harness.training.optim import decayed_and_undecayed, sgd_for
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 from methods.fat import FAT
 
 

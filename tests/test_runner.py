@@ -9,7 +9,8 @@ import torch
 
 from harness.core.errors import HarnessError
 from harness.storage.records import read_record, runs_table
-from harness.training.runner import make_spec, run
+from harness.training.runner import run
+from harness.training.specs import make_spec
 
 
 def strip_times(record):

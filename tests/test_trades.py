@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from harness.core.defense import DefenseContext
 from harness.core.errors import HarnessError
-from harness.training.runner import make_spec
+from harness.training.specs import make_spec
 from methods.trades import TRADES, TRADESConfig, kl_per_example, trades_loss
 
 

@@ -32,7 +32,8 @@ from harness.core.datasets import DATASETS, load_split
 from harness.core.errors import HarnessError
 from harness.scale.executors import Executor, LocalExecutor, RayExecutor, raise_failures
 from harness.training.resources import busy_cores
-from harness.training.runner import RunOptions, make_spec
+from harness.training.runner import RunOptions
+from harness.training.specs import make_spec
 
 QUICK_GRID_TARGET = 0.8
 

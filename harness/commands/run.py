@@ -204,7 +204,7 @@ def _no_grid_options(ctx, grid_path: Path) -> None:
 def _executed_specs(specs, compile_model: bool, world) -> list:
     """Refused once before any work if torchrun cannot train them; compile and world size join each identity."""
     from harness.training.engine import check_distributable
-    from harness.training.runner import with_execution
+    from harness.training.specs import with_execution
 
     check_distributable(specs, world)
     return [with_execution(spec, compile_model, world.size) for spec in specs]
@@ -277,7 +277,7 @@ def _command_line_specs(
 ):
     from harness.core.defense import DEFENSES
     from harness.core.errors import HarnessError
-    from harness.training.runner import make_spec
+    from harness.training.specs import make_spec
 
     if all_methods and methods_:
         raise HarnessError("give either --all or --method, not both")

@@ -53,7 +53,7 @@ class Grid:
         """Every run of the grid, data set by data set, then method, then seed; the first bad one fails.
 
         `ranks`: the torchrun world size the grid runs under (per-rank BatchNorm names it)."""
-        from harness.training.runner import make_spec
+        from harness.training.specs import make_spec
 
         sets = dict(self.overrides)
         specs = []

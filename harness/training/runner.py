@@ -8,7 +8,6 @@ Layout of a run directory (`<results>/<run_id>/`):
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import math
 import random
@@ -24,14 +23,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from harness.core.config import PRESETS, RunSpec, apply_overrides, parse_eps
+from harness.core.config import RunSpec
 from harness.core.datasets import DATASETS, DatasetInfo, Split, TensorLoader, load_split, split_train_val
 from harness.core.defense import DEFENSES, Defense, DefenseContext
 from harness.core.environment import environment, synchronize
 from harness.core.errors import HarnessError
-from harness.core.models import MODELS, build_model
-from harness.core.protocol import preset_model, record_field
-from harness.core.validation import check_seed, validate_config
+from harness.core.models import build_model
+from harness.core.protocol import record_field
 from harness.scale import distributed
 from harness.scale.distributed import World
 from harness.storage.atomic import ensure_writable_dir, load_torch, save_torch
@@ -70,78 +68,6 @@ class RunOptions:
     wait: bool = False  # wait for another process holding this run's lock instead of failing
     world: World = distributed.SINGLE  # this process's place in a torchrun launch
     around_pass: Callable[[int], AbstractContextManager[Any]] = as_is
-
-
-def _schedule(preset, defense_cls, epochs: int | None):
-    """The preset's schedule (or the defense's reference one, where the preset says so), --epochs applied."""
-    schedule = preset.schedule
-    if preset.schedule_from_defense and defense_cls.reference_schedule is not None:
-        schedule = defense_cls.reference_schedule
-    if epochs is None:
-        return schedule
-    if epochs < 1:
-        raise HarnessError(f"--epochs must be at least 1, got {epochs}")
-    return type(schedule)(**{**schedule.__dict__, "epochs": epochs})
-
-
-def make_spec(
-    defense: str,
-    dataset: str,
-    preset: str = "quick",
-    seed: int = 0,
-    *,
-    epochs: int | None = None,
-    eps: str | None = None,
-    model: str | None = None,
-    dropout: float = 0.0,
-    overrides: tuple[str, ...] = (),
-    precision_name: str = "fp32",
-    batchnorm: str = "global",
-    ranks: int = 1,
-    compile_model: bool = False,
-) -> RunSpec:
-    """Resolve names, preset and overrides into a complete RunSpec (unknown names fail here)."""
-    defense_cls = DEFENSES.get(defense)
-    info = DATASETS.get(dataset)
-    p = PRESETS.get(preset)
-    model_name = model or preset_model(p, defense_cls, p.model_for(dataset, info.default_model))
-    MODELS.get(model_name)
-    schedule = _schedule(p, defense_cls, epochs)
-    if not 0 <= dropout < 1:
-        raise HarnessError(f"--dropout must be in [0, 1), got {dropout}")
-    check_seed(seed)
-    config = validate_config(apply_overrides(defense_cls.Config(), overrides), defense)
-    precision.check_precision(precision_name)
-    if batchnorm not in distributed.BATCHNORM_MODES:
-        raise HarnessError(f"unknown --batchnorm {batchnorm!r}; use one of {', '.join(distributed.BATCHNORM_MODES)}")
-    spec = RunSpec(
-        defense=defense,
-        defense_config=config,
-        dataset=dataset,
-        model=model_name,
-        model_revision=MODELS.get(model_name).revision,
-        dropout=dropout,
-        preset=preset,
-        eps=parse_eps(eps) if eps is not None else info.eps,
-        eval_step=info.eval_step,
-        schedule=schedule,
-        data=type(p.data)(**{**p.data.__dict__, "augment": p.data.augment and info.augment}),
-        eval=p.eval,
-        seed=seed,
-        precision=precision_name,
-        batchnorm=f"per-rank x{ranks}" if batchnorm == "per-rank" and ranks > 1 else "global",
-    )
-    spec = with_execution(spec, compile_model, ranks)
-    defense_cls.check_spec(spec)
-    return spec
-
-
-def with_execution(spec: RunSpec, compile_model: bool, world_size: int) -> RunSpec:
-    """`spec` as this command executes it: compile backend and process count are part of its identity
-    (a grid file's specs get them here too). fp32 eager single-process specs keep their run ids."""
-    return dataclasses.replace(
-        spec, compile=precision.compile_backend() if compile_model else "none", world_size=world_size
-    )
 
 
 @dataclass(frozen=True)
