@@ -20,6 +20,7 @@ from harness.reporting import (
     stats,
     verdicts,
 )
+from harness.reporting.tables import group_runs
 
 
 def _beats(tmp_path, runs, metric="PGD-20"):
@@ -238,3 +239,39 @@ def test_unpaired_fallback_is_welch_and_power_uses_the_intervals_degrees_of_free
     assert unpaired.interval().high == pytest.approx(ci.high) and "Welch" in unpaired.interval().method
     # the test-set term has ~500 degrees of freedom: counting them resolves a smaller difference than n - 1 would
     assert stats.smallest_resolvable(1.0, 4.0, 3, 0.01, 500) < stats.smallest_resolvable(1.0, 4.0, 3, 0.01)
+
+
+def test_a_claims_comparisons_are_adjusted_together_not_one_by_one(tmp_path):
+    """Three metrics against one baseline, each consistent over 3 seeds (p about 0.03 alone): Holm over the claim's
+    family of three leaves none of them decided. Judged one by one, each would be 'supported'."""
+    gains = (1.5, 3.0, 2.5)
+    base_clean, base_pgd, base_aa = [80.0, 81.0, 79.0], [40.0, 41.0, 39.0], [37.0, 38.0, 36.0]
+    rows, _ = _beats(
+        tmp_path,
+        _seeds("pgd-at", [0, 1, 2], base_clean, base_pgd, base_aa, n_test=100_000)
+        + _seeds(
+            "ades",
+            [0, 1, 2],
+            [c + g for c, g in zip(base_clean, gains)],
+            [p + g for p, g in zip(base_pgd, gains)],
+            [a + g for a, g in zip(base_aa, gains)],
+            n_test=100_000,
+        ),
+        metric="",
+    )
+    assert len(rows) == 3
+    assert {v.verdict for v in rows} == {verdicts.INCONCLUSIVE}
+    assert all("Holm-adjusted p" in v.reason for v in rows)
+    alone = [seed_evidence.judge_family([j.comparison])[0].verdict for j in _family_of(tmp_path)]
+    assert alone == [verdicts.SUPPORTED] * 3  # the same comparisons, each in a family of its own
+
+
+def _family_of(tmp_path):
+    results = load_results(tmp_path)
+    ((_, variants),) = group_runs(results.runs).items()
+    readings = [v for v in variants if v.defense == "ades"]
+    opponents = [v for v in variants if v.defense == "pgd-at"]
+    family = seed_evidence.judged_family(
+        results, variants, readings, opponents, ("pgd", "autoattack", "clean"), "last", "8/255"
+    )
+    return list(family.values())

@@ -7,9 +7,8 @@ from harness.reporting import reference
 from harness.reporting.loading import Protocol, Results, Run
 from harness.reporting.seed_evidence import (
     Judged,
-    comparison,
     interval_field,
-    judge_family,
+    judged_family,
     power_fields,
     test_set_only,
 )
@@ -30,16 +29,11 @@ def ablation(results: Results, groups: Groups, checkpoint: str) -> list[Verdict]
         static = next((v for v in variants if v.defense == "static-des"), None)
         if static is None:
             continue
-        keys, comps = [], []
-        for ades in (v for v in variants if v.defense in reference.ADES_VARIANTS):
-            for metric in ("pgd", "clean"):
-                comp = comparison(results, variants[ades], variants[static], checkpoint, metric, protocol.eps)
-                if comp is not None:
-                    keys.append((ades, metric))
-                    comps.append(comp)
-        for (ades, metric), judged in zip(keys, judge_family(comps)):
+        readings = [v for v in variants if v.defense in reference.ADES_VARIANTS]
+        family = judged_family(results, variants, readings, [static], ("pgd", "clean"), checkpoint, protocol.eps)
+        for (ades, metric, _), judged in family.items():
             verdicts.append(
-                _ablation_row(results, protocol, variants, static, ades, metric, judged, len(comps), checkpoint)
+                _ablation_row(results, protocol, variants, static, ades, metric, judged, len(family), checkpoint)
             )
     if not verdicts:
         verdicts.append(

@@ -7,9 +7,8 @@ from harness.reporting import reference
 from harness.reporting.loading import Protocol, Results, Run
 from harness.reporting.seed_evidence import (
     Judged,
-    comparison,
     interval_field,
-    judge_family,
+    judged_family,
     power_fields,
     test_set_only,
 )
@@ -45,16 +44,11 @@ def _beats_family(
     results: Results, variants: dict[Variant, list[Run]], protocol: Protocol, checkpoint: str
 ) -> dict[tuple[Variant, str, Variant], Judged]:
     """(reading, metric, baseline) -> judged; Holm over every comparison behind the claim here."""
+    readings = [v for v in variants if v.defense in reference.ADES_VARIANTS]
     baselines = [v for v in variants if v.defense in reference.PAPER_BASELINES]
-    keys, comps = [], []
-    for ades in (v for v in variants if v.defense in reference.ADES_VARIANTS):
-        for metric in ("pgd", "autoattack", "clean"):
-            for base in baselines:
-                comp = comparison(results, variants[ades], variants[base], checkpoint, metric, protocol.eps)
-                if comp is not None:
-                    keys.append((ades, metric, base))
-                    comps.append(comp)
-    return dict(zip(keys, judge_family(comps)))
+    return judged_family(
+        results, variants, readings, baselines, ("pgd", "autoattack", "clean"), checkpoint, protocol.eps
+    )
 
 
 def _row_verdict(decisions: dict[Variant, str], baselines: list[Variant]) -> str:

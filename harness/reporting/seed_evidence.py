@@ -22,6 +22,7 @@ from harness.reporting.stats import (
     smallest_resolvable,
 )
 from harness.reporting.tables import AUTOATTACK_PREFERENCE, best_evaluation
+from harness.reporting.variant import Variant
 from harness.reporting.verdicts import CONTRADICTED, INCONCLUSIVE, SUPPORTED
 
 ATTACK_OF_METRIC = {"clean": ("clean",), "pgd": ("pgd-20",), "autoattack": AUTOATTACK_PREFERENCE}
@@ -170,6 +171,28 @@ def decide_seeds(comp: SeedComparison, adjusted_p: float) -> tuple[str, str]:
 def judge_family(comparisons: list[SeedComparison]) -> list[Judged]:
     adjusted = holm([c.p_value for c in comparisons]) if comparisons else []
     return [Judged(c, p, *decide_seeds(c, p)) for c, p in zip(comparisons, adjusted)]
+
+
+def judged_family(
+    results: Results,
+    variants: dict[Variant, list[Run]],
+    readings: list[Variant],
+    opponents: list[Variant],
+    metrics: tuple[str, ...],
+    checkpoint: str,
+    eps: str,
+) -> dict[tuple[Variant, str, Variant], Judged]:
+    """(reading, metric, opponent) -> judged, Holm-adjusted over every comparison behind one claim (those with
+    numbers on both sides), in the order reading, metric, opponent."""
+    keys, comps = [], []
+    for reading in readings:
+        for metric in metrics:
+            for opponent in opponents:
+                comp = comparison(results, variants[reading], variants[opponent], checkpoint, metric, eps)
+                if comp is not None:
+                    keys.append((reading, metric, opponent))
+                    comps.append(comp)
+    return dict(zip(keys, judge_family(comps)))
 
 
 def family_alpha(size: int) -> float:
