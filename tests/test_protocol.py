@@ -161,12 +161,13 @@ def test_table1_marks_numbers_of_departing_runs(report):
 
 def test_fat_is_not_paired_with_fat_trades():
     from harness.reporting import reference, table1
+    from harness.reporting.variant import Variant
 
     hits = reference.robustbench()
     row = hits[hits["name"] == "Zhang2020Attacks"].iloc[0]
     assert row["harness_method"] == "" and "TRADES" in row["note"]
     results = SimpleNamespace(external=[])
-    assert "Zhang2020Attacks" not in table1._published(results, "cifar10", "fat")
+    assert "Zhang2020Attacks" not in table1._published(results, "cifar10", Variant("fat"))
 
 
 def test_records_from_before_the_scope_field_decayed_everything():
