@@ -3,8 +3,6 @@ cheap departures (`--preset reference`), and how the report shows them (cards, T
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import report_fixture as fx
 import torch
@@ -159,15 +157,20 @@ def test_table1_marks_numbers_of_departing_runs(report):
     assert table.export["protocol_departures"].str.len().gt(0).any()
 
 
-def test_fat_is_not_paired_with_fat_trades():
-    from harness.reporting import reference, table1
-    from harness.reporting.variant import Variant
+def test_fat_is_not_paired_with_fat_trades(tmp_path):
+    """RobustBench's Zhang2020Attacks is FAT applied to TRADES: Table 1's FAT row must not show it as FAT's."""
+    import report_fixture as fx
+
+    from harness.reporting import build, load_results, reference
 
     hits = reference.robustbench()
     row = hits[hits["name"] == "Zhang2020Attacks"].iloc[0]
     assert row["harness_method"] == "" and "TRADES" in row["note"]
-    results = SimpleNamespace(external=[])
-    assert "Zhang2020Attacks" not in table1._published(results, "cifar10", Variant("fat"))
+    fx.build_results(tmp_path, runs=(fx.FakeRun("fat", 0, 80.0, 45.0), fx.FakeRun("trades", 0, 79.0, 47.0)))
+    (table,) = build(load_results(tmp_path)).table1
+    published = table.export.set_index(["defense", "checkpoint"])["robustbench"]
+    assert published["fat", "last"] == ""  # no official FAT checkpoint on RobustBench's CIFAR-10 list
+    assert "Zhang2019Theoretically" in published["trades", "last"]  # the lookup itself works
 
 
 def test_records_from_before_the_scope_field_decayed_everything():
