@@ -178,7 +178,7 @@ def test_eps_curve_draws_every_seed_and_the_seed_range(tmp_path):
     from harness.reporting import figures
 
     ax = Figure().add_subplot()
-    figures._seed_spread(ax, [0.0, 1.0], [[50.0, 52.0, 55.0], [30.0, 31.0, 36.0]], "#000000")
+    figures.seed_spread(ax, [0.0, 1.0], [[50.0, 52.0, 55.0], [30.0, 31.0, 36.0]], "#000000")
     points = np.concatenate([c.get_offsets() for c in ax.collections[:2]])
     assert sorted(points[:, 1]) == [30.0, 31.0, 36.0, 50.0, 52.0, 55.0]
     assert len(ax.collections) == 3  # two seed scatters and one min-max band
@@ -211,7 +211,7 @@ def test_every_curve_hands_each_seed_to_the_spread(tmp_path, monkeypatch):
     from harness.reporting import figures
 
     calls = []
-    monkeypatch.setattr(figures, "_seed_spread", lambda ax, x, values, color: calls.append(values))
+    monkeypatch.setattr(figures, "seed_spread", lambda ax, x, values, color: calls.append(values))
     fx.build_results(tmp_path, runs=tuple(_seeds("pgd-at", [0, 1, 2], [80] * 3, [40, 42, 44], [37] * 3)), corrupt=False)
     build(load_results(tmp_path))
     assert len(calls) == 1 + 4  # the eps curve and the four training panels

@@ -91,7 +91,7 @@ def eps_curve(
         mean = [np.mean(per_eps[e]) for e in budgets]
         seeds = max(len(per_eps[e]) for e in budgets)
         ax.plot(x, mean, marker="o", label=f"{variant_label(variant)} (n={seeds})", color=_color(variant))
-        _seed_spread(ax, x, [per_eps[e] for e in budgets], _color(variant))
+        seed_spread(ax, x, [per_eps[e] for e in budgets], _color(variant))
         drawn += 1
     if not drawn:
         return None
@@ -109,7 +109,7 @@ def eps_curve(
     )
 
 
-def _seed_spread(ax, x: list[float], values: list[list[float]], color: str) -> None:
+def seed_spread(ax, x: list[float], values: list[list[float]], color: str) -> None:
     """Each seed as a point and the seeds' range as a band, so training noise is seen, not averaged away."""
     for xi, ys in zip(x, values):
         ax.scatter([xi] * len(ys), ys, s=10, color=color, alpha=0.6, linewidths=0)
@@ -157,7 +157,7 @@ def training_curves(protocol: Protocol, variants: dict[Variant, list[Run]], inde
                     color=_color(variant),
                 )
                 per_seed = _epoch_values(runs, section, key)
-                _seed_spread(ax, xs, [[v * scale for v in per_seed[x]] for x in xs], _color(variant))
+                seed_spread(ax, xs, [[v * scale for v in per_seed[x]] for x in xs], _color(variant))
                 drawn += 1
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("equivalent epoch")
