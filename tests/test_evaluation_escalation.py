@@ -236,9 +236,9 @@ def test_a_square_alarm_on_a_weak_sweep_is_escalated_with_apgd_and_passes(tiny, 
     assert (store.flags[cell_key(WORST_CASE, eps[1])] == (store.flags[cell_key("lying", eps[1])] & escalated)).all()
     assert (store.flags[cell_key(WORST_CASE, eps[2])] <= escalated).all()  # nested balls
     assert store.accuracy(WORST_CASE, eps[1]) == record["after"]
-    from harness.commands.eval import _escalation_note, escalation_lines
+    from harness.commands.eval import escalation_lines, escalation_note
 
-    assert "escalated worst-case@9/100 (white-box after Square)" in _escalation_note(store.record)
+    assert "escalated worst-case@9/100 (white-box after Square)" in escalation_note(store.record)
     assert "apgd-ce-100, apgd-t-100x9" in escalation_lines(store.record)[0]
 
 
@@ -322,13 +322,13 @@ def test_a_probe_fails_only_beyond_its_sampling_noise():
     is within the noise of a 100-point subset; 10 broken is not (an honest model's Square false alarm
     on the README main job was the former)."""
     from harness.evaluation.checks import Thresholds
-    from harness.evaluation.masking import Standing, _verdict
+    from harness.evaluation.masking import Standing, probe_verdict
 
     robust = torch.zeros(500, dtype=torch.bool)
     robust[:145] = True
     standing = Standing.of(robust, Fraction(1, 5), 100)
-    lucky = _verdict("square-probe", 2, 0.58, "square", standing, 0.5, Thresholds(), "masking")
-    masked = _verdict("square-probe", 10, 2.9, "square", standing, 0.5, Thresholds(), "masking")
+    lucky = probe_verdict("square-probe", 2, 0.58, "square", standing, 0.5, Thresholds(), "masking")
+    masked = probe_verdict("square-probe", 10, 2.9, "square", standing, 0.5, Thresholds(), "masking")
     assert lucky.passed and "95% lower bound 0.07%" in lucky.detail, lucky.detail
     assert not masked.passed and "masking" in masked.detail, masked.detail
 

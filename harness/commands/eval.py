@@ -206,7 +206,7 @@ def escalation_lines(record: dict) -> list[str]:
     ]
 
 
-def _escalation_note(record: dict) -> str:
+def escalation_note(record: dict) -> str:
     """--quiet: '; escalated worst-case@1/5 14.20% -> 12.00%' for every escalated number."""
     escalations = record.get("escalations", [])
     return "".join(
@@ -260,7 +260,7 @@ def summary_line(store, eps_list: list[Fraction], headline_eps: Fraction) -> str
         f"{record['checkpoint']['name']} [{record['checkpoint']['label']}]  clean {record['clean_accuracy']:.2f}%"
         f"  robust@{fraction_str(eps)} {'-' if worst is None else f'{worst:.2f}%'}  {verdict}"
         + _skipped_note(skipped)
-        + _escalation_note(record)
+        + escalation_note(record)
         + f"  -> {store.dir / 'evaluation.json'}"
     )
 

@@ -236,10 +236,12 @@ def _cw_gap(model, x, y, pgd20: PGDAttack, standing, budget: ProbeBudget, t: Thr
     """CW-k on the margin loss (scale-free) on the points PGD-20 left standing: a saturated softmax shows here."""
     cw = replace(pgd20, name=f"cw-{budget.cw_steps}", steps=budget.cw_steps, loss="cw")
     meaning = "the CW margin breaks what cross-entropy PGD cannot (saturated softmax?)"
-    return _verdict("pgd20-cw-gap", *standing.attack(model, x, y, cw)[:2], cw.name, standing, t.pgd_cw_gap, t, meaning)
+    return probe_verdict(
+        "pgd20-cw-gap", *standing.attack(model, x, y, cw)[:2], cw.name, standing, t.pgd_cw_gap, t, meaning
+    )
 
 
-def _verdict(
+def probe_verdict(
     name: str,
     k: int,
     estimate: float,
@@ -292,7 +294,7 @@ def square_probe(
         f", queries at {fraction_str(at)} (off the 1/{budget.data_grid} grid)" if at != standing.eps else ""
     )
     return (
-        _verdict("square-probe", k, estimate, square.name, standing, t.square_extra, t, SQUARE_MEANING, where),
+        probe_verdict("square-probe", k, estimate, square.name, standing, t.square_extra, t, SQUARE_MEANING, where),
         standing.subset & ~outcome.robust,
     )
 
@@ -326,7 +328,7 @@ def square_escalation(
     after = Standing(standing.eps, worst, standing.subset & worst)
     k = int((after.subset & square_broken).sum())
     estimate = 100.0 * k / max(1, int(after.subset.sum())) * int(worst.sum()) / len(y)
-    recheck = _verdict(
+    recheck = probe_verdict(
         "square-probe",
         k,
         estimate,
