@@ -138,3 +138,52 @@ def test_the_seam_rule_sees_a_private_patch(tmp_path):
     )
     found = private_patches([tmp_path / "test_a.py"], root=tmp_path)
     assert sorted(line.split(" ", 1)[0] for line in found) == ["test_a.py:12", "test_a.py:7", "test_a.py:9"]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(paths: list[Path], root: Path = ROOT) -> list[str]:
+    """Private harness names a test imports (`from harness.x import _f`) or reads (`module._f`, `Run._g`)."""
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        ours = _bound_to_ours(tree)
+        for node in ast.walk(tree):
+            imported = (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").split(".")[0] in OURS
+                and any(_private(a.name) for a in node.names)
+            )
+            read = isinstance(node, ast.Attribute) and _private(node.attr) and _root_name(node) in ours
+            if imported or read:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def _root_name(node: ast.Attribute) -> str | None:
+    target = node.value
+    while isinstance(target, ast.Attribute):
+        target = target.value
+    return target.id if isinstance(target, ast.Name) else None
+
+
+def test_tests_reach_no_private_harness_name():
+    """Tests call what users call; a private helper that deserves a test deserves a public name."""
+    assert private_uses(TESTS) == []
+
+
+def test_the_private_use_rule_sees_imports_and_reads(tmp_path):
+    (tmp_path / "test_b.py").write_text(
+        "from harness.evaluation.masking import Standing, _verdict\n"
+        "import harness.training.runner as runner\n"
+        "import torch\n"
+        "def test_b(record):\n"
+        "    runner.Run._decide(None)\n"
+        "    runner.make_spec('pgd-at', 'synthetic')\n"  # public: allowed
+        "    torch._C\n"  # not ours
+        "    record._fields\n"  # not bound to our modules
+    )
+    found = private_uses([tmp_path / "test_b.py"], root=tmp_path)
+    assert sorted(line.split(" ", 1)[0] for line in found) == ["test_b.py:1", "test_b.py:5"]
