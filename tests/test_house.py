@@ -89,26 +89,20 @@ def _private_attribute(node: ast.AST, ours: set[str]) -> bool:
         return False
     if len(node.args) < 2 or not isinstance(node.args[1], ast.Constant) or not isinstance(node.args[1].value, str):
         return False
-    target, name = node.args[0], node.args[1].value
-    chain = []
-    while isinstance(target, ast.Attribute):
-        chain.append(target.attr)
-        target = target.value
-    if not isinstance(target, ast.Name) or target.id not in ours:
-        return False
-    return name.startswith("_") and not name.startswith("__")
+    return _root_name(node.args[0]) in ours and _private(node.args[1].value)
 
 
 def private_patches(paths: list[Path], root: Path = ROOT) -> list[str]:
+    return _scan(paths, root, _private_attribute)
+
+
+def _scan(paths: list[Path], root: Path, offends) -> list[str]:
+    """`path:line code` of every node for which `offends(node, names bound to our modules)` holds."""
     found = []
     for path in paths:
         tree = ast.parse(path.read_text())
         ours = _bound_to_ours(tree)
-        found += [
-            f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}"
-            for node in ast.walk(tree)
-            if _private_attribute(node, ours)
-        ]
+        found += [f"{path.relative_to(root)}:{n.lineno} {ast.unparse(n)}" for n in ast.walk(tree) if offends(n, ours)]
     return found
 
 
@@ -146,27 +140,20 @@ def _private(name: str) -> bool:
 
 def private_uses(paths: list[Path], root: Path = ROOT) -> list[str]:
     """Private harness names a test imports (`from harness.x import _f`) or reads (`module._f`, `Run._g`)."""
-    found = []
-    for path in paths:
-        tree = ast.parse(path.read_text())
-        ours = _bound_to_ours(tree)
-        for node in ast.walk(tree):
-            imported = (
-                isinstance(node, ast.ImportFrom)
-                and (node.module or "").split(".")[0] in OURS
-                and any(_private(a.name) for a in node.names)
-            )
-            read = isinstance(node, ast.Attribute) and _private(node.attr) and _root_name(node) in ours
-            if imported or read:
-                found.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
-    return found
+    return _scan(paths, root, _private_use)
 
 
-def _root_name(node: ast.Attribute) -> str | None:
-    target = node.value
-    while isinstance(target, ast.Attribute):
-        target = target.value
-    return target.id if isinstance(target, ast.Name) else None
+def _private_use(node: ast.AST, ours: set[str]) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")[0] in OURS and any(_private(a.name) for a in node.names)
+    return isinstance(node, ast.Attribute) and _private(node.attr) and _root_name(node) in ours
+
+
+def _root_name(node: ast.AST) -> str | None:
+    """The name an attribute chain starts from (`runner.Run._decide` -> "runner")."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def test_tests_reach_no_private_harness_name():
