@@ -18,8 +18,7 @@ def test_the_default_results_directory_is_results_as_the_readme_says():
 
 
 def test_every_command_taking_results_defaults_to_the_same_directory_and_shows_it():
-    commands = {name: cmd for name, cmd in main.commands.items()}
-    taking = {name: p for name, cmd in commands.items() for p in cmd.params if p.name == "results_dir"}
+    taking = {name: p for name, cmd in main.commands.items() for p in cmd.params if p.name == "results_dir"}
     assert {"run", "eval", "report", "runs", "export"} <= set(taking)
     for name, param in taking.items():
         assert Path(param.default) == DEFAULT_RESULTS, name

@@ -2,8 +2,8 @@
 
 Runs of one defense trained with different configurations must never be averaged together, so the report keys
 them by this typed variant (hashable, so it keys the report's groups). Its text form "defense#digest" (the digest
-is absent for the defense's only configuration) is spelled here only: `parse` where it is read from data,
-`format` and `slug` where it is written.
+is absent for the defense's only configuration) is spelled here only, by `format` and `slug` where it is written;
+the report never reads it back.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ SEPARATOR = "#"
 class Variant:
     defense: str
     digest: str = ""  # empty: the defense's only configuration in these results
-
-    @classmethod
-    def parse(cls, key: str) -> Variant:
-        defense, _, digest = key.partition(SEPARATOR)
-        return cls(defense, digest)
 
     def format(self) -> str:
         return f"{self.defense}{SEPARATOR}{self.digest}" if self.digest else self.defense
