@@ -62,3 +62,21 @@ def test_table2_gain_row_follows_the_data_file(monkeypatch, tmp_path):
     assert gains["paper_clean"].tolist() == [1.0] and gains["paper_pgd20"].tolist() == [5.9]
     (shown,) = [row for row in table.display if row["Method"].text == "ADES − Static-DES"]
     assert (shown["Paper clean (CIFAR-10)"].text, shown["Paper PGD-20 (CIFAR-10)"].text) == ("+1.0", "+5.9")
+
+
+def test_verdicts_come_in_the_order_of_the_papers_claims(tmp_path):
+    """The report, verdicts.csv and the HTML list the claims as docs/paper.md does."""
+    import report_fixture as fx
+
+    from harness.reporting import build, claims_accuracy, claims_published, load_results
+
+    fx.build_results(tmp_path, corrupt=False)
+    seen = list(dict.fromkeys(v.claim for v in build(load_results(tmp_path)).verdicts))
+    assert seen == [
+        claims_accuracy.CLAIM_BEATS,
+        claims_ablation.CLAIM_ABLATION,
+        claims_cost.CLAIM_COST,
+        claims_published.CLAIM_TRADES,
+        claims_published.CLAIM_MMA,
+        claims_cost.CLAIM_FLOOR,
+    ]
